@@ -1,0 +1,146 @@
+"""The in-memory form every dataset loads into, the class-split rule, and image decoding.
+
+Every loader (Omniglot, mini-ImageNet, folder) ends in a `ClassImages`: one uint8 tensor of
+all images of one split, grouped by class, so that an episode is an index gather and never an
+image decode.
+"""
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+SPLITS = ("train", "val", "test")
+
+
+class DataError(ValueError):
+    """Bad data or a bad data request; the message says what was wrong and what to do."""
+
+
+@dataclass(frozen=True, eq=False)
+class ClassImages:
+    """Images of one split grouped by class: class c is `images[offsets[c]:offsets[c + 1]]`.
+
+    images: uint8 [M, C, H, W]; offsets: int64 [n_classes + 1]; class_names: one per class;
+    info: provenance (dataset, split, source checksums, transform) for logs and checkpoints.
+    """
+    images: torch.Tensor
+    offsets: torch.Tensor
+    class_names: tuple[str, ...]
+    info: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
+            raise DataError(f"images must be a uint8 [M, C, H, W] tensor, got {self.images.dtype} "
+                            f"{tuple(self.images.shape)}")
+        if len(self.class_names) + 1 != len(self.offsets) or int(self.offsets[-1]) != len(self.images):
+            raise DataError("offsets must have n_classes + 1 entries ending at the image count")
+
+    @classmethod
+    def from_labels(cls, images: torch.Tensor, labels: torch.Tensor | np.ndarray,
+                    class_names: Sequence[str], info: dict | None = None) -> "ClassImages":
+        """Group `images` by integer `labels` (indices into `class_names`); the order within a
+        class is kept (stable sort), so the result does not depend on the sort algorithm."""
+        labels = torch.as_tensor(labels, dtype=torch.int64)
+        order = torch.sort(labels, stable=True).indices
+        counts = torch.bincount(labels, minlength=len(class_names))
+        offsets = torch.zeros(len(class_names) + 1, dtype=torch.int64)
+        torch.cumsum(counts, 0, out=offsets[1:])
+        return cls(images[order].contiguous(), offsets, tuple(class_names), dict(info or {}))
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def counts(self) -> torch.Tensor:
+        return self.offsets[1:] - self.offsets[:-1]
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])
+
+    def labels(self) -> torch.Tensor:
+        """Class index of every image, int64 [M]."""
+        return torch.repeat_interleave(torch.arange(self.n_classes), self.counts)
+
+    def select(self, classes: Sequence[int], info: dict | None = None) -> "ClassImages":
+        """The sub-dataset of the given classes, in the given order."""
+        classes = torch.as_tensor(list(classes), dtype=torch.int64)
+        starts, counts = self.offsets[classes], self.counts[classes]
+        # Index of every image of the chosen classes, class by class, without a Python loop.
+        within = torch.arange(int(counts.sum())) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+        index = torch.repeat_interleave(starts, counts) + within
+        offsets = torch.zeros(len(classes) + 1, dtype=torch.int64)
+        torch.cumsum(counts, 0, out=offsets[1:])
+        return ClassImages(self.images[index], offsets, tuple(self.class_names[c] for c in classes.tolist()),
+                           {**self.info, **(info or {})})
+
+    def with_rotations(self, angles: Sequence[int] = (0, 90, 180, 270)) -> "ClassImages":
+        """Each rotation of each class becomes a new class (Omniglot practice); class c rotated by
+        angles[r] is class c * len(angles) + r, named '<name>/rot<angle>'."""
+        if any(a % 90 for a in angles):
+            raise DataError(f"rotations must be multiples of 90 degrees, got {list(angles)}")
+        rotated = torch.stack([torch.rot90(self.images, a // 90, dims=(2, 3)) for a in angles], 1)
+        labels = (self.labels()[:, None] * len(angles) + torch.arange(len(angles))).flatten()
+        names = [f"{n}/rot{a}" for n in self.class_names for a in angles]
+        return ClassImages.from_labels(rotated.flatten(0, 1), labels, names,
+                                       {**self.info, "rotations": list(angles)})
+
+
+def check_split(split: str) -> str:
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    return split
+
+
+def assign_splits(units: Sequence[str], val_fraction: float, test_fraction: float,
+                  seed: int) -> dict[str, str]:
+    """Split units (classes, characters or alphabets: whatever must not straddle splits) into
+    train / val / test by a seeded permutation of their sorted names, so the split depends on
+    nothing but the names, the fractions and the seed. A positive fraction gets >= 1 unit."""
+    units = sorted(set(units))
+    n = len(units)
+    for name, f in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 <= f < 1.0:
+            raise DataError(f"{name} must be in [0, 1), got {f}")
+    n_val, n_test = (max(1, round(f * n)) if f > 0 else 0 for f in (val_fraction, test_fraction))
+    if n - n_val - n_test < 1:
+        raise DataError(f"cannot split {n} units into train/val/test with val_fraction={val_fraction}, "
+                        f"test_fraction={test_fraction}: the train split would be empty; lower the fractions")
+    order = np.random.default_rng(seed).permutation(n)
+    out = {}
+    for rank, i in enumerate(order.tolist()):
+        out[units[i]] = "test" if rank < n_test else "val" if rank < n_test + n_val else "train"
+    return out
+
+
+def resolve_root(name: str, root: str | os.PathLike | None) -> Path:
+    """The dataset folder: `root` if given, else $META_KERNELS_DATA/<name>."""
+    if root is not None:
+        return Path(root).expanduser()
+    base = os.environ.get("META_KERNELS_DATA")
+    if not base:
+        raise DataError(f"no folder given for dataset {name!r}: pass root=... or set META_KERNELS_DATA "
+                        f"to a folder that holds {name}/")
+    return Path(base).expanduser() / name
+
+
+def decode_image(data: bytes | Path, size: tuple[int, int] | None, mode: str, what: str) -> np.ndarray:
+    """Decode one image file to uint8 [C, H, W], resized to `size` (H, W) with Lanczos (the
+    antialiasing filter, right for the large down-scaling of Omniglot's 105 px to 28 px)."""
+    from PIL import Image, UnidentifiedImageError  # Pillow is needed only when decoding
+    try:
+        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
+            im = im.convert(mode)
+            if size is not None and im.size != (size[1], size[0]):
+                im = im.resize((size[1], size[0]), Image.Resampling.LANCZOS)
+            arr = np.asarray(im, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{what} is not a readable image ({type(e).__name__}: {e}); remove or replace it") from e
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
