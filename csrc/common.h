@@ -18,27 +18,27 @@ inline at::ScalarType math_dtype(at::ScalarType t) {
 
 // Checks that every tensor of `list` matches `ref` in dtype, device and shape.
 inline void check_same_as(at::TensorList list, at::TensorList ref, const char* name, const char* ref_name) {
-  TORCH_CHECK(list.size() == ref.size(), name, " has ", list.size(), " tensors but ", ref_name, " has ",
+  TORCH_CHECK_VALUE(list.size() == ref.size(), name, " has ", list.size(), " tensors but ", ref_name, " has ",
               ref.size(), "; pass one per tensor");
   for (size_t i = 0; i < list.size(); ++i) {
-    TORCH_CHECK(list[i].sizes() == ref[i].sizes(), name, "[", i, "] has shape ", list[i].sizes(),
+    TORCH_CHECK_VALUE(list[i].sizes() == ref[i].sizes(), name, "[", i, "] has shape ", list[i].sizes(),
                 " but ", ref_name, "[", i, "] has shape ", ref[i].sizes());
-    TORCH_CHECK(list[i].scalar_type() == ref[i].scalar_type(), name, "[", i, "] is ",
+    TORCH_CHECK_VALUE(list[i].scalar_type() == ref[i].scalar_type(), name, "[", i, "] is ",
                 list[i].scalar_type(), " but ", ref_name, "[", i, "] is ", ref[i].scalar_type());
-    TORCH_CHECK(list[i].device() == ref[i].device(), name, "[", i, "] is on ", list[i].device(),
+    TORCH_CHECK_VALUE(list[i].device() == ref[i].device(), name, "[", i, "] is on ", list[i].device(),
                 " but ", ref_name, "[", i, "] is on ", ref[i].device());
   }
 }
 
 inline void check_uniform_list(at::TensorList list, const char* name) {
-  TORCH_CHECK(!list.empty(), name, " is empty; pass at least one tensor");
+  TORCH_CHECK_VALUE(!list.empty(), name, " is empty; pass at least one tensor");
   for (size_t i = 0; i < list.size(); ++i) {
-    TORCH_CHECK(list[i].scalar_type() == list[0].scalar_type(), name, "[", i, "] is ",
+    TORCH_CHECK_VALUE(list[i].scalar_type() == list[0].scalar_type(), name, "[", i, "] is ",
                 list[i].scalar_type(), " but ", name, "[0] is ", list[0].scalar_type(),
                 "; all tensors of one call share a dtype");
-    TORCH_CHECK(list[i].device() == list[0].device(), name, "[", i, "] is on ", list[i].device(),
+    TORCH_CHECK_VALUE(list[i].device() == list[0].device(), name, "[", i, "] is on ", list[i].device(),
                 " but ", name, "[0] is on ", list[0].device());
-    TORCH_CHECK(at::isFloatingType(list[i].scalar_type()), name, "[", i, "] must be floating point, got ",
+    TORCH_CHECK_VALUE(at::isFloatingType(list[i].scalar_type()), name, "[", i, "] must be floating point, got ",
                 list[i].scalar_type());
   }
 }
@@ -46,39 +46,39 @@ inline void check_uniform_list(at::TensorList list, const char* name) {
 // Number of tasks shared by every tensor's leading dim (the per-task scale / norm length).
 inline int64_t leading_tasks(at::TensorList list, const char* name) {
   for (size_t i = 0; i < list.size(); ++i)
-    TORCH_CHECK(list[i].dim() >= 1, name, "[", i, "] is 0-dim but a leading task dim is required");
+    TORCH_CHECK_VALUE(list[i].dim() >= 1, name, "[", i, "] is 0-dim but a leading task dim is required");
   const int64_t T = list[0].size(0);
   for (size_t i = 0; i < list.size(); ++i)
-    TORCH_CHECK(list[i].size(0) == T, name, "[", i, "] has ", list[i].size(0), " tasks in dim 0 but ",
+    TORCH_CHECK_VALUE(list[i].size(0) == T, name, "[", i, "] has ", list[i].size(0), " tasks in dim 0 but ",
                 name, "[0] has ", T);
   return T;
 }
 
 inline void check_lrs(const at::Tensor& lrs, size_t n, const at::Tensor& like) {
-  TORCH_CHECK(lrs.dim() == 1 && static_cast<size_t>(lrs.numel()) == n, "lrs must be a 1-D tensor with one rate per "
+  TORCH_CHECK_VALUE(lrs.dim() == 1 && static_cast<size_t>(lrs.numel()) == n, "lrs must be a 1-D tensor with one rate per "
               "tensor (", n, "), got shape ", lrs.sizes());
-  TORCH_CHECK(lrs.device() == like.device(), "lrs is on ", lrs.device(), " but params are on ", like.device());
-  TORCH_CHECK(at::isFloatingType(lrs.scalar_type()), "lrs must be floating point, got ", lrs.scalar_type());
+  TORCH_CHECK_VALUE(lrs.device() == like.device(), "lrs is on ", lrs.device(), " but params are on ", like.device());
+  TORCH_CHECK_VALUE(at::isFloatingType(lrs.scalar_type()), "lrs must be floating point, got ", lrs.scalar_type());
 }
 
 inline void check_scale(const c10::optional<at::Tensor>& scale, at::TensorList params) {
   if (!scale.has_value()) return;
-  TORCH_CHECK(scale->dim() == 1, "scale must be 1-D with one factor per task, got shape ", scale->sizes());
-  TORCH_CHECK(scale->device() == params[0].device(), "scale is on ", scale->device(), " but params are on ",
+  TORCH_CHECK_VALUE(scale->dim() == 1, "scale must be 1-D with one factor per task, got shape ", scale->sizes());
+  TORCH_CHECK_VALUE(scale->device() == params[0].device(), "scale is on ", scale->device(), " but params are on ",
               params[0].device());
-  TORCH_CHECK(at::isFloatingType(scale->scalar_type()), "scale must be floating point, got ", scale->scalar_type());
+  TORCH_CHECK_VALUE(at::isFloatingType(scale->scalar_type()), "scale must be floating point, got ", scale->scalar_type());
   const int64_t T = leading_tasks(params, "params");
-  TORCH_CHECK(scale->numel() == T, "scale has ", scale->numel(), " entries but params have ", T,
+  TORCH_CHECK_VALUE(scale->numel() == T, "scale has ", scale->numel(), " entries but params have ", T,
               " tasks in dim 0");
 }
 
 inline void check_batch_norm_args(const at::Tensor& x, const at::Tensor& weight) {
-  TORCH_CHECK(x.dim() >= 3, "x must be [T, N, C, *spatial], got shape ", x.sizes());
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "x must be floating point, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() >= 3, "x must be [T, N, C, *spatial], got shape ", x.sizes());
+  TORCH_CHECK_VALUE(at::isFloatingType(x.scalar_type()), "x must be floating point, got ", x.scalar_type());
   const int64_t T = x.size(0), C = x.size(2);
-  TORCH_CHECK(weight.dim() == 2 && weight.size(0) == T && weight.size(1) == C, "weight must be [T, C] = [", T,
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(0) == T && weight.size(1) == C, "weight must be [T, C] = [", T,
               ", ", C, "] for x of shape ", x.sizes(), ", got ", weight.sizes());
-  TORCH_CHECK(weight.device() == x.device(), "weight is on ", weight.device(), " but x is on ", x.device());
+  TORCH_CHECK_VALUE(weight.device() == x.device(), "weight is on ", weight.device(), " but x is on ", x.device());
 }
 
 }  // namespace meta_kernels

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import io
 import os
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -140,7 +142,29 @@ def decode_image(data: bytes | Path, size: tuple[int, int] | None, mode: str, wh
             im = im.convert(mode)
             if size is not None and im.size != (size[1], size[0]):
                 im = im.resize((size[1], size[0]), Image.Resampling.LANCZOS)
-            arr = np.asarray(im, dtype=np.uint8)
+            arr = np.array(im, dtype=np.uint8)  # a writable copy, which torch.from_numpy wants
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{what} is not a readable image ({type(e).__name__}: {e}); remove or replace it") from e
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+def decode_many(items: Sequence[tuple[str, Callable[[], bytes | Path]]], size: tuple[int, int] | None,
+                mode: str) -> torch.Tensor:
+    """Decode (description, read) pairs into one preallocated uint8 [M, C, H, W] tensor. With
+    size=None every image must already have the first image's size."""
+    out = None
+    for i, (what, read) in enumerate(items):
+        try:
+            data = read()
+        except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as e:
+            raise DataError(f"could not read {what} ({type(e).__name__}: {e}); the file is damaged: replace it") from e
+        arr = decode_image(data, size, mode, what)
+        if out is None:
+            out = torch.empty((len(items), *arr.shape), dtype=torch.uint8)
+        elif tuple(arr.shape) != tuple(out.shape[1:]):
+            raise DataError(f"{what} has shape {tuple(arr.shape)} (C, H, W) but {items[0][0]} has "
+                            f"{tuple(out.shape[1:])}; pass image_size=... to resize all images to one size")
+        out[i] = torch.from_numpy(arr)
+    if out is None:
+        raise DataError("no images to decode")
+    return out

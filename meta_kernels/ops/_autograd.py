@@ -1,0 +1,166 @@
+"""Fake kernels and autograd formulas shared by every custom-op namespace that implements the
+op schemas (the compiled `meta_kernels` ops and the Triton `meta_kernels_triton` ops).
+
+Backward formulas are written with differentiable torch ops (or with ops whose own backward
+is), so double backward -- the second-order MAML meta-gradient -- flows through them."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from meta_kernels.ops import reference
+
+
+def _math_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+# ---- fake (meta) kernels: shapes and dtypes only -------------------------------------------
+
+def fake_sgd_step(params, grads, lrs, scale):
+    return [torch.empty_like(p, memory_format=torch.contiguous_format) for p in params]
+
+
+def fake_sgd_step_(params, grads, lrs, scale):
+    return None
+
+
+def fake_clip_grad_norm(grads, max_norm, eps):
+    dtype = _math_dtype(grads[0].dtype)
+    T = grads[0].shape[0]
+    return grads[0].new_empty((T,), dtype=dtype), grads[0].new_empty((T,), dtype=dtype)
+
+
+def fake_batch_norm(x, weight, bias, eps):
+    stats = x.new_empty((x.shape[0], x.shape[2]), dtype=_math_dtype(x.dtype))
+    return torch.empty_like(x, memory_format=torch.contiguous_format), stats, torch.empty_like(stats)
+
+
+def fake_batch_norm_backward(grad_out, x, weight, mean, rstd):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(weight, memory_format=torch.contiguous_format),
+            torch.empty_like(weight, memory_format=torch.contiguous_format))
+
+
+def fake_reptile_update_(params, adapted, epsilon):
+    return None
+
+
+# ---- autograd ------------------------------------------------------------------------------
+
+def _sgd_setup(ctx, inputs, output):
+    params, grads, lrs, scale = inputs
+    ctx.n = len(params)
+    ctx.has_scale = scale is not None
+    ctx.save_for_backward(*grads, lrs, scale)
+
+
+def _sgd_backward(ctx, grad_outs):
+    saved = ctx.saved_tensors
+    grads, lrs, scale = saved[:ctx.n], saved[ctx.n], saved[ctx.n + 1]
+    need_p, need_g, need_lrs, need_scale = ctx.needs_input_grad
+    grad_g, grad_lrs, grad_scale = None, None, None
+    lr_items = lrs.unbind(0)
+    if need_g:
+        grad_g = []
+        for go, g, lr in zip(grad_outs, grads, lr_items):
+            coef = -lr.to(go.dtype)
+            if scale is not None:
+                coef = coef * reference._task_view(scale.to(go.dtype), go)
+            grad_g.append(coef * go)
+    if need_lrs or need_scale:
+        # <g, go> per tensor and task, reused by both the lrs and the scale gradients.
+        inner = [(g * go).reshape(g.shape[0], -1).sum(1) if scale is not None else (g * go).sum()
+                 for g, go in zip(grads, grad_outs)]
+        if need_lrs:
+            grad_lrs = -torch.stack([(d * scale.to(d.dtype)).sum() if scale is not None else d for d in inner])
+            grad_lrs = grad_lrs.to(lrs.dtype)
+        if need_scale:
+            grad_scale = -sum(lr.to(d.dtype) * d for lr, d in zip(lr_items, inner)).to(scale.dtype)
+    return (list(grad_outs) if need_p else None), grad_g, grad_lrs, grad_scale
+
+
+def _clip_setup(ctx, inputs, output):
+    grads, max_norm, eps = inputs
+    ctx.n, ctx.max_norm, ctx.eps = len(grads), max_norm, eps
+    ctx.save_for_backward(*grads, output[0])
+
+
+def _clip_backward(ctx, grad_norm, grad_factor):
+    saved = ctx.saved_tensors
+    grads, norm = saved[:ctx.n], saved[ctx.n]
+    denom = norm + ctx.eps
+    clipped = torch.isfinite(norm) & (denom > ctx.max_norm)
+    dfactor = torch.where(clipped, -ctx.max_norm / (denom * denom), torch.zeros_like(norm))
+    dnorm = grad_norm + grad_factor * dfactor
+    # d norm / d g = g / norm; zero where the norm is zero (subgradient, as torch.linalg.norm).
+    coef = torch.where(norm > 0, dnorm / torch.where(norm > 0, norm, torch.ones_like(norm)), torch.zeros_like(norm))
+    return [(reference._task_view(coef, g) * g).to(g.dtype) for g in grads], None, None
+
+
+def make_batch_norm_autograd(ns):
+    """Autograd for `ns.batch_norm` whose backward is the fused `ns.batch_norm_backward`."""
+
+    def setup(ctx, inputs, output):
+        x, weight, bias, eps = inputs
+        _, mean, rstd = output
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.set_materialize_grads(False)
+
+    def backward(ctx, grad_out, grad_mean, grad_rstd):
+        x, weight, mean, rstd = ctx.saved_tensors
+        if grad_out is None:
+            grad_x, grad_w, grad_b = None, None, None
+        else:
+            grad_x, grad_w, grad_b = ns.batch_norm_backward(grad_out, x, weight, mean, rstd)
+        if grad_mean is not None or grad_rstd is not None:
+            # Direct use of the statistics: d mean/dx = 1/M, d rstd/dx = -rstd^3 (x - mean) / M.
+            shape = reference._bn_shape(x)
+            count = x.numel() // (x.shape[0] * x.shape[2])
+            extra = torch.zeros_like(mean).reshape(shape)
+            if grad_mean is not None:
+                extra = extra + (grad_mean / count).reshape(shape)
+            if grad_rstd is not None:
+                centred = x - mean.reshape(shape)
+                extra = extra - (grad_rstd * rstd.pow(3) / count).reshape(shape) * centred
+            grad_x = extra.to(x.dtype) if grad_x is None else grad_x + extra.to(x.dtype)
+        return grad_x, grad_w, grad_b, None
+
+    return setup, backward
+
+
+def _bn_backward_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _bn_backward_backward(ctx, gg_x, gg_w, gg_b):
+    # Double backward of batch norm: differentiate the reference formula. Under create_graph
+    # (grad mode on here) the result stays differentiable; otherwise it is a plain tensor.
+    saved = ctx.saved_tensors
+    create_graph = torch.is_grad_enabled()
+    with torch.enable_grad():
+        inputs = [t if (create_graph and t.requires_grad) else t.detach().requires_grad_(needs)
+                  for t, needs in zip(saved, ctx.needs_input_grad)]
+        wanted = [t for t, needs in zip(inputs, ctx.needs_input_grad) if needs]
+        outs = reference.batch_norm_backward(*inputs)
+        pairs = [(o, g) for o, g in zip(outs, (gg_x, gg_w, gg_b)) if g is not None]
+        got = torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs],
+                                  create_graph=create_graph, allow_unused=True)
+    it = iter(got)
+    return tuple(next(it) if needs else None for needs in ctx.needs_input_grad)
+
+
+def register(ns_name: str) -> None:
+    """Register fake kernels and autograd for the ops of namespace `ns_name`."""
+    ns = getattr(torch.ops, ns_name)
+    lib = torch.library
+    for op, fake in (("sgd_step", fake_sgd_step), ("sgd_step_", fake_sgd_step_),
+                     ("clip_grad_norm", fake_clip_grad_norm), ("batch_norm", fake_batch_norm),
+                     ("batch_norm_backward", fake_batch_norm_backward),
+                     ("reptile_update_", fake_reptile_update_)):
+        lib.register_fake(f"{ns_name}::{op}", fake, allow_override=True)
+    lib.register_autograd(f"{ns_name}::sgd_step", _sgd_backward, setup_context=_sgd_setup)
+    lib.register_autograd(f"{ns_name}::clip_grad_norm", _clip_backward, setup_context=_clip_setup)
+    bn_setup, bn_backward = make_batch_norm_autograd(ns)
+    lib.register_autograd(f"{ns_name}::batch_norm", bn_backward, setup_context=bn_setup)
+    lib.register_autograd(f"{ns_name}::batch_norm_backward", _bn_backward_backward, setup_context=_bn_backward_setup)

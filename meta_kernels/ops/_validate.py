@@ -1,0 +1,100 @@
+"""Argument checks for the Python-side backends (reference, triton). The compiled backends
+run the same checks in C++ (csrc/common.h) with the same wording, so every backend rejects bad
+input with a ValueError that names the argument."""
+from __future__ import annotations
+
+from torch import Tensor
+
+
+def uniform_list(tensors, name: str) -> None:
+    if len(tensors) == 0:
+        raise ValueError(f"{name} is empty; pass at least one tensor")
+    first = tensors[0]
+    for i, t in enumerate(tensors):
+        if not t.is_floating_point():
+            raise ValueError(f"{name}[{i}] must be floating point, got {t.dtype}")
+        if t.dtype != first.dtype:
+            raise ValueError(f"{name}[{i}] is {t.dtype} but {name}[0] is {first.dtype}; all tensors of one call share a dtype")
+        if t.device != first.device:
+            raise ValueError(f"{name}[{i}] is on {t.device} but {name}[0] is on {first.device}")
+
+
+def same_as(tensors, ref, name: str, ref_name: str) -> None:
+    if len(tensors) != len(ref):
+        raise ValueError(f"{name} has {len(tensors)} tensors but {ref_name} has {len(ref)}; pass one per tensor")
+    for i, (t, r) in enumerate(zip(tensors, ref)):
+        if t.shape != r.shape:
+            raise ValueError(f"{name}[{i}] has shape {list(t.shape)} but {ref_name}[{i}] has shape {list(r.shape)}")
+        if t.dtype != r.dtype:
+            raise ValueError(f"{name}[{i}] is {t.dtype} but {ref_name}[{i}] is {r.dtype}")
+        if t.device != r.device:
+            raise ValueError(f"{name}[{i}] is on {t.device} but {ref_name}[{i}] is on {r.device}")
+
+
+def leading_tasks(tensors, name: str) -> int:
+    for i, t in enumerate(tensors):
+        if t.dim() < 1:
+            raise ValueError(f"{name}[{i}] is 0-dim but a leading task dim is required")
+    T = tensors[0].shape[0]
+    for i, t in enumerate(tensors):
+        if t.shape[0] != T:
+            raise ValueError(f"{name}[{i}] has {t.shape[0]} tasks in dim 0 but {name}[0] has {T}")
+    return T
+
+
+def lrs(lrs: Tensor, n: int, like: Tensor) -> None:
+    if lrs.dim() != 1 or lrs.numel() != n:
+        raise ValueError(f"lrs must be a 1-D tensor with one rate per tensor ({n}), got shape {list(lrs.shape)}")
+    if lrs.device != like.device:
+        raise ValueError(f"lrs is on {lrs.device} but params are on {like.device}")
+    if not lrs.is_floating_point():
+        raise ValueError(f"lrs must be floating point, got {lrs.dtype}")
+
+
+def scale(scale: Tensor | None, params) -> None:
+    if scale is None:
+        return
+    if scale.dim() != 1:
+        raise ValueError(f"scale must be 1-D with one factor per task, got shape {list(scale.shape)}")
+    if scale.device != params[0].device:
+        raise ValueError(f"scale is on {scale.device} but params are on {params[0].device}")
+    if not scale.is_floating_point():
+        raise ValueError(f"scale must be floating point, got {scale.dtype}")
+    T = leading_tasks(params, "params")
+    if scale.numel() != T:
+        raise ValueError(f"scale has {scale.numel()} entries but params have {T} tasks in dim 0")
+
+
+def sgd_args(params, grads, lrs_t, scale_t) -> None:
+    uniform_list(params, "params")
+    same_as(grads, params, "grads", "params")
+    lrs(lrs_t, len(params), params[0])
+    scale(scale_t, params)
+
+
+def batch_norm_args(x: Tensor, weight: Tensor, bias: Tensor) -> None:
+    if x.dim() < 3:
+        raise ValueError(f"x must be [T, N, C, *spatial], got shape {list(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"x must be floating point, got {x.dtype}")
+    T, C = x.shape[0], x.shape[2]
+    if weight.dim() != 2 or tuple(weight.shape) != (T, C):
+        raise ValueError(f"weight must be [T, C] = [{T}, {C}] for x of shape {list(x.shape)}, got {list(weight.shape)}")
+    if weight.device != x.device:
+        raise ValueError(f"weight is on {weight.device} but x is on {x.device}")
+    if bias.shape != weight.shape:
+        raise ValueError(f"bias must have the shape of weight {list(weight.shape)}, got {list(bias.shape)}")
+
+
+def reptile_args(params, adapted) -> None:
+    uniform_list(params, "params")
+    if len(adapted) != len(params):
+        raise ValueError(f"adapted has {len(adapted)} tensors but params has {len(params)}; pass one per tensor")
+    T = leading_tasks(adapted, "adapted")
+    if T < 1:
+        raise ValueError("adapted must hold at least one task in dim 0")
+    for i, (p, a) in enumerate(zip(params, adapted)):
+        if a.shape[1:] != p.shape:
+            raise ValueError(f"adapted[{i}] has shape {list(a.shape)} but must be [T, *params[{i}].shape] = [T, {list(p.shape)}]")
+        if a.dtype != p.dtype or a.device != p.device:
+            raise ValueError(f"adapted[{i}] must match params[{i}] in dtype and device")

@@ -1,0 +1,78 @@
+"""Pure-PyTorch reference implementations of every op: the ground truth the kernels are tested
+against, and the fallback backend. Differentiable to any order by ordinary autograd.
+Half/bfloat16 inputs are computed in float32 and stored back, as the kernels do."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _math(t: Tensor) -> Tensor:
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _task_view(v: Tensor, like: Tensor) -> Tensor:
+    """[T] -> [T, 1, ..., 1] broadcastable against a [T, ...] tensor."""
+    return v.reshape((-1,) + (1,) * (like.dim() - 1))
+
+
+def sgd_step(params: list[Tensor], grads: list[Tensor], lrs: Tensor, scale: Tensor | None) -> list[Tensor]:
+    out = []
+    for i, (p, g) in enumerate(zip(params, grads)):
+        coef = lrs[i].to(_math(p).dtype)
+        if scale is not None:
+            coef = coef * _task_view(scale.to(_math(p).dtype), p)
+        out.append((_math(p) - coef * _math(g)).to(p.dtype))
+    return out
+
+
+def clip_grad_norm(grads: list[Tensor], max_norm: float, eps: float) -> tuple[Tensor, Tensor]:
+    sumsq = sum(_math(g).reshape(g.shape[0], -1).pow(2).sum(1) for g in grads)
+    norm = sumsq.sqrt()
+    factor = torch.clamp(max_norm / (norm + eps), max=1.0)
+    # Non-finite norm -> NaN factor: the update is visibly poisoned rather than silently zeroed.
+    factor = torch.where(torch.isfinite(norm), factor, torch.full_like(factor, float("nan")))
+    return norm, factor
+
+
+def _bn_shape(x: Tensor) -> tuple[int, ...]:
+    """Shape that broadcasts a [T, C] statistic against x [T, N, C, *spatial]."""
+    return (x.shape[0], 1, x.shape[2]) + (1,) * (x.dim() - 3)
+
+
+def _bn_reduce_dims(x: Tensor) -> tuple[int, ...]:
+    return (1,) + tuple(range(3, x.dim()))
+
+
+def batch_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    xm = _math(x)
+    dims = _bn_reduce_dims(x)
+    mean = xm.mean(dim=dims)
+    centred = xm - mean.reshape(_bn_shape(x))
+    var = centred.pow(2).mean(dim=dims)
+    rstd = torch.rsqrt(var + eps)
+    w = (_math(weight) * rstd).reshape(_bn_shape(x))
+    out = centred * w + _math(bias).reshape(_bn_shape(x))
+    return out.to(x.dtype), mean, rstd
+
+
+def batch_norm_backward(grad_out: Tensor, x: Tensor, weight: Tensor, mean: Tensor,
+                        rstd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradient of batch_norm's `out` with mean and rstd taken as given inputs (their own
+    dependence on x enters through batch_norm's autograd)."""
+    go, xm = _math(grad_out), _math(x)
+    dims = _bn_reduce_dims(x)
+    count = xm.numel() // (x.shape[0] * x.shape[2]) if x.numel() else 1
+    xhat = (xm - mean.reshape(_bn_shape(x))) * rstd.reshape(_bn_shape(x))
+    grad_bias = go.sum(dim=dims)
+    grad_weight = (go * xhat).sum(dim=dims)
+    a = (_math(weight) * rstd).reshape(_bn_shape(x))
+    grad_x = a * (go - (grad_bias / count).reshape(_bn_shape(x)) - xhat * (grad_weight / count).reshape(_bn_shape(x)))
+    return grad_x.to(x.dtype), grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)
+
+
+def reptile_update_(params: list[Tensor], adapted: list[Tensor], epsilon: float) -> None:
+    with torch.no_grad():
+        for p, a in zip(params, adapted):
+            pm = _math(p)
+            p.copy_((pm + epsilon * (_math(a).mean(0) - pm)).to(p.dtype))

@@ -1,0 +1,113 @@
+"""Triton batch norm with per-(task, channel) statistics: one program per (t, c) group of
+x [T, N, C, S], looping over the group's N*S elements."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from meta_kernels.triton._common import NAMESPACE, compute_dtype, math_dtype
+
+BLOCK = 1024
+
+
+@triton.jit
+def _group_offsets(start, g, N, C, S, M, BLOCK: tl.constexpr):
+    t = g // C
+    c = g % C
+    m = start + tl.arange(0, BLOCK)
+    n = m // S
+    s = m % S
+    return ((t * N + n) * C + c) * S + s, m < M
+
+
+@triton.jit
+def _bn_forward_kernel(x_ptr, w_ptr, b_ptr, out_ptr, mean_ptr, rstd_ptr, N, C, S, eps,
+                       COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
+    g = tl.program_id(0).to(tl.int64)
+    M = N * S
+    acc = tl.zeros((BLOCK,), dtype=COMPUTE)
+    for start in range(0, M, BLOCK):
+        offs, mask = _group_offsets(start, g, N, C, S, M, BLOCK)
+        acc += tl.load(x_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+    mean = tl.sum(acc, axis=0) / M
+    acc = tl.zeros((BLOCK,), dtype=COMPUTE)
+    for start in range(0, M, BLOCK):
+        offs, mask = _group_offsets(start, g, N, C, S, M, BLOCK)
+        d = tl.where(mask, tl.load(x_ptr + offs, mask=mask, other=0.0).to(COMPUTE) - mean, 0.0)
+        acc += d * d
+    rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / M + eps)
+    tl.store(mean_ptr + g, mean)
+    tl.store(rstd_ptr + g, rstd)
+    scale = tl.load(w_ptr + g).to(COMPUTE) * rstd
+    shift = tl.load(b_ptr + g).to(COMPUTE) - mean * scale
+    for start in range(0, M, BLOCK):
+        offs, mask = _group_offsets(start, g, N, C, S, M, BLOCK)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+        tl.store(out_ptr + offs, (x * scale + shift).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bn_backward_kernel(go_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, gx_ptr, gw_ptr, gb_ptr, N, C, S,
+                        COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
+    g = tl.program_id(0).to(tl.int64)
+    M = N * S
+    mean = tl.load(mean_ptr + g).to(COMPUTE)
+    rstd = tl.load(rstd_ptr + g).to(COMPUTE)
+    acc_go = tl.zeros((BLOCK,), dtype=COMPUTE)
+    acc_go_xc = tl.zeros((BLOCK,), dtype=COMPUTE)
+    for start in range(0, M, BLOCK):
+        offs, mask = _group_offsets(start, g, N, C, S, M, BLOCK)
+        go = tl.load(go_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+        acc_go += go
+        acc_go_xc += tl.where(mask, go * (x - mean), 0.0)
+    sum_go = tl.sum(acc_go, axis=0)
+    sum_go_xc = tl.sum(acc_go_xc, axis=0)
+    tl.store(gb_ptr + g, sum_go)
+    tl.store(gw_ptr + g, sum_go_xc * rstd)
+    # grad_x = w rstd (go - mean(go) - xhat mean(go xhat)) = a go - k (x - mean) - a mean(go)
+    a = tl.load(w_ptr + g).to(COMPUTE) * rstd
+    k = a * rstd * rstd * sum_go_xc / M
+    c0 = a * sum_go / M
+    for start in range(0, M, BLOCK):
+        offs, mask = _group_offsets(start, g, N, C, S, M, BLOCK)
+        go = tl.load(go_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+        tl.store(gx_ptr + offs, (a * go - k * (x - mean) - c0).to(gx_ptr.dtype.element_ty), mask=mask)
+
+
+def _geometry(x: Tensor) -> tuple[int, int, int, int]:
+    T, N, C = x.shape[0], x.shape[1], x.shape[2]
+    return T, N, C, (x.numel() // (T * N * C)) if T * N * C else 0
+
+
+@torch.library.custom_op(f"{NAMESPACE}::batch_norm", mutates_args=())
+def batch_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    T, N, C, S = _geometry(x)
+    x = x.contiguous()
+    stat = math_dtype(x.dtype)
+    out = torch.empty_like(x)
+    mean = torch.empty((T, C), dtype=stat, device=x.device)
+    rstd = torch.empty((T, C), dtype=stat, device=x.device)
+    if T * C:
+        _bn_forward_kernel[(T * C,)](x, weight.to(stat).contiguous(), bias.to(stat).contiguous(), out, mean, rstd,
+                                     N, C, S, eps, COMPUTE=compute_dtype(x.dtype), BLOCK=BLOCK)
+    return out, mean, rstd
+
+
+@torch.library.custom_op(f"{NAMESPACE}::batch_norm_backward", mutates_args=())
+def batch_norm_backward(grad_out: Tensor, x: Tensor, weight: Tensor, mean: Tensor,
+                        rstd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    T, N, C, S = _geometry(x)
+    x = x.contiguous()
+    stat = math_dtype(x.dtype)
+    gx = torch.empty_like(x)
+    gw = torch.empty((T, C), dtype=stat, device=x.device)
+    gb = torch.empty((T, C), dtype=stat, device=x.device)
+    if T * C:
+        _bn_backward_kernel[(T * C,)](grad_out.to(x.dtype).contiguous(), x, weight.to(stat).contiguous(),
+                                      mean.to(stat).contiguous(), rstd.to(stat).contiguous(), gx, gw, gb, N, C, S,
+                                      COMPUTE=compute_dtype(x.dtype), BLOCK=BLOCK)
+    return gx, gw.to(weight.dtype), gb.to(weight.dtype)
