@@ -61,17 +61,9 @@ def _members(zf: zipfile.ZipFile, name: str, path: Path) -> list[str]:
 
 
 def verify_archive(path: Path, name: str) -> None:
-    """Raise DataError unless `path` is the genuine Omniglot `<name>.zip` (see EXPECTED)."""
+    """Raise DataError unless `path` is the genuine Omniglot `<name>.zip` (see EXPECTED). The
+    structure is checked first: its errors say more than a checksum mismatch."""
     exp = EXPECTED[name]
-    if "size" in exp and path.stat().st_size != exp["size"]:
-        raise DataError(f"{path} has {path.stat().st_size} bytes, the official {name}.zip has {exp['size']}; "
-                        f"delete it and download it again")
-    for algo in ("sha256", "md5"):
-        if algo in exp:
-            digest = file_sha256(path) if algo == "sha256" else hashlib.md5(path.read_bytes()).hexdigest()
-            if digest != exp[algo]:
-                raise DataError(f"{path} has {algo} {digest}, the official {name}.zip has {exp[algo]}; "
-                                f"delete it and download it again")
     try:
         with zipfile.ZipFile(path) as zf:
             members = _members(zf, name, path)
@@ -82,13 +74,24 @@ def verify_archive(path: Path, name: str) -> None:
     for k, v in found.items():
         if v != exp[k]:
             raise DataError(f"{path} holds {v} {k}, the official {name}.zip holds {exp[k]}; replace the file")
+    if "size" in exp and path.stat().st_size != exp["size"]:
+        raise DataError(f"{path} has {path.stat().st_size} bytes, the official {name}.zip has {exp['size']}; "
+                        f"delete it and download it again")
+    for algo in ("sha256", "md5"):
+        if algo in exp:
+            digest = file_sha256(path) if algo == "sha256" else hashlib.md5(path.read_bytes()).hexdigest()
+            if digest != exp[algo]:
+                raise DataError(f"{path} has {algo} {digest}, the official {name}.zip has {exp[algo]}; "
+                                f"delete it and download it again")
 
 
-def download_omniglot(root: str | os.PathLike, names=VARIANTS["full"], base_url: str = OMNIGLOT_URL,
+def download_omniglot(root: str | os.PathLike, names=VARIANTS["full"], base_url: str | None = None,
                       timeout: float = 60.0) -> list[Path]:
-    """Download the named official zips into root (skipping verified ones already there). Each is
-    fetched to a temp file, verified, then renamed: nothing unverified is left at its place."""
+    """Download the named official zips into root (skipping verified ones already there) from
+    base_url (default OMNIGLOT_URL). Each is fetched to a temp file, verified, then renamed:
+    nothing unverified is left at its place."""
     root = Path(root).expanduser()
+    base_url = OMNIGLOT_URL if base_url is None else base_url
     root.mkdir(parents=True, exist_ok=True)
     paths = []
     for name in names:
