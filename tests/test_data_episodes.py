@@ -217,16 +217,23 @@ def test_flip_only_augmentation_mirrors_or_keeps_each_image():
     assert shifted.shape == x.shape and not torch.equal(shifted, x)
 
 
-def test_task_batch_to_and_pin_memory(sampler):
+def test_task_batch_to(sampler):
     b = sampler.meta_batch(0, 0, 4)
-    moved = b.to("cpu")
+    moved = b.to("cpu", non_blocking=True)
     assert digest(moved) == digest(b)
     assert moved.support[0] is moved.x_support and moved.query[1] is moved.y_query
-    if torch.cuda.is_available():
-        pinned = b.pin_memory()
-        assert pinned.x_query.is_pinned() and digest(pinned) == digest(b)
-        cuda = pinned.to("cuda", non_blocking=True)
-        assert cuda.x_support.is_cuda and torch.equal(cuda.y_query.cpu(), b.y_query)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_pinned_batches_to_cuda(sampler):
+    b = sampler.meta_batch(0, 0, 4)
+    pinned = b.pin_memory()
+    assert pinned.x_query.is_pinned() and digest(pinned) == digest(b)
+    cuda = pinned.to("cuda", non_blocking=True)
+    assert cuda.x_support.is_cuda and torch.equal(cuda.y_query.cpu(), b.y_query)
+    with sampler.epoch(0, 16, prefetch=2, pin_memory=True) as it:
+        assert all(batch.x_support.is_pinned() for batch in it)
 
 
 def test_state_dict_names_what_fixes_the_episodes(sampler):

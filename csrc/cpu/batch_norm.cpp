@@ -62,12 +62,14 @@ _Pragma("omp simd reduction(+ : sq)")
         const opmath_t r = opmath_t(1) / std::sqrt(var + static_cast<opmath_t>(eps));
         mp[g] = mu;
         rp[g] = r;
-        const opmath_t scale = wp[g] * r, shift = bp[g] - mu * scale;
+        // (x - mu) * scale + b rather than x * scale + shift: no cancellation when rstd is large.
+        const opmath_t scale = wp[g] * r, shift = bp[g];
         for (int64_t n = 0; n < geo.N; ++n) {
           const scalar_t* src = xp + geo.block(t, n, c);
           scalar_t* dst = op + geo.block(t, n, c);
 _Pragma("omp simd")
-          for (int64_t s = 0; s < geo.S; ++s) dst[s] = static_cast<scalar_t>(static_cast<opmath_t>(src[s]) * scale + shift);
+          for (int64_t s = 0; s < geo.S; ++s)
+            dst[s] = static_cast<scalar_t>((static_cast<opmath_t>(src[s]) - mu) * scale + shift);
         }
       }
     });
@@ -120,17 +122,17 @@ _Pragma("omp simd reduction(+ : sum_go, sum_go_xc)")
         }
         gbp[g] = sum_go;
         gwp[g] = sum_go_xc * r;
-        // grad_x = w r (go - mean(go) - xhat mean(go xhat)), folded into a*go + b*x + c.
+        // grad_x = w r (go - mean(go) - xhat mean(go xhat)) = a go - k (x - mean) - c0.
         const opmath_t inv_M = M > 0 ? opmath_t(1) / static_cast<opmath_t>(M) : opmath_t(0);
         const opmath_t a = wp[g] * r;
-        const opmath_t k = a * r * r * sum_go_xc * inv_M;  // coefficient of (x - mean)
-        const opmath_t c0 = -a * sum_go * inv_M + k * mu;
+        const opmath_t k = a * r * r * sum_go_xc * inv_M;
+        const opmath_t c0 = a * sum_go * inv_M;
         for (int64_t n = 0; n < geo.N; ++n) {
           const int64_t off = geo.block(t, n, c);
 _Pragma("omp simd")
           for (int64_t s = 0; s < geo.S; ++s)
             gxp[off + s] = static_cast<scalar_t>(a * static_cast<opmath_t>(gop[off + s]) -
-                                                 k * static_cast<opmath_t>(xp[off + s]) + c0);
+                                                 k * (static_cast<opmath_t>(xp[off + s]) - mu) - c0);
         }
       }
     });

@@ -45,12 +45,10 @@ def current_backend() -> str:
     return _stack[-1] if _stack else _default
 
 
-def triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-def triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Fixed at import (triton itself reads TRITON_INTERPRET when its kernels are defined), and
+# plain constants keep the choice traceable by torch.compile.
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def available(name: str, device: torch.device) -> tuple[bool, str]:
@@ -70,9 +68,9 @@ def available(name: str, device: torch.device) -> tuple[bool, str]:
             return False, f"the cuda backend runs CUDA tensors, these are on {device}; use 'cpp' or 'auto'"
         return True, ""
     if name == "triton":
-        if not triton_installed():
+        if not TRITON_INSTALLED:
             return False, "triton is not installed (pip install triton)"
-        if device.type == "cuda" or (device.type == "cpu" and triton_interpreted()):
+        if device.type == "cuda" or (device.type == "cpu" and TRITON_INTERPRETED):
             return True, ""
         return False, f"triton kernels run CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), these are on {device}"
     raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
@@ -99,8 +97,8 @@ def resolve(requested: str | None, device: torch.device) -> str:
 
 def backend_info() -> dict:
     """What was built, what is installed, and what `auto` picks per device."""
-    info = {"extension": _extension.build_info(), "triton_installed": triton_installed(),
-            "triton_interpret": triton_interpreted(), "default_backend": current_backend(),
+    info = {"extension": _extension.build_info(), "triton_installed": TRITON_INSTALLED,
+            "triton_interpret": TRITON_INTERPRETED, "default_backend": current_backend(),
             "torch": torch.__version__, "cuda_available": torch.cuda.is_available(),
             "auto": {"cpu": auto_choice(torch.device("cpu"))}}
     if torch.cuda.is_available():

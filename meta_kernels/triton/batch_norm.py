@@ -41,11 +41,11 @@ def _bn_forward_kernel(x_ptr, w_ptr, b_ptr, out_ptr, mean_ptr, rstd_ptr, N, C, S
     tl.store(mean_ptr + g, mean)
     tl.store(rstd_ptr + g, rstd)
     scale = tl.load(w_ptr + g).to(COMPUTE) * rstd
-    shift = tl.load(b_ptr + g).to(COMPUTE) - mean * scale
+    shift = tl.load(b_ptr + g).to(COMPUTE)
     for start in range(0, M, BLOCK):
         offs, mask = _group_offsets(start, g, N, C, S, M, BLOCK)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
-        tl.store(out_ptr + offs, (x * scale + shift).to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + offs, ((x - mean) * scale + shift).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit

@@ -1,0 +1,42 @@
+"""Shared test set-up. Triton kernels run under the interpreter on CPU tensors when there is no
+GPU; TRITON_INTERPRET must be set before the kernels are defined, hence here."""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import meta_kernels  # noqa: E402
+from meta_kernels.ops import _backend  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def backend_devices():
+    """Every (backend, device) pair, skipped only where the hardware is missing: on a machine
+    without a GPU the cpp and triton (interpreted) backends must work, so they are not skipped."""
+    pairs = []
+    for backend, device in (("reference", "cpu"), ("cpp", "cpu"), ("triton", "cpu"),
+                            ("reference", "cuda"), ("cuda", "cuda"), ("triton", "cuda")):
+        marks = []
+        if device == "cuda" and not HAS_CUDA:
+            marks.append(pytest.mark.skip(reason="needs a CUDA GPU"))
+        elif backend == "triton" and device == "cpu" and HAS_CUDA:
+            marks.append(pytest.mark.skip(reason="triton runs CPU tensors only under TRITON_INTERPRET=1 (GPU here)"))
+        pairs.append(pytest.param(backend, device, id=f"{backend}-{device}", marks=marks))
+    return pairs
+
+
+# Absolute floors per dtype for the "no worse than PyTorch itself" comparisons.
+TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+def assert_no_worse_than_torch(ours, ref_same_dtype, truth, dtype, *, factor=2.0, what=""):
+    """|ours - truth| <= factor * |torch reference in the same dtype - truth| + floor(dtype)."""
+    ours, ref, truth = ours.double(), ref_same_dtype.double(), truth.double()
+    err = (ours - truth).abs().max().item() if ours.numel() else 0.0
+    ref_err = (ref - truth).abs().max().item() if ours.numel() else 0.0
+    bound = factor * ref_err + TOLERANCE[dtype] * max(1.0, truth.abs().max().item() if truth.numel() else 1.0)
+    assert err <= bound, f"{what}: max error {err:.3e} vs torch's own {ref_err:.3e} (bound {bound:.3e}) in {dtype}"
