@@ -60,7 +60,7 @@ def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
                         f">= 1 task; raise the meta-batch size to >= {world_size}")
     base, extra = divmod(n, world_size)
     start = rank * base + min(rank, extra)
-    return start, start + base + (rank <= extra)
+    return start, start + base + (rank < extra)
 
 
 @dataclass
