@@ -95,7 +95,7 @@ def test_bad_input_fails_clearly(fixture_root, tmp_path):
     root = copy_layout(fixture_root, tmp_path / "one_missing")
     gone = read_split_csv(root / "val.csv")[5][0]
     (root / "images" / gone).unlink()
-    with pytest.raises(DataError, match=rf"1 images listed in {root / 'val.csv'} are missing .* e.g. {gone}"):
+    with pytest.raises(DataError, match=rf"1 image\(s\) listed in {root / 'val.csv'} are missing .* e.g. {gone}"):
         load_mini_imagenet(root, "val", cache_dir=cache)
 
     root = copy_layout(fixture_root, tmp_path / "corrupt")

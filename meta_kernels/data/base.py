@@ -53,7 +53,9 @@ class ClassImages:
         counts = torch.bincount(labels, minlength=len(class_names))
         offsets = torch.zeros(len(class_names) + 1, dtype=torch.int64)
         torch.cumsum(counts, 0, out=offsets[1:])
-        return cls(images[order].contiguous(), offsets, tuple(class_names), dict(info or {}))
+        if not torch.equal(order, torch.arange(len(order))):  # sorted input (the usual case) is not copied
+            images = images[order]
+        return cls(images.contiguous(), offsets, tuple(class_names), dict(info or {}))
 
     @property
     def n_classes(self) -> int:

@@ -111,6 +111,9 @@ class RandomCropFlip:
             raise DataError(f"padding must be >= 0, got {padding}")
         self.padding, self.flip = padding, flip
 
+    def __repr__(self) -> str:  # recorded in EpisodeSampler.state_dict
+        return f"RandomCropFlip(padding={self.padding}, flip={self.flip})"
+
     def __call__(self, x: torch.Tensor, rngs: Sequence[np.random.Generator]) -> torch.Tensor:
         T, n, C, H, W = x.shape
         p = self.padding
@@ -211,7 +214,9 @@ class EpisodeSampler:
 
     def meta_batch(self, epoch: int, step: int, meta_batch_size: int, rank: int = 0,
                    world_size: int = 1) -> TaskBatch:
-        """This rank's share of meta-batch `step` of `epoch`."""
+        """This rank's share of meta-batch `step` of `epoch`. When world_size does not divide
+        meta_batch_size the shares differ by one task: average the loss over all tasks (sum per
+        rank / meta_batch_size), not per rank, to get the unsharded meta-gradient."""
         steps = self.steps_per_epoch(meta_batch_size)
         if not 0 <= step < steps:
             raise DataError(f"step must be in [0, {steps}) for meta_batch_size={meta_batch_size} and "
@@ -223,7 +228,8 @@ class EpisodeSampler:
     def epoch(self, epoch: int, meta_batch_size: int, rank: int = 0, world_size: int = 1, *,
               start_step: int = 0, prefetch: int = 0, pin_memory: bool = False) -> Iterator[TaskBatch]:
         """The meta-batches of one epoch from `start_step` (resume); prefetch > 0 assembles that
-        many batches ahead in a background thread."""
+        many batches ahead in a background thread (a Prefetcher: close it, or use it in a `with`
+        block, when leaving the epoch early)."""
         batches = (self.meta_batch(epoch, s, meta_batch_size, rank, world_size)
                    for s in range(start_step, self.steps_per_epoch(meta_batch_size)))
         if prefetch > 0:

@@ -57,7 +57,7 @@ def load_mini_imagenet(root: str | os.PathLike | None = None, split: str = "trai
                         f"(e.g. {rows[0][0]}) there, or pass images_dir=")
     missing = [p.name for p in files if not p.is_file()]
     if missing:
-        raise DataError(f"{len(missing)} images listed in {csv_path} are missing from {images_dir}, e.g. "
+        raise DataError(f"{len(missing)} image(s) listed in {csv_path} are missing from {images_dir}, e.g. "
                         f"{', '.join(missing[:3])}; put them there")
     checksum = file_sha256(csv_path)
     key = cache_key(csv=checksum, images=listing_fingerprint(images_dir, files), size=image_size, transform=TRANSFORM)
