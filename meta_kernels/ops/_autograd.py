@@ -123,7 +123,8 @@ def make_batch_norm_autograd(ns):
             if grad_rstd is not None:
                 centred = x - mean.reshape(shape)
                 extra = extra - (grad_rstd * rstd.pow(3) / count).reshape(shape) * centred
-            grad_x = extra.to(x.dtype) if grad_x is None else grad_x + extra.to(x.dtype)
+            extra = extra.expand_as(x).to(x.dtype)
+            grad_x = extra if grad_x is None else grad_x + extra
         return grad_x, grad_w, grad_b, None
 
     return setup, backward
