@@ -6,11 +6,16 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <string>
+
 namespace meta_kernels {
 
 // Half and BFloat16 are storage types here: kernels compute in float (at::opmath_type).
 #define MK_DISPATCH_FLOATING(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
+
+// "torch.float32" rather than "Float": the same wording as the Python-side checks.
+inline std::string dtype_name(at::ScalarType t) { return "torch." + std::string(std::get<0>(c10::getDtypeNames(t))); }
 
 inline at::ScalarType math_dtype(at::ScalarType t) {
   return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
@@ -24,7 +29,7 @@ inline void check_same_as(at::TensorList list, at::TensorList ref, const char* n
     TORCH_CHECK_VALUE(list[i].sizes() == ref[i].sizes(), name, "[", i, "] has shape ", list[i].sizes(),
                 " but ", ref_name, "[", i, "] has shape ", ref[i].sizes());
     TORCH_CHECK_VALUE(list[i].scalar_type() == ref[i].scalar_type(), name, "[", i, "] is ",
-                list[i].scalar_type(), " but ", ref_name, "[", i, "] is ", ref[i].scalar_type());
+                dtype_name(list[i].scalar_type()), " but ", ref_name, "[", i, "] is ", dtype_name(ref[i].scalar_type()));
     TORCH_CHECK_VALUE(list[i].device() == ref[i].device(), name, "[", i, "] is on ", list[i].device(),
                 " but ", ref_name, "[", i, "] is on ", ref[i].device());
   }
@@ -34,12 +39,12 @@ inline void check_uniform_list(at::TensorList list, const char* name) {
   TORCH_CHECK_VALUE(!list.empty(), name, " is empty; pass at least one tensor");
   for (size_t i = 0; i < list.size(); ++i) {
     TORCH_CHECK_VALUE(list[i].scalar_type() == list[0].scalar_type(), name, "[", i, "] is ",
-                list[i].scalar_type(), " but ", name, "[0] is ", list[0].scalar_type(),
+                dtype_name(list[i].scalar_type()), " but ", name, "[0] is ", dtype_name(list[0].scalar_type()),
                 "; all tensors of one call share a dtype");
     TORCH_CHECK_VALUE(list[i].device() == list[0].device(), name, "[", i, "] is on ", list[i].device(),
                 " but ", name, "[0] is on ", list[0].device());
     TORCH_CHECK_VALUE(at::isFloatingType(list[i].scalar_type()), name, "[", i, "] must be floating point, got ",
-                list[i].scalar_type());
+                dtype_name(list[i].scalar_type()));
   }
 }
 
@@ -58,7 +63,7 @@ inline void check_lrs(const at::Tensor& lrs, size_t n, const at::Tensor& like) {
   TORCH_CHECK_VALUE(lrs.dim() == 1 && static_cast<size_t>(lrs.numel()) == n, "lrs must be a 1-D tensor with one rate per "
               "tensor (", n, "), got shape ", lrs.sizes());
   TORCH_CHECK_VALUE(lrs.device() == like.device(), "lrs is on ", lrs.device(), " but params are on ", like.device());
-  TORCH_CHECK_VALUE(at::isFloatingType(lrs.scalar_type()), "lrs must be floating point, got ", lrs.scalar_type());
+  TORCH_CHECK_VALUE(at::isFloatingType(lrs.scalar_type()), "lrs must be floating point, got ", dtype_name(lrs.scalar_type()));
 }
 
 inline void check_scale(const c10::optional<at::Tensor>& scale, at::TensorList params) {
@@ -66,7 +71,7 @@ inline void check_scale(const c10::optional<at::Tensor>& scale, at::TensorList p
   TORCH_CHECK_VALUE(scale->dim() == 1, "scale must be 1-D with one factor per task, got shape ", scale->sizes());
   TORCH_CHECK_VALUE(scale->device() == params[0].device(), "scale is on ", scale->device(), " but params are on ",
               params[0].device());
-  TORCH_CHECK_VALUE(at::isFloatingType(scale->scalar_type()), "scale must be floating point, got ", scale->scalar_type());
+  TORCH_CHECK_VALUE(at::isFloatingType(scale->scalar_type()), "scale must be floating point, got ", dtype_name(scale->scalar_type()));
   const int64_t T = leading_tasks(params, "params");
   TORCH_CHECK_VALUE(scale->numel() == T, "scale has ", scale->numel(), " entries but params have ", T,
               " tasks in dim 0");
@@ -74,7 +79,7 @@ inline void check_scale(const c10::optional<at::Tensor>& scale, at::TensorList p
 
 inline void check_batch_norm_args(const at::Tensor& x, const at::Tensor& weight) {
   TORCH_CHECK_VALUE(x.dim() >= 3, "x must be [T, N, C, *spatial], got shape ", x.sizes());
-  TORCH_CHECK_VALUE(at::isFloatingType(x.scalar_type()), "x must be floating point, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(at::isFloatingType(x.scalar_type()), "x must be floating point, got ", dtype_name(x.scalar_type()));
   const int64_t T = x.size(0), C = x.size(2);
   TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(0) == T && weight.size(1) == C, "weight must be [T, C] = [", T,
               ", ", C, "] for x of shape ", x.sizes(), ", got ", weight.sizes());

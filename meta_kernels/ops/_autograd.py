@@ -8,30 +8,35 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from meta_kernels.ops import reference
+from meta_kernels.ops import _validate, reference
 
 
 def _math_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-# ---- fake (meta) kernels: shapes and dtypes only -------------------------------------------
+# ---- fake (meta) kernels: shapes and dtypes, after the same argument checks as the kernels --
+# (a meta tensor among real ones dispatches here, so the checks must not be skipped)
 
 def fake_sgd_step(params, grads, lrs, scale):
+    _validate.sgd_args(params, grads, lrs, scale)
     return [torch.empty_like(p, memory_format=torch.contiguous_format) for p in params]
 
 
 def fake_sgd_step_(params, grads, lrs, scale):
-    return None
+    _validate.sgd_args(params, grads, lrs, scale)
 
 
 def fake_clip_grad_norm(grads, max_norm, eps):
+    _validate.uniform_list(grads, "grads")
+    _validate.leading_tasks(grads, "grads")
     dtype = _math_dtype(grads[0].dtype)
     T = grads[0].shape[0]
     return grads[0].new_empty((T,), dtype=dtype), grads[0].new_empty((T,), dtype=dtype)
 
 
 def fake_batch_norm(x, weight, bias, eps):
+    _validate.batch_norm_args(x, weight, bias)
     stats = x.new_empty((x.shape[0], x.shape[2]), dtype=_math_dtype(x.dtype))
     return torch.empty_like(x, memory_format=torch.contiguous_format), stats, torch.empty_like(stats)
 
@@ -43,7 +48,7 @@ def fake_batch_norm_backward(grad_out, x, weight, mean, rstd):
 
 
 def fake_reptile_update_(params, adapted, epsilon):
-    return None
+    _validate.reptile_args(params, adapted)
 
 
 # ---- autograd ------------------------------------------------------------------------------
