@@ -1,9 +1,6 @@
 // The one home of every meta_kernels schema; csrc/cpu and csrc/cuda only register kernels.
 // Autograd and fake (meta) kernels are registered from Python (meta_kernels/ops/).
-#include <ATen/Parallel.h>
-#include <torch/extension.h>
-
-#include <string>
+#include <torch/library.h>
 
 TORCH_LIBRARY(meta_kernels, m) {
   // phi_i = theta_i - lrs[i] * scale[t] * g_i; params/grads optionally carry a leading task dim T.
@@ -17,38 +14,4 @@ TORCH_LIBRARY(meta_kernels, m) {
         "(Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
   // theta_i += epsilon * (mean_t adapted_i[t] - theta_i), adapted_i of shape [T, *theta_i.shape].
   m.def("reptile_update_(Tensor(a!)[] params, Tensor[] adapted, float epsilon) -> ()");
-}
-
-// Set by setup.py / CMake so build_info() can say what this binary was built with.
-#ifndef META_KERNELS_CUDA_ARCHS
-#define META_KERNELS_CUDA_ARCHS ""
-#endif
-#ifndef META_KERNELS_TORCH_VERSION
-#define META_KERNELS_TORCH_VERSION "unknown"
-#endif
-
-namespace {
-pybind11::dict build_info() {
-  pybind11::dict info;
-  info["cpu"] = true;
-#ifdef META_KERNELS_WITH_CUDA
-  info["cuda"] = true;
-#else
-  info["cuda"] = false;
-#endif
-  info["cuda_archs"] = std::string(META_KERNELS_CUDA_ARCHS);
-#ifdef _OPENMP
-  info["openmp"] = true;
-#else
-  info["openmp"] = false;
-#endif
-  info["num_threads"] = at::get_num_threads();
-  info["torch_version_built"] = std::string(META_KERNELS_TORCH_VERSION);
-  return info;
-}
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "meta_kernels compiled ops; importing this module registers them with torch";
-  m.def("build_info", &build_info, "What this build of meta_kernels._C contains");
 }
