@@ -1,0 +1,64 @@
+"""Shared by the benchmarks: the Conv4 parameter set, interleaved timing and the machine record."""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+import time
+
+import torch
+
+
+def conv4_shapes(in_channels: int = 1, filters: int = 64, n_way: int = 5, feature_dim: int | None = None):
+    """Parameter shapes of Conv4 (4 x [conv3x3, BN, ReLU, pool2] + linear head): 18 tensors,
+    112,261 parameters for Omniglot (1 x 28 x 28, 64 filters, 5-way)."""
+    shapes, c_in = [], in_channels
+    for _ in range(4):
+        shapes += [(filters, c_in, 3, 3), (filters,), (filters,), (filters,)]  # conv w, conv b, bn w, bn b
+        c_in = filters
+    feature_dim = feature_dim or filters
+    return shapes + [(n_way, feature_dim), (n_way,)]
+
+
+def interleaved_medians(fns: dict, rounds: int = 15, inner: int = 5, warmup: int = 3) -> dict:
+    """Median seconds per call of each function, timed in alternation (A, B, A, B, ...) so that
+    load from elsewhere on a shared machine hits all of them alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times[name].append((time.perf_counter() - start) / inner)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(__file__)).stdout.strip()
+    except OSError:
+        commit = "unknown"
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "date": datetime.date.today().isoformat(), "commit": commit}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return info

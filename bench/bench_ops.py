@@ -1,0 +1,144 @@
+"""Fused ops against the best plain-PyTorch equivalent on the Conv4 parameter set, T = 1, 8, 32.
+
+Run: pytest bench/bench_ops.py --benchmark-json=bench/results/ops.json
+     python bench/summarize.py bench/results/ops.json
+
+Each case times ours and the baselines in alternation inside one test (shared-machine noise
+hits both alike) and stores the medians and ratios in extra_info; pytest-benchmark's own
+statistics are for our op."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import meta_kernels as mk
+from _common import conv4_shapes, interleaved_medians, machine
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+OURS = ["cuda", "triton"] if DEVICE == "cuda" else ["cpp"]
+TASKS = [1, 8, 32]
+MAX_NORM = 10.0
+
+
+def _params(T: int, dtype=torch.float32):
+    g = torch.Generator().manual_seed(T)
+    shapes = conv4_shapes()
+    params = [torch.randn((T,) + s, generator=g).to(DEVICE, dtype) for s in shapes]
+    grads = [torch.randn((T,) + s, generator=g).to(DEVICE, dtype) for s in shapes]
+    lrs = torch.linspace(0.01, 0.1, len(shapes), device=DEVICE)
+    return params, grads, lrs
+
+
+def _task_view(v, like):
+    return v.view((-1,) + (1,) * (like.dim() - 1))
+
+
+def foreach_sgd_step(params, grads, neg_lrs):
+    return torch._foreach_add(params, torch._foreach_mul(grads, neg_lrs))
+
+
+def foreach_clip_sgd_step(params, grads, neg_lrs, T):
+    """Per-task clip + per-tensor-lr step as plain PyTorch does it best: a norm per tensor and
+    task, then foreach multiplies and adds (for T = 1 the norm is clip_grad_norm_'s foreach path)."""
+    if T == 1:
+        total = torch.nn.utils.get_total_norm(grads, foreach=True)
+        factor = torch.clamp(MAX_NORM / (total + 1e-6), max=1.0)
+        scaled = torch._foreach_mul(grads, factor)
+    else:
+        per_tensor = torch.stack([torch.linalg.vector_norm(g.reshape(T, -1), dim=1) for g in grads])
+        factor = torch.clamp(MAX_NORM / (torch.linalg.vector_norm(per_tensor, dim=0) + 1e-6), max=1.0)
+        scaled = torch._foreach_mul(grads, [_task_view(factor, g) for g in grads])
+    return torch._foreach_add(params, torch._foreach_mul(scaled, neg_lrs))
+
+
+def _record(benchmark, ours_name, medians, ours_fn):
+    ours = medians[ours_name]
+    benchmark.extra_info.update(
+        {"machine": machine(), "median_s": medians,
+         "speedup_vs": {k: v / ours for k, v in medians.items() if k != ours_name}})
+    benchmark.pedantic(ours_fn, rounds=10, iterations=3, warmup_rounds=2)
+
+
+@pytest.mark.parametrize("backend", OURS)
+@pytest.mark.parametrize("T", TASKS)
+def test_clip_and_sgd_step(benchmark, backend, T):
+    benchmark.group = f"clip+sgd_step T={T}"
+    params, grads, lrs = _params(T)
+    neg_lrs = (-lrs).tolist()
+
+    def ours():
+        _, factor = mk.clip_grad_norm(grads, MAX_NORM, backend=backend)
+        return mk.sgd_step(params, grads, lrs, factor, backend=backend)
+
+    torch.testing.assert_close(ours(), foreach_clip_sgd_step(params, grads, neg_lrs, T))
+    medians = interleaved_medians({backend: ours, "foreach": lambda: foreach_clip_sgd_step(params, grads, neg_lrs, T)})
+    _record(benchmark, backend, medians, ours)
+
+
+@pytest.mark.parametrize("backend", OURS)
+@pytest.mark.parametrize("T", TASKS)
+def test_sgd_step(benchmark, backend, T):
+    benchmark.group = f"sgd_step T={T}"
+    params, grads, lrs = _params(T)
+    neg_lrs = (-lrs).tolist()
+    ours = lambda: mk.sgd_step(params, grads, lrs, backend=backend)
+    medians = interleaved_medians({backend: ours, "foreach": lambda: foreach_sgd_step(params, grads, neg_lrs)})
+    _record(benchmark, backend, medians, ours)
+
+
+@pytest.mark.parametrize("backend", OURS)
+@pytest.mark.parametrize("T", TASKS)
+def test_clip_grad_norm(benchmark, backend, T):
+    benchmark.group = f"clip_grad_norm T={T}"
+    _, grads, _ = _params(T)
+    ours = lambda: mk.clip_grad_norm(grads, MAX_NORM, backend=backend)
+
+    def per_task_torch():
+        # clip_grad_norm_'s foreach norm on each task's tensors
+        return torch.stack([torch.nn.utils.get_total_norm([g[t] for g in grads], foreach=True) for t in range(T)])
+
+    medians = interleaved_medians({backend: ours, "get_total_norm(foreach) per task": per_task_torch})
+    _record(benchmark, backend, medians, ours)
+
+
+@pytest.mark.parametrize("backend", OURS)
+@pytest.mark.parametrize("T", TASKS)
+def test_reptile_update(benchmark, backend, T):
+    benchmark.group = f"reptile_update_ T={T}"
+    g = torch.Generator().manual_seed(0)
+    theta = [torch.randn(s, generator=g).to(DEVICE) for s in conv4_shapes()]
+    adapted = [torch.randn((T,) + s, generator=g).to(DEVICE) for s in conv4_shapes()]
+    ours = lambda: mk.reptile_update_(theta, adapted, 0.1, backend=backend)
+    foreach = lambda: torch._foreach_lerp_(theta, [a.mean(0) for a in adapted], 0.1)
+    medians = interleaved_medians({backend: ours, "foreach_lerp_": foreach})
+    _record(benchmark, backend, medians, ours)
+
+
+# Conv4 activations entering each BN on an Omniglot 5-way 1-shot support set: [T, 5, 64, H, W].
+BN_SPATIAL = [28, 14, 7, 3]
+
+
+@pytest.mark.parametrize("backend", OURS)
+@pytest.mark.parametrize("T", TASKS)
+def test_batch_norm_forward_backward(benchmark, backend, T):
+    benchmark.group = f"batch_norm fwd+bwd T={T}"
+    g = torch.Generator().manual_seed(1)
+    layers = []
+    for hw in BN_SPATIAL:
+        x = torch.randn(T, 5, 64, hw, hw, generator=g).to(DEVICE).requires_grad_()
+        w = torch.rand(T, 64, generator=g).to(DEVICE).requires_grad_()
+        b = torch.randn(T, 64, generator=g).to(DEVICE).requires_grad_()
+        layers.append((x, w, b, torch.randn(T, 5, 64, hw, hw, generator=g).to(DEVICE)))
+
+    def run(bn):
+        for x, w, b, go in layers:
+            torch.autograd.grad(bn(x, w, b), (x, w, b), go)
+
+    ours = lambda: run(lambda x, w, b: mk.batch_norm(x, w, b, backend=backend))
+    loop = lambda: run(lambda x, w, b: torch.stack([F.batch_norm(x[t], None, None, w[t], b[t], True)
+                                                    for t in range(x.shape[0])]))
+    vmapped = torch.func.vmap(lambda x, w, b: F.batch_norm(x, None, None, w, b, True))
+    vmap = lambda: run(vmapped)
+    medians = interleaved_medians({backend: ours, "F.batch_norm loop": loop, "F.batch_norm vmap": vmap})
+    _record(benchmark, backend, medians, ours)

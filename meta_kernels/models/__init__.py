@@ -1,0 +1,3 @@
+from meta_kernels.models.conv4 import Conv4
+
+__all__ = ["Conv4"]
