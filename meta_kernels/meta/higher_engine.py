@@ -1,0 +1,44 @@
+"""The `higher` inner-loop engine (optional extra: pip install higher). higher patches a module
+per task, so tasks run one after another; it exists to cross-check meta-gradients against the
+library many users know, not for speed."""
+from __future__ import annotations
+
+import torch
+
+from meta_kernels.meta.inner import AdaptResult, StepLog, _as_task_batch, _per_task_loss_acc, lr_table
+
+
+def adapt_with_higher(params, support_batch, *, task_model, steps, lrs, first_order, no_graph, inner_clip,
+                      query_batch) -> AdaptResult:
+    try:
+        import higher
+    except ImportError as exc:
+        raise ImportError("engine='higher' needs the optional package higher: pip install higher") from exc
+    if inner_clip is not None:
+        raise ValueError("engine='higher' does not clip inner gradients; set inner_clip=None or use engine='custom'")
+    if query_batch is not None:
+        raise ValueError("engine='higher' does not track the adaptation curve; use engine='custom' for it")
+    model = task_model.model
+    names = list(params)
+    if any(p is not q for p, q in zip(params.values(), dict(model.named_parameters()).values())):
+        raise ValueError("engine='higher' adapts the model's own parameters: pass dict(model.named_parameters())")
+    x, y, _ = _as_task_batch(*support_batch, "support")
+    table = lr_table(lrs, steps, names, x.device)
+    adapted = {k: [] for k in names}
+    logs = []
+    for t in range(x.shape[0]):
+        # One SGD param group per tensor so each gets its own (possibly per-step) rate.
+        opt = torch.optim.SGD([{"params": [p], "lr": 1.0} for p in params.values()], lr=1.0)
+        with higher.innerloop_ctx(model, opt, copy_initial_weights=False,
+                                  track_higher_grads=not (first_order or no_graph)) as (fmodel, diffopt):
+            for step in range(steps):
+                out = fmodel(x[t])
+                loss, acc = _per_task_loss_acc(out.unsqueeze(0), y[t:t + 1])
+                diffopt.step(loss.sum(), override={"lr": [table[step, i] for i in range(len(names))]})
+                if t == 0:
+                    logs.append(StepLog(step, float(loss.detach()), float(acc), float("nan"), float("nan"),
+                                        float(table[step].mean()), float(table[step].min()), float(table[step].max())))
+            for k, p in zip(names, fmodel.parameters()):
+                adapted[k].append(p.detach() if no_graph else p)
+    fast = {k: torch.stack(v) for k, v in adapted.items()}
+    return AdaptResult(fast, logs, [], [], torch.ones(x.shape[0], dtype=torch.bool, device=x.device))

@@ -1,0 +1,248 @@
+"""The inner loop: T tasks adapt together, every update through the fused ops.
+
+    adapted, logs = adapt(params, (x_support, y_support), model=model, steps=5, lrs=0.4,
+                          first_order=False)
+
+`params` are the base weights {name: tensor}; the support batch is x [T, N*K, ...], y [T, N*K]
+(a single task without the T dim works too). Adapted weights come back as {name: [T, *shape]}.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import meta_kernels.ops as ops
+from meta_kernels.config import BN_MODES, ENGINES
+from meta_kernels.meta.task_model import TaskModel
+
+NONFINITE = ("raise", "skip")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The inner loop produced a NaN/inf loss or gradient; the message names the step and tasks."""
+
+
+@dataclass
+class StepLog:
+    """One inner step, averaged over the tasks that were not skipped (per-task values in *_per_task)."""
+    step: int
+    loss: float
+    accuracy: float
+    grad_norm: float
+    update_norm: float
+    lr_mean: float
+    lr_min: float
+    lr_max: float
+    clip_factor: float = 1.0
+    loss_per_task: list[float] = field(default_factory=list)
+    # Query loss/accuracy before this step's update (the adaptation curve), when a query set was given.
+    query_loss: float | None = None
+    query_accuracy: float | None = None
+
+
+@dataclass
+class AdaptResult:
+    adapted: dict[str, Tensor]
+    logs: list[StepLog]
+    # Query loss and accuracy after 0..steps updates (filled when a query batch was given).
+    curve_loss: list[float]
+    curve_accuracy: list[float]
+    task_ok: Tensor  # [T] bool, False for tasks skipped after a non-finite loss
+
+
+def _as_task_batch(x: Tensor, y: Tensor, name: str) -> tuple[Tensor, Tensor, bool]:
+    """Adds the task dim to a single task; checks shapes and labels."""
+    single = y.dim() == 1
+    if single:
+        x, y = x.unsqueeze(0), y.unsqueeze(0)
+    if y.dim() != 2 or x.shape[:2] != y.shape:
+        raise ValueError(f"{name}: x must be [T, N, ...] and y [T, N] (or one task: x [N, ...], y [N]); "
+                         f"got x {list(x.shape)} and y {list(y.shape)}")
+    if y.shape[1] == 0:
+        raise ValueError(f"{name} set is empty: it needs at least one example per task")
+    if y.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"{name} labels must be integer class indices, got {y.dtype}")
+    return x, y, single
+
+
+def _check_labels(y: Tensor, n_out: int, name: str) -> None:
+    lo, hi = int(y.min()), int(y.max())
+    if lo < 0 or hi >= n_out:
+        raise ValueError(f"{name} labels must lie in [0, {n_out}) for a {n_out}-way output, got labels in [{lo}, {hi}]; "
+                         "remap labels to 0..n_way-1 per episode")
+
+
+def lr_table(lrs, steps: int, names: list[str], device) -> Tensor:
+    """[steps, n_params] learning rates from a float, a per-parameter vector, or a full table."""
+    if isinstance(lrs, (int, float)):
+        if not lrs > 0:
+            raise ValueError(f"inner lr must be > 0, got {lrs}")
+        return torch.full((steps, len(names)), float(lrs), device=device)
+    lrs = torch.as_tensor(lrs, device=device)
+    if lrs.dim() == 1 and lrs.numel() == len(names):
+        return lrs.unsqueeze(0).expand(steps, -1)
+    if lrs.dim() == 2 and tuple(lrs.shape) == (steps, len(names)):
+        return lrs
+    raise ValueError(f"lrs must be a float, [{len(names)}] (one per parameter) or [{steps}, {len(names)}] "
+                     f"(per step and parameter), got shape {list(lrs.shape)}")
+
+
+def _at_least_fp32(t: Tensor) -> Tensor:
+    """fp16/bf16 -> fp32 (the inner loop never runs in half precision); fp32/fp64 unchanged."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _per_task_loss_acc(logits: Tensor, y: Tensor, name: str = "support") -> tuple[Tensor, Tensor]:
+    T, N = y.shape
+    _check_labels(y, logits.shape[-1], name)
+    loss = F.cross_entropy(logits.reshape(T * N, -1), y.reshape(-1), reduction="none").view(T, N).mean(1)
+    acc = (logits.detach().argmax(-1) == y).float().mean(1)
+    return loss, acc
+
+
+def _masked_mean(v: Tensor, ok: Tensor) -> float:
+    return float(v[ok].mean()) if bool(ok.any()) else math.nan
+
+
+def adapt(params: dict[str, Tensor], support_batch, *, model, steps: int, lrs, first_order: bool,
+          bn_mode: str = "transductive", rng: torch.Generator | None = None, inner_clip: float | None = None,
+          engine: str = "custom", backend: str | None = None, no_graph: bool = False, query_batch=None,
+          on_nonfinite: str = "raise") -> tuple[dict[str, Tensor], list[StepLog]]:
+    """Adapts `params` on the support set of every task; returns (adapted_params, inner_logs).
+
+    first_order=False keeps the second-order graph (MAML): adapted params keep grad_fn.
+    first_order=True (FOMAML) uses gradients without create_graph; adapted params still depend
+    on `params` through the identity path. no_graph=True (Reptile, evaluation) builds no graph
+    and updates in place. The inner loop always computes in float32 (autocast off)."""
+    result = adapt_tasks(params, support_batch, model=model, steps=steps, lrs=lrs, first_order=first_order,
+                         bn_mode=bn_mode, rng=rng, inner_clip=inner_clip, engine=engine, backend=backend,
+                         no_graph=no_graph, query_batch=query_batch, on_nonfinite=on_nonfinite)
+    return result.adapted, result.logs
+
+
+def adapt_tasks(params, support_batch, *, model, steps, lrs, first_order, bn_mode="transductive", rng=None,
+                inner_clip=None, engine="custom", backend=None, no_graph=False, query_batch=None,
+                on_nonfinite="raise") -> AdaptResult:
+    """`adapt` with everything it measured (adaptation curve, skipped tasks)."""
+    task_model = model if isinstance(model, TaskModel) else TaskModel(model)
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    if engine == "higher":
+        from meta_kernels.meta.higher_engine import adapt_with_higher
+        return adapt_with_higher(params, support_batch, task_model=task_model, steps=steps, lrs=lrs,
+                                 first_order=first_order, no_graph=no_graph, inner_clip=inner_clip,
+                                 query_batch=query_batch)
+    if bn_mode not in BN_MODES:
+        raise ValueError(f"unknown bn_mode {bn_mode!r}; choose one of {', '.join(BN_MODES)}")
+    if bn_mode != "transductive":
+        raise ValueError(f"bn_mode {bn_mode!r} is not supported by this model path; use 'transductive'")
+    if on_nonfinite not in NONFINITE:
+        raise ValueError(f"on_nonfinite must be one of {NONFINITE}, got {on_nonfinite!r}")
+    if not params:
+        raise ValueError("params is empty; pass model.named_parameters() as a dict")
+    x, y, _ = _as_task_batch(*support_batch, "support")
+    if query_batch is not None:
+        xq, yq, _ = _as_task_batch(*query_batch, "query")
+        if xq.shape[0] != x.shape[0]:
+            raise ValueError(f"support has {x.shape[0]} tasks but query has {xq.shape[0]}; they must match")
+    T = x.shape[0]
+    names = list(params)
+    device = next(iter(params.values())).device
+    table = lr_table(lrs, steps, names, device)
+    fork = torch.random.fork_rng(devices=[]) if rng is not None else contextlib.nullcontext()
+
+    with fork, torch.autocast(device_type=device.type, enabled=False), ops.use_backend(backend or ops.current_backend()):
+        if rng is not None:  # stochastic layers (dropout) draw from the caller's stream
+            torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=rng)))
+        x = _at_least_fp32(x)
+        base = {k: _at_least_fp32(v) for k, v in params.items()}
+        if no_graph:
+            fast = {k: v.detach().expand(T, *v.shape).clone().requires_grad_(True) for k, v in base.items()}
+        else:
+            fast = {k: v.expand(T, *v.shape) for k, v in base.items()}
+        task_ok = torch.ones(T, dtype=torch.bool, device=device)
+        logs, curve_loss, curve_acc = [], [], []
+
+        def query_point():
+            if query_batch is None:
+                return None, None
+            with torch.no_grad():
+                ql, qa = _per_task_loss_acc(task_model(fast, _at_least_fp32(xq)), yq, "query")
+            curve_loss.append(_masked_mean(ql, task_ok))
+            curve_acc.append(_masked_mean(qa, task_ok))
+            return curve_loss[-1], curve_acc[-1]
+
+        for step in range(steps):
+            q_loss, q_acc = query_point()
+            grads, loss_t, acc_t = _task_gradients(task_model, fast, x, y, engine, create_graph=not first_order and not no_graph)
+            if inner_clip is not None:
+                norm, factor = ops.clip_grad_norm(grads, inner_clip)
+            else:
+                with torch.no_grad():
+                    norm, _ = ops.clip_grad_norm([g.detach() for g in grads], math.inf)
+                factor = None
+            bad = ~(torch.isfinite(loss_t.detach()) & torch.isfinite(norm.detach()))
+            if bool(bad.any()):
+                tasks = bad.nonzero().flatten().tolist()
+                if on_nonfinite == "raise":
+                    raise NonFiniteLossError(
+                        f"non-finite inner loss or gradient at inner step {step} for task(s) {tasks} "
+                        f"(loss {loss_t.detach()[bad].tolist()}); lower the inner lr, set inner_clip, or set "
+                        "skip_nonfinite_tasks=True to skip such tasks")
+                task_ok = task_ok & ~bad
+                grads = [torch.where(task_ok.view(-1, *([1] * (g.dim() - 1))), g, torch.zeros_like(g)) for g in grads]
+                if factor is not None:
+                    factor = torch.where(task_ok, factor, torch.zeros_like(factor))
+            lr_step = table[step]
+            logs.append(_step_log(step, loss_t, acc_t, norm, factor, grads, lr_step, task_ok, q_loss, q_acc))
+            values = list(fast.values())
+            if no_graph:
+                with torch.no_grad():
+                    ops.sgd_step_(values, [g.detach() for g in grads], lr_step.detach(),
+                                  None if factor is None else factor.detach())
+            else:
+                fast = dict(zip(names, ops.sgd_step(values, grads, lr_step, factor)))
+        query_point()
+        if no_graph:
+            fast = {k: v.detach() for k, v in fast.items()}
+    return AdaptResult(fast, logs, curve_loss, curve_acc, task_ok)
+
+
+def _task_gradients(task_model: TaskModel, fast: dict[str, Tensor], x: Tensor, y: Tensor, engine: str,
+                    create_graph: bool):
+    """Per-task gradients [T, *shape] of each task's support loss, plus per-task loss and accuracy."""
+    if engine == "torch_func":
+        def total(f):
+            loss_t, acc_t = _per_task_loss_acc(task_model(f, x), y)
+            return loss_t.sum(), (loss_t, acc_t)
+        # torch.func transforms cannot see through register_autograd ops: the forward inside the
+        # transform runs the reference ops; the update outside still uses the fused kernels.
+        with ops.use_backend("reference"):
+            grads, (loss_t, acc_t) = torch.func.grad(total, has_aux=True)(fast)
+        grads = [grads[k] if create_graph else grads[k].detach() for k in fast]
+        return grads, loss_t, acc_t
+    loss_t, acc_t = _per_task_loss_acc(task_model(fast, x), y)
+    grads = torch.autograd.grad(loss_t.sum(), list(fast.values()), create_graph=create_graph)
+    return list(grads), loss_t, acc_t
+
+
+def _step_log(step, loss_t, acc_t, norm, factor, grads, lr_step, task_ok, q_loss, q_acc) -> StepLog:
+    with torch.no_grad():
+        lr = lr_step.detach().float()
+        # ||update|| per task = sqrt(sum_i (lr_i * factor_t)^2 ||g_i,t||^2)
+        sq = torch.stack([g.detach().float().reshape(g.shape[0], -1).pow(2).sum(1) for g in grads])  # [n, T]
+        upd = (lr.pow(2).unsqueeze(1) * sq).sum(0).sqrt()
+        if factor is not None:
+            upd = upd * factor.detach().float()
+        return StepLog(step=step, loss=_masked_mean(loss_t.detach(), task_ok), accuracy=_masked_mean(acc_t, task_ok),
+                       grad_norm=_masked_mean(norm.detach().float(), task_ok), update_norm=_masked_mean(upd, task_ok),
+                       lr_mean=float(lr.mean()), lr_min=float(lr.min()), lr_max=float(lr.max()),
+                       clip_factor=1.0 if factor is None else _masked_mean(factor.detach().float(), task_ok),
+                       loss_per_task=loss_t.detach().tolist(), query_loss=q_loss, query_accuracy=q_acc)

@@ -1,0 +1,55 @@
+"""Runs a model on T tasks at once, each with its own parameters (every tensor [T, *shape])."""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+TASK_BATCHING = ("auto", "native", "vmap", "loop")
+
+
+def _has_batch_norm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+class TaskModel:
+    """Task-batched functional view of an nn.Module.
+
+    - native: the model's own `forward_tasks(params, x)` (Conv4: grouped conv, per-task BN);
+    - vmap: torch.func.vmap over `functional_call`, for any module without BatchNorm;
+    - loop: a Python loop over tasks -- the fallback for user modules with BatchNorm (vmap over
+      F.batch_norm gives wrong double-backward gradients on torch 2.13), and the "batching off"
+      baseline of the benchmarks."""
+
+    def __init__(self, model: nn.Module, task_batching: str = "auto"):
+        if task_batching not in TASK_BATCHING:
+            raise ValueError(f"unknown task_batching {task_batching!r}; choose one of {', '.join(TASK_BATCHING)}")
+        if task_batching == "auto":
+            if hasattr(type(model), "forward_tasks"):
+                task_batching = "native"
+            elif _has_batch_norm(model):
+                warnings.warn(f"{type(model).__name__} has BatchNorm layers: its tasks run in a loop (vmap over "
+                              "F.batch_norm is not trusted for second-order gradients); use meta_kernels.models.Conv4 "
+                              "or give the model a forward_tasks(params, x) for batched tasks", stacklevel=2)
+                task_batching = "loop"
+            else:
+                task_batching = "vmap"
+        if task_batching == "native" and not hasattr(type(model), "forward_tasks"):
+            raise ValueError(f"task_batching='native' needs {type(model).__name__}.forward_tasks(params, x)")
+        self.model, self.mode = model, task_batching
+        self.buffers = dict(model.named_buffers())
+
+    def parameters(self) -> dict[str, Tensor]:
+        return dict(self.model.named_parameters())
+
+    def __call__(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
+        """Outputs [T, N, ...] for inputs x [T, N, ...]."""
+        if self.mode == "native":
+            return type(self.model).forward_tasks(params, x)
+        if self.mode == "vmap":
+            call = lambda p, xt: functional_call(self.model, (p, self.buffers), (xt,))
+            return torch.func.vmap(call)(params, x)
+        return torch.stack([functional_call(self.model, ({k: v[t] for k, v in params.items()}, self.buffers), (x[t],))
+                            for t in range(x.shape[0])])
