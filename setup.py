@@ -51,9 +51,20 @@ if build_cuda:
     os.environ["TORCH_CUDA_ARCH_LIST"] = archs
     sources += [os.path.relpath(p, here) for p in sorted(glob.glob(os.path.join(here, "csrc", "cuda", "*.cu")))]
     define_macros += [("META_KERNELS_WITH_CUDA", None), ("META_KERNELS_CUDA_ARCHS", f'"{archs}"')]
+    # A pip CUDA torch ships the CUDA library headers it was built with (cuBLAS, cuSPARSE, ... that
+    # ATen's CUDA headers include) in site-packages/nvidia/: cu13/include for CUDA 13 wheels, one
+    # folder per library (cuda_runtime/include, cublas/include, ...) for CUDA 12 wheels. A toolkit
+    # at CUDA_HOME often lacks those libraries, so add them after the toolkit's own include folder
+    # (which keeps precedence for the headers nvcc itself depends on).
+    site_packages = os.path.dirname(os.path.dirname(os.path.abspath(torch.__file__)))
+    cuda_include_dirs = [os.path.join(CUDA_HOME, "include")] + sorted(
+        d for d in glob.glob(os.path.join(site_packages, "nvidia", "*", "include")) if os.path.isdir(d))
+    # No -std here: BuildExtension then adds the standard the installed torch builds with (C++20 for
+    # recent ones; torch 2.14's headers no longer compile as C++17) to the host and nvcc flags alike.
+    cuda_cxx_flags = [f for f in cxx_flags if not f.startswith("-std=")]
     ext = CUDAExtension(
-        "meta_kernels._C", sources, define_macros=define_macros,
-        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]},
+        "meta_kernels._C", sources, define_macros=define_macros, include_dirs=cuda_include_dirs,
+        extra_compile_args={"cxx": cuda_cxx_flags, "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]},
         extra_link_args=extra_link_args)
     print(f"meta_kernels: building CPU and CUDA kernels (archs {archs}; {reason or 'CUDA available'})")
 else:
