@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 import meta_kernels.ops as ops
 from meta_kernels.config import ALGORITHMS, MAMLConfig
-from meta_kernels.meta.inner import AdaptResult, StepLog, _as_task_batch, _per_task_loss_acc, adapt_tasks
+from meta_kernels.meta.inner import AdaptResult, StepLog, _as_task_batch, adapt_tasks, per_task_loss
 from meta_kernels.meta.task_model import TaskModel
 
 
@@ -71,8 +71,8 @@ def meta_loss(params: dict[str, Tensor], task_batch, *, algo: str | None = None,
     (pre_adapt_acc, auac); without it those metrics are NaN."""
     algo = resolve_algo(algo, config)
     xs, ys, xq, yq = _batch_parts(task_batch)
-    xs, ys, _ = _as_task_batch(xs, ys, "support")
-    xq, yq, _ = _as_task_batch(xq, yq, "query")
+    xs, ys = _as_task_batch(xs, ys, "support", config.loss)
+    xq, yq = _as_task_batch(xq, yq, "query", config.loss)
     if xs.shape[0] != xq.shape[0]:
         raise ValueError(f"support has {xs.shape[0]} tasks but query has {xq.shape[0]}; they must match")
     task_model = model if isinstance(model, TaskModel) else TaskModel(model)
@@ -81,13 +81,13 @@ def meta_loss(params: dict[str, Tensor], task_batch, *, algo: str | None = None,
         lrs=config.inner_lr if lrs is None else lrs, first_order=config.first_order, inner_clip=config.inner_clip,
         engine=config.engine, backend=config.backend, no_graph=algo == "reptile",
         query_batch=(xq, yq) if track_curve else None,
-        on_nonfinite="skip" if config.skip_nonfinite_tasks else "raise")
+        on_nonfinite="skip" if config.skip_nonfinite_tasks else "raise", loss=config.loss)
     ok = result.task_ok
     with ops.use_backend(config.backend):
-        loss_t, acc_t = _per_task_loss_acc(task_model(result.adapted, xq), yq, "query")
-    weights = ok.float() / ok.float().sum().clamp(min=1)
+        loss_t, acc_t = per_task_loss(task_model(result.adapted, xq), yq, config.loss, "query")
+    weights = ok.to(loss_t.dtype) / ok.sum().clamp(min=1)
     loss = (torch.where(ok, loss_t, torch.zeros_like(loss_t)) * weights).sum()
-    post = float((acc_t * weights).sum())
+    post = float((acc_t * weights.to(acc_t.dtype)).sum())
     pre = result.curve_accuracy[0] if result.curve_accuracy else math.nan
     metrics = {"pre_adapt_acc": pre, "post_adapt_acc": post, "fast_gain": post - pre,
                "auac": auac(result.curve_accuracy) if result.curve_accuracy else math.nan,
@@ -119,7 +119,8 @@ class MetaLearner:
     def step(self, task_batch, *, track_curve: bool = False) -> dict[str, float]:
         """One outer step on a meta-batch; returns metrics averaged over its tasks."""
         parts = _batch_parts(task_batch)
-        T = parts[0].shape[0] if parts[1].dim() == 2 else 1
+        single = self.config.loss == "cross_entropy" and parts[1].dim() == 1
+        T = 1 if single else parts[0].shape[0]
         chunk = self.config.task_chunk or T
         params = dict(self.model.named_parameters())
         algo = self.config.algo
@@ -127,9 +128,9 @@ class MetaLearner:
         adapted_chunks = []
         self.optimizer.zero_grad(set_to_none=True)
         for start in range(0, T, chunk):
-            sub = tuple(p[start:start + chunk] for p in parts) if parts[1].dim() == 2 else parts
+            sub = parts if single else tuple(p[start:start + chunk] for p in parts)
             out = meta_loss(params, sub, config=self.config, model=self.task_model, track_curve=track_curve)
-            n = sub[1].shape[0] if sub[1].dim() == 2 else 1
+            n = 1 if single else sub[1].shape[0]
             if algo == "reptile":
                 adapted_chunks.append(out.logs.adapted_params)
             else:

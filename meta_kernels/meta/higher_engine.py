@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import torch
 
-from meta_kernels.meta.inner import AdaptResult, StepLog, _as_task_batch, _per_task_loss_acc, lr_table
+from meta_kernels.meta.inner import AdaptResult, StepLog, _as_task_batch, lr_table, per_task_loss
 
 
 def adapt_with_higher(params, support_batch, *, task_model, steps, lrs, first_order, no_graph, inner_clip,
-                      query_batch) -> AdaptResult:
+                      query_batch, loss) -> AdaptResult:
     try:
         import higher
     except ImportError as exc:
@@ -22,21 +22,24 @@ def adapt_with_higher(params, support_batch, *, task_model, steps, lrs, first_or
     names = list(params)
     if any(p is not q for p, q in zip(params.values(), dict(model.named_parameters()).values())):
         raise ValueError("engine='higher' adapts the model's own parameters: pass dict(model.named_parameters())")
-    x, y, _ = _as_task_batch(*support_batch, "support")
-    table = lr_table(lrs, steps, names, x.device)
+    x, y = _as_task_batch(*support_batch, "support", loss)
+    table = lr_table(lrs, steps, names, x.device, next(iter(params.values())).dtype)
     adapted = {k: [] for k in names}
     logs = []
     for t in range(x.shape[0]):
         # One SGD param group per tensor so each gets its own (possibly per-step) rate.
         opt = torch.optim.SGD([{"params": [p], "lr": 1.0} for p in params.values()], lr=1.0)
+        # First order: keep the identity path to the base weights, detach the inner gradients.
+        detach = (lambda grads: [g.detach() for g in grads]) if first_order else None
         with higher.innerloop_ctx(model, opt, copy_initial_weights=False,
-                                  track_higher_grads=not (first_order or no_graph)) as (fmodel, diffopt):
+                                  track_higher_grads=not no_graph) as (fmodel, diffopt):
             for step in range(steps):
                 out = fmodel(x[t])
-                loss, acc = _per_task_loss_acc(out.unsqueeze(0), y[t:t + 1])
-                diffopt.step(loss.sum(), override={"lr": [table[step, i] for i in range(len(names))]})
+                task_loss, acc = per_task_loss(out.unsqueeze(0), y[t:t + 1], loss)
+                diffopt.step(task_loss.sum(), override={"lr": [table[step, i] for i in range(len(names))]},
+                             grad_callback=detach)
                 if t == 0:
-                    logs.append(StepLog(step, float(loss.detach()), float(acc), float("nan"), float("nan"),
+                    logs.append(StepLog(step, float(task_loss.detach()), float(acc), float("nan"), float("nan"),
                                         float(table[step].mean()), float(table[step].min()), float(table[step].max())))
             for k, p in zip(names, fmodel.parameters()):
                 adapted[k].append(p.detach() if no_graph else p)

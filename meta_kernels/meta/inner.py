@@ -55,19 +55,26 @@ class AdaptResult:
     task_ok: Tensor  # [T] bool, False for tasks skipped after a non-finite loss
 
 
-def _as_task_batch(x: Tensor, y: Tensor, name: str) -> tuple[Tensor, Tensor, bool]:
-    """Adds the task dim to a single task; checks shapes and labels."""
-    single = y.dim() == 1
-    if single:
+LOSSES = ("cross_entropy", "mse")
+
+
+def _as_task_batch(x: Tensor, y: Tensor, name: str, loss: str = "cross_entropy") -> tuple[Tensor, Tensor]:
+    """Adds the task dim to a single classification task; checks shapes and label types.
+
+    cross_entropy: x [T, N, ...], y [T, N] integer classes (or one task: x [N, ...], y [N]).
+    mse: x [T, N, ...], y [T, N, ...] float targets."""
+    if loss not in LOSSES:
+        raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
+    if loss == "cross_entropy" and y.dim() == 1:
         x, y = x.unsqueeze(0), y.unsqueeze(0)
-    if y.dim() != 2 or x.shape[:2] != y.shape:
-        raise ValueError(f"{name}: x must be [T, N, ...] and y [T, N] (or one task: x [N, ...], y [N]); "
-                         f"got x {list(x.shape)} and y {list(y.shape)}")
+    if y.dim() < 2 or x.dim() < 2 or x.shape[:2] != y.shape[:2] or (loss == "cross_entropy" and y.dim() != 2):
+        want = "y [T, N]" if loss == "cross_entropy" else "y [T, N, ...]"
+        raise ValueError(f"{name}: x must be [T, N, ...] and {want}; got x {list(x.shape)} and y {list(y.shape)}")
     if y.shape[1] == 0:
         raise ValueError(f"{name} set is empty: it needs at least one example per task")
-    if y.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"{name} labels must be integer class indices, got {y.dtype}")
-    return x, y, single
+    if loss == "cross_entropy" and y.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"{name} labels must be integer class indices for cross_entropy, got {y.dtype}")
+    return x, y
 
 
 def _check_labels(y: Tensor, n_out: int, name: str) -> None:
@@ -77,12 +84,13 @@ def _check_labels(y: Tensor, n_out: int, name: str) -> None:
                          "remap labels to 0..n_way-1 per episode")
 
 
-def lr_table(lrs, steps: int, names: list[str], device) -> Tensor:
-    """[steps, n_params] learning rates from a float, a per-parameter vector, or a full table."""
+def lr_table(lrs, steps: int, names: list[str], device, dtype=torch.float32) -> Tensor:
+    """[steps, n_params] learning rates from a float, a per-parameter vector, or a full table
+    (a float becomes a tensor of the params' precision, so float64 runs keep exact rates)."""
     if isinstance(lrs, (int, float)):
         if not lrs > 0:
             raise ValueError(f"inner lr must be > 0, got {lrs}")
-        return torch.full((steps, len(names)), float(lrs), device=device)
+        return torch.full((steps, len(names)), float(lrs), device=device, dtype=dtype)
     lrs = torch.as_tensor(lrs, device=device)
     if lrs.dim() == 1 and lrs.numel() == len(names):
         return lrs.unsqueeze(0).expand(steps, -1)
@@ -97,12 +105,17 @@ def _at_least_fp32(t: Tensor) -> Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
-def _per_task_loss_acc(logits: Tensor, y: Tensor, name: str = "support") -> tuple[Tensor, Tensor]:
-    T, N = y.shape
-    _check_labels(y, logits.shape[-1], name)
-    loss = F.cross_entropy(logits.reshape(T * N, -1), y.reshape(-1), reduction="none").view(T, N).mean(1)
-    acc = (logits.detach().argmax(-1) == y).float().mean(1)
-    return loss, acc
+def per_task_loss(outputs: Tensor, y: Tensor, loss: str = "cross_entropy", name: str = "support"):
+    """(loss [T], accuracy [T]) of each task; accuracy is NaN for regression."""
+    T, N = y.shape[:2]
+    if loss == "mse":
+        if outputs.shape != y.shape:
+            raise ValueError(f"{name}: model outputs {list(outputs.shape)} do not match targets {list(y.shape)}")
+        per = (outputs - y.to(outputs.dtype)).pow(2).reshape(T, -1).mean(1)
+        return per, torch.full((T,), math.nan, device=y.device)
+    _check_labels(y, outputs.shape[-1], name)
+    per = F.cross_entropy(outputs.reshape(T * N, -1), y.reshape(-1), reduction="none").view(T, N).mean(1)
+    return per, (outputs.detach().argmax(-1) == y).float().mean(1)
 
 
 def _masked_mean(v: Tensor, ok: Tensor) -> float:
@@ -112,7 +125,7 @@ def _masked_mean(v: Tensor, ok: Tensor) -> float:
 def adapt(params: dict[str, Tensor], support_batch, *, model, steps: int, lrs, first_order: bool,
           bn_mode: str = "transductive", rng: torch.Generator | None = None, inner_clip: float | None = None,
           engine: str = "custom", backend: str | None = None, no_graph: bool = False, query_batch=None,
-          on_nonfinite: str = "raise") -> tuple[dict[str, Tensor], list[StepLog]]:
+          on_nonfinite: str = "raise", loss: str = "cross_entropy") -> tuple[dict[str, Tensor], list[StepLog]]:
     """Adapts `params` on the support set of every task; returns (adapted_params, inner_logs).
 
     first_order=False keeps the second-order graph (MAML): adapted params keep grad_fn.
@@ -121,13 +134,13 @@ def adapt(params: dict[str, Tensor], support_batch, *, model, steps: int, lrs, f
     and updates in place. The inner loop always computes in float32 (autocast off)."""
     result = adapt_tasks(params, support_batch, model=model, steps=steps, lrs=lrs, first_order=first_order,
                          bn_mode=bn_mode, rng=rng, inner_clip=inner_clip, engine=engine, backend=backend,
-                         no_graph=no_graph, query_batch=query_batch, on_nonfinite=on_nonfinite)
+                         no_graph=no_graph, query_batch=query_batch, on_nonfinite=on_nonfinite, loss=loss)
     return result.adapted, result.logs
 
 
 def adapt_tasks(params, support_batch, *, model, steps, lrs, first_order, bn_mode="transductive", rng=None,
                 inner_clip=None, engine="custom", backend=None, no_graph=False, query_batch=None,
-                on_nonfinite="raise") -> AdaptResult:
+                on_nonfinite="raise", loss="cross_entropy") -> AdaptResult:
     """`adapt` with everything it measured (adaptation curve, skipped tasks)."""
     task_model = model if isinstance(model, TaskModel) else TaskModel(model)
     if not isinstance(steps, int) or steps < 1:
@@ -138,7 +151,7 @@ def adapt_tasks(params, support_batch, *, model, steps, lrs, first_order, bn_mod
         from meta_kernels.meta.higher_engine import adapt_with_higher
         return adapt_with_higher(params, support_batch, task_model=task_model, steps=steps, lrs=lrs,
                                  first_order=first_order, no_graph=no_graph, inner_clip=inner_clip,
-                                 query_batch=query_batch)
+                                 query_batch=query_batch, loss=loss)
     if bn_mode not in BN_MODES:
         raise ValueError(f"unknown bn_mode {bn_mode!r}; choose one of {', '.join(BN_MODES)}")
     if bn_mode != "transductive":
@@ -147,18 +160,23 @@ def adapt_tasks(params, support_batch, *, model, steps, lrs, first_order, bn_mod
         raise ValueError(f"on_nonfinite must be one of {NONFINITE}, got {on_nonfinite!r}")
     if not params:
         raise ValueError("params is empty; pass model.named_parameters() as a dict")
-    x, y, _ = _as_task_batch(*support_batch, "support")
+    x, y = _as_task_batch(*support_batch, "support", loss)
     if query_batch is not None:
-        xq, yq, _ = _as_task_batch(*query_batch, "query")
+        xq, yq = _as_task_batch(*query_batch, "query", loss)
         if xq.shape[0] != x.shape[0]:
             raise ValueError(f"support has {x.shape[0]} tasks but query has {xq.shape[0]}; they must match")
     T = x.shape[0]
     names = list(params)
-    device = next(iter(params.values())).device
-    table = lr_table(lrs, steps, names, device)
+    first = next(iter(params.values()))
+    device = first.device
+    table = lr_table(lrs, steps, names, device, torch.float64 if first.dtype == torch.float64 else torch.float32)
     fork = torch.random.fork_rng(devices=[]) if rng is not None else contextlib.nullcontext()
+    # Called under torch.no_grad() (evaluation): adapt without a graph; the inner gradients
+    # themselves still need autograd, hence enable_grad below.
+    no_graph = no_graph or not torch.is_grad_enabled()
 
-    with fork, torch.autocast(device_type=device.type, enabled=False), ops.use_backend(backend or ops.current_backend()):
+    with fork, torch.enable_grad(), torch.autocast(device_type=device.type, enabled=False), \
+            ops.use_backend(backend or ops.current_backend()):
         if rng is not None:  # stochastic layers (dropout) draw from the caller's stream
             torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=rng)))
         x = _at_least_fp32(x)
@@ -174,14 +192,15 @@ def adapt_tasks(params, support_batch, *, model, steps, lrs, first_order, bn_mod
             if query_batch is None:
                 return None, None
             with torch.no_grad():
-                ql, qa = _per_task_loss_acc(task_model(fast, _at_least_fp32(xq)), yq, "query")
+                ql, qa = per_task_loss(task_model(fast, _at_least_fp32(xq)), yq, loss, "query")
             curve_loss.append(_masked_mean(ql, task_ok))
             curve_acc.append(_masked_mean(qa, task_ok))
             return curve_loss[-1], curve_acc[-1]
 
         for step in range(steps):
             q_loss, q_acc = query_point()
-            grads, loss_t, acc_t = _task_gradients(task_model, fast, x, y, engine, create_graph=not first_order and not no_graph)
+            grads, loss_t, acc_t = _task_gradients(task_model, fast, x, y, engine, loss,
+                                                   create_graph=not first_order and not no_graph)
             if inner_clip is not None:
                 norm, factor = ops.clip_grad_norm(grads, inner_clip)
             else:
@@ -215,12 +234,12 @@ def adapt_tasks(params, support_batch, *, model, steps, lrs, first_order, bn_mod
     return AdaptResult(fast, logs, curve_loss, curve_acc, task_ok)
 
 
-def _task_gradients(task_model: TaskModel, fast: dict[str, Tensor], x: Tensor, y: Tensor, engine: str,
+def _task_gradients(task_model: TaskModel, fast: dict[str, Tensor], x: Tensor, y: Tensor, engine: str, loss: str,
                     create_graph: bool):
     """Per-task gradients [T, *shape] of each task's support loss, plus per-task loss and accuracy."""
     if engine == "torch_func":
         def total(f):
-            loss_t, acc_t = _per_task_loss_acc(task_model(f, x), y)
+            loss_t, acc_t = per_task_loss(task_model(f, x), y, loss)
             return loss_t.sum(), (loss_t, acc_t)
         # torch.func transforms cannot see through register_autograd ops: the forward inside the
         # transform runs the reference ops; the update outside still uses the fused kernels.
@@ -228,7 +247,7 @@ def _task_gradients(task_model: TaskModel, fast: dict[str, Tensor], x: Tensor, y
             grads, (loss_t, acc_t) = torch.func.grad(total, has_aux=True)(fast)
         grads = [grads[k] if create_graph else grads[k].detach() for k in fast]
         return grads, loss_t, acc_t
-    loss_t, acc_t = _per_task_loss_acc(task_model(fast, x), y)
+    loss_t, acc_t = per_task_loss(task_model(fast, x), y, loss)
     grads = torch.autograd.grad(loss_t.sum(), list(fast.values()), create_graph=create_graph)
     return list(grads), loss_t, acc_t
 

@@ -22,9 +22,10 @@ def _ns(backend: str):
 def _as_lrs(lrs, n: int, like: Tensor) -> Tensor:
     if isinstance(lrs, Tensor):
         return lrs
+    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32  # keep float64 rates exact
     if isinstance(lrs, (int, float)):
-        return torch.full((n,), float(lrs), dtype=torch.float32, device=like.device)
-    return torch.tensor([float(v) for v in lrs], dtype=torch.float32, device=like.device)
+        return torch.full((n,), float(lrs), dtype=dtype, device=like.device)
+    return torch.tensor([float(v) for v in lrs], dtype=dtype, device=like.device)
 
 
 def _check_no_grad_inplace(params: Sequence[Tensor], op: str) -> None:

@@ -1,0 +1,259 @@
+"""Gate (a) and the meta-gradient invariants: hand-computed MAML/FOMAML gradients on a linear
+model, finite differences, BN against a primitive-op per-task loop, engines and batching modes
+agreeing, the detach detector, fp32 under autocast, clipping, Reptile."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from meta_kernels.config import MAMLConfig
+from meta_kernels.meta import (DetachedGraphError, MetaLearner, TaskModel, adapt, check_adapted_graph, meta_loss,
+                               params_without_meta_grad)
+from meta_kernels.models import Conv4
+
+F64 = torch.float64
+
+
+def _linear_tasks(T=3, n=6, d=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda *s: torch.randn(*s, generator=g, dtype=F64)
+    return mk(T, n, d), mk(T, n, 1), mk(T, n + 2, d), mk(T, n + 2, 1)
+
+
+def _hand_maml_grad(w, xs, ys, xq, yq, alpha, steps, first_order):
+    """Mean over tasks of d L_q(w_K) / d w for w_{k+1} = w_k - alpha * grad L_s(w_k), MSE loss.
+    grad L(w) = 2/n X^T (X w - y); Hessian H = 2/n X^T X (constant), so dw_K/dw = (I - alpha H)^K."""
+    total = torch.zeros_like(w)
+    for t in range(xs.shape[0]):
+        X, Y, Xq, Yq = xs[t], ys[t], xq[t], yq[t]
+        H = 2 / X.shape[0] * X.T @ X
+        wk = w.clone()
+        for _ in range(steps):
+            wk = wk - alpha * (2 / X.shape[0] * X.T @ (X @ wk - Y))
+        gq = 2 / Xq.shape[0] * Xq.T @ (Xq @ wk - Yq)
+        jac = torch.eye(w.shape[0], dtype=F64) if first_order else torch.matrix_power(torch.eye(w.shape[0], dtype=F64) - alpha * H, steps)
+        total += jac.T @ gq
+    return total / xs.shape[0]
+
+
+@pytest.mark.parametrize("engine", ["custom", "torch_func", "higher"])
+@pytest.mark.parametrize("steps", [1, 2])
+@pytest.mark.parametrize("algo", ["maml", "fomaml"])
+def test_gate_a_linear_model_matches_hand_computed(engine, steps, algo):
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1, bias=False).double()
+    xs, ys, xq, yq = _linear_tasks()
+    cfg = MAMLConfig(algo=algo, inner_steps=steps, inner_lr=0.1, inner_clip=None, engine=engine, loss="mse")
+    params = dict(model.named_parameters())
+    loss, _, logs = meta_loss(params, (xs, ys, xq, yq), config=cfg, model=model, track_curve=engine != "higher")
+    loss.backward()
+    w = model.weight.detach().T  # [d, 1]
+    expected = _hand_maml_grad(w, xs, ys, xq, yq, 0.1, steps, first_order=algo == "fomaml")
+    torch.testing.assert_close(model.weight.grad.T, expected, rtol=0, atol=1e-12)
+    assert model.weight.grad.abs().sum() > 0
+    assert params_without_meta_grad(model) == []
+
+
+def test_maml_keeps_second_order_graph_and_fomaml_does_not():
+    model = nn.Linear(4, 1, bias=False).double()
+    xs, ys, _, _ = _linear_tasks()
+    params = dict(model.named_parameters())
+    adapted, _ = adapt(params, (xs, ys), model=model, steps=2, lrs=0.1, first_order=False, loss="mse")
+    assert all(v.grad_fn is not None for v in adapted.values())
+    # Second order: the adapted weights' gradient w.r.t. w is (I - aH)^2, not I.
+    jac = torch.autograd.grad(adapted["weight"][0].sum(), model.weight, create_graph=True)[0]
+    assert not torch.allclose(jac, torch.ones_like(jac))
+    fo, _ = adapt(params, (xs, ys), model=model, steps=2, lrs=0.1, first_order=True, loss="mse")
+    jac_fo = torch.autograd.grad(fo["weight"][0].sum(), model.weight, retain_graph=True)[0]
+    torch.testing.assert_close(jac_fo, torch.ones_like(jac_fo))  # identity path only: no graph through the grads
+    check_adapted_graph(fo, params)  # still connected to the base params
+
+
+def test_detach_detector_catches_a_detached_inner_loop():
+    model = nn.Linear(4, 1, bias=False).double()
+    xs, ys, _, _ = _linear_tasks()
+    params = dict(model.named_parameters())
+    adapted, _ = adapt(params, (xs, ys), model=model, steps=1, lrs=0.1, first_order=False, loss="mse")
+    check_adapted_graph(adapted, params)
+    broken = {k: v.detach() for k, v in adapted.items()}  # the classic bug
+    with pytest.raises(DetachedGraphError, match=r"\['weight'\] are detached"):
+        check_adapted_graph(broken, params)
+    no_graph, _ = adapt(params, (xs, ys), model=model, steps=1, lrs=0.1, first_order=True, no_graph=True, loss="mse")
+    with pytest.raises(DetachedGraphError):
+        check_adapted_graph(no_graph, params)
+
+
+def _tiny_conv4(seed=0):
+    torch.manual_seed(seed)
+    model = Conv4(in_channels=1, n_way=3, filters=4, image_size=16).double()
+    for m in model.modules():  # non-trivial BN affine so its gradients matter
+        if isinstance(m, nn.BatchNorm2d):
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.uniform_(m.bias, -0.2, 0.2)
+    return model
+
+
+def _tasks(T=3, n_way=3, k=2, q=3, seed=1, size=16):
+    g = torch.Generator().manual_seed(seed)
+    xs = torch.randn(T, n_way * k, 1, size, size, generator=g, dtype=F64)
+    xq = torch.randn(T, n_way * q, 1, size, size, generator=g, dtype=F64)
+    ys = torch.arange(n_way).repeat_interleave(k).repeat(T, 1)
+    yq = torch.arange(n_way).repeat_interleave(q).repeat(T, 1)
+    return xs, ys, xq, yq
+
+
+def _primitive_conv4(params, x):
+    """Conv4 forward for one task with BatchNorm written in primitive ops (the trusted reference)."""
+    h = x
+    for i in range(4):
+        h = F.conv2d(h, params[f"blocks.{i}.conv.weight"], params[f"blocks.{i}.conv.bias"], padding=1)
+        mean = h.mean(dim=(0, 2, 3), keepdim=True)
+        var = ((h - mean) ** 2).mean(dim=(0, 2, 3), keepdim=True)
+        h = (h - mean) / torch.sqrt(var + 1e-5)
+        h = h * params[f"blocks.{i}.bn.weight"].view(1, -1, 1, 1) + params[f"blocks.{i}.bn.bias"].view(1, -1, 1, 1)
+        h = F.max_pool2d(F.relu(h), 2)
+    return F.linear(h.flatten(1), params["head.weight"], params["head.bias"])
+
+
+def _loop_meta_grad(model, batch, steps, lr, first_order=False):
+    xs, ys, xq, yq = batch
+    params = dict(model.named_parameters())
+    total = 0
+    for t in range(xs.shape[0]):
+        fast = params
+        for _ in range(steps):
+            loss = F.cross_entropy(_primitive_conv4(fast, xs[t]), ys[t])
+            grads = torch.autograd.grad(loss, list(fast.values()), create_graph=not first_order)
+            fast = {k: v - lr * g for (k, v), g in zip(fast.items(), grads)}
+        total = total + F.cross_entropy(_primitive_conv4(fast, xq[t]), yq[t]) / xs.shape[0]
+    return torch.autograd.grad(total, list(params.values()))
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference", "triton"])
+def test_maml_with_batch_norm_matches_primitive_op_loop(backend):
+    model = _tiny_conv4()
+    batch = _tasks()
+    expected = _loop_meta_grad(model, batch, steps=2, lr=0.3)
+    cfg = MAMLConfig(inner_steps=2, inner_lr=0.3, inner_clip=None, engine="custom", backend=backend)
+    params = dict(model.named_parameters())
+    loss, _, _ = meta_loss(params, batch, config=cfg, model=model, track_curve=False)
+    got = torch.autograd.grad(loss, list(params.values()))
+    for name, a, b in zip(params, got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=name)
+
+
+def test_engines_and_batching_modes_agree():
+    model = _tiny_conv4(2)
+    batch = _tasks(seed=3)
+    params = dict(model.named_parameters())
+    grads = {}
+    for engine, batching in [("custom", "native"), ("torch_func", "native"), ("higher", "native"),
+                             ("custom", "loop"), ("torch_func", "loop")]:
+        cfg = MAMLConfig(inner_steps=2, inner_lr=0.3, inner_clip=None, engine=engine)
+        loss, _, _ = meta_loss(params, batch, config=cfg, model=TaskModel(model, batching),
+                               track_curve=engine != "higher")
+        grads[(engine, batching)] = torch.autograd.grad(loss, list(params.values()))
+    ref = grads[("custom", "native")]
+    for key, got in grads.items():
+        for name, a, b in zip(params, got, ref):
+            assert (a - b).abs().max() <= 1e-10, (key, name)
+
+
+def test_second_order_meta_gradient_matches_finite_differences():
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    g = torch.Generator().manual_seed(5)
+    xs, xq = torch.randn(2, 6, 3, generator=g, dtype=F64), torch.randn(2, 9, 3, generator=g, dtype=F64)
+    ys, yq = torch.randint(0, 3, (2, 6), generator=g), torch.randint(0, 3, (2, 9), generator=g)
+    cfg = MAMLConfig(inner_steps=2, inner_lr=0.5, inner_clip=None, engine="custom")
+    params = dict(model.named_parameters())
+
+    def objective(p):
+        return meta_loss(p, (xs, ys, xq, yq), config=cfg, model=model, track_curve=False).loss
+
+    grads = torch.autograd.grad(objective(params), list(params.values()))
+    direction = {k: torch.randn(v.shape, generator=g, dtype=F64) for k, v in params.items()}
+    eps = 1e-6
+    with torch.no_grad():
+        plus = objective({k: v + eps * direction[k] for k, v in params.items()})
+        minus = objective({k: v - eps * direction[k] for k, v in params.items()})
+    numeric = (plus - minus) / (2 * eps)
+    analytic = sum((gr * direction[k]).sum() for gr, k in zip(grads, params))
+    assert abs(float(numeric - analytic)) < 1e-7 * max(1.0, abs(float(analytic)))
+
+
+def test_inner_loop_runs_in_fp32_under_autocast():
+    torch.manual_seed(6)
+    model = Conv4(in_channels=1, n_way=3, filters=4, image_size=16)
+    xs, ys, _, _ = (t.float() if t.is_floating_point() else t for t in _tasks(seed=7))
+    params = dict(model.named_parameters())
+    plain, _ = adapt(params, (xs, ys), model=model, steps=2, lrs=0.3, first_order=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto, logs = adapt(params, (xs, ys), model=model, steps=2, lrs=0.3, first_order=True)
+        assert torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.bfloat16  # autocast is really on here
+    for k in plain:
+        assert auto[k].dtype == torch.float32
+        torch.testing.assert_close(auto[k], plain[k], rtol=0, atol=0)  # bf16 math would differ
+
+
+def test_per_step_clipping_matches_reference():
+    model = nn.Linear(4, 1, bias=False).double()
+    xs, ys, _, _ = _linear_tasks(seed=8)
+    ys = ys * 50  # large gradients so the clip engages
+    params = dict(model.named_parameters())
+    adapted, logs = adapt(params, (xs, ys), model=model, steps=2, lrs=0.1, first_order=False, inner_clip=1.0,
+                          loss="mse")
+    w0 = model.weight.detach()
+    for t in range(xs.shape[0]):
+        w = w0.clone()
+        for _ in range(2):
+            p = w.clone().requires_grad_()
+            loss = ((xs[t] @ p.T - ys[t]) ** 2).mean()
+            (grad,) = torch.autograd.grad(loss, p)
+            factor = min(1.0, 1.0 / (float(grad.norm()) + 1e-6))
+            w = w - 0.1 * factor * grad
+        torch.testing.assert_close(adapted["weight"][t].detach(), w, rtol=1e-12, atol=1e-12)
+    assert logs[0].clip_factor < 1.0 and logs[0].grad_norm > 1.0
+
+
+def test_reptile_update_matches_hand_written_loop():
+    torch.manual_seed(9)
+    model = nn.Linear(4, 1).double()
+    xs, ys, xq, yq = _linear_tasks(seed=10)
+    theta = {k: v.detach().clone() for k, v in model.named_parameters()}
+    cfg = MAMLConfig(algo="reptile", inner_steps=3, inner_lr=0.05, inner_clip=None, reptile_epsilon=0.5,
+                     reptile_decay_steps=4, loss="mse")
+    learner = MetaLearner(model, cfg)
+    learner.step((xs, ys, xq, yq))
+    learner.step((xs, ys, xq, yq))
+    for outer in range(2):
+        eps = 0.5 * (1 - outer / 4)
+        adapted = []
+        for t in range(xs.shape[0]):
+            w = {k: v.clone() for k, v in theta.items()}
+            for _ in range(3):
+                p = {k: v.clone().requires_grad_() for k, v in w.items()}
+                loss = ((xs[t] @ p["weight"].T + p["bias"] - ys[t]) ** 2).mean()
+                grads = torch.autograd.grad(loss, list(p.values()))
+                w = {k: v - 0.05 * g for (k, v), g in zip(w.items(), grads)}
+            adapted.append(w)
+        theta = {k: v + eps * (torch.stack([a[k] for a in adapted]).mean(0) - v) for k, v in theta.items()}
+    for k, v in model.named_parameters():
+        torch.testing.assert_close(v.detach(), theta[k], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("algo", ["maml", "fomaml"])
+def test_task_chunks_give_the_same_step(algo):
+    batch = _tasks(T=4, seed=11)
+    results = []
+    for chunk in (0, 1, 3):
+        model = _tiny_conv4(12)
+        cfg = MAMLConfig(algo=algo, inner_steps=2, inner_lr=0.3, inner_clip=None, engine="custom", task_chunk=chunk)
+        learner = MetaLearner(model, cfg, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+        learner.step(batch)
+        results.append([p.detach().clone() for p in model.parameters()])
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
