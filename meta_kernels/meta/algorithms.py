@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 import meta_kernels.ops as ops
 from meta_kernels.config import ALGORITHMS, MAMLConfig
-from meta_kernels.meta.inner import AdaptResult, StepLog, _as_task_batch, adapt_tasks, per_task_loss
+from meta_kernels.meta.inner import AdaptResult, NonFiniteLossError, StepLog, _as_task_batch, adapt_tasks, per_task_loss
 from meta_kernels.meta.task_model import TaskModel
 
 
@@ -85,6 +85,15 @@ def meta_loss(params: dict[str, Tensor], task_batch, *, algo: str | None = None,
     ok = result.task_ok
     with ops.use_backend(config.backend):
         loss_t, acc_t = per_task_loss(task_model(result.adapted, xq), yq, config.loss, "query")
+        bad = ~torch.isfinite(loss_t.detach()) & ok
+        if bool(bad.any()):
+            tasks = bad.nonzero().flatten().tolist()
+            if not config.skip_nonfinite_tasks:
+                raise NonFiniteLossError(f"non-finite query loss after adaptation for task(s) {tasks}; check the query "
+                                         "inputs, lower the inner lr, or set skip_nonfinite_tasks=True")
+            ok = ok & ~bad  # recompute without those tasks' inputs so no NaN enters the graph
+            xq = torch.where(bad.view(-1, *([1] * (xq.dim() - 1))), torch.zeros_like(xq), xq)
+            loss_t, acc_t = per_task_loss(task_model(result.adapted, xq), yq, config.loss, "query")
     weights = ok.to(loss_t.dtype) / ok.sum().clamp(min=1)
     loss = (torch.where(ok, loss_t, torch.zeros_like(loss_t)) * weights).sum()
     post = float((acc_t * weights.to(acc_t.dtype)).sum())

@@ -181,56 +181,77 @@ def adapt_tasks(params, support_batch, *, model, steps, lrs, first_order, bn_mod
             torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=rng)))
         x = _at_least_fp32(x)
         base = {k: _at_least_fp32(v) for k, v in params.items()}
-        if no_graph:
-            fast = {k: v.detach().expand(T, *v.shape).clone().requires_grad_(True) for k, v in base.items()}
+        skipped = torch.zeros(T, dtype=torch.bool, device=device)
+        while True:
+            try:
+                return _run_steps(task_model, base, x, y, xq if query_batch is not None else None,
+                                  yq if query_batch is not None else None, table, skipped, steps=steps,
+                                  first_order=first_order, no_graph=no_graph, inner_clip=inner_clip, engine=engine,
+                                  loss=loss, on_nonfinite=on_nonfinite)
+            except _SkipTasks as skip:
+                # Rerun with those tasks' inputs zeroed: their graph must hold no inf/NaN, or the
+                # masked-out gradient (0 * NaN) would still poison the shared meta-gradient.
+                skipped = skipped | skip.bad
+                x = torch.where(skipped.view(-1, *([1] * (x.dim() - 1))), torch.zeros_like(x), x)
+
+
+class _SkipTasks(Exception):
+    def __init__(self, bad: Tensor):
+        self.bad = bad
+
+
+def _run_steps(task_model, base, x, y, xq, yq, table, skipped, *, steps, first_order, no_graph, inner_clip, engine,
+               loss, on_nonfinite) -> AdaptResult:
+    T = x.shape[0]
+    names = list(base)
+    if no_graph:
+        fast = {k: v.detach().expand(T, *v.shape).clone().requires_grad_(True) for k, v in base.items()}
+    else:
+        fast = {k: v.expand(T, *v.shape) for k, v in base.items()}
+    task_ok = ~skipped
+    logs, curve_loss, curve_acc = [], [], []
+
+    def query_point():
+        if xq is None:
+            return None, None
+        with torch.no_grad():
+            ql, qa = per_task_loss(task_model(fast, _at_least_fp32(xq)), yq, loss, "query")
+        curve_loss.append(_masked_mean(ql, task_ok))
+        curve_acc.append(_masked_mean(qa, task_ok))
+        return curve_loss[-1], curve_acc[-1]
+
+    for step in range(steps):
+        q_loss, q_acc = query_point()
+        grads, loss_t, acc_t = _task_gradients(task_model, fast, x, y, engine, loss,
+                                               create_graph=not first_order and not no_graph)
+        if inner_clip is not None:
+            norm, factor = ops.clip_grad_norm(grads, inner_clip)
         else:
-            fast = {k: v.expand(T, *v.shape) for k, v in base.items()}
-        task_ok = torch.ones(T, dtype=torch.bool, device=device)
-        logs, curve_loss, curve_acc = [], [], []
-
-        def query_point():
-            if query_batch is None:
-                return None, None
             with torch.no_grad():
-                ql, qa = per_task_loss(task_model(fast, _at_least_fp32(xq)), yq, loss, "query")
-            curve_loss.append(_masked_mean(ql, task_ok))
-            curve_acc.append(_masked_mean(qa, task_ok))
-            return curve_loss[-1], curve_acc[-1]
-
-        for step in range(steps):
-            q_loss, q_acc = query_point()
-            grads, loss_t, acc_t = _task_gradients(task_model, fast, x, y, engine, loss,
-                                                   create_graph=not first_order and not no_graph)
-            if inner_clip is not None:
-                norm, factor = ops.clip_grad_norm(grads, inner_clip)
-            else:
-                with torch.no_grad():
-                    norm, _ = ops.clip_grad_norm([g.detach() for g in grads], math.inf)
-                factor = None
-            bad = ~(torch.isfinite(loss_t.detach()) & torch.isfinite(norm.detach()))
-            if bool(bad.any()):
-                tasks = bad.nonzero().flatten().tolist()
-                if on_nonfinite == "raise":
-                    raise NonFiniteLossError(
-                        f"non-finite inner loss or gradient at inner step {step} for task(s) {tasks} "
-                        f"(loss {loss_t.detach()[bad].tolist()}); lower the inner lr, set inner_clip, or set "
-                        "skip_nonfinite_tasks=True to skip such tasks")
-                task_ok = task_ok & ~bad
-                grads = [torch.where(task_ok.view(-1, *([1] * (g.dim() - 1))), g, torch.zeros_like(g)) for g in grads]
-                if factor is not None:
-                    factor = torch.where(task_ok, factor, torch.zeros_like(factor))
-            lr_step = table[step]
-            logs.append(_step_log(step, loss_t, acc_t, norm, factor, grads, lr_step, task_ok, q_loss, q_acc))
-            values = list(fast.values())
-            if no_graph:
-                with torch.no_grad():
-                    ops.sgd_step_(values, [g.detach() for g in grads], lr_step.detach(),
-                                  None if factor is None else factor.detach())
-            else:
-                fast = dict(zip(names, ops.sgd_step(values, grads, lr_step, factor)))
-        query_point()
+                norm, _ = ops.clip_grad_norm([g.detach() for g in grads], math.inf)
+            factor = None
+        bad = ~(torch.isfinite(loss_t.detach()) & torch.isfinite(norm.detach())) & task_ok
+        if bool(bad.any()):
+            if on_nonfinite == "raise":
+                raise NonFiniteLossError(
+                    f"non-finite inner loss or gradient at inner step {step} for task(s) "
+                    f"{bad.nonzero().flatten().tolist()} (loss {loss_t.detach()[bad].tolist()}); lower the inner lr, "
+                    "set inner_clip, or set skip_nonfinite_tasks=True to skip such tasks")
+            raise _SkipTasks(bad)
+        if bool(skipped.any()):  # skipped tasks stay at the base weights
+            grads = [torch.where(task_ok.view(-1, *([1] * (g.dim() - 1))), g, torch.zeros_like(g)) for g in grads]
+        lr_step = table[step]
+        logs.append(_step_log(step, loss_t, acc_t, norm, factor, grads, lr_step, task_ok, q_loss, q_acc))
+        values = list(fast.values())
         if no_graph:
-            fast = {k: v.detach() for k, v in fast.items()}
+            with torch.no_grad():
+                ops.sgd_step_(values, [g.detach() for g in grads], lr_step.detach(),
+                              None if factor is None else factor.detach())
+        else:
+            fast = dict(zip(names, ops.sgd_step(values, grads, lr_step, factor)))
+    query_point()
+    if no_graph:
+        fast = {k: v.detach() for k, v in fast.items()}
     return AdaptResult(fast, logs, curve_loss, curve_acc, task_ok)
 
 
