@@ -113,9 +113,11 @@ class MetaLearner:
     at a time and accumulating the meta-gradient."""
 
     def __init__(self, model: nn.Module, config: MAMLConfig, *, optimizer: torch.optim.Optimizer | None = None,
-                 task_batching: str = "auto"):
+                 task_batching: str = "auto", compile: bool | str = False):
         self.model, self.config = model, config
-        self.task_model = TaskModel(model, task_batching)
+        if compile and config.engine == "torch_func":
+            raise ValueError("compile=True needs engine='custom' (torch.func transforms run the eager reference ops)")
+        self.task_model = TaskModel(model, task_batching, compile=compile)
         self.optimizer = optimizer or torch.optim.Adam(model.parameters(), lr=config.meta_lr)
         self.outer_steps = 0
 

@@ -260,7 +260,7 @@ def _task_gradients(task_model: TaskModel, fast: dict[str, Tensor], x: Tensor, y
     """Per-task gradients [T, *shape] of each task's support loss, plus per-task loss and accuracy."""
     if engine == "torch_func":
         def total(f):
-            loss_t, acc_t = per_task_loss(task_model(f, x), y, loss)
+            loss_t, acc_t = per_task_loss(task_model.forward(f, x), y, loss)
             return loss_t.sum(), (loss_t, acc_t)
         # torch.func transforms cannot see through register_autograd ops: the forward inside the
         # transform runs the reference ops; the update outside still uses the fused kernels.
@@ -268,7 +268,7 @@ def _task_gradients(task_model: TaskModel, fast: dict[str, Tensor], x: Tensor, y
             grads, (loss_t, acc_t) = torch.func.grad(total, has_aux=True)(fast)
         grads = [grads[k] if create_graph else grads[k].detach() for k in fast]
         return grads, loss_t, acc_t
-    loss_t, acc_t = per_task_loss(task_model(fast, x), y, loss)
+    loss_t, acc_t = per_task_loss(task_model(fast, x, double_backward=create_graph), y, loss)
     grads = torch.autograd.grad(loss_t.sum(), list(fast.values()), create_graph=create_graph)
     return list(grads), loss_t, acc_t
 

@@ -23,7 +23,7 @@ class TaskModel:
       F.batch_norm gives wrong double-backward gradients on torch 2.13), and the "batching off"
       baseline of the benchmarks."""
 
-    def __init__(self, model: nn.Module, task_batching: str = "auto"):
+    def __init__(self, model: nn.Module, task_batching: str = "auto", compile: bool | str = False):
         if task_batching not in TASK_BATCHING:
             raise ValueError(f"unknown task_batching {task_batching!r}; choose one of {', '.join(TASK_BATCHING)}")
         if task_batching == "auto":
@@ -40,12 +40,25 @@ class TaskModel:
             raise ValueError(f"task_batching='native' needs {type(model).__name__}.forward_tasks(params, x)")
         self.model, self.mode = model, task_batching
         self.buffers = dict(model.named_buffers())
+        # torch.compile'd forward for every pass that is differentiated at most once (query passes,
+        # first-order inner steps): AOTAutograd cannot double-backward, so MAML's inner steps
+        # stay eager. `compile` may name a torch.compile backend.
+        self.compiled = None
+        if compile:
+            backend = compile if isinstance(compile, str) else "inductor"
+            self.compiled = torch.compile(self.forward, backend=backend, fullgraph=self.mode != "loop", dynamic=False)
 
     def parameters(self) -> dict[str, Tensor]:
         return dict(self.model.named_parameters())
 
-    def __call__(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
-        """Outputs [T, N, ...] for inputs x [T, N, ...]."""
+    def __call__(self, params: dict[str, Tensor], x: Tensor, *, double_backward: bool = False) -> Tensor:
+        """Outputs [T, N, ...] for inputs x [T, N, ...]; `double_backward` marks a pass whose
+        gradient is itself differentiated (it then never runs compiled)."""
+        if self.compiled is not None and not double_backward:
+            return self.compiled(params, x)
+        return self.forward(params, x)
+
+    def forward(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
         if self.mode == "native":
             return type(self.model).forward_tasks(params, x)
         if self.mode == "vmap":

@@ -1,0 +1,40 @@
+"""A small wrapper for users who bring their own model, in the spirit of
+learn2learn.algorithms.MAML:
+
+    maml = MAML(model, lr=0.4, first_order=False)
+    adapted = maml.adapt(x_support, y_support, steps=5)   # one task, or [T, ...] for T tasks
+    loss = F.cross_entropy(maml(x_query, adapted), y_query)
+    loss.backward()                                         # meta-gradient on model.parameters()
+"""
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from meta_kernels.meta.inner import adapt
+from meta_kernels.meta.task_model import TaskModel
+
+
+class MAML(nn.Module):
+    def __init__(self, model: nn.Module, lr: float, first_order: bool = False, *, inner_clip: float | None = None,
+                 engine: str = "custom", loss: str = "cross_entropy", task_batching: str = "auto"):
+        super().__init__()
+        self.module = model
+        self.lr, self.first_order, self.inner_clip, self.engine, self.loss = lr, first_order, inner_clip, engine, loss
+        self.task_model = TaskModel(model, task_batching)
+
+    def adapt(self, x: Tensor, y: Tensor, steps: int = 1) -> dict[str, Tensor]:
+        """Adapted weights; a single task (y [N]) gives unbatched weights, T tasks give [T, ...]."""
+        single = self.loss == "cross_entropy" and y.dim() == 1
+        adapted, self.inner_logs = adapt(dict(self.module.named_parameters()), (x, y), model=self.task_model,
+                                         steps=steps, lrs=self.lr, first_order=self.first_order,
+                                         inner_clip=self.inner_clip, engine=self.engine, loss=self.loss)
+        return {k: v[0] for k, v in adapted.items()} if single else adapted
+
+    def forward(self, x: Tensor, params: dict[str, Tensor] | None = None) -> Tensor:
+        """The model under `params` (adapted weights) or its own weights when None."""
+        if params is None:
+            return self.module(x)
+        single = next(iter(params.values())).dim() == dict(self.module.named_parameters())[next(iter(params))].dim()
+        if single:
+            return self.task_model({k: v.unsqueeze(0) for k, v in params.items()}, x.unsqueeze(0))[0]
+        return self.task_model(params, x)
