@@ -40,6 +40,18 @@ def interleaved_medians(fns: dict, rounds: int = 15, inner: int = 5, warmup: int
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def reset_peak_rss() -> None:
+    """Linux: restart the peak-RSS counter (VmHWM) of this process."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak_rss_gb() -> float:
+    with open("/proc/self/status") as f:
+        kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM"))
+    return kb / 1e6
+
+
 def machine() -> dict:
     cpu = platform.processor()
     try:

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The GPU check, for a lent H100/H200 (its image has torch, triton, pytest, pytest-benchmark; no
+# network): build the extension with the CUDA kernels, run the CUDA and Triton tests, the op and
+# meta-step benchmarks on the GPU, and the GPU bars (launch count, bandwidth, batch norm). Writes
+# everything under $OUT (or bench/results) and prints a short table. Sized to finish in ~8 min.
+#   device run:  bash bench/gpu_check.sh        (timeout_s 540 leaves room for one rerun)
+set -uo pipefail
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$repo"
+out="${OUT:-$repo/bench/results}"
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+py=${PYTHON:-python3}
+status=0
+t0=$(date +%s)
+{
+  echo "== $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader) | commit $(git rev-parse --short HEAD 2>/dev/null) | $(date -u +%F)"
+  echo "== build (CUDA kernels, sm_90)"
+  META_KERNELS_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" \
+    "$py" -m pip install -q --no-build-isolation --no-deps -e . || { echo "BUILD FAILED"; exit 1; }
+  "$py" -c "import meta_kernels as mk, json; print(json.dumps(mk.backend_info()))"
+  echo "== CUDA and Triton tests ($(( $(date +%s) - t0 )) s)"
+  "$py" -m pytest -q -x -p no:cacheprovider tests/test_ops_correctness.py tests/test_ops_autograd.py \
+    tests/test_ops_opcheck.py tests/test_ops_errors.py -k "cuda" || status=1
+  "$py" -m pytest -q -p no:cacheprovider tests/test_meta_gradients.py -k "engines_agree or batch_norm_matches" || status=1
+  echo "== GPU bars ($(( $(date +%s) - t0 )) s)"
+  (cd bench && "$py" gpu_metrics.py) || status=1
+  echo "== op benchmarks ($(( $(date +%s) - t0 )) s)"
+  (cd bench && timeout 150 "$py" -m pytest -q -p no:cacheprovider bench_ops.py --benchmark-json="$out/ops_gpu.json" >/dev/null) \
+    && "$py" bench/summarize.py "$out/ops_gpu.json"
+  echo "== meta-step benchmark, meta-batch 32 ($(( $(date +%s) - t0 )) s)"
+  (cd bench && timeout 150 "$py" -m pytest -q -p no:cacheprovider bench_meta_step.py -k "T32" \
+    --benchmark-json="$out/meta_step_gpu.json" >/dev/null) && "$py" bench/summarize.py "$out/meta_step_gpu.json"
+  echo "== done in $(( $(date +%s) - t0 )) s, status $status"
+  exit "$status"
+} 2>&1 | tee "$out/gpu_check.log"
+exit "${PIPESTATUS[0]}"
