@@ -24,6 +24,39 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _load_config(args):
+    from meta_kernels.config import MetaLearningFullConfig
+    config = MetaLearningFullConfig.load(args.config) if args.config else MetaLearningFullConfig.preset(args.preset)
+    overrides = list(args.set or [])
+    if args.data_root:
+        overrides.append(f"run.data_root={args.data_root}")
+    return config.with_overrides(overrides) if overrides else config
+
+
+def _cmd_train(args) -> int:
+    from meta_kernels.train import Trainer, evaluate_checkpoint
+    config = _load_config(args)
+    trainer = Trainer(config, args.out, resume=args.resume)
+    config.save(trainer.out / "config.yaml")
+    summary = trainer.fit(max_steps=args.max_steps)
+    print(json.dumps(summary, indent=2))
+    best = trainer.ckpt_dir / "best.pt"
+    if args.test and best.is_file():
+        result = evaluate_checkpoint(best, trainer.out / "test", split="test")
+        print(f"test: {result['accuracy']:.4f} +- {result['ci95']:.4f} over {result['episodes']} episodes; "
+              f"adaptation curve {[round(a, 3) for a in result['curve_accuracy']]}")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from meta_kernels.train import evaluate_checkpoint
+    result = evaluate_checkpoint(args.checkpoint, args.out, episodes=args.episodes, split=args.split)
+    print(f"{result['split']}: accuracy {result['accuracy']:.4f} +- {result['ci95']:.4f} (95% CI) over "
+          f"{result['episodes']} episodes; AUAC {result['auac']:.4f}; curve "
+          f"{[round(a, 3) for a in result['curve_accuracy']]}; wrote {args.out}/eval.json and adaptation_curve.png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meta-kernels", description="Meta-learning on fused inner-loop kernels")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -35,6 +68,24 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--meta-batch", type=int, default=25, help="tasks per outer step (default 25)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_cmd_demo)
+
+    train = sub.add_parser("train", help="meta-train on Omniglot, mini-ImageNet or a class-folder dataset")
+    train.add_argument("--preset", default="dev", help="starting config: minimal or dev (default dev)")
+    train.add_argument("--config", help="a YAML/JSON config file (instead of --preset)")
+    train.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config field")
+    train.add_argument("--data-root", help="dataset folder (default $META_KERNELS_DATA/<dataset>)")
+    train.add_argument("--out", default="runs/train", help="output folder (default runs/train)")
+    train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
+    train.add_argument("--max-steps", type=int, help="stop after this many outer steps")
+    train.add_argument("--test", action="store_true", help="evaluate the best checkpoint on the test split at the end")
+    train.set_defaults(func=_cmd_train)
+
+    ev = sub.add_parser("eval", help="evaluate a checkpoint: accuracy +- 95%% CI, adaptation curve, AUAC")
+    ev.add_argument("--checkpoint", required=True)
+    ev.add_argument("--episodes", type=int, help="episodes (default: the config's test_episodes, 600)")
+    ev.add_argument("--split", default="test", choices=("train", "val", "test"))
+    ev.add_argument("--out", default="runs/eval")
+    ev.set_defaults(func=_cmd_eval)
     return parser
 
 
@@ -42,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, OSError, FloatingPointError) as exc:
+    except (ValueError, OSError, FloatingPointError, RuntimeError) as exc:
         print(f"meta-kernels {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

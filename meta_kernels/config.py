@@ -95,3 +95,167 @@ class MAMLConfig:
         if "algo" in changes and "second_order" not in changes:
             changes["second_order"] = None
         return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class MAMLPlusPlusConfig:
+    """MAML++ switches (Antoniou et al. 2019). Only the defaults (all off, bn_mode 'transductive'
+    semantics for Conv4's per-task batch statistics) are implemented so far; turning a switch on
+    raises a clear error instead of silently training plain MAML."""
+    use_lslr: bool = False
+    use_msl: bool = False
+    msl_weights: str = "uniform"
+    use_annealing: bool = False
+    annealing_start_epoch: int = 0
+    bn_mode: str = "transductive"
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        _require(self.msl_weights in MSL_WEIGHTS, name, "msl_weights",
+                 f"unknown weighting {self.msl_weights!r}; choose one of {', '.join(MSL_WEIGHTS)}")
+        _require(self.bn_mode in BN_MODES, name, "bn_mode", f"unknown bn_mode {self.bn_mode!r}; choose one of {', '.join(BN_MODES)}")
+        _require(isinstance(self.annealing_start_epoch, int) and self.annealing_start_epoch >= 0, name,
+                 "annealing_start_epoch", f"must be an integer >= 0, got {self.annealing_start_epoch!r}")
+        for field in ("use_lslr", "use_msl", "use_annealing"):
+            _require(not getattr(self, field), name, field, "is not implemented yet; leave it False")
+        _require(self.bn_mode == "transductive", name, "bn_mode",
+                 f"{self.bn_mode!r} is not implemented yet; use 'transductive'")
+
+
+@dataclass
+class MetaCheckpointConfig:
+    save_inner_lrs: bool = True
+    save_msl_weights: bool = True
+    save_rng_state: bool = True
+    save_sampler_config: bool = True
+    keep_last: int = 3
+    every_steps: int = 100
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        _require(self.keep_last >= 1, name, "keep_last", f"must be >= 1, got {self.keep_last}")
+        _require(self.every_steps >= 1, name, "every_steps", f"must be >= 1, got {self.every_steps}")
+
+
+@dataclass
+class RunConfig:
+    """Everything about a run that is not the algorithm or the episodes."""
+    seed: int = 0
+    epochs: int = 1
+    model_filters: int = 64
+    data_root: str | None = None  # None: $META_KERNELS_DATA/<dataset>
+    omniglot_variant: str = "small"  # 'full' (background/evaluation zips) or 'small' (the two small zips)
+    val_every: int = 50  # outer steps between validations
+    val_episodes: int = 100
+    test_episodes: int = 600
+    num_threads: int = 0  # 0: torch's default
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        for field in ("epochs", "model_filters", "val_every", "val_episodes", "test_episodes"):
+            _require(getattr(self, field) >= 1, name, field, f"must be >= 1, got {getattr(self, field)}")
+        _require(self.seed >= 0, name, "seed", f"must be >= 0, got {self.seed}")
+        _require(self.omniglot_variant in ("full", "small"), name, "omniglot_variant",
+                 f"must be 'full' or 'small', got {self.omniglot_variant!r}")
+        _require(self.num_threads >= 0, name, "num_threads", f"must be >= 0, got {self.num_threads}")
+
+
+SECTIONS = {"maml": MAMLConfig, "mamlpp": MAMLPlusPlusConfig, "episodes": EpisodeConfig,
+            "checkpoint": MetaCheckpointConfig, "run": RunConfig}
+
+
+@dataclass
+class MetaLearningFullConfig:
+    maml: MAMLConfig = dataclasses.field(default_factory=MAMLConfig)
+    mamlpp: MAMLPlusPlusConfig = dataclasses.field(default_factory=MAMLPlusPlusConfig)
+    episodes: EpisodeConfig = dataclasses.field(default_factory=EpisodeConfig)
+    checkpoint: MetaCheckpointConfig = dataclasses.field(default_factory=MetaCheckpointConfig)
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+
+    # ---- presets -----------------------------------------------------------------------------
+    @classmethod
+    def minimal(cls) -> "MetaLearningFullConfig":
+        """Seconds on a CPU: a smoke test of the whole pipeline."""
+        return cls(maml=MAMLConfig(inner_steps=1, inner_lr=0.4, meta_batch_size=2, engine="custom"),
+                   episodes=EpisodeConfig(n_way=5, k_shot=1, q_query=5, episodes_per_epoch=8),
+                   checkpoint=MetaCheckpointConfig(every_steps=2),
+                   run=RunConfig(model_filters=16, val_every=2, val_episodes=10, test_episodes=20))
+
+    @classmethod
+    def dev(cls) -> "MetaLearningFullConfig":
+        """Gate (c), CPU dev mode: Conv4, 50 episodes, 3 inner steps, one epoch."""
+        return cls(maml=MAMLConfig(inner_steps=3, inner_lr=0.4, meta_batch_size=5, engine="custom"),
+                   episodes=EpisodeConfig(n_way=5, k_shot=1, q_query=5, episodes_per_epoch=50),
+                   checkpoint=MetaCheckpointConfig(every_steps=5),
+                   run=RunConfig(model_filters=64, val_every=5, val_episodes=20, test_episodes=100))
+
+    @classmethod
+    def preset(cls, name: str) -> "MetaLearningFullConfig":
+        presets = {"minimal": cls.minimal, "dev": cls.dev}
+        if name not in presets:
+            raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(presets)} "
+                              "(the production presets need the distributed trainer, which is not built yet)")
+        return presets[name]()
+
+    # ---- files and overrides -------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "MetaLearningFullConfig":
+        unknown = set(data) - set(SECTIONS)
+        if unknown:
+            raise ConfigError(f"unknown config section(s) {sorted(unknown)}; sections are {', '.join(SECTIONS)}")
+        built = {}
+        for section, klass in SECTIONS.items():
+            values = dict(data.get(section, {}))
+            fields = {f.name for f in dataclasses.fields(klass)}
+            bad = set(values) - fields
+            if bad:
+                raise ConfigError(f"unknown key(s) {sorted(bad)} in section {section!r}; known: {', '.join(sorted(fields))}")
+            built[section] = klass(**values)
+        return cls(**built)
+
+    def save(self, path) -> None:
+        import json
+        from pathlib import Path
+        path = Path(path)
+        text = json.dumps(self.to_dict(), indent=2) if path.suffix == ".json" else _yaml().safe_dump(self.to_dict(), sort_keys=False)
+        path.write_text(text)
+
+    @classmethod
+    def load(cls, path) -> "MetaLearningFullConfig":
+        import json
+        from pathlib import Path
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        text = path.read_text()
+        data = json.loads(text) if path.suffix == ".json" else _yaml().safe_load(text)
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections")
+        return cls.from_dict(data)
+
+    def with_overrides(self, overrides: list[str]) -> "MetaLearningFullConfig":
+        """Apply 'section.key=value' overrides (values parsed as YAML: 0.4, true, null, 'text')."""
+        data = self.to_dict()
+        for item in overrides:
+            key, sep, raw = item.partition("=")
+            section, dot, field = key.partition(".")
+            if not sep or not dot:
+                raise ConfigError(f"override {item!r} must look like section.key=value (e.g. maml.inner_lr=0.4)")
+            if section not in data:
+                raise ConfigError(f"unknown config section {section!r} in override {item!r}; sections are {', '.join(SECTIONS)}")
+            if field not in data[section]:
+                raise ConfigError(f"unknown key {field!r} in section {section!r}; known: {', '.join(sorted(data[section]))}")
+            data[section][field] = _yaml().safe_load(raw)
+        if "algo" in {o.partition("=")[0].partition(".")[2] for o in overrides} and not any(
+                o.startswith("maml.second_order=") for o in overrides):
+            data["maml"]["second_order"] = None  # follows the new algorithm
+        return MetaLearningFullConfig.from_dict(data)
+
+
+def _yaml():
+    import yaml
+    return yaml

@@ -1,0 +1,260 @@
+"""The meta-training runner: episodes -> MetaLearner steps, validation, checkpoints with exact
+resume, metrics (JSON lines + a final JSON) and plots."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from meta_kernels.checkpoint import (CheckpointError, config_differences, load_checkpoint, rng_state, save_checkpoint,
+                                     set_rng_state)
+from meta_kernels.config import MetaLearningFullConfig
+from meta_kernels.data import EpisodeSampler, load_dataset
+from meta_kernels.meta import MetaLearner, adapt_tasks
+from meta_kernels.meta.algorithms import auac
+from meta_kernels.meta.inner import per_task_loss
+from meta_kernels.models import Conv4
+
+SPLIT_SEEDS = {"train": 0, "val": 1, "test": 2}  # offsets of each split's episode stream
+
+
+def _writable_dir(path: Path) -> Path:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise OSError(f"output folder {path} is not writable ({exc.strerror}); choose another with --out") from exc
+    return path
+
+
+def load_split(config: MetaLearningFullConfig, split: str):
+    ep, run = config.episodes, config.run
+    options = {}
+    if ep.dataset == "omniglot":
+        options = {"variant": run.omniglot_variant}
+        if run.omniglot_variant == "small":
+            options["split_by"] = "character"  # 8 alphabets are too few to split by alphabet
+    return load_dataset(ep.dataset, run.data_root, split, **options)
+
+
+def build_model(config: MetaLearningFullConfig, image_shape) -> Conv4:
+    c, h, _ = image_shape
+    return Conv4(in_channels=c, n_way=config.episodes.n_way, filters=config.run.model_filters, image_size=h)
+
+
+class Trainer:
+    def __init__(self, config: MetaLearningFullConfig, out_dir: str | os.PathLike, *, resume: bool = False,
+                 progress: bool = True):
+        self.config, self.progress = config, progress
+        self.out = _writable_dir(Path(out_dir))
+        if config.run.num_threads:
+            torch.set_num_threads(config.run.num_threads)
+        torch.manual_seed(config.run.seed)
+        self.data = {s: load_split(config, s) for s in ("train", "val")}
+        self.samplers = {s: EpisodeSampler(d, config.episodes, seed=config.run.seed + SPLIT_SEEDS[s])
+                         for s, d in self.data.items()}
+        self.model = build_model(config, self.data["train"].image_shape).to(config.run.device)
+        self.learner = MetaLearner(self.model, config.maml)
+        self.epoch, self.step, self.global_step, self.best_val = 0, 0, 0, -math.inf
+        self.history: list[dict] = []
+        if resume:
+            self._resume()
+
+    # ---- checkpoints -----------------------------------------------------------------------
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out / "checkpoints"
+
+    def _payload(self) -> dict:
+        cfg = self.config.checkpoint
+        payload = {"model": self.model.state_dict(), "optimizer": self.learner.optimizer.state_dict(),
+                   "config": self.config.to_dict(), "algo": self.config.maml.algo,
+                   "inner_steps": self.config.maml.inner_steps,
+                   "counters": {"epoch": self.epoch, "step": self.step, "global_step": self.global_step,
+                                "outer_steps": self.learner.outer_steps, "best_val": self.best_val},
+                   "history": self.history}
+        if cfg.save_inner_lrs:
+            payload["inner_lrs"] = self.config.maml.inner_lr
+        if cfg.save_rng_state:
+            payload["rng"] = rng_state()
+        if cfg.save_sampler_config:
+            payload["sampler"] = self.samplers["train"].state_dict()
+        return payload
+
+    def save(self, name: str) -> Path:
+        path = save_checkpoint(self.ckpt_dir / name, self._payload())
+        if name.startswith("step-"):
+            steps = sorted(self.ckpt_dir.glob("step-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
+            for old in steps[:-self.config.checkpoint.keep_last]:
+                old.unlink(missing_ok=True)
+        save_checkpoint(self.ckpt_dir / "last.pt", self._payload()) if name != "last.pt" else None
+        return path
+
+    def _resume(self) -> None:
+        path = self.ckpt_dir / "last.pt"
+        if not path.is_file():
+            raise CheckpointError(f"--resume: no checkpoint in {self.ckpt_dir}; train without --resume first")
+        data = load_checkpoint(path)
+        diffs = config_differences(data["config"], self.config.to_dict())
+        if diffs:
+            raise CheckpointError("cannot resume: the config differs from the checkpoint's in fields that shape "
+                                  "training:\n  " + "\n  ".join(diffs))
+        self.model.load_state_dict(data["model"])
+        self.learner.optimizer.load_state_dict(data["optimizer"])
+        c = data["counters"]
+        self.epoch, self.step, self.global_step, self.best_val = c["epoch"], c["step"], c["global_step"], c["best_val"]
+        self.learner.outer_steps = c["outer_steps"]
+        self.history = data.get("history", [])
+        if "rng" in data:
+            set_rng_state(data["rng"])
+
+    # ---- training ----------------------------------------------------------------------------
+    def fit(self, max_steps: int | None = None) -> dict:
+        """Trains to the configured number of epochs (or `max_steps` more outer steps)."""
+        cfg = self.config
+        B = cfg.maml.meta_batch_size
+        sampler = self.samplers["train"]
+        steps_per_epoch = sampler.steps_per_epoch(B)
+        done = 0
+        log = (self.out / "metrics.jsonl").open("a")
+        start = time.perf_counter()
+        try:
+            while self.epoch < cfg.run.epochs:
+                bar = tqdm(range(self.step, steps_per_epoch), desc=f"epoch {self.epoch}", disable=not self.progress,
+                           unit="step", mininterval=1.0)
+                for step in bar:
+                    if max_steps is not None and done >= max_steps:
+                        return self._summary(time.perf_counter() - start)
+                    batch = sampler.meta_batch(self.epoch, step, B).to(cfg.run.device)
+                    metrics = self.learner.step(batch)
+                    self.step, self.global_step, done = step + 1, self.global_step + 1, done + 1
+                    record = {"split": "train", "epoch": self.epoch, "step": step, "global_step": self.global_step,
+                              **metrics, "tasks_per_s": done * B / (time.perf_counter() - start)}
+                    self.history.append(record)
+                    log.write(json.dumps(record) + "\n")
+                    bar.set_postfix(loss=f"{metrics['query_loss']:.3f}", acc=f"{metrics['post_adapt_acc']:.3f}",
+                                    tasks_s=f"{record['tasks_per_s']:.0f}")
+                    if self.global_step % cfg.run.val_every == 0:
+                        val = self.evaluate("val", cfg.run.val_episodes)
+                        val_record = {"split": "val", "global_step": self.global_step, **val}
+                        self.history.append(val_record)
+                        log.write(json.dumps(val_record) + "\n")
+                        if val["accuracy"] > self.best_val:
+                            self.best_val = val["accuracy"]
+                            self.save("best.pt")
+                    if self.global_step % cfg.checkpoint.every_steps == 0:
+                        self.save(f"step-{self.global_step}.pt")
+                    log.flush()
+                self.epoch, self.step = self.epoch + 1, 0
+            self.save(f"step-{self.global_step}.pt")
+            return self._summary(time.perf_counter() - start)
+        finally:
+            log.close()
+
+    def _summary(self, seconds: float) -> dict:
+        train = [h for h in self.history if h["split"] == "train"]
+        vals = [h for h in self.history if h["split"] == "val"]
+        k = max(1, min(10, len(train) // 2))
+        summary = {"global_step": self.global_step, "epoch": self.epoch, "seconds": round(seconds, 2),
+                   "train_loss_first": float(np.mean([h["query_loss"] for h in train[:k]])) if train else None,
+                   "train_loss_last": float(np.mean([h["query_loss"] for h in train[-k:]])) if train else None,
+                   "best_val_accuracy": self.best_val if vals else None,
+                   "last_val": vals[-1] if vals else None}
+        (self.out / "metrics.json").write_text(json.dumps(summary, indent=2))
+        self.plot_training()
+        return summary
+
+    # ---- evaluation --------------------------------------------------------------------------
+    def evaluate(self, split: str, episodes: int, sampler: EpisodeSampler | None = None) -> dict:
+        return evaluate(self.model, sampler or self.samplers[split], self.config, episodes)
+
+    def plot_training(self) -> None:
+        plot_training(self.history, self.out / "training_curves.png")
+
+
+def evaluate(model, sampler: EpisodeSampler, config: MetaLearningFullConfig, episodes: int) -> dict:
+    """Accuracy over `episodes` tasks (mean, 95% CI) and the adaptation curve after 0..K steps."""
+    cfg = config.maml
+    B = cfg.meta_batch_size
+    accs, losses, curves = [], [], []
+    params = dict(model.named_parameters())
+    device = next(model.parameters()).device
+    for start in range(0, episodes, B):
+        batch = sampler.episodes(0, range(start, min(episodes, start + B))).to(device)
+        with torch.no_grad():
+            result = adapt_tasks(params, batch.support, model=model, steps=cfg.inner_steps, lrs=cfg.inner_lr,
+                                 first_order=True, inner_clip=cfg.inner_clip, engine="custom", backend=cfg.backend,
+                                 query_batch=batch.query)
+            loss, acc = per_task_loss(Conv4.forward_tasks(result.adapted, batch.x_query), batch.y_query,
+                                      "cross_entropy", "query")
+        accs.append(acc)
+        losses.append(loss)
+        curves.append((torch.tensor(result.curve_accuracy), batch.n_tasks))
+    acc = torch.cat(accs).double()
+    curve = (sum(c * n for c, n in curves) / sum(n for _, n in curves)).tolist()
+    ci = 1.96 * float(acc.std(unbiased=True)) / math.sqrt(len(acc)) if len(acc) > 1 else math.nan
+    return {"accuracy": float(acc.mean()), "ci95": ci, "episodes": len(acc), "query_loss": float(torch.cat(losses).mean()),
+            "curve_accuracy": curve,
+            "pre_adapt_acc": curve[0], "post_adapt_acc": curve[-1], "auac": auac(curve)}
+
+
+def plot_training(history: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    train = [h for h in history if h["split"] == "train"]
+    vals = [h for h in history if h["split"] == "val"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    ax1.plot([h["global_step"] for h in train], [h["query_loss"] for h in train], lw=0.8)
+    ax1.set_xlabel("outer step")
+    ax1.set_ylabel("meta-train query loss")
+    ax2.plot([h["global_step"] for h in train], [h["post_adapt_acc"] for h in train], lw=0.8, label="train (post-adapt)")
+    if vals:
+        ax2.plot([h["global_step"] for h in vals], [h["accuracy"] for h in vals], "o-", label="validation")
+    ax2.set_xlabel("outer step")
+    ax2.set_ylabel("query accuracy")
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_adaptation_curve(curve: list[float], path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    ax.plot(range(len(curve)), curve, "o-")
+    ax.set_xlabel("inner step")
+    ax.set_ylabel("query accuracy")
+    ax.set_title(title)
+    ax.set_ylim(0, 1)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def evaluate_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike, episodes: int | None = None,
+                        split: str = "test") -> dict:
+    """Loads a checkpoint and evaluates it on `split` episodes; writes eval.json and a plot."""
+    data = load_checkpoint(path)
+    config = MetaLearningFullConfig.from_dict(data["config"])
+    out = _writable_dir(Path(out_dir))
+    dataset = load_split(config, split)
+    model = build_model(config, dataset.image_shape)
+    model.load_state_dict(data["model"])
+    sampler = EpisodeSampler(dataset, config.episodes, seed=config.run.seed + SPLIT_SEEDS[split])
+    result = evaluate(model, sampler, config, episodes or config.run.test_episodes)
+    result.update({"checkpoint": str(path), "split": split, "algo": config.maml.algo})
+    (out / "eval.json").write_text(json.dumps(result, indent=2))
+    plot_adaptation_curve(result["curve_accuracy"], out / "adaptation_curve.png",
+                          f"{config.maml.algo} {config.episodes.n_way}-way {config.episodes.k_shot}-shot ({split})")
+    return result
