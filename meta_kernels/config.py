@@ -99,15 +99,18 @@ class MAMLConfig:
 
 @dataclass
 class MAMLPlusPlusConfig:
-    """MAML++ switches (Antoniou et al. 2019). Only the defaults (all off, bn_mode 'transductive'
-    semantics for Conv4's per-task batch statistics) are implemented so far; turning a switch on
-    raises a clear error instead of silently training plain MAML."""
+    """MAML++ (Antoniou et al. 2019): learned per-layer-per-step inner rates (LSLR, clamped to
+    [1e-6, 1]), multi-step loss (MSL) with uniform (and the paper's schedule over
+    msl_decay_epochs), linearly increasing or learned weights, derivative-order annealing (first
+    order before annealing_start_epoch), and the BatchNorm mode of the inner loop."""
     use_lslr: bool = False
     use_msl: bool = False
     msl_weights: str = "uniform"
     use_annealing: bool = False
     annealing_start_epoch: int = 0
-    bn_mode: str = "transductive"
+    bn_mode: str = "per_step"
+    msl_decay_epochs: int = 10
+    cosine_meta_lr: bool = False  # cosine annealing of the outer learning rate over the run
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -116,10 +119,7 @@ class MAMLPlusPlusConfig:
         _require(self.bn_mode in BN_MODES, name, "bn_mode", f"unknown bn_mode {self.bn_mode!r}; choose one of {', '.join(BN_MODES)}")
         _require(isinstance(self.annealing_start_epoch, int) and self.annealing_start_epoch >= 0, name,
                  "annealing_start_epoch", f"must be an integer >= 0, got {self.annealing_start_epoch!r}")
-        for field in ("use_lslr", "use_msl", "use_annealing"):
-            _require(not getattr(self, field), name, field, "is not implemented yet; leave it False")
-        _require(self.bn_mode == "transductive", name, "bn_mode",
-                 f"{self.bn_mode!r} is not implemented yet; use 'transductive'")
+        _require(self.msl_decay_epochs >= 1, name, "msl_decay_epochs", f"must be >= 1, got {self.msl_decay_epochs}")
 
 
 @dataclass

@@ -47,7 +47,9 @@ def load_split(config: MetaLearningFullConfig, split: str):
 
 def build_model(config: MetaLearningFullConfig, image_shape) -> Conv4:
     c, h, _ = image_shape
-    return Conv4(in_channels=c, n_way=config.episodes.n_way, filters=config.run.model_filters, image_size=h)
+    bn_steps = config.maml.inner_steps + 1 if config.mamlpp.bn_mode == "per_step" else 1
+    return Conv4(in_channels=c, n_way=config.episodes.n_way, filters=config.run.model_filters, image_size=h,
+                 bn_steps=bn_steps)
 
 
 class Trainer:
@@ -62,7 +64,10 @@ class Trainer:
         self.samplers = {s: EpisodeSampler(d, config.episodes, seed=config.run.seed + SPLIT_SEEDS[s])
                          for s, d in self.data.items()}
         self.model = build_model(config, self.data["train"].image_shape).to(config.run.device)
-        self.learner = MetaLearner(self.model, config.maml)
+        self.learner = MetaLearner(self.model, config.maml, mamlpp=config.mamlpp)
+        total = config.run.epochs * self.samplers["train"].steps_per_epoch(config.maml.meta_batch_size)
+        self.scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(self.learner.optimizer, T_max=max(total, 1))
+                          if config.mamlpp.cosine_meta_lr else None)
         self.epoch, self.step, self.global_step, self.best_val = 0, 0, 0, -math.inf
         self.history: list[dict] = []
         if resume:
@@ -75,14 +80,18 @@ class Trainer:
 
     def _payload(self) -> dict:
         cfg = self.config.checkpoint
-        payload = {"model": self.model.state_dict(), "optimizer": self.learner.optimizer.state_dict(),
+        payload = {"model": self.model.state_dict(), "learner": self.learner.state_dict(),
+                   "scheduler": self.scheduler.state_dict() if self.scheduler else None,
                    "config": self.config.to_dict(), "algo": self.config.maml.algo,
                    "inner_steps": self.config.maml.inner_steps,
                    "counters": {"epoch": self.epoch, "step": self.step, "global_step": self.global_step,
-                                "outer_steps": self.learner.outer_steps, "best_val": self.best_val},
+                                "best_val": self.best_val},
                    "history": self.history}
-        if cfg.save_inner_lrs:
-            payload["inner_lrs"] = self.config.maml.inner_lr
+        if cfg.save_inner_lrs:  # the LSLR table when learned, else the fixed rate
+            payload["inner_lrs"] = self.learner.inner_lrs().detach().cpu() if self.learner.lslr is not None \
+                else self.config.maml.inner_lr
+        if cfg.save_msl_weights and self.learner.current_msl_weights(self.epoch) is not None:
+            payload["msl_weights"] = self.learner.current_msl_weights(self.epoch).detach().cpu()
         if cfg.save_rng_state:
             payload["rng"] = rng_state()
         if cfg.save_sampler_config:
@@ -108,10 +117,11 @@ class Trainer:
             raise CheckpointError("cannot resume: the config differs from the checkpoint's in fields that shape "
                                   "training:\n  " + "\n  ".join(diffs))
         self.model.load_state_dict(data["model"])
-        self.learner.optimizer.load_state_dict(data["optimizer"])
+        self.learner.load_state_dict(data["learner"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(data["scheduler"])
         c = data["counters"]
         self.epoch, self.step, self.global_step, self.best_val = c["epoch"], c["step"], c["global_step"], c["best_val"]
-        self.learner.outer_steps = c["outer_steps"]
         self.history = data.get("history", [])
         if "rng" in data:
             set_rng_state(data["rng"])
@@ -134,7 +144,9 @@ class Trainer:
                     if max_steps is not None and done >= max_steps:
                         return self._summary(time.perf_counter() - start)
                     batch = sampler.meta_batch(self.epoch, step, B).to(cfg.run.device)
-                    metrics = self.learner.step(batch)
+                    metrics = self.learner.step(batch, epoch=self.epoch)
+                    if self.scheduler is not None:
+                        self.scheduler.step()
                     self.step, self.global_step, done = step + 1, self.global_step + 1, done + 1
                     record = {"split": "train", "epoch": self.epoch, "step": step, "global_step": self.global_step,
                               **metrics, "tasks_per_s": done * B / (time.perf_counter() - start)}
@@ -174,15 +186,19 @@ class Trainer:
 
     # ---- evaluation --------------------------------------------------------------------------
     def evaluate(self, split: str, episodes: int, sampler: EpisodeSampler | None = None) -> dict:
-        return evaluate(self.model, sampler or self.samplers[split], self.config, episodes)
+        return evaluate(self.model, sampler or self.samplers[split], self.config, episodes,
+                        lrs=self.learner.inner_lrs())
 
     def plot_training(self) -> None:
         plot_training(self.history, self.out / "training_curves.png")
 
 
-def evaluate(model, sampler: EpisodeSampler, config: MetaLearningFullConfig, episodes: int) -> dict:
-    """Accuracy over `episodes` tasks (mean, 95% CI) and the adaptation curve after 0..K steps."""
+def evaluate(model, sampler: EpisodeSampler, config: MetaLearningFullConfig, episodes: int, lrs=None) -> dict:
+    """Accuracy over `episodes` tasks (mean, 95% CI) and the adaptation curve after 0..K steps.
+    Runs under no_grad and never touches the model's running statistics."""
     cfg = config.maml
+    bn_mode = config.mamlpp.bn_mode
+    lrs = cfg.inner_lr if lrs is None else lrs.detach()
     B = cfg.meta_batch_size
     accs, losses, curves = [], [], []
     params = dict(model.named_parameters())
@@ -190,11 +206,12 @@ def evaluate(model, sampler: EpisodeSampler, config: MetaLearningFullConfig, epi
     for start in range(0, episodes, B):
         batch = sampler.episodes(0, range(start, min(episodes, start + B))).to(device)
         with torch.no_grad():
-            result = adapt_tasks(params, batch.support, model=model, steps=cfg.inner_steps, lrs=cfg.inner_lr,
+            result = adapt_tasks(params, batch.support, model=model, steps=cfg.inner_steps, lrs=lrs,
                                  first_order=True, inner_clip=cfg.inner_clip, engine="custom", backend=cfg.backend,
-                                 query_batch=batch.query)
-            loss, acc = per_task_loss(Conv4.forward_tasks(result.adapted, batch.x_query), batch.y_query,
-                                      "cross_entropy", "query")
+                                 query_batch=batch.query, bn_mode=bn_mode)
+            logits = Conv4.forward_tasks(result.adapted, batch.x_query, step=cfg.inner_steps, bn_mode=bn_mode,
+                                         buffers=dict(model.named_buffers()))
+            loss, acc = per_task_loss(logits, batch.y_query, "cross_entropy", "query")
         accs.append(acc)
         losses.append(loss)
         curves.append((torch.tensor(result.curve_accuracy), batch.n_tasks))
@@ -252,7 +269,9 @@ def evaluate_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike, epi
     model = build_model(config, dataset.image_shape)
     model.load_state_dict(data["model"])
     sampler = EpisodeSampler(dataset, config.episodes, seed=config.run.seed + SPLIT_SEEDS[split])
-    result = evaluate(model, sampler, config, episodes or config.run.test_episodes)
+    lslr = data.get("inner_lrs")
+    result = evaluate(model, sampler, config, episodes or config.run.test_episodes,
+                      lrs=lslr if isinstance(lslr, torch.Tensor) else None)
     result.update({"checkpoint": str(path), "split": split, "algo": config.maml.algo})
     (out / "eval.json").write_text(json.dumps(result, indent=2))
     plot_adaptation_curve(result["curve_accuracy"], out / "adaptation_curve.png",

@@ -14,8 +14,9 @@ import torch
 from torch import Tensor, nn
 
 import meta_kernels.ops as ops
-from meta_kernels.config import ALGORITHMS, MAMLConfig
+from meta_kernels.config import ALGORITHMS, MAMLConfig, MAMLPlusPlusConfig
 from meta_kernels.meta.inner import AdaptResult, NonFiniteLossError, StepLog, _as_task_batch, adapt_tasks, per_task_loss
+from meta_kernels.meta.mamlpp import LSLR_MAX, LSLR_MIN, msl_weights
 from meta_kernels.meta.task_model import TaskModel
 
 
@@ -61,14 +62,20 @@ def resolve_algo(algo: str | None, config: MAMLConfig) -> str:
 
 
 def meta_loss(params: dict[str, Tensor], task_batch, *, algo: str | None = None, config: MAMLConfig, model,
-              lrs=None, track_curve: bool = True) -> MetaOutput:
+              lrs=None, track_curve: bool = True, msl_weights: Tensor | None = None, bn_mode: str = "transductive",
+              first_order: bool | None = None, update_stats: bool = False) -> MetaOutput:
     """Meta-objective over the tasks of `task_batch`: mean query loss after adaptation.
 
     MAML: differentiable through the inner loop (second order). FOMAML: gradient at the adapted
     params (no second-order graph). Reptile: no graph at all -- the loss is for monitoring and
     logs.adapted_params feed `reptile_update_`. `lrs` overrides config.inner_lr (e.g. a learned
     per-step table). With track_curve the query set is also evaluated after every inner step
-    (pre_adapt_acc, auac); without it those metrics are NaN."""
+    (pre_adapt_acc, auac); without it those metrics are NaN.
+
+    MAML++: msl_weights [steps] makes the loss the weighted query loss after every inner step;
+    bn_mode selects transductive / per_step / frozen BatchNorm; first_order overrides the
+    algorithm's order (derivative-order annealing); update_stats folds the final query pass's
+    BN statistics into the model's running statistics (training passes only, never evaluation)."""
     algo = resolve_algo(algo, config)
     xs, ys, xq, yq = _batch_parts(task_batch)
     xs, ys = _as_task_batch(xs, ys, "support", config.loss)
@@ -78,13 +85,16 @@ def meta_loss(params: dict[str, Tensor], task_batch, *, algo: str | None = None,
     task_model = model if isinstance(model, TaskModel) else TaskModel(model)
     result: AdaptResult = adapt_tasks(
         params, (xs, ys), model=task_model, steps=config.inner_steps,
-        lrs=config.inner_lr if lrs is None else lrs, first_order=config.first_order, inner_clip=config.inner_clip,
+        lrs=config.inner_lr if lrs is None else lrs,
+        first_order=config.first_order if first_order is None else first_order, inner_clip=config.inner_clip,
         engine=config.engine, backend=config.backend, no_graph=algo == "reptile",
-        query_batch=(xq, yq) if track_curve else None,
-        on_nonfinite="skip" if config.skip_nonfinite_tasks else "raise", loss=config.loss)
+        query_batch=(xq, yq) if (track_curve or msl_weights is not None) else None,
+        on_nonfinite="skip" if config.skip_nonfinite_tasks else "raise", loss=config.loss, bn_mode=bn_mode,
+        msl_weights=msl_weights if algo != "reptile" else None)
     ok = result.task_ok
+    final = lambda x: task_model(result.adapted, x, step=config.inner_steps, bn_mode=bn_mode, update_stats=update_stats)
     with ops.use_backend(config.backend):
-        loss_t, acc_t = per_task_loss(task_model(result.adapted, xq), yq, config.loss, "query")
+        loss_t, acc_t = per_task_loss(final(xq), yq, config.loss, "query")
         bad = ~torch.isfinite(loss_t.detach()) & ok
         if bool(bad.any()):
             tasks = bad.nonzero().flatten().tolist()
@@ -93,7 +103,9 @@ def meta_loss(params: dict[str, Tensor], task_batch, *, algo: str | None = None,
                                          "inputs, lower the inner lr, or set skip_nonfinite_tasks=True")
             ok = ok & ~bad  # recompute without those tasks' inputs so no NaN enters the graph
             xq = torch.where(bad.view(-1, *([1] * (xq.dim() - 1))), torch.zeros_like(xq), xq)
-            loss_t, acc_t = per_task_loss(task_model(result.adapted, xq), yq, config.loss, "query")
+            loss_t, acc_t = per_task_loss(final(xq), yq, config.loss, "query")
+    if result.msl_loss_per_task is not None:
+        loss_t = result.msl_loss_per_task
     weights = ok.to(loss_t.dtype) / ok.sum().clamp(min=1)
     loss = (torch.where(ok, loss_t, torch.zeros_like(loss_t)) * weights).sum()
     post = float((acc_t * weights.to(acc_t.dtype)).sum())
@@ -107,19 +119,86 @@ def meta_loss(params: dict[str, Tensor], task_batch, *, algo: str | None = None,
 
 class MetaLearner:
     """Outer loop of one model: MAML / FOMAML (meta-gradient + optimiser) or Reptile
-    (theta += eps * (mean adapted - theta), eps decaying linearly).
+    (theta += eps * (mean adapted - theta), eps decaying linearly), with the MAML++ options of
+    `mamlpp` (learned per-step rates, multi-step loss, derivative-order annealing, BN modes).
 
     The meta-batch adapts together; `config.task_chunk` bounds memory by adapting that many tasks
     at a time and accumulating the meta-gradient."""
 
-    def __init__(self, model: nn.Module, config: MAMLConfig, *, optimizer: torch.optim.Optimizer | None = None,
-                 task_batching: str = "auto", compile: bool | str = False):
+    def __init__(self, model: nn.Module, config: MAMLConfig, *, mamlpp: MAMLPlusPlusConfig | None = None,
+                 optimizer: torch.optim.Optimizer | None = None, task_batching: str = "auto",
+                 compile: bool | str = False):
         self.model, self.config = model, config
+        self.mamlpp = mamlpp or MAMLPlusPlusConfig(bn_mode="transductive")
         if compile and config.engine == "torch_func":
             raise ValueError("compile=True needs engine='custom' (torch.func transforms run the eager reference ops)")
         self.task_model = TaskModel(model, task_batching, compile=compile)
-        self.optimizer = optimizer or torch.optim.Adam(model.parameters(), lr=config.meta_lr)
+        names = [n for n, _ in model.named_parameters()]
+        K = config.inner_steps
+        self._check_bn_mode()
+        device = next(model.parameters()).device
+        # LSLR: one learned rate per parameter tensor and inner step, trained by the outer optimiser.
+        self.lslr = (nn.Parameter(torch.full((K, len(names)), float(config.inner_lr), device=device))
+                     if self.mamlpp.use_lslr else None)
+        self.msl_logits = (nn.Parameter(torch.zeros(K, device=device))
+                           if self.mamlpp.use_msl and self.mamlpp.msl_weights == "learned" else None)
+        extra = [p for p in (self.lslr, self.msl_logits) if p is not None]
+        self.optimizer = optimizer or torch.optim.Adam(list(model.parameters()) + extra, lr=config.meta_lr)
+        if optimizer is not None and extra:
+            self.optimizer.add_param_group({"params": extra})
         self.outer_steps = 0
+
+    def _check_bn_mode(self) -> None:
+        mode = self.mamlpp.bn_mode
+        if mode == "transductive":
+            return
+        if self.task_model.mode != "native":
+            raise ValueError(f"bn_mode {mode!r} needs a model with forward_tasks (meta_kernels.models.Conv4); "
+                             f"{type(self.model).__name__} supports only 'transductive'")
+        if mode == "per_step":
+            bn = [p for n, p in self.model.named_parameters() if n.endswith("bn.weight")]
+            need = self.config.inner_steps + 1
+            if not bn or any(p.dim() != 2 or p.shape[0] < need for p in bn):
+                raise ValueError(f"bn_mode 'per_step' needs BatchNorm affine rows for every inner step: build the "
+                                 f"model with Conv4(..., bn_steps={need}) (inner_steps + 1)")
+
+    # ---- MAML++ state ------------------------------------------------------------------------
+    def inner_lrs(self):
+        """The inner rates used now: the clamped LSLR table, or config.inner_lr."""
+        if self.lslr is None:
+            return self.config.inner_lr
+        return self.lslr.clamp(LSLR_MIN, LSLR_MAX)
+
+    def current_msl_weights(self, epoch: int) -> Tensor | None:
+        p = self.mamlpp
+        if not p.use_msl or self.config.algo == "reptile":
+            return None
+        return msl_weights(p.msl_weights, self.config.inner_steps, epoch, logits=self.msl_logits,
+                           decay_epochs=p.msl_decay_epochs).to(next(self.model.parameters()).device)
+
+    def first_order_at(self, epoch: int) -> bool:
+        """Derivative-order annealing: first order before annealing_start_epoch, then the algorithm's."""
+        if self.mamlpp.use_annealing and epoch < self.mamlpp.annealing_start_epoch:
+            return True
+        return self.config.first_order
+
+    def state_dict(self) -> dict:
+        return {"outer_steps": self.outer_steps, "optimizer": self.optimizer.state_dict(),
+                "lslr": None if self.lslr is None else self.lslr.detach().clone(),
+                "msl_logits": None if self.msl_logits is None else self.msl_logits.detach().clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name in ("lslr", "msl_logits"):
+            mine, saved = getattr(self, name), state.get(name)
+            if (mine is None) != (saved is None) or (mine is not None and mine.shape != saved.shape):
+                raise ValueError(f"checkpoint {name} {None if saved is None else list(saved.shape)} does not match this "
+                                 f"learner's {None if mine is None else list(mine.shape)}: the MAML++ settings or the "
+                                 "model differ")
+            if mine is not None:
+                with torch.no_grad():
+                    mine.copy_(saved)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.outer_steps = state["outer_steps"]
 
     def reptile_epsilon(self) -> float:
         cfg = self.config
@@ -127,7 +206,8 @@ class MetaLearner:
             return cfg.reptile_epsilon
         return cfg.reptile_epsilon * max(0.0, 1.0 - self.outer_steps / cfg.reptile_decay_steps)
 
-    def step(self, task_batch, *, track_curve: bool = False) -> dict[str, float]:
+    # ---- the outer step ----------------------------------------------------------------------
+    def step(self, task_batch, *, epoch: int = 0, track_curve: bool = False) -> dict[str, float]:
         """One outer step on a meta-batch; returns metrics averaged over its tasks."""
         parts = _batch_parts(task_batch)
         single = self.config.loss == "cross_entropy" and parts[1].dim() == 1
@@ -139,8 +219,11 @@ class MetaLearner:
         adapted_chunks = []
         self.optimizer.zero_grad(set_to_none=True)
         for start in range(0, T, chunk):
+            lrs, msl = self.inner_lrs(), self.current_msl_weights(epoch)  # per chunk: each graph is freed
             sub = parts if single else tuple(p[start:start + chunk] for p in parts)
-            out = meta_loss(params, sub, config=self.config, model=self.task_model, track_curve=track_curve)
+            out = meta_loss(params, sub, config=self.config, model=self.task_model, track_curve=track_curve,
+                            lrs=lrs, msl_weights=msl, bn_mode=self.mamlpp.bn_mode,
+                            first_order=self.first_order_at(epoch), update_stats=self.mamlpp.bn_mode != "transductive")
             n = 1 if single else sub[1].shape[0]
             if algo == "reptile":
                 adapted_chunks.append(out.logs.adapted_params)
@@ -155,5 +238,8 @@ class MetaLearner:
                 ops.reptile_update_(list(params.values()), adapted, self.reptile_epsilon(), backend=self.config.backend)
         else:
             self.optimizer.step()
+            if self.lslr is not None:
+                with torch.no_grad():  # learned rates never leave the clamp range
+                    self.lslr.clamp_(LSLR_MIN, LSLR_MAX)
         self.outer_steps += 1
         return {k: (v / T if k != "skipped_tasks" else v) for k, v in totals.items()}

@@ -53,6 +53,7 @@ class AdaptResult:
     curve_loss: list[float]
     curve_accuracy: list[float]
     task_ok: Tensor  # [T] bool, False for tasks skipped after a non-finite loss
+    msl_loss_per_task: Tensor | None = None  # [T] sum_k w_k query loss after k+1 updates (MSL)
 
 
 LOSSES = ("cross_entropy", "mse")
@@ -125,22 +126,30 @@ def _masked_mean(v: Tensor, ok: Tensor) -> float:
 def adapt(params: dict[str, Tensor], support_batch, *, model, steps: int, lrs, first_order: bool,
           bn_mode: str = "transductive", rng: torch.Generator | None = None, inner_clip: float | None = None,
           engine: str = "custom", backend: str | None = None, no_graph: bool = False, query_batch=None,
-          on_nonfinite: str = "raise", loss: str = "cross_entropy") -> tuple[dict[str, Tensor], list[StepLog]]:
+          on_nonfinite: str = "raise", loss: str = "cross_entropy",
+          msl_weights: Tensor | None = None) -> tuple[dict[str, Tensor], list[StepLog]]:
     """Adapts `params` on the support set of every task; returns (adapted_params, inner_logs).
 
     first_order=False keeps the second-order graph (MAML): adapted params keep grad_fn.
     first_order=True (FOMAML) uses gradients without create_graph; adapted params still depend
     on `params` through the identity path. no_graph=True (Reptile, evaluation) builds no graph
-    and updates in place. The inner loop always computes in float32 (autocast off)."""
+    and updates in place. The inner loop always computes in float32 (autocast off).
+
+    lrs: a float, one rate per parameter, or a [steps, n_params] table (LSLR; may require grad).
+    bn_mode: 'transductive' (statistics of the current set), 'per_step' (the same, with the BN
+    affine row of the current step), 'frozen' (running statistics; BN affine not adapted).
+    msl_weights [steps]: with a query batch, the multi-step loss sum_k w_k L_query(after k+1
+    updates) is returned in AdaptResult.msl_loss_per_task (adapt_tasks)."""
     result = adapt_tasks(params, support_batch, model=model, steps=steps, lrs=lrs, first_order=first_order,
                          bn_mode=bn_mode, rng=rng, inner_clip=inner_clip, engine=engine, backend=backend,
-                         no_graph=no_graph, query_batch=query_batch, on_nonfinite=on_nonfinite, loss=loss)
+                         no_graph=no_graph, query_batch=query_batch, on_nonfinite=on_nonfinite, loss=loss,
+                         msl_weights=msl_weights)
     return result.adapted, result.logs
 
 
 def adapt_tasks(params, support_batch, *, model, steps, lrs, first_order, bn_mode="transductive", rng=None,
                 inner_clip=None, engine="custom", backend=None, no_graph=False, query_batch=None,
-                on_nonfinite="raise", loss="cross_entropy") -> AdaptResult:
+                on_nonfinite="raise", loss="cross_entropy", msl_weights=None) -> AdaptResult:
     """`adapt` with everything it measured (adaptation curve, skipped tasks)."""
     task_model = model if isinstance(model, TaskModel) else TaskModel(model)
     if not isinstance(steps, int) or steps < 1:
@@ -149,13 +158,16 @@ def adapt_tasks(params, support_batch, *, model, steps, lrs, first_order, bn_mod
         raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
     if engine == "higher":
         from meta_kernels.meta.higher_engine import adapt_with_higher
+        if bn_mode != "transductive" or msl_weights is not None:
+            raise ValueError("engine='higher' supports neither bn_mode other than 'transductive' nor MSL; use 'custom'")
         return adapt_with_higher(params, support_batch, task_model=task_model, steps=steps, lrs=lrs,
                                  first_order=first_order, no_graph=no_graph, inner_clip=inner_clip,
                                  query_batch=query_batch, loss=loss)
     if bn_mode not in BN_MODES:
         raise ValueError(f"unknown bn_mode {bn_mode!r}; choose one of {', '.join(BN_MODES)}")
-    if bn_mode != "transductive":
-        raise ValueError(f"bn_mode {bn_mode!r} is not supported by this model path; use 'transductive'")
+    if msl_weights is not None and (query_batch is None or tuple(msl_weights.shape) != (steps,)):
+        raise ValueError(f"msl_weights must be [{steps}] (one per inner step) and needs a query batch, "
+                         f"got {None if msl_weights is None else list(msl_weights.shape)}")
     if on_nonfinite not in NONFINITE:
         raise ValueError(f"on_nonfinite must be one of {NONFINITE}, got {on_nonfinite!r}")
     if not params:
@@ -170,6 +182,9 @@ def adapt_tasks(params, support_batch, *, model, steps, lrs, first_order, bn_mod
     first = next(iter(params.values()))
     device = first.device
     table = lr_table(lrs, steps, names, device, torch.float64 if first.dtype == torch.float64 else torch.float32)
+    if bn_mode == "frozen":  # statistics and affine stay fixed during the inner loop
+        keep = torch.tensor([0.0 if ".bn." in n else 1.0 for n in names], dtype=table.dtype, device=device)
+        table = table * keep
     fork = torch.random.fork_rng(devices=[]) if rng is not None else contextlib.nullcontext()
     # Called under torch.no_grad() (evaluation): adapt without a graph; the inner gradients
     # themselves still need autograd, hence enable_grad below.
@@ -187,7 +202,7 @@ def adapt_tasks(params, support_batch, *, model, steps, lrs, first_order, bn_mod
                 return _run_steps(task_model, base, x, y, xq if query_batch is not None else None,
                                   yq if query_batch is not None else None, table, skipped, steps=steps,
                                   first_order=first_order, no_graph=no_graph, inner_clip=inner_clip, engine=engine,
-                                  loss=loss, on_nonfinite=on_nonfinite)
+                                  loss=loss, on_nonfinite=on_nonfinite, bn_mode=bn_mode, msl_weights=msl_weights)
             except _SkipTasks as skip:
                 # Rerun with those tasks' inputs zeroed: their graph must hold no inf/NaN, or the
                 # masked-out gradient (0 * NaN) would still poison the shared meta-gradient.
@@ -201,7 +216,7 @@ class _SkipTasks(Exception):
 
 
 def _run_steps(task_model, base, x, y, xq, yq, table, skipped, *, steps, first_order, no_graph, inner_clip, engine,
-               loss, on_nonfinite) -> AdaptResult:
+               loss, on_nonfinite, bn_mode, msl_weights) -> AdaptResult:
     T = x.shape[0]
     names = list(base)
     if no_graph:
@@ -210,19 +225,20 @@ def _run_steps(task_model, base, x, y, xq, yq, table, skipped, *, steps, first_o
         fast = {k: v.expand(T, *v.shape) for k, v in base.items()}
     task_ok = ~skipped
     logs, curve_loss, curve_acc = [], [], []
+    msl_total = None
 
-    def query_point():
+    def query_point(step):
         if xq is None:
             return None, None
         with torch.no_grad():
-            ql, qa = per_task_loss(task_model(fast, _at_least_fp32(xq)), yq, loss, "query")
+            ql, qa = per_task_loss(task_model(fast, _at_least_fp32(xq), step=step, bn_mode=bn_mode), yq, loss, "query")
         curve_loss.append(_masked_mean(ql, task_ok))
         curve_acc.append(_masked_mean(qa, task_ok))
         return curve_loss[-1], curve_acc[-1]
 
     for step in range(steps):
-        q_loss, q_acc = query_point()
-        grads, loss_t, acc_t = _task_gradients(task_model, fast, x, y, engine, loss,
+        q_loss, q_acc = query_point(step)
+        grads, loss_t, acc_t = _task_gradients(task_model, fast, x, y, engine, loss, step, bn_mode,
                                                create_graph=not first_order and not no_graph)
         if inner_clip is not None:
             norm, factor = ops.clip_grad_norm(grads, inner_clip)
@@ -249,18 +265,22 @@ def _run_steps(task_model, base, x, y, xq, yq, table, skipped, *, steps, first_o
                               None if factor is None else factor.detach())
         else:
             fast = dict(zip(names, ops.sgd_step(values, grads, lr_step, factor)))
-    query_point()
+        if msl_weights is not None:  # multi-step loss: the query loss after this update, with its graph
+            q_t, _ = per_task_loss(task_model(fast, _at_least_fp32(xq), step=step + 1, bn_mode=bn_mode), yq, loss, "query")
+            term = msl_weights[step].to(q_t.dtype) * q_t
+            msl_total = term if msl_total is None else msl_total + term
+    query_point(steps)
     if no_graph:
         fast = {k: v.detach() for k, v in fast.items()}
-    return AdaptResult(fast, logs, curve_loss, curve_acc, task_ok)
+    return AdaptResult(fast, logs, curve_loss, curve_acc, task_ok, msl_total)
 
 
 def _task_gradients(task_model: TaskModel, fast: dict[str, Tensor], x: Tensor, y: Tensor, engine: str, loss: str,
-                    create_graph: bool):
+                    step: int, bn_mode: str, create_graph: bool):
     """Per-task gradients [T, *shape] of each task's support loss, plus per-task loss and accuracy."""
     if engine == "torch_func":
         def total(f):
-            loss_t, acc_t = per_task_loss(task_model.forward(f, x), y, loss)
+            loss_t, acc_t = per_task_loss(task_model.forward(f, x, step, bn_mode), y, loss)
             return loss_t.sum(), (loss_t, acc_t)
         # torch.func transforms cannot see through register_autograd ops: the forward inside the
         # transform runs the reference ops; the update outside still uses the fused kernels.
@@ -268,7 +288,7 @@ def _task_gradients(task_model: TaskModel, fast: dict[str, Tensor], x: Tensor, y
             grads, (loss_t, acc_t) = torch.func.grad(total, has_aux=True)(fast)
         grads = [grads[k] if create_graph else grads[k].detach() for k in fast]
         return grads, loss_t, acc_t
-    loss_t, acc_t = per_task_loss(task_model(fast, x, double_backward=create_graph), y, loss)
+    loss_t, acc_t = per_task_loss(task_model(fast, x, double_backward=create_graph, step=step, bn_mode=bn_mode), y, loss)
     grads = torch.autograd.grad(loss_t.sum(), list(fast.values()), create_graph=create_graph)
     return list(grads), loss_t, acc_t
 

@@ -51,16 +51,23 @@ class TaskModel:
     def parameters(self) -> dict[str, Tensor]:
         return dict(self.model.named_parameters())
 
-    def __call__(self, params: dict[str, Tensor], x: Tensor, *, double_backward: bool = False) -> Tensor:
+    def __call__(self, params: dict[str, Tensor], x: Tensor, *, double_backward: bool = False, step: int = 0,
+                 bn_mode: str = "transductive", update_stats: bool = False) -> Tensor:
         """Outputs [T, N, ...] for inputs x [T, N, ...]; `double_backward` marks a pass whose
-        gradient is itself differentiated (it then never runs compiled)."""
-        if self.compiled is not None and not double_backward:
-            return self.compiled(params, x)
-        return self.forward(params, x)
+        gradient is itself differentiated (it then never runs compiled). step / bn_mode /
+        update_stats reach models with per-step BatchNorm (Conv4)."""
+        if self.compiled is not None and not double_backward and not update_stats:
+            return self.compiled(params, x, step, bn_mode)
+        return self.forward(params, x, step, bn_mode, update_stats)
 
-    def forward(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
+    def forward(self, params: dict[str, Tensor], x: Tensor, step: int = 0, bn_mode: str = "transductive",
+                update_stats: bool = False) -> Tensor:
         if self.mode == "native":
-            return type(self.model).forward_tasks(params, x)
+            return type(self.model).forward_tasks(params, x, step=step, bn_mode=bn_mode, buffers=self.buffers,
+                                                  update_stats=update_stats)
+        if bn_mode != "transductive":
+            raise ValueError(f"bn_mode {bn_mode!r} needs a model with forward_tasks (e.g. meta_kernels.models.Conv4); "
+                             f"{type(self.model).__name__} runs with its own BatchNorm behaviour ('transductive')")
         if self.mode == "vmap":
             call = lambda p, xt: functional_call(self.model, (p, self.buffers), (xt,))
             return torch.func.vmap(call)(params, x)

@@ -22,8 +22,10 @@ class MLP(nn.Module):
         return x
 
     @staticmethod
-    def forward_tasks(params: dict[str, Tensor], x: Tensor) -> Tensor:
-        """x [T, N, in] -> [T, N, out] with per-task weights [T, out, in] and biases [T, out]."""
+    def forward_tasks(params: dict[str, Tensor], x: Tensor, *, step: int = 0, bn_mode: str = "transductive",
+                      buffers=None, update_stats: bool = False) -> Tensor:
+        """x [T, N, in] -> [T, N, out] with per-task weights [T, out, in] and biases [T, out].
+        (No BatchNorm: the step/BN arguments of the task-model protocol do not apply.)"""
         n_layers = len([k for k in params if k.endswith(".weight")])
         for i in range(n_layers):
             x = torch.baddbmm(params[f"layers.{i}.bias"].unsqueeze(1), x, params[f"layers.{i}.weight"].transpose(1, 2))
