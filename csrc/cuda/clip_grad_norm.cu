@@ -1,7 +1,7 @@
 // Per-task global L2 norm of a list of [T, ...] grads and the clip factor, in one pass.
 //
 // Layout: stage 1 is one multi-tensor launch (up to 64 tensors per table) on a 2-D grid: x runs
-// over the 16384-element chunks of one task's slice of every tensor, y over the tasks. Each block
+// over the 4096-element chunks of one task's slice of every tensor, y over the tasks. Each block
 // squares and sums its chunk (per-thread accumulators in the math type, fp32 for half/bf16/float),
 // reduces it with a fixed-order block reduction and writes one float64 partial to
 // partial[t, chunk]: no atomics, so the result never depends on scheduling. Stage 2 is one small

@@ -153,13 +153,17 @@ __device__ __forceinline__ void for_range(int64_t a, int64_t b, bool vec, const 
 }
 
 // ---------------------------------------------------------------------------------------------
-// Multi-tensor table: up to kMaxTensors tensors per launch, each cut into kChunk-element chunks;
+// Multi-tensor table: up to kMaxTensors tensors per launch, each cut into fixed-size chunks
+// (kChunk elements unless the op picks another size);
 // block b works on chunks b, b + gridDim.x, ... and finds a chunk's tensor by binary search over
 // the prefix sums of the chunk counts. About 3.4 KB for DEPTH = 3: it fits the classic 4 KB
 // kernel-argument limit, so it works with every driver. Longer lists take more launches.
 
 constexpr int kMaxTensors = 64;
-constexpr int64_t kChunk = 16384;  // a multiple of every vec_size, so chunk starts stay aligned
+// A multiple of every vec_size, so chunk starts stay aligned. Small enough that a large list makes
+// many blocks (64 MB of float32 params: ~4000), so the last partial wave of blocks is a small part
+// of the run; large enough (4 packs per thread for float32) to amortise the per-chunk lookup.
+constexpr int64_t kChunk = 4096;
 constexpr int kThreads = 256;
 constexpr int64_t kMaxGrid = int64_t(1) << 20;
 
@@ -185,11 +189,11 @@ struct TensorTable {
 };
 static_assert(sizeof(TensorTable<3>) <= 3584, "the table must leave room in a 4 KB kernel-argument block");
 
-// Fills tables on the host and hands each full one (and the last) to launch(table, chunks).
+// Fills tables on the host; the caller launches each full one (and the last), then reset()s.
 template <int DEPTH>
 class TableBuilder {
  public:
-  TableBuilder() { reset(); }
+  explicit TableBuilder(int64_t chunk = kChunk) : chunk_(chunk) { reset(); }
 
   // Adds one non-empty tensor; returns true when the table is full and must be launched.
   bool add(const std::array<void*, DEPTH>& ptrs, int64_t numel, int64_t aux, int32_t index, bool vec_ok) {
@@ -201,7 +205,7 @@ class TableBuilder {
     table_.index[k] = index;
     table_.vec_ok[k] = vec_ok;
     table_.chunk_start[k] = chunks_;
-    chunks_ += (numel + kChunk - 1) / kChunk;
+    chunks_ += (numel + chunk_ - 1) / chunk_;
     table_.chunk_start[k + 1] = chunks_;
     table_.count = k + 1;
     return table_.count == kMaxTensors;
@@ -217,6 +221,7 @@ class TableBuilder {
 
  private:
   TensorTable<DEPTH> table_;
+  int64_t chunk_;
   int64_t chunks_ = 0;
 };
 

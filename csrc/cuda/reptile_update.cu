@@ -1,68 +1,89 @@
 // theta_i += epsilon * (mean_t adapted_i[t] - theta_i), fused over the whole list, in place.
 //
-// Layout: one multi-tensor launch per table of up to 64 tensors (cuda_common.cuh): 256 threads per
-// block, one 16384-element chunk of theta per block. Each thread owns 16-byte packs of theta (when
-// theta, adapted and the row length allow it) and sums the T rows of adapted for them in task
-// order, then writes theta + eps * (sum / T - theta). Every element is read and written by one
-// thread only: no races, no reductions across threads.
+// Layout: one multi-tensor launch per table of up to 64 tensors (cuda_common.cuh), 256 threads per
+// block. The sum over the T tasks is split across the block so that there is enough parallelism
+// when theta is small and T large (Reptile's usual shape: ~100k parameters, tens to hundreds of
+// tasks): the threads form R = 1, 2, 4 or 8 row groups (by T) of 256 / R lanes; each lane owns V
+// consecutive elements (one 16-byte pack when theta, adapted and the row length allow it), and
+// group r sums rows r, r + R, r + 2R, ... for them. The R partial sums meet in shared memory and
+// group 0 adds them in a fixed order (deterministic) and writes theta + eps * (sum / T - theta).
+// A block's chunk is therefore (256 / R) * V elements of theta.
 #include "cuda_common.cuh"
 
 namespace meta_kernels {
 namespace cuda {
 namespace {
 
-template <typename scalar_t>
-struct ReptileOp {
-  using opmath_t = at::opmath_type<scalar_t>;
-  static constexpr int V = vec_size<scalar_t>();
-  scalar_t* theta;
-  const scalar_t* phi;  // [T, n] rows
-  int64_t n;
-  int64_t T;
-  opmath_t eps;
-  opmath_t inv_T;
-
-  __device__ __forceinline__ void one(int64_t i) const {
-    opmath_t acc = 0;
-    for (int64_t t = 0; t < T; ++t) acc += static_cast<opmath_t>(phi[t * n + i]);
-    const opmath_t th = static_cast<opmath_t>(theta[i]);
-    theta[i] = static_cast<scalar_t>(th + eps * (acc * inv_T - th));
-  }
-  __device__ __forceinline__ void vec(int64_t i) const {
-    using P = Pack<scalar_t, V>;
-    opmath_t acc[V];
-#pragma unroll
-    for (int k = 0; k < V; ++k) acc[k] = 0;
-#pragma unroll 4
-    for (int64_t t = 0; t < T; ++t) {
-      const P a = *reinterpret_cast<const P*>(phi + t * n + i);
-#pragma unroll
-      for (int k = 0; k < V; ++k) acc[k] += static_cast<opmath_t>(a.v[k]);
-    }
-    const P th = *reinterpret_cast<const P*>(theta + i);
-    P o;
-#pragma unroll
-    for (int k = 0; k < V; ++k) {
-      const opmath_t x = static_cast<opmath_t>(th.v[k]);
-      o.v[k] = static_cast<scalar_t>(x + eps * (acc[k] * inv_T - x));
-    }
-    *reinterpret_cast<P*>(theta + i) = o;
-  }
-};
+inline int row_groups(int64_t T) { return T >= 8 ? 8 : T >= 4 ? 4 : T >= 2 ? 2 : 1; }
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
-reptile_kernel(const TensorTable<2> tab, const int64_t chunks, const int64_t T, const double epsilon) {
+reptile_kernel(const TensorTable<2> tab, const int64_t chunks, const int64_t chunk, const int64_t T, const int R,
+               const double epsilon) {
   using opmath_t = at::opmath_type<scalar_t>;
   constexpr int V = vec_size<scalar_t>();
+  using P = Pack<scalar_t, V>;
+  __shared__ opmath_t part[kThreads * V];
+  const int lanes = kThreads / R;
+  const int r = static_cast<int>(threadIdx.x) / lanes;
+  const int lane = static_cast<int>(threadIdx.x) - r * lanes;
+  const opmath_t eps = static_cast<opmath_t>(epsilon);
+  const opmath_t inv_T = opmath_t(1) / static_cast<opmath_t>(T);
   for (int64_t c = blockIdx.x; c < chunks; c += gridDim.x) {
     const int j = tab.find(c);
     const int64_t n = tab.numel[j];
-    const int64_t begin = (c - tab.chunk_start[j]) * kChunk;
-    const int64_t end = min64(n, begin + kChunk);
-    const ReptileOp<scalar_t> op{static_cast<scalar_t*>(tab.ptr[0][j]), static_cast<const scalar_t*>(tab.ptr[1][j]),
-                                 n, T, static_cast<opmath_t>(epsilon), opmath_t(1) / static_cast<opmath_t>(T)};
-    for_range<V>(begin, end, tab.vec_ok[j], op);
+    const int64_t i0 = (c - tab.chunk_start[j]) * chunk + static_cast<int64_t>(lane) * V;  // this lane's elements
+    const int cnt = i0 < n ? static_cast<int>(min64(V, n - i0)) : 0;
+    scalar_t* theta = static_cast<scalar_t*>(tab.ptr[0][j]);
+    const scalar_t* phi = static_cast<const scalar_t*>(tab.ptr[1][j]);
+    const bool vec = tab.vec_ok[j] && cnt == V;
+    opmath_t acc[V];
+#pragma unroll
+    for (int k = 0; k < V; ++k) acc[k] = 0;
+    if (vec) {
+#pragma unroll 4
+      for (int64_t t = r; t < T; t += R) {
+        const P a = *reinterpret_cast<const P*>(phi + t * n + i0);
+#pragma unroll
+        for (int k = 0; k < V; ++k) acc[k] += static_cast<opmath_t>(a.v[k]);
+      }
+    } else if (cnt > 0) {
+      for (int64_t t = r; t < T; t += R)
+#pragma unroll
+        for (int k = 0; k < V; ++k)  // static indices keep acc in registers
+          if (k < cnt) acc[k] += static_cast<opmath_t>(phi[t * n + i0 + k]);
+    }
+    if (R > 1) {
+#pragma unroll
+      for (int k = 0; k < V; ++k) part[threadIdx.x * V + k] = acc[k];
+      __syncthreads();
+      if (r == 0) {
+        for (int g = 1; g < R; ++g)
+#pragma unroll
+          for (int k = 0; k < V; ++k) acc[k] += part[(g * lanes + lane) * V + k];
+      }
+      __syncthreads();  // part is reused by the next chunk
+    }
+    if (r == 0 && cnt > 0) {
+      if (vec) {
+        const P th = *reinterpret_cast<const P*>(theta + i0);
+        P o;
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+          const opmath_t x = static_cast<opmath_t>(th.v[k]);
+          o.v[k] = static_cast<scalar_t>(x + eps * (acc[k] * inv_T - x));
+        }
+        *reinterpret_cast<P*>(theta + i0) = o;
+      } else {
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+          if (k < cnt) {
+            const opmath_t x = static_cast<opmath_t>(theta[i0 + k]);
+            theta[i0 + k] = static_cast<scalar_t>(x + eps * (acc[k] * inv_T - x));
+          }
+        }
+      }
+    }
   }
 }
 
@@ -88,9 +109,12 @@ void reptile_update_(at::TensorList params, at::TensorList adapted, double epsil
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   MK_DISPATCH_FLOATING(params[0].scalar_type(), "reptile_update_cuda", [&] {
     constexpr int V = vec_size<scalar_t>();
-    TableBuilder<2> tb;
+    const int R = row_groups(T);
+    const int64_t chunk = static_cast<int64_t>(kThreads / R) * V;
+    TableBuilder<2> tb(chunk);
     auto launch = [&]() {
-      reptile_kernel<scalar_t><<<grid_for(tb.chunks()), kThreads, 0, stream>>>(tb.table(), tb.chunks(), T, epsilon);
+      reptile_kernel<scalar_t><<<grid_for(tb.chunks()), kThreads, 0, stream>>>(tb.table(), tb.chunks(), chunk, T, R,
+                                                                               epsilon);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       tb.reset();
     };

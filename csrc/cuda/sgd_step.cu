@@ -1,7 +1,7 @@
 // phi_i = theta_i - lrs[i] * scale[t] * g_i for a whole list of tensors in one launch.
 //
 // Layout: one multi-tensor table (cuda_common.cuh) per launch, so up to 64 tensors (the Conv4 set
-// of 18 included, at any T) take a single launch; 256 threads per block, one 16384-element chunk
+// of 18 included, at any T) take a single launch; 256 threads per block, one 4096-element chunk
 // per block (grid = number of chunks). lrs[i] and scale[t] are read inside the kernel from device
 // memory in whatever floating dtype they have; the coefficient is formed in double and rounded to
 // the math type, as on the CPU. Contiguous 16-byte-aligned tensors use 16-byte packs.

@@ -186,7 +186,9 @@ void test_bn(at::ScalarType dtype) {
 void test_reptile(at::ScalarType dtype) {
   auto reptile = op<void(TensorList, TensorList, double)>("meta_kernels::reptile_update_");
   const auto o = at::TensorOptions().dtype(dtype);
-  for (int64_t T : {1, 4}) {
+  // T picks 1, 2, 4 or 8 row groups; 9 rows over 8 groups is uneven; with 8 groups a block's
+  // chunk is 32 packs, so the larger tensors take several chunks.
+  for (int64_t T : {1, 2, 4, 9, 20}) {
     std::vector<at::Tensor> theta, phi;
     for (int64_t n : {3, 64, 100, 333, 0, 8, 1}) {
       theta.push_back(at::randn({n}, o));
@@ -203,8 +205,11 @@ void test_reptile(at::ScalarType dtype) {
     }
     reptile.call(want, phi, 0.3);
     mkc::reptile_update_(got, phi, 0.3);
+    // One row group sums the tasks in the CPU kernel's order (exact); several add partial sums.
+    const double tol = T < 2 ? 0.0 : red_tol(dtype) * (dtype == at::kFloat || dtype == at::kDouble ? 1.0 : 0.5);
     for (size_t i = 0; i < theta.size(); ++i)
-      check(same(got[i], want[i]), "reptile_update_ " + name(dtype) + " T=" + std::to_string(T) + " tensor " + std::to_string(i));
+      check(same(got[i], want[i], tol, tol),
+            "reptile_update_ " + name(dtype) + " T=" + std::to_string(T) + " tensor " + std::to_string(i));
   }
 }
 

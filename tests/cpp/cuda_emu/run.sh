@@ -34,7 +34,7 @@ for inc in ("#include <ATen/cuda/CUDAContext.h>", "#include <c10/cuda/CUDAExcept
     common = sub(common, inc, "")
 common = sub(common, '#include "../common.h"', f'#include "{repo}/csrc/common.h"')
 common = sub(common, "constexpr int kMaxTensors = 64;", "constexpr int kMaxTensors = 4;")
-common = sub(common, "constexpr int64_t kChunk = 16384;", "constexpr int64_t kChunk = 64;")
+common = sub(common, "constexpr int64_t kChunk = 4096;", "constexpr int64_t kChunk = 64;")
 common = sub(common, "constexpr int64_t kMaxGrid = int64_t(1) << 20;", "constexpr int64_t kMaxGrid = 3;")
 (work / "cuda_common.cuh").write_text(common)
 
