@@ -43,7 +43,9 @@ sources = [os.path.relpath(p, here) for p in sorted(glob.glob(os.path.join(here,
 build_cuda, reason = cuda_decision()
 torch_version = torch.__version__.split("+")[0]
 define_macros = [("META_KERNELS_TORCH_VERSION", f'"{torch_version}"')]
-cxx_flags = ["-O3", "-g0", "-fopenmp", "-std=c++17"]
+# No -std: BuildExtension adds the standard the installed torch builds with (C++17 for 2.13,
+# C++20 for 2.14, whose headers no longer compile as C++17).
+cxx_flags = ["-O3", "-g0", "-fopenmp"]
 extra_link_args = ["-fopenmp"]
 
 if build_cuda:
@@ -59,12 +61,9 @@ if build_cuda:
     site_packages = os.path.dirname(os.path.dirname(os.path.abspath(torch.__file__)))
     cuda_include_dirs = [os.path.join(CUDA_HOME, "include")] + sorted(
         d for d in glob.glob(os.path.join(site_packages, "nvidia", "*", "include")) if os.path.isdir(d))
-    # No -std here: BuildExtension then adds the standard the installed torch builds with (C++20 for
-    # recent ones; torch 2.14's headers no longer compile as C++17) to the host and nvcc flags alike.
-    cuda_cxx_flags = [f for f in cxx_flags if not f.startswith("-std=")]
     ext = CUDAExtension(
         "meta_kernels._C", sources, define_macros=define_macros, include_dirs=cuda_include_dirs,
-        extra_compile_args={"cxx": cuda_cxx_flags, "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]},
+        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]},
         extra_link_args=extra_link_args)
     print(f"meta_kernels: building CPU and CUDA kernels (archs {archs}; {reason or 'CUDA available'})")
 else:

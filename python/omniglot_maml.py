@@ -19,6 +19,7 @@ def main():
     parser.add_argument("--variant", default="small", choices=("small", "full"))
     parser.add_argument("--data-root")
     parser.add_argument("--out", default="runs/omniglot")
+    parser.add_argument("--test-episodes", type=int, default=600)
     args = parser.parse_args()
     overrides = [f"maml.algo={args.algo}", "maml.inner_steps=1", "maml.meta_batch_size=8", "maml.inner_clip=null",
                  "episodes.q_query=5", f"episodes.episodes_per_epoch={8 * args.steps}", "run.model_filters=32",
@@ -32,7 +33,7 @@ def main():
     config = MetaLearningFullConfig.dev().with_overrides(overrides)
     trainer = Trainer(config, args.out)
     print(trainer.fit())
-    result = evaluate_checkpoint(trainer.ckpt_dir / "best.pt", f"{args.out}/test", episodes=200)
+    result = evaluate_checkpoint(trainer.ckpt_dir / "best.pt", f"{args.out}/test", episodes=args.test_episodes)
     print(f"test accuracy {result['accuracy']:.3f} +- {result['ci95']:.3f}, adaptation curve {result['curve_accuracy']}")
 
 

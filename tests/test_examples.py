@@ -33,7 +33,8 @@ def test_omniglot_example(tmp_path, algo):
     data = shared_data_dir()
     if data is None:
         pytest.skip("real Omniglot not found: set META_KERNELS_DATA")
-    out = _run("omniglot_maml.py", "--algo", algo, "--steps", "2", "--out", str(tmp_path / "o"), tmp_path=tmp_path,
+    out = _run("omniglot_maml.py", "--algo", algo, "--steps", "2", "--test-episodes", "16", "--out", str(tmp_path / "o"),
+               tmp_path=tmp_path,
                env={"META_KERNELS_DATA": str(data), "META_KERNELS_CACHE": str(tmp_path / "cache")})
     assert "test accuracy" in out
 

@@ -96,8 +96,9 @@ def test_resume_is_bit_identical(data_env, tmp_path):
     for a, b in zip(_params(straight), _params(resumed)):
         assert torch.equal(a, b)
     ck = load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")
-    for key in ("model", "optimizer", "config", "algo", "inner_steps", "inner_lrs", "rng", "sampler", "counters"):
+    for key in ("model", "learner", "config", "algo", "inner_steps", "inner_lrs", "rng", "sampler", "counters"):
         assert key in ck, key
+    assert "optimizer" in ck["learner"] and ck["config"]["episodes"]["n_way"] == 5
     changed = cfg.with_overrides(["maml.inner_lr=0.1", "episodes.q_query=3"])
     with pytest.raises(CheckpointError, match=r"(?s)maml.inner_lr: checkpoint 0.4 != now 0.1.*episodes.q_query"):
         Trainer(changed, tmp_path / "b", resume=True, progress=False)
