@@ -198,7 +198,7 @@ def evaluate(model, sampler: EpisodeSampler, config: MetaLearningFullConfig, epi
     Runs under no_grad and never touches the model's running statistics."""
     cfg = config.maml
     bn_mode = config.mamlpp.bn_mode
-    lrs = cfg.inner_lr if lrs is None else lrs.detach()
+    lrs = lrs.detach() if isinstance(lrs, torch.Tensor) else (cfg.inner_lr if lrs is None else lrs)
     B = cfg.meta_batch_size
     accs, losses, curves = [], [], []
     params = dict(model.named_parameters())
