@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def _cmd_info(args) -> int:
@@ -35,13 +36,18 @@ def _load_config(args):
 
 def _cmd_train(args) -> int:
     from meta_kernels.train import Trainer, evaluate_checkpoint
+    import os
     config = _load_config(args)
-    trainer = Trainer(config, args.out, resume=args.resume)
-    config.save(trainer.out / "config.yaml")
+    # After a torchrun restart (--max-restarts), continue from the last checkpoint when there is one.
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    resume = args.resume or (restarted and (Path(args.out) / "checkpoints" / "last.pt").is_file())
+    trainer = Trainer(config, args.out, resume=resume, progress=not args.no_progress)
+    if trainer.rank == 0:
+        config.save(trainer.out / "config.yaml")
     summary = trainer.fit(max_steps=args.max_steps)
     print(json.dumps(summary, indent=2))
     best = trainer.ckpt_dir / "best.pt"
-    if args.test and best.is_file():
+    if args.test and best.is_file() and trainer.rank == 0:
         result = evaluate_checkpoint(best, trainer.out / "test", split="test")
         print(f"test: {result['accuracy']:.4f} +- {result['ci95']:.4f} over {result['episodes']} episodes; "
               f"adaptation curve {[round(a, 3) for a in result['curve_accuracy']]}")
@@ -78,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
     train.add_argument("--max-steps", type=int, help="stop after this many outer steps")
     train.add_argument("--test", action="store_true", help="evaluate the best checkpoint on the test split at the end")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(func=_cmd_train)
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint: accuracy +- 95%% CI, adaptation curve, AUAC")

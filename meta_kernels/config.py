@@ -57,6 +57,7 @@ class MAMLConfig:
     backend: str = "auto"
     engine: str = "torch_func"
     meta_lr: float = 1e-3
+    meta_optimizer: str = "adam"  # or "sgd"
     meta_batch_size: int = 4
     reptile_epsilon: float = 1.0
     reptile_decay_steps: int = 0  # linear decay of epsilon to 0 over this many outer steps (0: none)
@@ -81,6 +82,8 @@ class MAMLConfig:
         _require(self.backend in OP_BACKENDS, name, "backend", f"unknown backend {self.backend!r}; choose one of {', '.join(OP_BACKENDS)}")
         _require(self.engine in ENGINES, name, "engine", f"unknown engine {self.engine!r}; choose one of {', '.join(ENGINES)}")
         _require(self.meta_lr > 0, name, "meta_lr", f"must be > 0, got {self.meta_lr}")
+        _require(self.meta_optimizer in ("adam", "sgd"), name, "meta_optimizer",
+                 f"must be 'adam' or 'sgd', got {self.meta_optimizer!r}")
         _require(self.meta_batch_size >= 1, name, "meta_batch_size", f"must be >= 1, got {self.meta_batch_size}")
         _require(0 < self.reptile_epsilon <= 1, name, "reptile_epsilon", f"must be in (0, 1], got {self.reptile_epsilon}")
         _require(self.reptile_decay_steps >= 0, name, "reptile_decay_steps", f"must be >= 0, got {self.reptile_decay_steps}")
@@ -150,6 +153,7 @@ class RunConfig:
     test_episodes: int = 600
     num_threads: int = 0  # 0: torch's default
     device: str = "cpu"
+    dist_timeout_s: int = 120  # a rank waiting longer than this on its peers fails instead of hanging
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -159,6 +163,7 @@ class RunConfig:
         _require(self.omniglot_variant in ("full", "small"), name, "omniglot_variant",
                  f"must be 'full' or 'small', got {self.omniglot_variant!r}")
         _require(self.num_threads >= 0, name, "num_threads", f"must be >= 0, got {self.num_threads}")
+        _require(self.dist_timeout_s >= 1, name, "dist_timeout_s", f"must be >= 1, got {self.dist_timeout_s}")
 
 
 SECTIONS = {"maml": MAMLConfig, "mamlpp": MAMLPlusPlusConfig, "episodes": EpisodeConfig,

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from meta_kernels import distributed
 from meta_kernels.checkpoint import (CheckpointError, config_differences, load_checkpoint, rng_state, save_checkpoint,
                                      set_rng_state)
 from meta_kernels.config import MetaLearningFullConfig
@@ -55,8 +56,10 @@ def build_model(config: MetaLearningFullConfig, image_shape) -> Conv4:
 class Trainer:
     def __init__(self, config: MetaLearningFullConfig, out_dir: str | os.PathLike, *, resume: bool = False,
                  progress: bool = True):
-        self.config, self.progress = config, progress
-        self.out = _writable_dir(Path(out_dir))
+        # Under torchrun: join the process group; rank 0 alone writes metrics, plots, checkpoints.
+        self.rank, self.world_size = distributed.init_from_env(config.run.device, config.run.dist_timeout_s)
+        self.config, self.progress = config, progress and self.rank == 0
+        self.out = _writable_dir(Path(out_dir)) if self.rank == 0 else Path(out_dir)
         if config.run.num_threads:
             torch.set_num_threads(config.run.num_threads)
         torch.manual_seed(config.run.seed)
@@ -64,6 +67,7 @@ class Trainer:
         self.samplers = {s: EpisodeSampler(d, config.episodes, seed=config.run.seed + SPLIT_SEEDS[s])
                          for s, d in self.data.items()}
         self.model = build_model(config, self.data["train"].image_shape).to(config.run.device)
+        distributed.broadcast_(list(self.model.parameters()) + list(self.model.buffers()))
         self.learner = MetaLearner(self.model, config.maml, mamlpp=config.mamlpp)
         total = config.run.epochs * self.samplers["train"].steps_per_epoch(config.maml.meta_batch_size)
         self.scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(self.learner.optimizer, T_max=max(total, 1))
@@ -98,7 +102,9 @@ class Trainer:
             payload["sampler"] = self.samplers["train"].state_dict()
         return payload
 
-    def save(self, name: str) -> Path:
+    def save(self, name: str) -> Path | None:
+        if self.rank != 0:
+            return None
         path = save_checkpoint(self.ckpt_dir / name, self._payload())
         if name.startswith("step-"):
             steps = sorted(self.ckpt_dir.glob("step-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
@@ -134,7 +140,7 @@ class Trainer:
         sampler = self.samplers["train"]
         steps_per_epoch = sampler.steps_per_epoch(B)
         done = 0
-        log = (self.out / "metrics.jsonl").open("a")
+        log = (self.out / "metrics.jsonl").open("a") if self.rank == 0 else open(os.devnull, "w")
         start = time.perf_counter()
         try:
             while self.epoch < cfg.run.epochs:
@@ -143,8 +149,8 @@ class Trainer:
                 for step in bar:
                     if max_steps is not None and done >= max_steps:
                         return self._summary(time.perf_counter() - start)
-                    batch = sampler.meta_batch(self.epoch, step, B).to(cfg.run.device)
-                    metrics = self.learner.step(batch, epoch=self.epoch)
+                    batch = sampler.meta_batch(self.epoch, step, B, self.rank, self.world_size).to(cfg.run.device)
+                    metrics = self.learner.step(batch, epoch=self.epoch, total_tasks=B)
                     if self.scheduler is not None:
                         self.scheduler.step()
                     self.step, self.global_step, done = step + 1, self.global_step + 1, done + 1
@@ -152,9 +158,9 @@ class Trainer:
                               **metrics, "tasks_per_s": done * B / (time.perf_counter() - start)}
                     self.history.append(record)
                     log.write(json.dumps(record) + "\n")
-                    bar.set_postfix(loss=f"{metrics['query_loss']:.3f}", acc=f"{metrics['post_adapt_acc']:.3f}",
+                    bar.set_postfix(loss=f"{metrics[self.loss_key]:.3f}", acc=f"{metrics['post_adapt_acc']:.3f}",
                                     tasks_s=f"{record['tasks_per_s']:.0f}")
-                    if self.global_step % cfg.run.val_every == 0:
+                    if self.global_step % cfg.run.val_every == 0 and self.rank == 0:
                         val = self.evaluate("val", cfg.run.val_episodes)
                         val_record = {"split": "val", "global_step": self.global_step, **val}
                         self.history.append(val_record)
@@ -176,15 +182,22 @@ class Trainer:
         vals = [h for h in self.history if h["split"] == "val"]
         k = max(1, min(10, len(train) // 2))
         summary = {"global_step": self.global_step, "epoch": self.epoch, "seconds": round(seconds, 2),
-                   "train_loss_first": float(np.mean([h["query_loss"] for h in train[:k]])) if train else None,
-                   "train_loss_last": float(np.mean([h["query_loss"] for h in train[-k:]])) if train else None,
+                   "train_loss": self.loss_key,
+                   "train_loss_first": float(np.mean([h[self.loss_key] for h in train[:k]])) if train else None,
+                   "train_loss_last": float(np.mean([h[self.loss_key] for h in train[-k:]])) if train else None,
                    "best_val_accuracy": self.best_val if vals else None,
                    "last_val": vals[-1] if vals else None}
-        (self.out / "metrics.json").write_text(json.dumps(summary, indent=2))
-        self.plot_training()
+        if self.rank == 0:
+            (self.out / "metrics.json").write_text(json.dumps(summary, indent=2))
+            self.plot_training()
         return summary
 
     # ---- evaluation --------------------------------------------------------------------------
+    @property
+    def loss_key(self) -> str:
+        """Reptile's outer step makes no query pass: its training loss is the support loss."""
+        return "support_loss" if self.config.maml.algo == "reptile" else "query_loss"
+
     def evaluate(self, split: str, episodes: int, sampler: EpisodeSampler | None = None) -> dict:
         return evaluate(self.model, sampler or self.samplers[split], self.config, episodes,
                         lrs=self.learner.inner_lrs())
@@ -230,9 +243,10 @@ def plot_training(history: list[dict], path: Path) -> None:
     train = [h for h in history if h["split"] == "train"]
     vals = [h for h in history if h["split"] == "val"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
-    ax1.plot([h["global_step"] for h in train], [h["query_loss"] for h in train], lw=0.8)
+    key = "support_loss" if train and "support_loss" in train[0] else "query_loss"
+    ax1.plot([h["global_step"] for h in train], [h[key] for h in train], lw=0.8)
     ax1.set_xlabel("outer step")
-    ax1.set_ylabel("meta-train query loss")
+    ax1.set_ylabel(f"meta-train {key.replace('_', ' ')}")
     ax2.plot([h["global_step"] for h in train], [h["post_adapt_acc"] for h in train], lw=0.8, label="train (post-adapt)")
     if vals:
         ax2.plot([h["global_step"] for h in vals], [h["accuracy"] for h in vals], "o-", label="validation")

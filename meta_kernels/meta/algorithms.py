@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 import meta_kernels.ops as ops
+from meta_kernels import distributed
 from meta_kernels.config import ALGORITHMS, MAMLConfig, MAMLPlusPlusConfig
 from meta_kernels.meta.inner import AdaptResult, NonFiniteLossError, StepLog, _as_task_batch, adapt_tasks, per_task_loss
 from meta_kernels.meta.mamlpp import LSLR_MAX, LSLR_MIN, msl_weights
@@ -143,7 +144,8 @@ class MetaLearner:
         self.msl_logits = (nn.Parameter(torch.zeros(K, device=device))
                            if self.mamlpp.use_msl and self.mamlpp.msl_weights == "learned" else None)
         extra = [p for p in (self.lslr, self.msl_logits) if p is not None]
-        self.optimizer = optimizer or torch.optim.Adam(list(model.parameters()) + extra, lr=config.meta_lr)
+        outer = torch.optim.Adam if config.meta_optimizer == "adam" else torch.optim.SGD
+        self.optimizer = optimizer or outer(list(model.parameters()) + extra, lr=config.meta_lr)
         if optimizer is not None and extra:
             self.optimizer.add_param_group({"params": extra})
         self.outer_steps = 0
@@ -200,6 +202,19 @@ class MetaLearner:
         self.optimizer.load_state_dict(state["optimizer"])
         self.outer_steps = state["outer_steps"]
 
+    def _reptile_adapt(self, params, sub, lrs):
+        xs, ys = _batch_parts(sub)[:2]
+        cfg = self.config
+        result = adapt_tasks(params, (xs, ys), model=self.task_model, steps=cfg.inner_steps, lrs=lrs, first_order=True,
+                             inner_clip=cfg.inner_clip, engine=cfg.engine, backend=cfg.backend, no_graph=True,
+                             on_nonfinite="skip" if cfg.skip_nonfinite_tasks else "raise", loss=cfg.loss,
+                             bn_mode=self.mamlpp.bn_mode)
+        last = result.logs[-1]
+        nan = math.nan
+        metrics = {"pre_adapt_acc": nan, "post_adapt_acc": nan, "fast_gain": nan, "auac": nan,
+                   "query_loss": nan, "support_loss": last.loss, "skipped_tasks": int((~result.task_ok).sum())}
+        return result.adapted, metrics
+
     def reptile_epsilon(self) -> float:
         cfg = self.config
         if cfg.reptile_decay_steps <= 0:
@@ -207,39 +222,77 @@ class MetaLearner:
         return cfg.reptile_epsilon * max(0.0, 1.0 - self.outer_steps / cfg.reptile_decay_steps)
 
     # ---- the outer step ----------------------------------------------------------------------
-    def step(self, task_batch, *, epoch: int = 0, track_curve: bool = False) -> dict[str, float]:
-        """One outer step on a meta-batch; returns metrics averaged over its tasks."""
+    def step(self, task_batch, *, epoch: int = 0, track_curve: bool = False,
+             total_tasks: int | None = None) -> dict[str, float]:
+        """One outer step on a meta-batch; returns metrics averaged over its tasks.
+
+        Under torch.distributed, `task_batch` is this rank's shard and `total_tasks` the size of
+        the whole meta-batch: gradients (or Reptile's adapted weights) are summed over ranks, so
+        every rank takes the step the unsharded meta-batch would give."""
         parts = _batch_parts(task_batch)
         single = self.config.loss == "cross_entropy" and parts[1].dim() == 1
-        T = 1 if single else parts[0].shape[0]
-        chunk = self.config.task_chunk or T
+        local = 1 if single else parts[0].shape[0]
+        rank, world_size = distributed.world()
+        T = total_tasks or local
+        chunk = self.config.task_chunk or local
         params = dict(self.model.named_parameters())
         algo = self.config.algo
         totals: dict[str, float] = {}
         adapted_chunks = []
         self.optimizer.zero_grad(set_to_none=True)
-        for start in range(0, T, chunk):
+        for start in range(0, local, chunk):
             lrs, msl = self.inner_lrs(), self.current_msl_weights(epoch)  # per chunk: each graph is freed
             sub = parts if single else tuple(p[start:start + chunk] for p in parts)
-            out = meta_loss(params, sub, config=self.config, model=self.task_model, track_curve=track_curve,
-                            lrs=lrs, msl_weights=msl, bn_mode=self.mamlpp.bn_mode,
-                            first_order=self.first_order_at(epoch), update_stats=self.mamlpp.bn_mode != "transductive")
             n = 1 if single else sub[1].shape[0]
-            if algo == "reptile":
-                adapted_chunks.append(out.logs.adapted_params)
+            if algo == "reptile" and not track_curve:
+                # Reptile's update needs only the adapted weights: no query pass on the hot path.
+                adapted, metrics = self._reptile_adapt(params, sub, lrs)
+                adapted_chunks.append(adapted)
             else:
-                (out.loss * (n / T)).backward()
-            for k, v in out.metrics.items():
+                out = meta_loss(params, sub, config=self.config, model=self.task_model, track_curve=track_curve,
+                                lrs=lrs, msl_weights=msl, bn_mode=self.mamlpp.bn_mode,
+                                first_order=self.first_order_at(epoch),
+                                update_stats=self.mamlpp.bn_mode != "transductive")
+                metrics = out.metrics
+                if algo == "reptile":
+                    adapted_chunks.append(out.logs.adapted_params)
+                else:
+                    (out.loss * (n / T)).backward()
+            for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + v * (n if k != "skipped_tasks" else 1)
         if algo == "reptile":
             names = list(params)
             adapted = [torch.cat([c[k] for c in adapted_chunks]) for k in names]
+            if world_size > 1:  # mean over all ranks' tasks, passed on as a single "task"
+                sums = [a.sum(0) for a in adapted]
+                distributed.all_reduce_sum_(sums)
+                adapted = [(s_ / T).unsqueeze(0) for s_ in sums]
             with torch.no_grad():
                 ops.reptile_update_(list(params.values()), adapted, self.reptile_epsilon(), backend=self.config.backend)
         else:
+            if world_size > 1:
+                trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
+                for p in trainable:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                distributed.all_reduce_sum_([p.grad for p in trainable])
             self.optimizer.step()
             if self.lslr is not None:
                 with torch.no_grad():  # learned rates never leave the clamp range
                     self.lslr.clamp_(LSLR_MIN, LSLR_MAX)
         self.outer_steps += 1
+        if world_size > 1 and self.mamlpp.bn_mode != "transductive":
+            # Running BN statistics were folded from this rank's tasks: the task-weighted sum over
+            # ranks equals folding the statistics of the whole meta-batch.
+            stats = [b for b in self.model.buffers() if b.is_floating_point()]
+            with torch.no_grad():
+                for b in stats:
+                    b.mul_(local / T)
+                distributed.all_reduce_sum_(stats)
+        if world_size > 1:
+            keys = sorted(totals)
+            values = torch.tensor([totals[k] for k in keys], dtype=torch.float64,
+                                  device=next(self.model.parameters()).device)
+            distributed.all_reduce_sum_([values])
+            totals = dict(zip(keys, values.tolist()))
         return {k: (v / T if k != "skipped_tasks" else v) for k, v in totals.items()}
