@@ -203,7 +203,11 @@ class MetaLearner:
         self.outer_steps = state["outer_steps"]
 
     def _reptile_adapt(self, params, sub, lrs):
-        xs, ys = _batch_parts(sub)[:2]
+        # Reptile trains each task on all of its examples (support and query alike are training
+        # data of a meta-training task), as in Nichol et al. 2018; evaluation adapts on support only.
+        xs, ys, xq, yq = _batch_parts(sub)
+        if ys.dim() == yq.dim() and ys.dim() >= 2:
+            xs, ys = torch.cat([xs, xq], 1), torch.cat([ys, yq], 1)
         cfg = self.config
         result = adapt_tasks(params, (xs, ys), model=self.task_model, steps=cfg.inner_steps, lrs=lrs, first_order=True,
                              inner_clip=cfg.inner_clip, engine=cfg.engine, backend=cfg.backend, no_graph=True,
