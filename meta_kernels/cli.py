@@ -63,6 +63,11 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_validate(args) -> int:
+    from meta_kernels.validate import run_validation
+    return run_validation()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meta-kernels", description="Meta-learning on fused inner-loop kernels")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -93,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", default="test", choices=("train", "val", "test"))
     ev.add_argument("--out", default="runs/eval")
     ev.set_defaults(func=_cmd_eval)
+
+    val = sub.add_parser("validate", help="op self-checks and gates (a), (c) on this machine (about a minute)")
+    val.set_defaults(func=_cmd_validate)
     return parser
 
 

@@ -35,3 +35,17 @@ def test_console_script_reports_bad_arguments():
     out = subprocess.run([sys.executable, "-m", "meta_kernels.cli", "demo", "--steps", "zero"], capture_output=True,
                          text=True)
     assert out.returncode != 0 and "invalid int value" in out.stderr
+
+
+def test_validate_runs_every_check(monkeypatch, tmp_path, capsys):
+    from tests.conftest_data import shared_data_dir
+    data = shared_data_dir()
+    if data is None:
+        import pytest
+        pytest.skip("real Omniglot not found")
+    monkeypatch.setenv("META_KERNELS_DATA", str(data))
+    monkeypatch.setenv("META_KERNELS_CACHE", str(tmp_path / "cache"))
+    assert main(["validate"]) == 0
+    out = capsys.readouterr().out
+    for check in ("ops on backend 'reference'", "ops on backend 'cpp'", "ops on backend 'triton'", "gate (a)", "gate (c)"):
+        assert f"PASS  {check}" in out, out
