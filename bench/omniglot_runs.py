@@ -16,7 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 from meta_kernels.config import MetaLearningFullConfig
 from meta_kernels.train import Trainer
@@ -91,7 +90,7 @@ def main(argv=None) -> int:
         print(f"{name}: pre {t['pre_adapt_acc']:.3f} post {t['accuracy']:.3f} +- {t['ci95']:.3f} auac {t['auac']:.3f} "
               f"({rows[-1]['s_per_step']} s/step)", flush=True)
     (out / f"{args.suite}.json").write_text(json.dumps({"machine": _machine(), "steps": args.steps, "runs": rows}, indent=2))
-    print(f"\n| run | steps | pre-adapt acc | post-adapt acc (95% CI) | step-1 acc | AUAC | s/step | NaN steps | LSLR range |")
+    print("\n| run | steps | pre-adapt acc | post-adapt acc (95% CI) | step-1 acc | AUAC | s/step | NaN steps | LSLR range |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
         t = r["test"]

@@ -8,8 +8,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import meta_kernels  # noqa: E402
-from meta_kernels.ops import _backend  # noqa: E402
+import meta_kernels  # noqa: E402,F401  (imported after TRITON_INTERPRET is set)
 
 HAS_CUDA = torch.cuda.is_available()
 

@@ -2,7 +2,6 @@
 layout's standard split on a generated stand-in, download and every bad-archive error."""
 from __future__ import annotations
 
-import io
 import zipfile
 from pathlib import Path
 

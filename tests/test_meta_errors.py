@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from torch import nn
+
 
 from meta_kernels.config import ConfigError, MAMLConfig
 from meta_kernels.meta import MetaLearner, NonFiniteLossError, adapt, meta_loss

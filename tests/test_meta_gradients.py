@@ -1,7 +1,6 @@
 """Gate (a) and the meta-gradient invariants: hand-computed MAML/FOMAML gradients on a linear
 model, finite differences, BN against a primitive-op per-task loop, engines and batching modes
 agreeing, the detach detector, fp32 under autocast, clipping, Reptile."""
-import math
 
 import pytest
 import torch

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 import meta_kernels.ops as ops
 from meta_kernels.config import BN_MODES, ENGINES

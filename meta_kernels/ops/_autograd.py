@@ -6,7 +6,6 @@ is), so double backward -- the second-order MAML meta-gradient -- flows through 
 from __future__ import annotations
 
 import torch
-from torch import Tensor
 
 from meta_kernels.ops import _validate, reference
 
