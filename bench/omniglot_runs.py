@@ -67,8 +67,8 @@ def run(name: str, overrides: list[str], steps: int, out: Path, test_episodes: i
     nan = [h for h in trainer.history if h["split"] == "train" and not math.isfinite(h[trainer.loss_key])]
     return {"name": name, "overrides": overrides, "steps": summary["global_step"], "train_seconds": round(seconds, 1),
             "s_per_step": round(seconds / max(summary["global_step"], 1), 3), "test": result,
-            "nan_steps": len(nan), "lslr_min": None if lslr is None else float(lslr.min()),
-            "lslr_max": None if lslr is None else float(lslr.max())}
+            "nan_steps": len(nan), "lslr_min": None if lslr is None else float(lslr.detach().min()),
+            "lslr_max": None if lslr is None else float(lslr.detach().max())}
 
 
 def main(argv=None) -> int:
