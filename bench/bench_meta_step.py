@@ -194,6 +194,6 @@ def test_outer_step(benchmark, algo, T, steps):
         impls["plain-vmap"] = plain_vmap(algo, steps)
     medians, peaks = _measure(impls, batch, rounds=3 if T == 32 else 5)
     benchmark.extra_info.update({
-        "machine": machine(), "median_s": medians, "peak_rss_gb": peaks,
+        "machine": machine(), "median_s": medians, "peak_extra_gb": peaks,
         "speedup_vs": {k: v / medians["ours"] for k, v in medians.items() if k != "ours"}})
     benchmark.pedantic(impls["ours"], args=(batch,), rounds=1, iterations=1)

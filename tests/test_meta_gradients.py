@@ -232,9 +232,10 @@ def test_reptile_update_matches_hand_written_loop():
         adapted = []
         for t in range(xs.shape[0]):
             w = {k: v.clone() for k, v in theta.items()}
+            x_all, y_all = torch.cat([xs[t], xq[t]]), torch.cat([ys[t], yq[t]])  # Reptile uses all task data
             for _ in range(3):
                 p = {k: v.clone().requires_grad_() for k, v in w.items()}
-                loss = ((xs[t] @ p["weight"].T + p["bias"] - ys[t]) ** 2).mean()
+                loss = ((x_all @ p["weight"].T + p["bias"] - y_all) ** 2).mean()
                 grads = torch.autograd.grad(loss, list(p.values()))
                 w = {k: v - 0.05 * g for (k, v), g in zip(w.items(), grads)}
             adapted.append(w)

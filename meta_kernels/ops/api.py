@@ -10,6 +10,8 @@ from torch import Tensor
 from meta_kernels.ops import _backend, _validate, reference
 
 _COMPILED = ("cpp", "cuda")
+# Backends whose arguments are checked here; the compiled ones check the same in C++.
+_CHECKED_IN_PYTHON = ("reference", "triton")
 
 
 def _ns(backend: str):
@@ -46,10 +48,10 @@ def sgd_step(params: Sequence[Tensor], grads: Sequence[Tensor], lrs: Tensor | fl
         raise ValueError("params is empty; pass at least one tensor")
     lrs = _as_lrs(lrs, len(params), params[0])
     name = _backend.resolve(backend, params[0].device)
-    if name == "reference" or name == "triton":
+    if name in _CHECKED_IN_PYTHON:
         _validate.sgd_args(params, grads, lrs, scale)
-        if name == "reference":
-            return reference.sgd_step(params, grads, lrs, scale)
+    if name == "reference":
+        return reference.sgd_step(params, grads, lrs, scale)
     return _ns(name).sgd_step(params, grads, lrs, scale)
 
 
@@ -62,13 +64,13 @@ def sgd_step_(params: Sequence[Tensor], grads: Sequence[Tensor], lrs: Tensor | f
     _check_no_grad_inplace(params, "sgd_step_")
     lrs = _as_lrs(lrs, len(params), params[0])
     name = _backend.resolve(backend, params[0].device)
-    if name == "reference" or name == "triton":
+    if name in _CHECKED_IN_PYTHON:
         _validate.sgd_args(params, grads, lrs, scale)
-        if name == "reference":
-            with torch.no_grad():
-                for p, new in zip(params, reference.sgd_step(params, grads, lrs, scale)):
-                    p.copy_(new)
-            return
+    if name == "reference":
+        with torch.no_grad():
+            for p, new in zip(params, reference.sgd_step(params, grads, lrs, scale)):
+                p.copy_(new)
+        return
     _ns(name).sgd_step_(params, grads, lrs, scale)
 
 
@@ -85,11 +87,11 @@ def clip_grad_norm(grads: Sequence[Tensor], max_norm: float, eps: float = 1e-6, 
     if not max_norm > 0:
         raise ValueError(f"max_norm must be > 0, got {max_norm}")
     name = _backend.resolve(backend, grads[0].device)
-    if name == "reference" or name == "triton":
+    if name in _CHECKED_IN_PYTHON:
         _validate.uniform_list(grads, "grads")
         _validate.leading_tasks(grads, "grads")
-        if name == "reference":
-            return reference.clip_grad_norm(grads, max_norm, eps)
+    if name == "reference":
+        return reference.clip_grad_norm(grads, max_norm, eps)
     return _ns(name).clip_grad_norm(grads, float(max_norm), float(eps))
 
 
@@ -110,11 +112,11 @@ def batch_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = No
     weight = weight.expand(T, C) if weight.dim() == 1 else weight
     bias = bias.expand(T, C) if bias.dim() == 1 else bias
     name = _backend.resolve(backend, x.device)
-    if name == "reference" or name == "triton":
+    if name in _CHECKED_IN_PYTHON:
         _validate.batch_norm_args(x, weight, bias)
-        if name == "reference":
-            out, mean, rstd = reference.batch_norm(x, weight, bias, eps)
-    if name != "reference":
+    if name == "reference":
+        out, mean, rstd = reference.batch_norm(x, weight, bias, eps)
+    else:
         out, mean, rstd = _ns(name).batch_norm(x, weight.contiguous(), bias.contiguous(), float(eps))
     if running_mean is not None or running_var is not None:
         _update_running_stats(x, mean, rstd, eps, running_mean, running_var, momentum)
@@ -146,8 +148,8 @@ def reptile_update_(params: Sequence[Tensor], adapted: Sequence[Tensor], epsilon
         raise ValueError("params is empty; pass at least one tensor")
     _check_no_grad_inplace(params, "reptile_update_")
     name = _backend.resolve(backend, params[0].device)
-    if name == "reference" or name == "triton":
+    if name in _CHECKED_IN_PYTHON:
         _validate.reptile_args(params, adapted)
-        if name == "reference":
-            return reference.reptile_update_(params, adapted, epsilon)
+    if name == "reference":
+        return reference.reptile_update_(params, adapted, epsilon)
     _ns(name).reptile_update_(params, adapted, float(epsilon))
