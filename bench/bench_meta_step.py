@@ -64,11 +64,13 @@ def plain_loop(algo, steps):
         T = xs.shape[0]
         params = dict(model.named_parameters())
         if algo == "reptile":
+            # Reptile adapts on all of a training task's examples, as ours does.
             new = {k: torch.zeros_like(v) for k, v in params.items()}
             for t in range(T):
+                x_all, y_all = torch.cat([xs[t], xq[t]]), torch.cat([ys[t], yq[t]])
                 fast = {k: v.detach().requires_grad_() for k, v in params.items()}
                 for _ in range(steps):
-                    loss = F.cross_entropy(functional_call(model, fast, (xs[t],)), ys[t])
+                    loss = F.cross_entropy(functional_call(model, fast, (x_all,)), y_all)
                     grads = torch.autograd.grad(loss, list(fast.values()))
                     fast = {k: (v - INNER_LR * g).detach().requires_grad_() for (k, v), g in zip(fast.items(), grads)}
                 for k in new:
