@@ -86,4 +86,47 @@ inline void check_batch_norm_args(const at::Tensor& x, const at::Tensor& weight)
   TORCH_CHECK_VALUE(weight.device() == x.device(), "weight is on ", weight.device(), " but x is on ", x.device());
 }
 
+inline void check_sgd_args(at::TensorList params, at::TensorList grads, const at::Tensor& lrs,
+                           const c10::optional<at::Tensor>& scale) {
+  check_uniform_list(params, "params");
+  check_same_as(grads, params, "grads", "params");
+  check_lrs(lrs, params.size(), params[0]);
+  check_scale(scale, params);
+}
+
+inline void check_batch_norm_forward_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
+  check_batch_norm_args(x, weight);
+  TORCH_CHECK_VALUE(bias.sizes() == weight.sizes(), "bias must have the shape of weight ", weight.sizes(), ", got ",
+                    bias.sizes());
+  TORCH_CHECK_VALUE(bias.device() == x.device(), "bias is on ", bias.device(), " but x is on ", x.device());
+}
+
+inline void check_batch_norm_backward_args(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+                                           const at::Tensor& mean, const at::Tensor& rstd) {
+  check_batch_norm_args(x, weight);
+  TORCH_CHECK_VALUE(grad_out.sizes() == x.sizes(), "grad_out must have the shape of x ", x.sizes(), ", got ",
+                    grad_out.sizes());
+  TORCH_CHECK_VALUE(mean.sizes() == weight.sizes() && rstd.sizes() == weight.sizes(),
+                    "mean and rstd must be [T, C] like weight");
+  TORCH_CHECK_VALUE(grad_out.device() == x.device(), "grad_out is on ", grad_out.device(), " but x is on ", x.device());
+  TORCH_CHECK_VALUE(mean.device() == x.device() && rstd.device() == x.device(), "mean and rstd are on ", mean.device(),
+                    " and ", rstd.device(), " but x is on ", x.device());
+}
+
+// Returns T, the number of tasks in adapted's leading dim.
+inline int64_t check_reptile_args(at::TensorList params, at::TensorList adapted) {
+  check_uniform_list(params, "params");
+  TORCH_CHECK_VALUE(adapted.size() == params.size(), "adapted has ", adapted.size(), " tensors but params has ",
+                    params.size(), "; pass one per tensor");
+  const int64_t T = leading_tasks(adapted, "adapted");
+  TORCH_CHECK_VALUE(T >= 1, "adapted must hold at least one task in dim 0");
+  for (size_t i = 0; i < params.size(); ++i) {
+    TORCH_CHECK_VALUE(adapted[i].sizes().slice(1) == params[i].sizes(), "adapted[", i, "] has shape ",
+                      adapted[i].sizes(), " but must be [T, *params[", i, "].shape] = [T, ", params[i].sizes(), "]");
+    TORCH_CHECK_VALUE(adapted[i].scalar_type() == params[i].scalar_type() && adapted[i].device() == params[i].device(),
+                      "adapted[", i, "] must match params[", i, "] in dtype and device");
+  }
+  return T;
+}
+
 }  // namespace meta_kernels

@@ -18,9 +18,7 @@ struct Geometry {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm(const at::Tensor& x_in, const at::Tensor& weight_in,
                                                          const at::Tensor& bias_in, double eps) {
-  check_batch_norm_args(x_in, weight_in);
-  TORCH_CHECK_VALUE(bias_in.sizes() == weight_in.sizes(), "bias must have the shape of weight ", weight_in.sizes(),
-              ", got ", bias_in.sizes());
+  check_batch_norm_forward_args(x_in, weight_in, bias_in);
   const at::Tensor x = x_in.contiguous();
   const Geometry geo(x);
   const auto stat_dtype = math_dtype(x.scalar_type());
@@ -80,11 +78,7 @@ _Pragma("omp simd")
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(const at::Tensor& grad_out_in, const at::Tensor& x_in,
                                                                   const at::Tensor& weight_in, const at::Tensor& mean_in,
                                                                   const at::Tensor& rstd_in) {
-  check_batch_norm_args(x_in, weight_in);
-  TORCH_CHECK_VALUE(grad_out_in.sizes() == x_in.sizes(), "grad_out must have the shape of x ", x_in.sizes(), ", got ",
-              grad_out_in.sizes());
-  TORCH_CHECK_VALUE(mean_in.sizes() == weight_in.sizes() && rstd_in.sizes() == weight_in.sizes(),
-              "mean and rstd must be [T, C] like weight");
+  check_batch_norm_backward_args(grad_out_in, x_in, weight_in, mean_in, rstd_in);
   const at::Tensor x = x_in.contiguous();
   const at::Tensor go = grad_out_in.to(x.scalar_type()).contiguous();
   const Geometry geo(x);

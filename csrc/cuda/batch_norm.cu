@@ -152,10 +152,7 @@ bn_backward_kernel(const scalar_t* __restrict__ go, const scalar_t* __restrict__
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm(const at::Tensor& x_in, const at::Tensor& weight_in,
                                                          const at::Tensor& bias_in, double eps) {
-  check_batch_norm_args(x_in, weight_in);
-  TORCH_CHECK_VALUE(bias_in.sizes() == weight_in.sizes(), "bias must have the shape of weight ", weight_in.sizes(),
-              ", got ", bias_in.sizes());
-  TORCH_CHECK_VALUE(bias_in.device() == x_in.device(), "bias is on ", bias_in.device(), " but x is on ", x_in.device());
+  check_batch_norm_forward_args(x_in, weight_in, bias_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   const Geometry geo(x);
@@ -185,15 +182,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm(const at::Tensor& x_in
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(const at::Tensor& grad_out_in, const at::Tensor& x_in,
                                                                   const at::Tensor& weight_in, const at::Tensor& mean_in,
                                                                   const at::Tensor& rstd_in) {
-  check_batch_norm_args(x_in, weight_in);
-  TORCH_CHECK_VALUE(grad_out_in.sizes() == x_in.sizes(), "grad_out must have the shape of x ", x_in.sizes(), ", got ",
-              grad_out_in.sizes());
-  TORCH_CHECK_VALUE(mean_in.sizes() == weight_in.sizes() && rstd_in.sizes() == weight_in.sizes(),
-              "mean and rstd must be [T, C] like weight");
-  TORCH_CHECK_VALUE(grad_out_in.device() == x_in.device(), "grad_out is on ", grad_out_in.device(), " but x is on ",
-              x_in.device());
-  TORCH_CHECK_VALUE(mean_in.device() == x_in.device() && rstd_in.device() == x_in.device(), "mean and rstd are on ",
-              mean_in.device(), " and ", rstd_in.device(), " but x is on ", x_in.device());
+  check_batch_norm_backward_args(grad_out_in, x_in, weight_in, mean_in, rstd_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   const at::Tensor go = grad_out_in.to(x.scalar_type()).contiguous();

@@ -88,19 +88,9 @@ reptile_kernel(const TensorTable<2> tab, const int64_t chunks, const int64_t chu
 }
 
 void reptile_update_(at::TensorList params, at::TensorList adapted, double epsilon) {
-  check_uniform_list(params, "params");
-  TORCH_CHECK_VALUE(adapted.size() == params.size(), "adapted has ", adapted.size(), " tensors but params has ",
-              params.size(), "; pass one per tensor");
+  const int64_t T = check_reptile_args(params, adapted);
   const int64_t n = static_cast<int64_t>(params.size());
-  const int64_t T = leading_tasks(adapted, "adapted");
-  TORCH_CHECK_VALUE(T >= 1, "adapted must hold at least one task in dim 0");
   std::vector<at::Tensor> theta(n), phi(n);
-  for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK_VALUE(adapted[i].sizes().slice(1) == params[i].sizes(), "adapted[", i, "] has shape ", adapted[i].sizes(),
-                " but must be [T, *params[", i, "].shape] = [T, ", params[i].sizes(), "]");
-    TORCH_CHECK_VALUE(adapted[i].scalar_type() == params[i].scalar_type() && adapted[i].device() == params[i].device(),
-                "adapted[", i, "] must match params[", i, "] in dtype and device");
-  }
   const c10::cuda::CUDAGuard guard(params[0].device());
   for (int64_t i = 0; i < n; ++i) {
     theta[i] = params[i].is_contiguous() ? params[i] : params[i].contiguous();

@@ -114,10 +114,7 @@ void sgd_launch(at::TensorList params, at::TensorList grads, std::vector<at::Ten
 
 std::vector<at::Tensor> sgd_step(at::TensorList params, at::TensorList grads, const at::Tensor& lrs,
                                  const c10::optional<at::Tensor>& scale) {
-  check_uniform_list(params, "params");
-  check_same_as(grads, params, "grads", "params");
-  check_lrs(lrs, params.size(), params[0]);
-  check_scale(scale, params);
+  check_sgd_args(params, grads, lrs, scale);
   std::vector<at::Tensor> outs;
   outs.reserve(params.size());
   for (const auto& t : params) outs.push_back(at::empty(t.sizes(), t.options().memory_format(at::MemoryFormat::Contiguous)));
@@ -127,10 +124,7 @@ std::vector<at::Tensor> sgd_step(at::TensorList params, at::TensorList grads, co
 
 void sgd_step_(at::TensorList params, at::TensorList grads, const at::Tensor& lrs,
                const c10::optional<at::Tensor>& scale) {
-  check_uniform_list(params, "params");
-  check_same_as(grads, params, "grads", "params");
-  check_lrs(lrs, params.size(), params[0]);
-  check_scale(scale, params);
+  check_sgd_args(params, grads, lrs, scale);
   // Non-contiguous params are updated through a contiguous buffer and copied back.
   std::vector<at::Tensor> outs;
   outs.reserve(params.size());
