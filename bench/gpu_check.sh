@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU check, for a lent H100/H200 (its image has torch, triton, pytest, pytest-benchmark; no
-# network): build the extension with the CUDA kernels, run the CUDA and Triton tests, the op and
-# meta-step benchmarks on the GPU, and the GPU bars (launch count, bandwidth, batch norm). Writes
-# everything under $OUT (or bench/results) and prints a short table. Sized to finish in ~8 min.
+# network): build the extension with the CUDA kernels, run the CUDA and Triton tests, the op,
+# meta-step and sharded-ViT benchmarks on the GPU, and the GPU bars (launch count, bandwidth,
+# batch norm). Writes everything under $OUT (or bench/results) and prints a short table. Sized to
+# finish in ~9 min.
 #   device run:  bash bench/gpu_check.sh        (timeout_s 540 leaves room for one rerun)
 set -uo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -31,6 +32,9 @@ t0=$(date +%s)
   echo "== meta-step benchmark, meta-batch 32 ($(( $(date +%s) - t0 )) s)"
   (cd bench && timeout 150 "$py" -m pytest -q -p no:cacheprovider bench_meta_step.py -k "T32" \
     --benchmark-json="$out/meta_step_gpu.json" >/dev/null) && "$py" bench/summarize.py "$out/meta_step_gpu.json"
+  echo "== sharded FOMAML, production_1b ViT on 1 GPU ($(( $(date +%s) - t0 )) s)"
+  timeout 120 "$py" -m torch.distributed.run --standalone --nproc_per_node=1 bench/bench_sharded_gpu.py --steps 4 \
+    || status=1
   echo "== done in $(( $(date +%s) - t0 )) s, status $status"
   exit "$status"
 } 2>&1 | tee "$out/gpu_check.log"

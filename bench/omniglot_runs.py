@@ -2,7 +2,7 @@
 split: train / val / test), used for gate (b) and the MAML++ ablation.
 
     python bench/omniglot_runs.py gate_b   --steps 600   # MAML, FOMAML, Reptile
-    python bench/omniglot_runs.py ablation --steps 300   # MAML, each MAML++ switch alone, all of MAML++
+    python bench/omniglot_runs.py ablation --steps 600 --epochs 4   # MAML, each MAML++ switch alone, all of MAML++
 
 Each run trains for the same number of outer steps, then evaluates test episodes: pre/post-adapt
 accuracy (95% CI), the adaptation curve, AUAC, seconds per outer step. Writes
@@ -21,7 +21,7 @@ from meta_kernels.config import MetaLearningFullConfig
 from meta_kernels.train import Trainer
 
 BASE = ["episodes.n_way=5", "episodes.k_shot=1", "episodes.q_query=5", "run.omniglot_variant=small",
-        "run.model_filters=32", "maml.meta_batch_size=8", "maml.engine=custom", "maml.inner_clip=null",
+        "model.filters=32", "maml.meta_batch_size=8", "maml.engine=custom", "maml.inner_clip=null",
         "maml.meta_lr=0.002", "mamlpp.bn_mode=transductive"]
 
 SUITES = {
@@ -46,9 +46,8 @@ SUITES = {
 ABLATION_BASE = ["maml.algo=maml", "maml.inner_steps=3", "maml.inner_lr=0.4"]
 
 
-def run(name: str, overrides: list[str], steps: int, out: Path, test_episodes: int) -> dict:
+def run(name: str, overrides: list[str], steps: int, out: Path, test_episodes: int, epochs: int = 2) -> dict:
     B = 8
-    epochs = 2  # two epochs of steps/2 each, so annealing and the MSL schedule switch half-way
     decay = [f"maml.reptile_decay_steps={steps}"] if "maml.algo=reptile" in overrides else []  # eps: 1 -> 0
     config = MetaLearningFullConfig.dev().with_overrides(
         BASE + overrides + decay + [f"episodes.episodes_per_epoch={B * steps // epochs}", f"run.epochs={epochs}",
@@ -76,6 +75,8 @@ def main(argv=None) -> int:
     parser.add_argument("suite", choices=list(SUITES))
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--test-episodes", type=int, default=600)
+    parser.add_argument("--epochs", type=int, default=2,
+                        help="the steps are split into this many epochs; annealing and the MSL schedule end after the first")
     parser.add_argument("--only", nargs="*", help="run only these names")
     args = parser.parse_args(argv)
     out = Path(__file__).resolve().parent / "results"
@@ -85,11 +86,12 @@ def main(argv=None) -> int:
         if args.only and name not in args.only:
             continue
         extra = ABLATION_BASE if args.suite == "ablation" else []
-        rows.append(run(name, extra + overrides, args.steps, out / args.suite, args.test_episodes))
+        rows.append(run(name, extra + overrides, args.steps, out / args.suite, args.test_episodes, args.epochs))
         t = rows[-1]["test"]
         print(f"{name}: pre {t['pre_adapt_acc']:.3f} post {t['accuracy']:.3f} +- {t['ci95']:.3f} auac {t['auac']:.3f} "
               f"({rows[-1]['s_per_step']} s/step)", flush=True)
-    (out / f"{args.suite}.json").write_text(json.dumps({"machine": _machine(), "steps": args.steps, "runs": rows}, indent=2))
+    (out / f"{args.suite}.json").write_text(json.dumps({"machine": _machine(), "steps": args.steps, "epochs": args.epochs,
+                                                      "runs": rows}, indent=2))
     print("\n| run | steps | pre-adapt acc | post-adapt acc (95% CI) | step-1 acc | AUAC | s/step | NaN steps | LSLR range |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:

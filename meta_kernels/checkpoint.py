@@ -65,8 +65,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 
 
 # Fields that shape training: resuming with any of them changed would not continue the same run.
-TRAINING_FIELDS = {"maml": None, "mamlpp": None, "episodes": None,
-                   "run": ("seed", "model_filters", "omniglot_variant", "data_root")}
+TRAINING_FIELDS = {"maml": None, "mamlpp": None, "episodes": None, "model": None,
+                   "run": ("seed", "omniglot_variant", "data_root")}
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:

@@ -63,6 +63,16 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_memory(args) -> int:
+    from meta_kernels.memory import sharded_memory_per_gpu
+    config = _load_config(args)
+    for gpus in args.gpus:
+        p = sharded_memory_per_gpu(config, gpus)
+        print(f"{gpus} GPU(s), {p['parameters'] / 1e9:.2f} B parameters: " + ", ".join(
+            f"{k} {v / 1e9:.2f} GB" for k, v in p.items() if k != "parameters"))
+    return 0
+
+
 def _cmd_validate(args) -> int:
     from meta_kernels.validate import run_validation
     return run_validation()
@@ -81,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_cmd_demo)
 
     train = sub.add_parser("train", help="meta-train on Omniglot, mini-ImageNet or a class-folder dataset")
-    train.add_argument("--preset", default="dev", help="starting config: minimal or dev (default dev)")
+    train.add_argument("--preset", default="dev", help="starting config: minimal, dev, production_1b, production_3b or production_7b (default dev)")
     train.add_argument("--config", help="a YAML/JSON config file (instead of --preset)")
     train.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config field")
     train.add_argument("--data-root", help="dataset folder (default $META_KERNELS_DATA/<dataset>)")
@@ -98,6 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", default="test", choices=("train", "val", "test"))
     ev.add_argument("--out", default="runs/eval")
     ev.set_defaults(func=_cmd_eval)
+
+    mem = sub.add_parser("memory", help="memory per GPU of a sharded (FSDP) ViT config, computed by component")
+    mem.add_argument("--preset", default="production_1b", help="a preset (default production_1b)")
+    mem.add_argument("--config", help="a YAML/JSON config file (instead of --preset)")
+    mem.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config field")
+    mem.add_argument("--gpus", type=int, nargs="+", default=[8], help="numbers of GPUs (default 8)")
+    mem.set_defaults(func=_cmd_memory, data_root=None)
 
     val = sub.add_parser("validate", help="op self-checks and gates (a), (c) on this machine (about a minute)")
     val.set_defaults(func=_cmd_validate)

@@ -11,6 +11,9 @@ ENGINES = ("torch_func", "custom", "higher")
 OP_BACKENDS = ("auto", "cuda", "triton", "cpp", "reference")
 BN_MODES = ("transductive", "per_step", "frozen")
 MSL_WEIGHTS = ("uniform", "linear_increase", "learned")
+ARCHS = ("conv4", "vit")
+SHARDING = ("none", "fsdp")
+AUTOCAST = ("none", "bf16")
 
 
 class ConfigError(ValueError):
@@ -141,11 +144,30 @@ class MetaCheckpointConfig:
 
 
 @dataclass
+class ModelConfig:
+    """The network: Conv4 (`filters` per layer) or a ViT (`dim`, `depth`, `heads`, `patch_size`,
+    `mlp_ratio`: the backbone of the production presets)."""
+    arch: str = "conv4"
+    filters: int = 64
+    dim: int = 192
+    depth: int = 6
+    heads: int = 3
+    patch_size: int = 7
+    mlp_ratio: int = 4
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        _require(self.arch in ARCHS, name, "arch", f"unknown architecture {self.arch!r}; choose one of {', '.join(ARCHS)}")
+        for field in ("filters", "dim", "depth", "heads", "patch_size", "mlp_ratio"):
+            _require(getattr(self, field) >= 1, name, field, f"must be >= 1, got {getattr(self, field)}")
+        _require(self.dim % self.heads == 0, name, "heads", f"dim {self.dim} must be divisible by heads {self.heads}")
+
+
+@dataclass
 class RunConfig:
     """Everything about a run that is not the algorithm or the episodes."""
     seed: int = 0
     epochs: int = 1
-    model_filters: int = 64
     data_root: str | None = None  # None: $META_KERNELS_DATA/<dataset>
     omniglot_variant: str = "small"  # 'full' (background/evaluation zips) or 'small' (the two small zips)
     val_every: int = 50  # outer steps between validations
@@ -154,20 +176,26 @@ class RunConfig:
     num_threads: int = 0  # 0: torch's default
     device: str = "cpu"
     dist_timeout_s: int = 120  # a rank waiting longer than this on its peers fails instead of hanging
+    # 'none': every rank holds the whole model and adapts its share of the meta-batch;
+    # 'fsdp': parameters sharded across ranks, all ranks adapt each task together (first order only).
+    sharding: str = "none"
+    autocast: str = "none"  # 'bf16': outer (query) passes under bf16 autocast; the inner loop stays fp32
 
     def __post_init__(self) -> None:
         name = type(self).__name__
-        for field in ("epochs", "model_filters", "val_every", "val_episodes", "test_episodes"):
+        for field in ("epochs", "val_every", "val_episodes", "test_episodes"):
             _require(getattr(self, field) >= 1, name, field, f"must be >= 1, got {getattr(self, field)}")
         _require(self.seed >= 0, name, "seed", f"must be >= 0, got {self.seed}")
         _require(self.omniglot_variant in ("full", "small"), name, "omniglot_variant",
                  f"must be 'full' or 'small', got {self.omniglot_variant!r}")
         _require(self.num_threads >= 0, name, "num_threads", f"must be >= 0, got {self.num_threads}")
         _require(self.dist_timeout_s >= 1, name, "dist_timeout_s", f"must be >= 1, got {self.dist_timeout_s}")
+        _require(self.sharding in SHARDING, name, "sharding", f"must be one of {', '.join(SHARDING)}, got {self.sharding!r}")
+        _require(self.autocast in AUTOCAST, name, "autocast", f"must be one of {', '.join(AUTOCAST)}, got {self.autocast!r}")
 
 
 SECTIONS = {"maml": MAMLConfig, "mamlpp": MAMLPlusPlusConfig, "episodes": EpisodeConfig,
-            "checkpoint": MetaCheckpointConfig, "run": RunConfig}
+            "checkpoint": MetaCheckpointConfig, "model": ModelConfig, "run": RunConfig}
 
 
 @dataclass
@@ -176,7 +204,27 @@ class MetaLearningFullConfig:
     mamlpp: MAMLPlusPlusConfig = dataclasses.field(default_factory=MAMLPlusPlusConfig)
     episodes: EpisodeConfig = dataclasses.field(default_factory=EpisodeConfig)
     checkpoint: MetaCheckpointConfig = dataclasses.field(default_factory=MetaCheckpointConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        """Checks across sections: combinations the trainer cannot run."""
+        name = type(self).__name__
+        if self.model.arch == "vit":
+            _require(self.mamlpp.bn_mode == "transductive", name, "mamlpp.bn_mode",
+                     f"{self.mamlpp.bn_mode!r} needs a model with BatchNorm (conv4); set mamlpp.bn_mode=transductive "
+                     "for the ViT (it has LayerNorm, with no statistics to keep)")
+        if self.run.sharding == "fsdp":
+            _require(self.model.arch == "vit", name, "run.sharding",
+                     "'fsdp' needs model.arch=vit: Conv4's BatchNorm would see only each rank's slice of a task")
+            _require(self.maml.algo in ("fomaml", "reptile"), name, "run.sharding",
+                     f"'fsdp' supports first-order algorithms (fomaml, reptile), not {self.maml.algo!r}")
+            p = self.mamlpp
+            _require(not (p.use_lslr or p.use_msl or p.use_annealing), name, "run.sharding",
+                     "'fsdp' does not support the MAML++ options use_lslr / use_msl / use_annealing; switch them off")
+        if self.run.autocast != "none":
+            _require(self.run.sharding == "fsdp", name, "run.autocast",
+                     "bf16 autocast of the outer passes is built for run.sharding=fsdp; set run.autocast=none")
 
     # ---- presets -----------------------------------------------------------------------------
     @classmethod
@@ -184,24 +232,50 @@ class MetaLearningFullConfig:
         """Seconds on a CPU: a smoke test of the whole pipeline."""
         return cls(maml=MAMLConfig(inner_steps=1, inner_lr=0.4, meta_batch_size=2, engine="custom"),
                    episodes=EpisodeConfig(n_way=5, k_shot=1, q_query=5, episodes_per_epoch=8),
-                   checkpoint=MetaCheckpointConfig(every_steps=2),
-                   run=RunConfig(model_filters=16, val_every=2, val_episodes=10, test_episodes=20))
+                   checkpoint=MetaCheckpointConfig(every_steps=2), model=ModelConfig(filters=16),
+                   run=RunConfig(val_every=2, val_episodes=10, test_episodes=20))
 
     @classmethod
     def dev(cls) -> "MetaLearningFullConfig":
         """Gate (c), CPU dev mode: Conv4, 50 episodes, 3 inner steps, one epoch."""
         return cls(maml=MAMLConfig(inner_steps=3, inner_lr=0.4, meta_batch_size=5, engine="custom"),
                    episodes=EpisodeConfig(n_way=5, k_shot=1, q_query=5, episodes_per_epoch=50),
-                   checkpoint=MetaCheckpointConfig(every_steps=5),
-                   run=RunConfig(model_filters=64, val_every=5, val_episodes=20, test_episodes=100))
+                   checkpoint=MetaCheckpointConfig(every_steps=5), model=ModelConfig(filters=64),
+                   run=RunConfig(val_every=5, val_episodes=20, test_episodes=100))
+
+    @classmethod
+    def _production(cls, dim: int, depth: int, heads: int) -> "MetaLearningFullConfig":
+        """FOMAML of a ViT on mini-ImageNet 5-way 5-shot across a GPU cluster (torchrun): parameters
+        sharded with FSDP, bf16 autocast outside the fp32 inner loop. README: memory per GPU."""
+        return cls(maml=MAMLConfig(algo="fomaml", inner_steps=5, inner_lr=0.01, inner_clip=1.0, meta_lr=1e-4,
+                                   meta_batch_size=16, engine="custom"),
+                   mamlpp=MAMLPlusPlusConfig(bn_mode="transductive"),
+                   episodes=EpisodeConfig(n_way=5, k_shot=5, q_query=15, episodes_per_epoch=16_000,
+                                          dataset="mini_imagenet"),
+                   checkpoint=MetaCheckpointConfig(every_steps=100, keep_last=2),
+                   model=ModelConfig(arch="vit", dim=dim, depth=depth, heads=heads, patch_size=14, mlp_ratio=4),
+                   run=RunConfig(epochs=10, device="cuda", sharding="fsdp", autocast="bf16", val_every=500,
+                                 val_episodes=200, dist_timeout_s=1800))
+
+    @classmethod
+    def production_1b(cls) -> "MetaLearningFullConfig":
+        return cls._production(dim=2048, depth=20, heads=16)
+
+    @classmethod
+    def production_3b(cls) -> "MetaLearningFullConfig":
+        return cls._production(dim=2560, depth=38, heads=20)
+
+    @classmethod
+    def production_7b(cls) -> "MetaLearningFullConfig":
+        return cls._production(dim=4096, depth=35, heads=32)
+
+    PRESETS = ("minimal", "dev", "production_1b", "production_3b", "production_7b")
 
     @classmethod
     def preset(cls, name: str) -> "MetaLearningFullConfig":
-        presets = {"minimal": cls.minimal, "dev": cls.dev}
-        if name not in presets:
-            raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(presets)} "
-                              "(the production presets need the distributed trainer, which is not built yet)")
-        return presets[name]()
+        if name not in cls.PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(cls.PRESETS)}")
+        return getattr(cls, name)()
 
     # ---- files and overrides -------------------------------------------------------------------
     def to_dict(self) -> dict:

@@ -22,7 +22,9 @@ def world() -> tuple[int, int]:
 
 
 def launched_by_torchrun() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    """torchrun (or another launcher with the same contract) set the rendezvous environment;
+    also with one process, so the sharded learner gets its process group."""
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
 
 
 def init_from_env(device: str = "cpu", timeout_s: float = 120.0) -> tuple[int, int]:
@@ -69,3 +71,11 @@ def barrier() -> None:
 def comm_bytes_per_step(n_params: int, world_size: int, bytes_per_value: int = 4) -> float:
     """Bytes each rank sends per outer step in a ring all-reduce of the meta-gradient."""
     return 2 * (world_size - 1) / world_size * n_params * bytes_per_value
+
+
+def fsdp_comm_bytes_per_step(n_params: int, world_size: int, tasks: int, passes_per_task: int,
+                             bytes_per_value: int = 4) -> float:
+    """Bytes each rank sends per outer step of the sharded learner: every forward + backward pass
+    (the inner steps, and FOMAML's query pass) all-gathers the weights twice (forward, backward)
+    and reduce-scatters the gradients once, each moving (W - 1) / W of the parameters."""
+    return 3 * tasks * passes_per_task * (world_size - 1) / world_size * n_params * bytes_per_value

@@ -20,7 +20,9 @@ from meta_kernels.data import EpisodeSampler, load_dataset
 from meta_kernels.meta import MetaLearner, adapt_tasks
 from meta_kernels.meta.algorithms import auac
 from meta_kernels.meta.inner import per_task_loss
-from meta_kernels.models import Conv4
+from meta_kernels.meta.sharded import ShardedMetaLearner, evaluation_summary
+from meta_kernels.meta.task_model import TaskModel
+from meta_kernels.models import Conv4, ViT
 
 SPLIT_SEEDS = {"train": 0, "val": 1, "test": 2}  # offsets of each split's episode stream
 
@@ -46,11 +48,14 @@ def load_split(config: MetaLearningFullConfig, split: str):
     return load_dataset(ep.dataset, run.data_root, split, **options)
 
 
-def build_model(config: MetaLearningFullConfig, image_shape) -> Conv4:
+def build_model(config: MetaLearningFullConfig, image_shape) -> torch.nn.Module:
     c, h, _ = image_shape
+    m = config.model
+    if m.arch == "vit":
+        return ViT(in_channels=c, image_size=h, n_way=config.episodes.n_way, dim=m.dim, depth=m.depth, heads=m.heads,
+                   patch_size=m.patch_size, mlp_ratio=m.mlp_ratio)
     bn_steps = config.maml.inner_steps + 1 if config.mamlpp.bn_mode == "per_step" else 1
-    return Conv4(in_channels=c, n_way=config.episodes.n_way, filters=config.run.model_filters, image_size=h,
-                 bn_steps=bn_steps)
+    return Conv4(in_channels=c, n_way=config.episodes.n_way, filters=m.filters, image_size=h, bn_steps=bn_steps)
 
 
 class Trainer:
@@ -67,8 +72,14 @@ class Trainer:
         self.samplers = {s: EpisodeSampler(d, config.episodes, seed=config.run.seed + SPLIT_SEEDS[s])
                          for s, d in self.data.items()}
         self.model = build_model(config, self.data["train"].image_shape).to(config.run.device)
-        distributed.broadcast_(list(self.model.parameters()) + list(self.model.buffers()))
-        self.learner = MetaLearner(self.model, config.maml, mamlpp=config.mamlpp)
+        # FSDP: all ranks adapt every task together (meta_kernels.meta.sharded), so each samples the
+        # whole meta-batch; its ranks build identical weights from the same seed before sharding.
+        self.sharded = config.run.sharding == "fsdp"
+        if self.sharded:
+            self.learner = ShardedMetaLearner(self.model, config.maml, autocast=config.run.autocast)
+        else:
+            distributed.broadcast_(list(self.model.parameters()) + list(self.model.buffers()))
+            self.learner = MetaLearner(self.model, config.maml, mamlpp=config.mamlpp)
         total = config.run.epochs * self.samplers["train"].steps_per_epoch(config.maml.meta_batch_size)
         self.scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(self.learner.optimizer, T_max=max(total, 1))
                           if config.mamlpp.cosine_meta_lr else None)
@@ -84,7 +95,7 @@ class Trainer:
 
     def _payload(self) -> dict:
         cfg = self.config.checkpoint
-        payload = {"model": self.model.state_dict(), "learner": self.learner.state_dict(),
+        payload = {"model": self.model_state(), "learner": self.learner.state_dict(),
                    "scheduler": self.scheduler.state_dict() if self.scheduler else None,
                    "config": self.config.to_dict(), "algo": self.config.maml.algo,
                    "inner_steps": self.config.maml.inner_steps,
@@ -102,15 +113,20 @@ class Trainer:
             payload["sampler"] = self.samplers["train"].state_dict()
         return payload
 
+    def model_state(self) -> dict:
+        """The full (unsharded) weights; a collective under FSDP, so every rank calls it."""
+        return self.learner.model_state_dict() if self.sharded else self.model.state_dict()
+
     def save(self, name: str) -> Path | None:
+        payload = self._payload() if self.sharded or self.rank == 0 else None  # FSDP gathers on every rank
         if self.rank != 0:
             return None
-        path = save_checkpoint(self.ckpt_dir / name, self._payload())
+        path = save_checkpoint(self.ckpt_dir / name, payload)
         if name.startswith("step-"):
             steps = sorted(self.ckpt_dir.glob("step-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
             for old in steps[:-self.config.checkpoint.keep_last]:
                 old.unlink(missing_ok=True)
-        save_checkpoint(self.ckpt_dir / "last.pt", self._payload()) if name != "last.pt" else None
+        save_checkpoint(self.ckpt_dir / "last.pt", payload) if name != "last.pt" else None
         return path
 
     def _resume(self) -> None:
@@ -122,7 +138,10 @@ class Trainer:
         if diffs:
             raise CheckpointError("cannot resume: the config differs from the checkpoint's in fields that shape "
                                   "training:\n  " + "\n  ".join(diffs))
-        self.model.load_state_dict(data["model"])
+        if self.sharded:
+            self.learner.load_model_state_dict(data["model"])
+        else:
+            self.model.load_state_dict(data["model"])
         self.learner.load_state_dict(data["learner"])
         if self.scheduler is not None:
             self.scheduler.load_state_dict(data["scheduler"])
@@ -149,7 +168,8 @@ class Trainer:
                 for step in bar:
                     if max_steps is not None and done >= max_steps:
                         return self._summary(time.perf_counter() - start)
-                    batch = sampler.meta_batch(self.epoch, step, B, self.rank, self.world_size).to(cfg.run.device)
+                    rank, world_size = (0, 1) if self.sharded else (self.rank, self.world_size)
+                    batch = sampler.meta_batch(self.epoch, step, B, rank, world_size).to(cfg.run.device)
                     metrics = self.learner.step(batch, epoch=self.epoch, total_tasks=B)
                     if self.scheduler is not None:
                         self.scheduler.step()
@@ -160,7 +180,7 @@ class Trainer:
                     log.write(json.dumps(record) + "\n")
                     bar.set_postfix(loss=f"{metrics[self.loss_key]:.3f}", acc=f"{metrics['post_adapt_acc']:.3f}",
                                     tasks_s=f"{record['tasks_per_s']:.0f}")
-                    if self.global_step % cfg.run.val_every == 0 and self.rank == 0:
+                    if self.global_step % cfg.run.val_every == 0 and (self.rank == 0 or self.sharded):
                         val = self.evaluate("val", cfg.run.val_episodes)
                         val_record = {"split": "val", "global_step": self.global_step, **val}
                         self.history.append(val_record)
@@ -199,8 +219,13 @@ class Trainer:
         return "support_loss" if self.config.maml.algo == "reptile" else "query_loss"
 
     def evaluate(self, split: str, episodes: int, sampler: EpisodeSampler | None = None) -> dict:
-        return evaluate(self.model, sampler or self.samplers[split], self.config, episodes,
-                        lrs=self.learner.inner_lrs())
+        sampler = sampler or self.samplers[split]
+        if self.sharded:  # every rank takes part; each task adapts on the shards as in training
+            B, device = self.config.maml.meta_batch_size, self.config.run.device
+            curves = [c for start in range(0, episodes, B) for c in self.learner.evaluate_tasks(
+                sampler.episodes(0, range(start, min(episodes, start + B))).to(device))]
+            return evaluation_summary(curves)
+        return evaluate(self.model, sampler, self.config, episodes, lrs=self.learner.inner_lrs())
 
     def plot_training(self) -> None:
         plot_training(self.history, self.out / "training_curves.png")
@@ -216,14 +241,14 @@ def evaluate(model, sampler: EpisodeSampler, config: MetaLearningFullConfig, epi
     accs, losses, curves = [], [], []
     params = dict(model.named_parameters())
     device = next(model.parameters()).device
+    task_model = TaskModel(model)
     for start in range(0, episodes, B):
         batch = sampler.episodes(0, range(start, min(episodes, start + B))).to(device)
         with torch.no_grad():
-            result = adapt_tasks(params, batch.support, model=model, steps=cfg.inner_steps, lrs=lrs,
+            result = adapt_tasks(params, batch.support, model=task_model, steps=cfg.inner_steps, lrs=lrs,
                                  first_order=True, inner_clip=cfg.inner_clip, engine="custom", backend=cfg.backend,
                                  query_batch=batch.query, bn_mode=bn_mode)
-            logits = Conv4.forward_tasks(result.adapted, batch.x_query, step=cfg.inner_steps, bn_mode=bn_mode,
-                                         buffers=dict(model.named_buffers()))
+            logits = task_model(result.adapted, batch.x_query, step=cfg.inner_steps, bn_mode=bn_mode)
             loss, acc = per_task_loss(logits, batch.y_query, "cross_entropy", "query")
         accs.append(acc)
         losses.append(loss)

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # SLURM: one torchrun per node, rendezvous through the first node of the allocation.
 #   sbatch --nodes=4 --gpus-per-node=8 python/launch_slurm.sh --set maml.meta_batch_size=128
+#   PRESET=production_7b sbatch --nodes=2 --gpus-per-node=8 python/launch_slurm.sh --data-root /data/mini_imagenet
+#   (production presets: FSDP-sharded ViT; `meta-kernels memory --preset production_7b --gpus 16` gives the memory per GPU)
 #SBATCH --job-name=meta-kernels
 #SBATCH --ntasks-per-node=1
 #SBATCH --cpus-per-task=16

@@ -19,7 +19,7 @@ def main():
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     overrides = ["episodes.dataset=mini_imagenet", "maml.inner_steps=5", "maml.inner_lr=0.01", "maml.meta_batch_size=4",
-                 f"episodes.episodes_per_epoch={4 * args.steps}", "run.model_filters=32", f"run.device={args.device}"]
+                 f"episodes.episodes_per_epoch={4 * args.steps}", "model.filters=32", f"run.device={args.device}"]
     if args.data_root:
         overrides.append(f"run.data_root={args.data_root}")
     trainer = Trainer(MetaLearningFullConfig.dev().with_overrides(overrides), args.out)

@@ -22,7 +22,7 @@ def main():
     parser.add_argument("--test-episodes", type=int, default=600)
     args = parser.parse_args()
     overrides = [f"maml.algo={args.algo}", "maml.inner_steps=1", "maml.meta_batch_size=8", "maml.inner_clip=null",
-                 "episodes.q_query=5", f"episodes.episodes_per_epoch={8 * args.steps}", "run.model_filters=32",
+                 "episodes.q_query=5", f"episodes.episodes_per_epoch={8 * args.steps}", "model.filters=32",
                  f"run.omniglot_variant={args.variant}", f"run.val_every={max(1, args.steps // 5)}",
                  f"checkpoint.every_steps={max(1, args.steps // 5)}"]
     if args.algo == "reptile":

@@ -1,6 +1,6 @@
-"""Worker for tests/test_distributed.py, launched by torchrun: trains the minimal preset for
---steps outer steps with the given overrides; optionally one rank dies at a given step (only on
-the first attempt, so a torchrun restart can finish the job)."""
+"""Worker for tests/test_distributed.py and test_sharded.py, launched by torchrun: trains a preset
+(--preset, default minimal) for --steps outer steps with the given overrides; optionally one rank
+dies at a given step (only on the first attempt, so a torchrun restart can finish the job)."""
 import argparse
 import os
 
@@ -13,12 +13,13 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--out", required=True)
 parser.add_argument("--steps", type=int, default=3)
 parser.add_argument("--set", action="append", default=[])
+parser.add_argument("--preset", default="minimal")
 parser.add_argument("--die-rank", type=int, default=-1)
 parser.add_argument("--die-at", type=int, default=-1)
 args = parser.parse_args()
 
 torch.set_num_threads(1)
-config = MetaLearningFullConfig.minimal().with_overrides(args.set)
+config = MetaLearningFullConfig.preset(args.preset).with_overrides(args.set)
 restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
 resume = restarted and os.path.isfile(os.path.join(args.out, "checkpoints", "last.pt"))
 trainer = Trainer(config, args.out, resume=resume, progress=False)
@@ -32,5 +33,6 @@ if trainer.rank == args.die_rank and not restarted:
 
     trainer.learner.step = step_then_die
 trainer.fit(max_steps=args.steps - trainer.global_step)
+state = trainer.model_state()  # a collective under FSDP: every rank takes part
 if trainer.rank == 0:
-    torch.save({k: v.detach() for k, v in trainer.model.state_dict().items()}, os.path.join(args.out, "final.pt"))
+    torch.save({k: v.detach() for k, v in state.items()}, os.path.join(args.out, "final.pt"))

@@ -29,9 +29,10 @@ def env(tmp_path_factory):
             "PYTHONPATH": str(WORKER.parents[1])}
 
 
-def _torchrun(out, overrides, env, *extra, steps=3, nproc=2, timeout=300):
+def _torchrun(out, overrides, env, *extra, steps=3, nproc=2, timeout=300, worker_args=()):
+    """torchrun (options `extra`) of the worker with config `overrides` and `worker_args`."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *extra,
-           str(WORKER), "--out", str(out), "--steps", str(steps)]
+           str(WORKER), "--out", str(out), "--steps", str(steps), *worker_args]
     for o in overrides:
         cmd += ["--set", o]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)

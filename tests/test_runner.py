@@ -138,7 +138,7 @@ def test_gate_c_cpu_dev_mode_one_epoch(data_env, tmp_path):
     the query loss on fixed validation episodes goes down."""
     from meta_kernels.train import Trainer
     cfg = MetaLearningFullConfig.dev()
-    assert (cfg.episodes.episodes_per_epoch, cfg.maml.inner_steps, cfg.run.model_filters) == (50, 3, 64)
+    assert (cfg.episodes.episodes_per_epoch, cfg.maml.inner_steps, cfg.model.filters) == (50, 3, 64)
     trainer = Trainer(cfg, tmp_path / "dev", progress=False)
     before = trainer.evaluate("val", 20)
     summary = trainer.fit()

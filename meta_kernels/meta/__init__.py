@@ -4,8 +4,9 @@ from meta_kernels.meta.algorithms import MetaLearner, MetaLogs, MetaOutput, auac
 from meta_kernels.meta.diagnostics import (DetachedGraphError, check_adapted_graph, meta_grad_norms,
                                            params_without_meta_grad)
 from meta_kernels.meta.inner import AdaptResult, NonFiniteLossError, StepLog, adapt, adapt_tasks
+from meta_kernels.meta.sharded import ShardedMetaLearner
 from meta_kernels.meta.task_model import TaskModel
 
 __all__ = ["MAML", "AdaptResult", "DetachedGraphError", "MetaLearner", "MetaLogs", "MetaOutput", "NonFiniteLossError",
-           "StepLog", "TaskModel", "adapt", "adapt_tasks", "auac", "check_adapted_graph", "meta_grad_norms",
+           "ShardedMetaLearner", "StepLog", "TaskModel", "adapt", "adapt_tasks", "auac", "check_adapted_graph", "meta_grad_norms",
            "meta_loss", "params_without_meta_grad"]

@@ -1,0 +1,249 @@
+"""First-order meta-learning of models too large for one GPU: parameters sharded with FSDP.
+
+Ranks cannot hold different tasks here: a task's adapted weights are sharded like the base
+weights, so all ranks adapt the same task together, each on its slice of the task's examples.
+FSDP's gradient reduce-scatter then averages the slices into the task's full gradient, every
+inner update (`sgd_step_`, clipped by the global norm) runs on the local shards, and the base
+shards are restored before the next task. The meta-batch is therefore a loop over tasks, and
+every rank samples the whole meta-batch (not the rank sharding of `MetaLearner`).
+
+FOMAML: the meta-gradient is the mean over tasks of the query gradient at the adapted weights;
+the query pass (forward and backward) may run under bf16 autocast, the inner loop always runs in
+fp32. Reptile: theta += eps * (mean adapted - theta) through `reptile_update_` on the shards.
+
+    learner = ShardedMetaLearner(ViT(...), MAMLConfig(algo="fomaml"), autocast="bf16")
+    metrics = learner.step(task_batch)   # same task batch on every rank
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import meta_kernels.ops as ops
+from meta_kernels import distributed
+from meta_kernels.config import MAMLConfig
+from meta_kernels.meta.algorithms import _batch_parts, auac
+from meta_kernels.meta.inner import NonFiniteLossError, _as_task_batch
+from meta_kernels.meta.task_model import _has_batch_norm
+
+SHARDED_ALGOS = ("fomaml", "reptile")
+AUTOCAST = ("none", "bf16")
+
+
+def shard_model(model: nn.Module) -> nn.Module:
+    """FSDP2: one unit per block of `model.blocks` (if any), the rest in the root unit."""
+    from torch.distributed.fsdp import fully_shard
+    for block in getattr(model, "blocks", []):
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+class ShardedMetaLearner:
+    def __init__(self, model: nn.Module, config: MAMLConfig, *, autocast: str = "none"):
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("sharded meta-learning runs in a process group: launch with torchrun (one process "
+                               "per GPU, --nproc_per_node=1 for one), or use run.sharding='none'")
+        if config.algo not in SHARDED_ALGOS:
+            raise ValueError(f"sharded (FSDP) meta-learning supports {' and '.join(SHARDED_ALGOS)}, not "
+                             f"{config.algo!r}: second-order MAML would need the full inner-loop graph of every "
+                             "task; use algo='fomaml' or 'reptile'")
+        if autocast not in AUTOCAST:
+            raise ValueError(f"unknown autocast {autocast!r}; choose one of {', '.join(AUTOCAST)}")
+        if _has_batch_norm(model):
+            raise ValueError(f"{type(model).__name__} has BatchNorm: with a task's examples split across ranks each "
+                             "rank would normalise with its own slice's statistics; shard a model without BatchNorm "
+                             "(e.g. meta_kernels.models.ViT)")
+        self.config, self.autocast = config, autocast
+        self.model = shard_model(model)
+        self.params = list(self.model.parameters())
+        outer = torch.optim.Adam if config.meta_optimizer == "adam" else torch.optim.SGD
+        self.optimizer = outer(self.params, lr=config.meta_lr)
+        self.outer_steps = 0
+        self.device = self.params[0].device
+        self.lslr = None  # learned per-step rates are not supported with sharding
+
+    # ---- pieces of a task ------------------------------------------------------------------------
+    def _local(self) -> list[Tensor]:
+        return [p.to_local() for p in self.params]
+
+    def _slice(self, x: Tensor, y: Tensor, name: str) -> tuple[Tensor, Tensor, int]:
+        rank, world_size = distributed.world()
+        if x.shape[0] < world_size:
+            raise ValueError(f"a task's {name} set has {x.shape[0]} examples but there are {world_size} ranks: each "
+                             "rank needs at least one; raise k_shot/q_query or use fewer ranks")
+        return x.tensor_split(world_size)[rank], y.tensor_split(world_size)[rank], x.shape[0]
+
+    def _forward_loss(self, x: Tensor, y: Tensor, n_total: int) -> tuple[Tensor, Tensor]:
+        """This rank's share of the task's mean loss, scaled for FSDP's average over ranks, and
+        [loss sum, correct] of the slice for the metrics."""
+        out = self.model(x).float()
+        loss_sum = F.cross_entropy(out, y, reduction="sum")
+        stats = torch.stack([loss_sum.detach(), (out.detach().argmax(-1) == y).sum().to(loss_sum.dtype)])
+        return loss_sum * (distributed.world()[1] / n_total), stats
+
+    def _global(self, stats: Tensor, n_total: int) -> tuple[float, float]:
+        dist.all_reduce(stats)
+        return float(stats[0]) / n_total, float(stats[1]) / n_total
+
+    def _zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def _adapt(self, x: Tensor, y: Tensor, *, query=None, task: int = 0) -> tuple[float, list[float]]:
+        """K inner steps on this task, in place on the local shards, in fp32. Returns the last
+        support loss and (with `query`) the query accuracy after 0..K steps."""
+        cfg = self.config
+        xl, yl, n = self._slice(x, y, "support")
+        curve, loss = [], math.nan
+        with torch.autocast(self.device.type, enabled=False):
+            for step in range(cfg.inner_steps + 1):
+                if query is not None:
+                    curve.append(self._query_accuracy(*query))
+                if step == cfg.inner_steps:
+                    break
+                self._zero_grad()
+                scaled, stats = self._forward_loss(xl, yl, n)
+                scaled.backward()
+                loss = self._global(stats, n)[0]
+                if not math.isfinite(loss):
+                    raise NonFiniteLossError(f"non-finite inner loss at step {step} for task {task}; lower the inner lr")
+                self._sgd_on_shards()
+        return loss, curve
+
+    def _sgd_on_shards(self) -> None:
+        """theta_shard -= lr * clip_factor * grad_shard; the clip factor from the norm over all ranks' shards."""
+        pairs = [(p.to_local(), p.grad.to_local()) for p in self.params if p.grad is not None]
+        pairs = [(w, g) for w, g in pairs if w.numel()]  # FSDP leaves some ranks empty shards of small tensors
+        factor = 1.0
+        if self.config.inner_clip is not None:
+            local_norm = ops.clip_grad_norm([g.reshape(1, -1) for _, g in pairs], 1.0)[0] if pairs else None
+            sq = torch.zeros((), dtype=torch.float64, device=self.device)
+            if local_norm is not None:
+                sq += local_norm[0].double() ** 2
+            dist.all_reduce(sq)
+            factor = min(1.0, self.config.inner_clip / (float(sq.sqrt()) + 1e-6))
+        if pairs:
+            with torch.no_grad():
+                ops.sgd_step_([w for w, _ in pairs], [g for _, g in pairs], self.config.inner_lr * factor,
+                              backend=self.config.backend)
+
+    def _query_accuracy(self, x: Tensor, y: Tensor) -> float:
+        xl, yl, n = self._slice(x, y, "query")
+        with torch.no_grad():
+            return self._global(self._forward_loss(xl, yl, n)[1], n)[1]
+
+    def _outer_autocast(self):
+        if self.autocast == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # ---- the outer step --------------------------------------------------------------------------
+    def reptile_epsilon(self) -> float:
+        cfg = self.config
+        if cfg.reptile_decay_steps <= 0:
+            return cfg.reptile_epsilon
+        return cfg.reptile_epsilon * max(0.0, 1.0 - self.outer_steps / cfg.reptile_decay_steps)
+
+    def step(self, task_batch, *, epoch: int = 0, total_tasks: int | None = None) -> dict[str, float]:
+        """One outer step on the whole meta-batch (the same on every rank)."""
+        xs, ys, xq, yq = _batch_parts(task_batch)
+        xs, ys = _as_task_batch(xs, ys, "support")
+        xq, yq = _as_task_batch(xq, yq, "query")
+        T, reptile = xs.shape[0], self.config.algo == "reptile"
+        local = self._local()
+        base = [w.detach().clone() for w in local]
+        total = [torch.zeros_like(w) for w in local]  # FOMAML: sum of query grads; Reptile: of adapted weights
+        sums = {"support_loss": 0.0, "query_loss": 0.0, "post_adapt_acc": 0.0}
+        for t in range(T):
+            if reptile:  # Reptile trains on all of a task's examples (as MetaLearner)
+                sums["support_loss"] += self._adapt(torch.cat([xs[t], xq[t]]), torch.cat([ys[t], yq[t]]), task=t)[0]
+                with torch.no_grad():
+                    torch._foreach_add_(total, local)
+            else:
+                sums["support_loss"] += self._adapt(xs[t], ys[t], task=t)[0]
+                self._zero_grad()
+                xl, yl, n = self._slice(xq[t], yq[t], "query")
+                with self._outer_autocast():
+                    scaled, stats = self._forward_loss(xl, yl, n)
+                scaled.backward()
+                loss, acc = self._global(stats, n)
+                sums["query_loss"] += loss
+                sums["post_adapt_acc"] += acc
+                with torch.no_grad():
+                    torch._foreach_add_(total, [p.grad.to_local() if p.grad is not None else torch.zeros_like(w)
+                                                for p, w in zip(self.params, local)])
+            with torch.no_grad():
+                torch._foreach_copy_(local, base)
+        if reptile:
+            keep = [i for i, w in enumerate(local) if w.numel()]
+            with torch.no_grad():
+                ops.reptile_update_([local[i] for i in keep], [(total[i] / T).unsqueeze(0) for i in keep],
+                                    self.reptile_epsilon(), backend=self.config.backend)
+        else:
+            for p, g in zip(self.params, total):
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                p.grad.to_local().copy_(g / T)
+            self.optimizer.step()
+            self._zero_grad()
+        self.outer_steps += 1
+        nan = math.nan
+        metrics = {k: v / T for k, v in sums.items()}
+        if reptile:
+            metrics.update(query_loss=nan, post_adapt_acc=nan)
+        return {"pre_adapt_acc": nan, "fast_gain": nan, "auac": nan, "skipped_tasks": 0, **metrics}
+
+    def evaluate_tasks(self, task_batch) -> list[list[float]]:
+        """Query accuracy after 0..K inner steps on the support set, per task; base weights unchanged."""
+        xs, ys, xq, yq = _batch_parts(task_batch)
+        local = self._local()
+        base = [w.detach().clone() for w in local]
+        curves = []
+        for t in range(xs.shape[0]):
+            curves.append(self._adapt(xs[t], ys[t], query=(xq[t], yq[t]), task=t)[1])
+            with torch.no_grad():
+                torch._foreach_copy_(local, base)
+        self._zero_grad()
+        return curves
+
+    # ---- checkpoints: full (unsharded) state, so a run resumes on any number of ranks -------------
+    def model_state_dict(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def load_model_state_dict(self, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        set_model_state_dict(self.model, state, options=StateDictOptions(full_state_dict=True))
+
+    def state_dict(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        optim = get_optimizer_state_dict(self.model, self.optimizer,
+                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {"outer_steps": self.outer_steps, "optimizer": optim}
+
+    def load_state_dict(self, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
+        self.outer_steps = state["outer_steps"]
+
+    def inner_lrs(self) -> float:
+        return self.config.inner_lr
+
+    def current_msl_weights(self, epoch: int) -> None:
+        return None  # no multi-step loss in the sharded learner
+
+
+def evaluation_summary(curves: list[list[float]]) -> dict:
+    """The accuracy / curve / AUAC record of `train.evaluate` from per-task curves."""
+    acc = torch.tensor([c[-1] for c in curves], dtype=torch.float64)
+    curve = torch.tensor(curves, dtype=torch.float64).mean(0).tolist()
+    ci = 1.96 * float(acc.std(unbiased=True)) / math.sqrt(len(acc)) if len(acc) > 1 else math.nan
+    return {"accuracy": float(acc.mean()), "ci95": ci, "episodes": len(acc), "curve_accuracy": curve,
+            "pre_adapt_acc": curve[0], "post_adapt_acc": curve[-1], "auac": auac(curve)}

@@ -1,0 +1,196 @@
+"""Sharded (FSDP) first-order meta-learning and the production presets: 2 gloo ranks on the CPU
+with a scaled-down ViT give the parameters of one unsharded process; bf16 autocast reaches the
+query pass only; a killed rank restarts from the checkpoint; the presets' sizes and the memory
+model behind the README's table."""
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from meta_kernels.config import ConfigError, MAMLConfig, MetaLearningFullConfig
+from meta_kernels.memory import memory_table, sharded_memory_per_gpu, vit_activation_bytes
+from meta_kernels.meta import ShardedMetaLearner
+from meta_kernels.models import Conv4, ViT, vit_param_count
+from meta_kernels.train import Trainer
+from tests.test_distributed import COMMON, _assert_same_model, _single_process, _torchrun, env  # noqa: F401
+
+SMALL_VIT = ["model.arch=vit", "model.dim=32", "model.depth=2", "model.heads=2", "model.patch_size=7",
+             "mamlpp.bn_mode=transductive"]
+
+
+@pytest.mark.parametrize("algo", ["fomaml", "reptile"])
+def test_fsdp_two_ranks_match_one_unsharded_process(tmp_path, env, algo):
+    overrides = COMMON + SMALL_VIT + [f"maml.algo={algo}"]
+    proc = _torchrun(tmp_path / "fsdp", overrides + ["run.sharding=fsdp"], env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sharded = torch.load(tmp_path / "fsdp" / "final.pt")
+    single = _single_process(tmp_path / "single", overrides, env)
+    _assert_same_model(sharded, single)
+    initial = Trainer(MetaLearningFullConfig.minimal().with_overrides(overrides), tmp_path / "init", progress=False)
+    assert not torch.equal(initial.model.state_dict()["head.weight"], single["head.weight"])  # training moved it
+
+
+def test_scaled_down_production_preset_restarts_from_checkpoint(tmp_path, env):
+    """The production_1b code path (FSDP, bf16 autocast, FOMAML) with a small ViT on Omniglot: a rank
+    killed at step 2 restarts from the last checkpoint and ends where an uninterrupted run ends."""
+    scaled = ["model.dim=32", "model.depth=2", "model.heads=2", "model.patch_size=7", "episodes.dataset=omniglot",
+              "episodes.k_shot=1", "episodes.q_query=5", "episodes.episodes_per_epoch=32", "maml.meta_batch_size=4",
+              "maml.inner_steps=2", "run.device=cpu", "run.val_every=1000", "run.dist_timeout_s=30",
+              "checkpoint.every_steps=1"]
+    preset = ["--preset", "production_1b"]
+    restarted = _torchrun(tmp_path / "killed", scaled, env, "--max-restarts=1", steps=4,
+                          worker_args=preset + ["--die-rank", "1", "--die-at", "2"])
+    assert restarted.returncode == 0, restarted.stderr[-3000:]
+    straight = _torchrun(tmp_path / "straight", scaled, env, steps=4, worker_args=preset)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    a, b = torch.load(tmp_path / "killed" / "final.pt"), torch.load(tmp_path / "straight" / "final.pt")
+    for k in b:
+        assert torch.equal(a[k], b[k]), k
+
+
+# ---- one rank, in this process: autocast placement, evaluation, errors --------------------------------
+@pytest.fixture
+def one_rank_group(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def _tasks(T=2, support=5, query=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(T, support, 1, 28, 28, generator=g), torch.randint(0, 5, (T, support), generator=g),
+            torch.randn(T, query, 1, 28, 28, generator=g), torch.randint(0, 5, (T, query), generator=g))
+
+
+def _small_vit():
+    torch.manual_seed(0)
+    return ViT(in_channels=1, image_size=28, n_way=5, dim=32, depth=2, heads=2, patch_size=7)
+
+
+def test_bf16_autocast_reaches_the_query_pass_only(one_rank_group):
+    model = _small_vit()
+    dtypes = []
+    model.head.register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
+    learner = ShardedMetaLearner(model, MAMLConfig(algo="fomaml", inner_steps=2, inner_lr=0.1), autocast="bf16")
+    metrics = learner.step(_tasks(T=1))
+    assert dtypes == [torch.float32, torch.float32, torch.bfloat16]  # 2 inner steps, then the query pass
+    assert math.isfinite(metrics["query_loss"]) and all(p.grad is None for p in learner.params)
+
+
+def test_evaluation_leaves_the_weights_unchanged(one_rank_group):
+    learner = ShardedMetaLearner(_small_vit(), MAMLConfig(algo="fomaml", inner_steps=3, inner_lr=0.5))
+    before = [p.detach().full_tensor().clone() for p in learner.params]
+    curves = learner.evaluate_tasks(_tasks(T=3))
+    assert len(curves) == 3 and all(len(c) == 4 for c in curves)
+    for b, p in zip(before, learner.params):
+        assert torch.equal(b, p.detach().full_tensor())
+
+
+def test_inner_clip_uses_the_norm_over_all_shards(one_rank_group):
+    """One inner step with a tight clip equals theta - lr * (max_norm / ||g||) * g."""
+    reference = _small_vit()
+    xs, ys, _, _ = _tasks(T=1)
+    loss = F.cross_entropy(reference(xs[0]), ys[0])
+    grads = torch.autograd.grad(loss, list(reference.parameters()))
+    norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads))
+    expected = [p.detach() - 0.1 * min(1.0, 0.01 / (float(norm) + 1e-6)) * g for p, g in zip(reference.parameters(), grads)]
+    learner = ShardedMetaLearner(_small_vit(), MAMLConfig(algo="fomaml", inner_steps=1, inner_lr=0.1, inner_clip=0.01))
+    learner._adapt(xs[0], ys[0])
+    for e, p in zip(expected, learner.params):
+        torch.testing.assert_close(p.detach().full_tensor(), e, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_input_is_refused(one_rank_group):
+    with pytest.raises(ValueError, match="fomaml.*reptile"):
+        ShardedMetaLearner(_small_vit(), MAMLConfig(algo="maml"))
+    with pytest.raises(ValueError, match="BatchNorm"):
+        ShardedMetaLearner(Conv4(in_channels=1, n_way=5, filters=8, image_size=28), MAMLConfig(algo="fomaml"))
+    with pytest.raises(ValueError, match="autocast"):
+        ShardedMetaLearner(_small_vit(), MAMLConfig(algo="fomaml"), autocast="fp16")
+
+
+def test_sharded_learner_needs_a_process_group():
+    with pytest.raises(RuntimeError, match="torchrun"):
+        ShardedMetaLearner(_small_vit(), MAMLConfig(algo="fomaml"))
+
+
+# ---- presets and the memory model ---------------------------------------------------------------
+@pytest.mark.parametrize("name,nominal", [("production_1b", 1e9), ("production_3b", 3e9), ("production_7b", 7e9)])
+def test_production_presets_have_their_size_and_round_trip(tmp_path, name, nominal):
+    config = MetaLearningFullConfig.preset(name)
+    m = config.model
+    count = vit_param_count(in_channels=3, image_size=84, n_way=5, dim=m.dim, depth=m.depth, heads=m.heads,
+                            patch_size=m.patch_size, mlp_ratio=m.mlp_ratio)
+    assert abs(count / nominal - 1) < 0.02
+    assert (config.run.sharding, config.run.autocast, config.maml.algo) == ("fsdp", "bf16", "fomaml")
+    config.save(tmp_path / "c.yaml")
+    assert MetaLearningFullConfig.load(tmp_path / "c.yaml") == config
+
+
+def test_vit_param_count_matches_the_model():
+    model = ViT(in_channels=3, image_size=84, n_way=5, dim=48, depth=3, heads=4, patch_size=14, mlp_ratio=2)
+    assert vit_param_count(in_channels=3, image_size=84, n_way=5, dim=48, depth=3, heads=4, patch_size=14,
+                           mlp_ratio=2) == sum(p.numel() for p in model.parameters())
+
+
+def _saved_bytes(model, x, autocast_bf16):
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        key = t.untyped_storage().data_ptr()
+        if key not in params:
+            saved[key] = t.untyped_storage().nbytes()
+        return t
+
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast_bf16 else torch.autocast("cpu", enabled=False)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), ctx:
+        F.cross_entropy(model(x).float(), torch.zeros(x.shape[0], dtype=torch.long))
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize("autocast_bf16", [False, True])
+@pytest.mark.parametrize("examples,dim,depth,heads", [(4, 64, 4, 4), (3, 128, 3, 8), (6, 96, 2, 4)])
+def test_activation_bytes_bound_what_autograd_saves(examples, dim, depth, heads, autocast_bf16):
+    """The memory model's activations are an upper bound within 12% of the bytes autograd saves."""
+    torch.manual_seed(0)
+    model = ViT(in_channels=3, image_size=56, n_way=5, dim=dim, depth=depth, heads=heads, patch_size=14)
+    measured = _saved_bytes(model, torch.randn(examples, 3, 56, 56), autocast_bf16)
+    computed = vit_activation_bytes(examples=examples, image_shape=(3, 56, 56), dim=dim, depth=depth, heads=heads,
+                                    patch_size=14, autocast_bf16=autocast_bf16)
+    assert measured <= computed <= 1.12 * measured, (measured, computed)
+
+
+def test_memory_model_components():
+    config = MetaLearningFullConfig.production_7b()
+    eight, sixteen = sharded_memory_per_gpu(config, 8), sharded_memory_per_gpu(config, 16)
+    assert eight["sharded_state"] == pytest.approx(24 * eight["parameters"] / 8)  # 6 fp32 copies, sharded
+    assert sixteen["sharded_state"] == pytest.approx(eight["sharded_state"] / 2)
+    assert eight["peak"] < 80e9  # fits an 80 GB H100 on 8 GPUs
+    reptile = sharded_memory_per_gpu(config.with_overrides(["maml.algo=reptile"]), 8)
+    assert reptile["sharded_state"] == pytest.approx(16 * eight["parameters"] / 8) and reptile["query_activations"] == 0
+
+
+def test_config_refuses_what_sharding_cannot_run():
+    base = MetaLearningFullConfig.production_1b()
+    with pytest.raises(ConfigError, match="first-order"):
+        base.with_overrides(["maml.algo=maml"])
+    with pytest.raises(ConfigError, match="model.arch=vit"):
+        base.with_overrides(["model.arch=conv4"])
+    with pytest.raises(ConfigError, match="use_lslr"):
+        base.with_overrides(["mamlpp.use_lslr=true"])
+    with pytest.raises(ConfigError, match="bn_mode"):
+        base.with_overrides(["mamlpp.bn_mode=per_step"])
+    with pytest.raises(ConfigError, match="autocast"):
+        MetaLearningFullConfig.dev().with_overrides(["run.autocast=bf16"])
+    with pytest.raises(ConfigError, match="sharding"):
+        MetaLearningFullConfig.dev().with_overrides(["run.sharding=zero3"])
+
+
+
+def test_readme_memory_table_is_the_computed_one():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert memory_table() in readme, "README's memory table is stale: paste meta_kernels.memory.memory_table()"
