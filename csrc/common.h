@@ -129,4 +129,26 @@ inline int64_t check_reptile_args(at::TensorList params, at::TensorList adapted)
   return T;
 }
 
+inline void check_max_pool2x2_relu_args(const at::Tensor& x) {
+  TORCH_CHECK_VALUE(x.dim() >= 2, "x must be [..., H, W], got shape ", x.sizes());
+  TORCH_CHECK_VALUE(at::isFloatingType(x.scalar_type()), "x must be floating point, got ", dtype_name(x.scalar_type()));
+  TORCH_CHECK_VALUE(x.size(-2) >= 2 && x.size(-1) >= 2, "max_pool2x2_relu needs H >= 2 and W >= 2, got x of shape ",
+                    x.sizes());
+}
+
+inline void check_max_pool2x2_relu_backward_args(const at::Tensor& grad_out, const at::Tensor& index, int64_t height,
+                                                 int64_t width) {
+  TORCH_CHECK_VALUE(grad_out.dim() >= 2, "grad_out must be [..., H / 2, W / 2], got shape ", grad_out.sizes());
+  TORCH_CHECK_VALUE(at::isFloatingType(grad_out.scalar_type()), "grad_out must be floating point, got ",
+                    dtype_name(grad_out.scalar_type()));
+  TORCH_CHECK_VALUE(index.scalar_type() == at::kChar, "index must be torch.int8 (from max_pool2x2_relu), got ",
+                    dtype_name(index.scalar_type()));
+  TORCH_CHECK_VALUE(index.sizes() == grad_out.sizes(), "index has shape ", index.sizes(), " but grad_out has shape ",
+                    grad_out.sizes());
+  TORCH_CHECK_VALUE(index.device() == grad_out.device(), "index is on ", index.device(), " but grad_out is on ",
+                    grad_out.device());
+  TORCH_CHECK_VALUE(height / 2 == grad_out.size(-2) && width / 2 == grad_out.size(-1), "height ", height, " and width ",
+                    width, " do not pool to grad_out's ", grad_out.size(-2), " x ", grad_out.size(-1));
+}
+
 }  // namespace meta_kernels

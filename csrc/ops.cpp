@@ -12,6 +12,11 @@ TORCH_LIBRARY(meta_kernels, m) {
   m.def("batch_norm(Tensor x, Tensor weight, Tensor bias, float eps) -> (Tensor out, Tensor mean, Tensor rstd)");
   m.def("batch_norm_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor mean, Tensor rstd) -> "
         "(Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
+  // relu(max_pool2d(x, 2)) over the last two dims of x [..., H, W] (an odd last row / column is
+  // dropped, as in max_pool2d), with each output's position (0-3) in its 2x2 window, or -1 where the
+  // ReLU zeroes it: the backward routes grad_out to those positions.
+  m.def("max_pool2x2_relu(Tensor x) -> (Tensor out, Tensor index)");
+  m.def("max_pool2x2_relu_backward(Tensor grad_out, Tensor index, int height, int width) -> Tensor");
   // theta_i += epsilon * (mean_t adapted_i[t] - theta_i), adapted_i of shape [T, *theta_i.shape].
   m.def("reptile_update_(Tensor(a!)[] params, Tensor[] adapted, float epsilon) -> ()");
 }

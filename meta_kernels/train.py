@@ -16,6 +16,7 @@ from meta_kernels import distributed
 from meta_kernels.checkpoint import (CheckpointError, config_differences, load_checkpoint, rng_state, save_checkpoint,
                                      set_rng_state)
 from meta_kernels.config import MetaLearningFullConfig
+from meta_kernels.cpu_memory import keep_freed_cpu_memory
 from meta_kernels.data import EpisodeSampler, load_dataset
 from meta_kernels.meta import MetaLearner, adapt_tasks
 from meta_kernels.meta.algorithms import auac
@@ -67,6 +68,8 @@ class Trainer:
         self.out = _writable_dir(Path(out_dir)) if self.rank == 0 else Path(out_dir)
         if config.run.num_threads:
             torch.set_num_threads(config.run.num_threads)
+        if config.run.keep_freed_cpu_memory and config.run.device == "cpu":
+            keep_freed_cpu_memory()
         torch.manual_seed(config.run.seed)
         self.data = {s: load_split(config, s) for s in ("train", "val")}
         self.samplers = {s: EpisodeSampler(d, config.episodes, seed=config.run.seed + SPLIT_SEEDS[s])

@@ -83,3 +83,11 @@ def test_batch_norm_statistics_outputs_are_differentiable(backend, device):
     w = torch.randn(2, 2, generator=g, **F64).to(device).requires_grad_()
     b = torch.randn(2, 2, generator=g, **F64).to(device).requires_grad_()
     _check_both(lambda x, w, b: ns.batch_norm(x, w, b, 1e-5), (x, w, b))
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+@pytest.mark.parametrize("shape", [(2, 3, 4, 6), (1, 5, 7)], ids=str)
+def test_max_pool2x2_relu_gradients(backend, device, shape):
+    # Values well apart from each other and from 0: finite differences must not cross a max or the ReLU kink.
+    x = (torch.randperm(int(torch.tensor(shape).prod()), dtype=torch.float64) - 20.5).reshape(shape) * 0.1
+    _check_both(lambda t: mk.max_pool2x2_relu(t, backend=backend), (x.to(device).requires_grad_(),))

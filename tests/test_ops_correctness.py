@@ -3,6 +3,7 @@ sizes that are no multiple of any block or chunk size, mixed sizes in one list, 
 float32 / float64 / bfloat16 (bf16 storage, fp32 math)."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 import meta_kernels as mk
 from meta_kernels.ops import reference
@@ -196,6 +197,41 @@ def test_reptile_update_matches_reference(backend, device, T, dtype):
     reference.reptile_update_(truth, [p.to(device) for p in phi64], 0.3)
     for i, (o, r, t) in enumerate(zip(ours, torch_same, truth)):
         assert_no_worse_than_torch(o, r, t, dtype, factor=4.0, what=f"reptile[{i}]")
+
+
+POOL_SHAPES = [(2, 2), (5, 7), (2, 3, 8, 6), (3, 4, 9, 11), (2, 32, 28, 28), (1, 64, 3, 3)]
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+@pytest.mark.parametrize("shape", POOL_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_max_pool2x2_relu_matches_torch(backend, device, shape, dtype):
+    """Exactly F.relu(F.max_pool2d(x, 2)) (a max is exact in any precision), gradient too."""
+    x = torch.randn(shape, generator=_gen(12), dtype=torch.float64).to(device=device, dtype=dtype).requires_grad_()
+    flat = x.reshape(-1, 1, *shape[-2:])
+    want = F.relu(F.max_pool2d(flat.float() if dtype == torch.bfloat16 else flat, 2))
+    want = want.reshape(*shape[:-2], *want.shape[-2:]).to(dtype)
+    got = mk.max_pool2x2_relu(x, backend=backend)
+    assert torch.equal(got, want)
+    go = torch.randn(got.shape, generator=_gen(13), dtype=torch.float64).to(device=device, dtype=dtype)
+    (grad,) = torch.autograd.grad(got, x, go)
+    (grad_want,) = torch.autograd.grad(want, x, go)
+    assert torch.equal(grad, grad_want)
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+def test_max_pool2x2_relu_ties_nan_and_non_contiguous(backend, device):
+    x = torch.tensor([[[1.0, 3.0, -1.0, -2.0], [3.0, 0.5, -3.0, -1.0],
+                       [float("nan"), 0.0, 0.0, 0.0], [2.0, 1.0, 0.0, 0.0]]], device=device, requires_grad=True)
+    out = mk.max_pool2x2_relu(x, backend=backend)
+    assert out[0, 0, 0] == 3.0 and out[0, 0, 1] == 0.0 and torch.isnan(out[0, 1, 0]) and out[0, 1, 1] == 0.0
+    (grad,) = torch.autograd.grad(out, x, torch.ones_like(out))
+    # The tie goes to the first maximum (row-major in the window); all-negative and zero windows get none.
+    assert grad[0, 0, 1] == 1.0 and grad[0, 1, 0] == 0.0 and grad[0, :2, 2:].abs().sum() == 0
+    assert grad[0, 2:, 2:].abs().sum() == 0 and grad[0, 2, 0] == 1.0
+    base = torch.randn(4, 6, 10, device=device)
+    strided = base.transpose(1, 2)  # [4, 10, 6], not contiguous
+    assert torch.equal(mk.max_pool2x2_relu(strided, backend=backend), F.relu(F.max_pool2d(strided.unsqueeze(1), 2)).squeeze(1))
 
 
 def test_auto_picks_cpp_on_cpu():

@@ -92,6 +92,27 @@ def test_reptile_update_bad_input(backend, device):
         mk.reptile_update_(theta, [phi[0], torch.randn(4, 2, 3, device=device)], 0.1, backend=backend)
 
 
+@pytest.mark.parametrize("backend,device", backend_devices())
+def test_max_pool2x2_relu_bad_input(backend, device):
+    with pytest.raises(ValueError, match=r"x must be \[\.\.\., H, W\]"):
+        mk.max_pool2x2_relu(torch.randn(5, device=device), backend=backend)
+    with pytest.raises(ValueError, match=r"H >= 2 and W >= 2"):
+        mk.max_pool2x2_relu(torch.randn(3, 1, 4, device=device), backend=backend)
+    with pytest.raises(ValueError, match=r"x must be floating point"):
+        mk.max_pool2x2_relu(torch.ones(4, 4, dtype=torch.int64, device=device), backend=backend)
+
+
+def test_max_pool2x2_relu_backward_bad_input():
+    ns = torch.ops.meta_kernels
+    go = torch.randn(2, 3, 3)
+    with pytest.raises(ValueError, match=r"index must be torch.int8"):
+        ns.max_pool2x2_relu_backward(go, torch.zeros(2, 3, 3, dtype=torch.int64), 6, 6)
+    with pytest.raises(ValueError, match=r"index has shape"):
+        ns.max_pool2x2_relu_backward(go, torch.zeros(2, 3, 2, dtype=torch.int8), 6, 6)
+    with pytest.raises(ValueError, match=r"do not pool to"):
+        ns.max_pool2x2_relu_backward(go, torch.zeros(2, 3, 3, dtype=torch.int8), 8, 6)
+
+
 def test_unknown_backend_and_unusable_backend():
     p, g = _lists("cpu")
     with pytest.raises(ValueError, match=r"unknown backend 'fast'"):

@@ -43,12 +43,15 @@ def _cases(device):
         "batch_norm_backward": [(torch.randn_like(x).requires_grad_(), x, w, mean.requires_grad_(),
                                  rstd.requires_grad_())],
         "reptile_update_": [(theta, phi, 0.5)],
+        "max_pool2x2_relu": [(torch.randn(2, 3, 6, 7, device=device, requires_grad=True),)],
+        "max_pool2x2_relu_backward": [(torch.randn(2, 3, 3, 3, device=device, requires_grad=True),
+                                       torch.randint(-1, 4, (2, 3, 3, 3), device=device, dtype=torch.int8), 6, 7)],
     }
 
 
 @pytest.mark.parametrize("ns,device", NAMESPACES)
 @pytest.mark.parametrize("op", ["sgd_step", "sgd_step_", "clip_grad_norm", "batch_norm", "batch_norm_backward",
-                                "reptile_update_"])
+                                "reptile_update_", "max_pool2x2_relu", "max_pool2x2_relu_backward"])
 def test_opcheck(ns, device, op):
     if ns == "meta_kernels":
         ok, why = _backend.available("cpp" if device == "cpu" else "cuda", torch.device(device))

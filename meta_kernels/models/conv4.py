@@ -93,8 +93,7 @@ class Conv4(nn.Module):
             else:
                 # [N, T*C, H, W] seen as one task of T*C channels: per-(task, channel) statistics.
                 h = ops.batch_norm(h.unsqueeze(0), gamma.reshape(1, -1), beta.reshape(1, -1), BN_EPS).squeeze(0)
-            # Pool before ReLU: the same function (both monotone), on a 4x smaller tensor.
-            h = F.relu(F.max_pool2d(h, 2))
+            h = ops.max_pool2x2_relu(h)  # relu(max_pool2d(h, 2)) in one pass
         feats = h.reshape(N, T, -1)
         return torch.einsum("ntd,tkd->tnk", feats, params["head.weight"]) + params["head.bias"].unsqueeze(1)
 

@@ -50,6 +50,17 @@ def fake_reptile_update_(params, adapted, epsilon):
     _validate.reptile_args(params, adapted)
 
 
+def fake_max_pool2x2_relu(x):
+    _validate.max_pool2x2_relu_args(x)
+    shape = (*x.shape[:-2], x.shape[-2] // 2, x.shape[-1] // 2)
+    return x.new_empty(shape), x.new_empty(shape, dtype=torch.int8)
+
+
+def fake_max_pool2x2_relu_backward(grad_out, index, height, width):
+    _validate.max_pool2x2_relu_backward_args(grad_out, index, height, width)
+    return grad_out.new_empty((*grad_out.shape[:-2], height, width))
+
+
 # ---- autograd ------------------------------------------------------------------------------
 
 def _sgd_setup(ctx, inputs, output):
@@ -155,6 +166,34 @@ def _bn_backward_backward(ctx, gg_x, gg_w, gg_b):
     return tuple(next(it) if needs else None for needs in ctx.needs_input_grad)
 
 
+def make_max_pool2x2_relu_autograd(ns):
+    """Autograd for `ns.max_pool2x2_relu` (its backward is `ns.max_pool2x2_relu_backward`, whose own
+    backward is a gather: linear in grad_out, so the double backward of MAML flows through)."""
+
+    def setup(ctx, inputs, output):
+        (x,) = inputs
+        ctx.height, ctx.width = x.shape[-2], x.shape[-1]
+        ctx.save_for_backward(output[1])
+        ctx.set_materialize_grads(False)
+
+    def backward(ctx, grad_out, grad_index):
+        if grad_out is None:
+            return None
+        (index,) = ctx.saved_tensors
+        return ns.max_pool2x2_relu_backward(grad_out, index, ctx.height, ctx.width)
+
+    return setup, backward
+
+
+def _pool_backward_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+
+
+def _pool_backward_backward(ctx, grad_grad_x):
+    (index,) = ctx.saved_tensors
+    return reference.max_pool2x2_relu_gather(grad_grad_x, index), None, None, None
+
+
 def register(ns_name: str) -> None:
     """Register fake kernels and autograd for the ops of namespace `ns_name`."""
     ns = getattr(torch.ops, ns_name)
@@ -162,10 +201,15 @@ def register(ns_name: str) -> None:
     for op, fake in (("sgd_step", fake_sgd_step), ("sgd_step_", fake_sgd_step_),
                      ("clip_grad_norm", fake_clip_grad_norm), ("batch_norm", fake_batch_norm),
                      ("batch_norm_backward", fake_batch_norm_backward),
-                     ("reptile_update_", fake_reptile_update_)):
+                     ("reptile_update_", fake_reptile_update_), ("max_pool2x2_relu", fake_max_pool2x2_relu),
+                     ("max_pool2x2_relu_backward", fake_max_pool2x2_relu_backward)):
         lib.register_fake(f"{ns_name}::{op}", fake, allow_override=True)
     lib.register_autograd(f"{ns_name}::sgd_step", _sgd_backward, setup_context=_sgd_setup)
     lib.register_autograd(f"{ns_name}::clip_grad_norm", _clip_backward, setup_context=_clip_setup)
     bn_setup, bn_backward = make_batch_norm_autograd(ns)
     lib.register_autograd(f"{ns_name}::batch_norm", bn_backward, setup_context=bn_setup)
     lib.register_autograd(f"{ns_name}::batch_norm_backward", _bn_backward_backward, setup_context=_bn_backward_setup)
+    pool_setup, pool_backward = make_max_pool2x2_relu_autograd(ns)
+    lib.register_autograd(f"{ns_name}::max_pool2x2_relu", pool_backward, setup_context=pool_setup)
+    lib.register_autograd(f"{ns_name}::max_pool2x2_relu_backward", _pool_backward_backward,
+                          setup_context=_pool_backward_setup)

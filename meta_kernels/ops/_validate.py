@@ -3,6 +3,7 @@ run the same checks in C++ (csrc/common.h) with the same wording, so every backe
 input with a ValueError that names the argument."""
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 
@@ -98,3 +99,26 @@ def reptile_args(params, adapted) -> None:
             raise ValueError(f"adapted[{i}] has shape {list(a.shape)} but must be [T, *params[{i}].shape] = [T, {list(p.shape)}]")
         if a.dtype != p.dtype or a.device != p.device:
             raise ValueError(f"adapted[{i}] must match params[{i}] in dtype and device")
+
+
+def max_pool2x2_relu_args(x: Tensor) -> None:
+    if x.dim() < 2:
+        raise ValueError(f"x must be [..., H, W], got shape {list(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"x must be floating point, got {x.dtype}")
+    if x.shape[-2] < 2 or x.shape[-1] < 2:
+        raise ValueError(f"max_pool2x2_relu needs H >= 2 and W >= 2, got x of shape {list(x.shape)}")
+
+
+def max_pool2x2_relu_backward_args(grad_out: Tensor, index: Tensor, height: int, width: int) -> None:
+    if grad_out.dim() < 2 or not grad_out.is_floating_point():
+        raise ValueError(f"grad_out must be a floating [..., H / 2, W / 2] tensor, got {grad_out.dtype} {list(grad_out.shape)}")
+    if index.dtype != torch.int8:
+        raise ValueError(f"index must be torch.int8 (from max_pool2x2_relu), got {index.dtype}")
+    if index.shape != grad_out.shape:
+        raise ValueError(f"index has shape {list(index.shape)} but grad_out has shape {list(grad_out.shape)}")
+    if index.device != grad_out.device:
+        raise ValueError(f"index is on {index.device} but grad_out is on {grad_out.device}")
+    if (height // 2, width // 2) != tuple(grad_out.shape[-2:]):
+        raise ValueError(f"height {height} and width {width} do not pool to grad_out's "
+                         f"{grad_out.shape[-2]} x {grad_out.shape[-1]}")

@@ -138,6 +138,17 @@ def _update_running_stats(x, mean, rstd, eps, running_mean, running_var, momentu
             running.mul_(1 - momentum).add_(batch.to(running.dtype), alpha=momentum)
 
 
+def max_pool2x2_relu(x: Tensor, *, backend: str | None = None) -> Tensor:
+    """relu(max_pool2d(x, 2)) over the last two dims of x [..., H, W] in one pass (an odd last row
+    or column is dropped, as in max_pool2d). Differentiable to any order."""
+    name = _backend.resolve(backend, x.device)
+    if name in _CHECKED_IN_PYTHON:
+        _validate.max_pool2x2_relu_args(x)
+    if name == "reference":
+        return reference.max_pool2x2_relu(x)[0]
+    return _ns(name).max_pool2x2_relu(x)[0]
+
+
 def reptile_update_(params: Sequence[Tensor], adapted: Sequence[Tensor], epsilon: float, *,
                     backend: str | None = None) -> None:
     """params_i += epsilon * (mean over tasks of adapted_i - params_i), in place, fused over the list.

@@ -76,3 +76,34 @@ def reptile_update_(params: list[Tensor], adapted: list[Tensor], epsilon: float)
         for p, a in zip(params, adapted):
             pm = _math(p)
             p.copy_((pm + epsilon * (_math(a).mean(0) - pm)).to(p.dtype))
+
+
+def _windows(t: Tensor) -> Tensor:
+    """[..., H, W] -> [..., H // 2, W // 2, 4]: each 2x2 window in the order (0,0), (0,1), (1,0), (1,1)."""
+    Ho, Wo = t.shape[-2] // 2, t.shape[-1] // 2
+    t = t[..., :2 * Ho, :2 * Wo].reshape(*t.shape[:-2], Ho, 2, Wo, 2)
+    return t.transpose(-3, -2).reshape(*t.shape[:-4], Ho, Wo, 4)
+
+
+def max_pool2x2_relu(x: Tensor) -> tuple[Tensor, Tensor]:
+    """relu(max_pool2d(x, 2)) and the int8 position of each maximum in its window (-1 where the
+    ReLU zeroes it). First maximum wins ties; NaN propagates."""
+    m, at = _windows(_math(x)).max(-1)
+    keep = (m > 0) | torch.isnan(m)
+    out = torch.where(keep, m, torch.zeros_like(m))
+    return out.to(x.dtype), torch.where(keep, at, torch.full_like(at, -1)).to(torch.int8)
+
+
+def max_pool2x2_relu_backward(grad_out: Tensor, index: Tensor, height: int, width: int) -> Tensor:
+    """grad_out routed to the recorded window positions, zeros elsewhere (x's shape [..., height, width])."""
+    onehot = index.unsqueeze(-1) == torch.arange(4, device=index.device, dtype=index.dtype)
+    win = torch.where(onehot, grad_out.unsqueeze(-1), torch.zeros((), dtype=grad_out.dtype, device=grad_out.device))
+    Ho, Wo = grad_out.shape[-2], grad_out.shape[-1]
+    grad = win.reshape(*grad_out.shape[:-2], Ho, Wo, 2, 2).transpose(-3, -2).reshape(*grad_out.shape[:-2], 2 * Ho, 2 * Wo)
+    return torch.nn.functional.pad(grad, (0, width - 2 * Wo, 0, height - 2 * Ho))
+
+
+def max_pool2x2_relu_gather(grad_x: Tensor, index: Tensor) -> Tensor:
+    """The adjoint of max_pool2x2_relu_backward: each window's entry at the recorded position."""
+    picked = _windows(grad_x).gather(-1, index.clamp(min=0).long().unsqueeze(-1)).squeeze(-1)
+    return torch.where(index >= 0, picked, torch.zeros_like(picked))

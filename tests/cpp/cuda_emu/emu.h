@@ -33,6 +33,7 @@ inline thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
   } while (0)
 using cudaStream_t = void*;
 using std::isfinite;
+using std::isnan;
 
 namespace c10 {
 namespace cuda {

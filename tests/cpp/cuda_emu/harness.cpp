@@ -7,6 +7,7 @@
 #include MK_EMU_CLIP
 #include MK_EMU_BN
 #include MK_EMU_REPTILE
+#include MK_EMU_POOL
 // clang-format on
 
 #include <ATen/ATen.h>
@@ -213,6 +214,33 @@ void test_reptile(at::ScalarType dtype) {
   }
 }
 
+void test_pool(at::ScalarType dtype) {
+  auto pool = op<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&)>("meta_kernels::max_pool2x2_relu");
+  auto pool_bw = op<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, int64_t)>(
+      "meta_kernels::max_pool2x2_relu_backward");
+  const auto o = at::TensorOptions().dtype(dtype);
+  // Odd and even sizes, one plane and many (grid-stride loop: the emulated grid is capped at 3 blocks),
+  // a non-contiguous input, and windows with exact ties and NaN.
+  std::vector<at::Tensor> inputs = {at::randn({2, 3, 8, 6}, o), at::randn({5, 7}, o), at::randn({3, 4, 9, 11}, o),
+                                    at::randn({4, 6, 2, 3}, o).transpose(1, 2)};
+  at::Tensor special = at::randn({2, 4, 4}, o);
+  special.index_put_({0, 0, 0}, 0.5);
+  special.index_put_({0, 1, 1}, 0.5);
+  special.index_put_({1, 2, 3}, std::nan(""));
+  special.index_put_({1, 0, 0}, -1.0);
+  inputs.push_back(special);
+  for (const auto& x : inputs) {
+    auto [want_out, want_idx] = pool.call(x);
+    auto [got_out, got_idx] = mkc::max_pool2x2_relu(x);
+    const std::string what = " " + name(dtype) + " x " + c10::str(x.sizes());
+    check(same(got_out, want_out) && at::equal(got_idx, want_idx), "max_pool2x2_relu" + what);
+    const at::Tensor go = at::randn(want_out.sizes(), o);
+    check(same(mkc::max_pool2x2_relu_backward(go, want_idx, x.size(-2), x.size(-1)),
+               pool_bw.call(go, want_idx, x.size(-2), x.size(-1))),
+          "max_pool2x2_relu_backward" + what);
+  }
+}
+
 void test_errors() {
   std::vector<at::Tensor> p = {at::randn({2, 3}), at::randn({2})};
   std::vector<at::Tensor> g = {at::randn({2, 3})};
@@ -242,6 +270,7 @@ int main() {
       test_clip(dtype);
       test_bn(dtype);
       test_reptile(dtype);
+      test_pool(dtype);
       std::cout << "done " << name(dtype) << std::endl;
     }
     test_errors();

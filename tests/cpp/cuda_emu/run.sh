@@ -38,7 +38,7 @@ common = sub(common, "constexpr int64_t kChunk = 4096;", "constexpr int64_t kChu
 common = sub(common, "constexpr int64_t kMaxGrid = int64_t(1) << 20;", "constexpr int64_t kMaxGrid = 3;")
 (work / "cuda_common.cuh").write_text(common)
 
-for name in ("sgd_step", "clip_grad_norm", "batch_norm", "reptile_update"):
+for name in ("sgd_step", "clip_grad_norm", "batch_norm", "reptile_update", "max_pool2x2_relu"):
     text = (src / f"{name}.cu").read_text()
     text = text.replace("#include <math_constants.h>", "")
     text = sub(text, r"(\b\w+_kernel<[\w, ]+>)<<<(.+?)>>>\(", r"mk_emulate_launch(\1, \2, ", regex=True)
@@ -56,7 +56,7 @@ echo "cuda_emu: building (torch $("$PYTHON" -c 'import torch; print(torch.__vers
 g++ -std=c++20 -O1 -g0 -pthread -fopenmp -D_GLIBCXX_USE_CXX11_ABI="$abi" \
   -I"$here" -I"$torch_dir/include" -I"$torch_dir/include/torch/csrc/api/include" \
   -DMK_EMU_SGD="\"$work/sgd_step.cpp\"" -DMK_EMU_CLIP="\"$work/clip_grad_norm.cpp\"" \
-  -DMK_EMU_BN="\"$work/batch_norm.cpp\"" -DMK_EMU_REPTILE="\"$work/reptile_update.cpp\"" \
+  -DMK_EMU_BN="\"$work/batch_norm.cpp\"" -DMK_EMU_REPTILE="\"$work/reptile_update.cpp\"" -DMK_EMU_POOL="\"$work/max_pool2x2_relu.cpp\"" \
   "$here/harness.cpp" "$repo/csrc/ops.cpp" "$repo"/csrc/cpu/*.cpp \
   -L"$torch_dir/lib" -Wl,--no-as-needed -ltorch -ltorch_cpu -lc10 -Wl,-rpath,"$torch_dir/lib" \
   -o "$work/cuda_emu"
