@@ -142,3 +142,25 @@ def test_batch_norm_forward_backward(benchmark, backend, T):
     vmap = lambda: run(vmapped)
     medians = interleaved_medians({backend: ours, "F.batch_norm loop": loop, "F.batch_norm vmap": vmap})
     _record(benchmark, backend, medians, ours)
+
+
+@pytest.mark.parametrize("backend", OURS)
+@pytest.mark.parametrize("T", TASKS)
+def test_max_pool2x2_relu_forward_backward(benchmark, backend, T):
+    """Conv4's four pool + ReLU layers on an Omniglot 5-way 1-shot 15-query set ([N, T*64, H, W]
+    as in Conv4.forward_tasks), forward and backward, against F.relu(F.max_pool2d(x, 2))."""
+    benchmark.group = f"max_pool2x2_relu fwd+bwd T={T}"
+    g = torch.Generator().manual_seed(2)
+    layers = []
+    for hw in (28, 14, 7, 3):
+        x = torch.randn(20, T * 64, hw, hw, generator=g).to(DEVICE).requires_grad_()
+        layers.append((x, torch.randn(20, T * 64, hw // 2, hw // 2, generator=g).to(DEVICE)))
+
+    def run(pool):
+        for x, go in layers:
+            torch.autograd.grad(pool(x), x, go)
+
+    ours = lambda: run(lambda x: mk.max_pool2x2_relu(x, backend=backend))
+    torch_pool = lambda: run(lambda x: F.relu(F.max_pool2d(x, 2)))
+    medians = interleaved_medians({backend: ours, "F.relu(F.max_pool2d)": torch_pool}, rounds=7, inner=2)
+    _record(benchmark, backend, medians, ours)
