@@ -104,6 +104,11 @@ def max_pool2x2_relu_backward(grad_out: Tensor, index: Tensor, height: int, widt
 
 
 def max_pool2x2_relu_gather(grad_x: Tensor, index: Tensor) -> Tensor:
-    """The adjoint of max_pool2x2_relu_backward: each window's entry at the recorded position."""
-    picked = _windows(grad_x).gather(-1, index.clamp(min=0).long().unsqueeze(-1)).squeeze(-1)
-    return torch.where(index >= 0, picked, torch.zeros_like(picked))
+    """The adjoint of max_pool2x2_relu_backward: each window's entry at the recorded position
+    (zero where index is -1). Reads the four strided window corners in place: no window copy."""
+    Ho, Wo = index.shape[-2], index.shape[-1]
+    out = torch.zeros((), dtype=grad_x.dtype, device=grad_x.device)
+    for q in range(4):
+        corner = grad_x[..., q // 2:2 * Ho:2, q % 2:2 * Wo:2]
+        out = torch.where(index == q, corner, out)
+    return out
