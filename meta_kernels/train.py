@@ -53,8 +53,10 @@ def build_model(config: MetaLearningFullConfig, image_shape) -> torch.nn.Module:
     c, h, _ = image_shape
     m = config.model
     if m.arch == "vit":
+        # Second-order MAML differentiates the attention twice, which the fused kernels cannot.
         return ViT(in_channels=c, image_size=h, n_way=config.episodes.n_way, dim=m.dim, depth=m.depth, heads=m.heads,
-                   patch_size=m.patch_size, mlp_ratio=m.mlp_ratio)
+                   patch_size=m.patch_size, mlp_ratio=m.mlp_ratio,
+                   attention="math" if config.maml.second_order else "sdpa")
     bn_steps = config.maml.inner_steps + 1 if config.mamlpp.bn_mode == "per_step" else 1
     return Conv4(in_channels=c, n_way=config.episodes.n_way, filters=m.filters, image_size=h, bn_steps=bn_steps)
 

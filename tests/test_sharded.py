@@ -194,3 +194,31 @@ def test_config_refuses_what_sharding_cannot_run():
 def test_readme_memory_table_is_the_computed_one():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert memory_table() in readme, "README's memory table is stale: paste meta_kernels.memory.memory_table()"
+
+
+def test_vit_second_order_maml_with_math_attention():
+    """The trainer builds MAML's ViT with plain-op attention: the meta-gradient is second order
+    (it differs from FOMAML's) and matches finite differences of the meta-loss."""
+    from meta_kernels.meta import meta_loss
+    torch.manual_seed(0)
+    model = ViT(in_channels=1, image_size=14, n_way=3, dim=8, depth=1, heads=2, patch_size=7,
+                attention="math").double()
+    xs, ys = torch.randn(2, 3, 1, 14, 14, dtype=torch.float64), torch.randint(0, 3, (2, 3))
+    xq, yq = torch.randn(2, 4, 1, 14, 14, dtype=torch.float64), torch.randint(0, 3, (2, 4))
+    params = {k: v.detach().requires_grad_() for k, v in model.named_parameters()}
+    cfg = MAMLConfig(algo="maml", inner_steps=1, inner_lr=0.5, inner_clip=None, engine="custom")
+    loss = meta_loss(params, (xs, ys, xq, yq), config=cfg, model=model, track_curve=False).loss
+    grads = torch.autograd.grad(loss, list(params.values()))
+    name, p = "head.weight", params["head.weight"]
+    direction = torch.randn_like(p)
+    eps = 1e-6
+    shifted = lambda s: meta_loss({**params, name: (p + s * eps * direction).detach().requires_grad_()},
+                                  (xs, ys, xq, yq), config=cfg, model=model, track_curve=False).loss.detach()
+    fd = (shifted(1) - shifted(-1)) / (2 * eps)
+    analytic = (grads[list(params).index(name)] * direction).sum()
+    torch.testing.assert_close(analytic, fd, rtol=1e-5, atol=1e-8)
+    fo = meta_loss(params, (xs, ys, xq, yq), config=cfg.replace(algo="fomaml"), model=model, track_curve=False).loss
+    (fo_grad,) = torch.autograd.grad(fo, [p])
+    assert not torch.allclose(grads[list(params).index(name)], fo_grad)
+    with pytest.raises(ValueError, match="attention"):
+        ViT(in_channels=1, image_size=14, n_way=3, dim=8, depth=1, heads=2, patch_size=7, attention="flash")

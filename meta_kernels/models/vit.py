@@ -13,10 +13,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+ATTENTION = ("sdpa", "math")
+
+
 class ViTBlock(nn.Module):
-    def __init__(self, dim: int, heads: int, mlp_ratio: int):
+    def __init__(self, dim: int, heads: int, mlp_ratio: int, attention: str = "sdpa"):
         super().__init__()
-        self.heads = heads
+        self.heads, self.attention = heads, attention
         self.norm1 = nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
@@ -27,15 +30,24 @@ class ViTBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         B, S, D = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(B, S, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        attn = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, S, D)
+        if self.attention == "sdpa":
+            attn = F.scaled_dot_product_attention(q, k, v)
+        else:  # plain ops: differentiable twice (the fused SDPA kernels have no double backward)
+            attn = torch.softmax(q @ k.transpose(-2, -1) * (q.shape[-1] ** -0.5), dim=-1) @ v
+        attn = attn.transpose(1, 2).reshape(B, S, D)
         x = x + self.proj(attn)
         return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
 
 
 class ViT(nn.Module):
     def __init__(self, *, in_channels: int, image_size: int, n_way: int, dim: int, depth: int, heads: int,
-                 patch_size: int, mlp_ratio: int = 4):
+                 patch_size: int, mlp_ratio: int = 4, attention: str = "sdpa"):
+        """attention: 'sdpa' (fused scaled_dot_product_attention: first-order methods, the sharded
+        production presets) or 'math' (plain ops, for second-order MAML: the fused attention
+        kernels cannot be differentiated twice)."""
         super().__init__()
+        if attention not in ATTENTION:
+            raise ValueError(f"unknown attention {attention!r}; choose one of {', '.join(ATTENTION)}")
         if dim % heads:
             raise ValueError(f"ViT dim ({dim}) must be divisible by heads ({heads})")
         if image_size % patch_size:
@@ -44,7 +56,7 @@ class ViT(nn.Module):
         n_tokens = (image_size // patch_size) ** 2 + 1
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.randn(1, n_tokens, dim) * 0.02)
-        self.blocks = nn.ModuleList(ViTBlock(dim, heads, mlp_ratio) for _ in range(depth))
+        self.blocks = nn.ModuleList(ViTBlock(dim, heads, mlp_ratio, attention) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, n_way)
         for name, p in self.named_parameters():  # small init keeps deep residual stacks stable
