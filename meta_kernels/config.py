@@ -286,6 +286,9 @@ class MetaLearningFullConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "MetaLearningFullConfig":
+        if "model_filters" in data.get("run", {}):  # configs written before the model section existed
+            data = {**data, "run": dict(data["run"]), "model": dict(data.get("model", {}))}
+            data["model"].setdefault("filters", data["run"].pop("model_filters"))
         unknown = set(data) - set(SECTIONS)
         if unknown:
             raise ConfigError(f"unknown config section(s) {sorted(unknown)}; sections are {', '.join(SECTIONS)}")

@@ -38,6 +38,14 @@ def test_presets_round_trip_and_overrides(tmp_path):
     assert (cfg.maml.algo, cfg.maml.second_order, cfg.maml.inner_lr, cfg.run.epochs) == ("fomaml", False, 0.2, 3)
 
 
+def test_configs_from_before_the_model_section_still_load():
+    old = MetaLearningFullConfig.dev().to_dict()
+    del old["model"]
+    old["run"]["model_filters"] = 32
+    cfg = MetaLearningFullConfig.from_dict(old)
+    assert cfg.model.filters == 32 and cfg.model.arch == "conv4"
+
+
 def test_config_errors_name_the_field(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown preset 'huge'"):
         MetaLearningFullConfig.preset("huge")
