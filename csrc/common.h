@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <string>
+#include <vector>
 
 namespace meta_kernels {
 
@@ -127,6 +128,14 @@ inline int64_t check_reptile_args(at::TensorList params, at::TensorList adapted)
                       "adapted[", i, "] must match params[", i, "] in dtype and device");
   }
   return T;
+}
+
+// `sizes` with its last two entries replaced (the pooled or the unpooled shape of max_pool2x2_relu).
+inline std::vector<int64_t> with_last_two(at::IntArrayRef sizes, int64_t a, int64_t b) {
+  std::vector<int64_t> shape(sizes.begin(), sizes.end());
+  shape[shape.size() - 2] = a;
+  shape.back() = b;
+  return shape;
 }
 
 inline void check_max_pool2x2_relu_args(const at::Tensor& x) {

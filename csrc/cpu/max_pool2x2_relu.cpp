@@ -12,9 +12,7 @@ std::tuple<at::Tensor, at::Tensor> max_pool2x2_relu(const at::Tensor& x_in) {
   const at::Tensor x = x_in.contiguous();
   const int64_t H = x.size(-2), W = x.size(-1), Ho = H / 2, Wo = W / 2;
   const int64_t planes = x.numel() / (H * W);
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape[out_shape.size() - 2] = Ho;
-  out_shape.back() = Wo;
+  const auto out_shape = with_last_two(x.sizes(), Ho, Wo);
   at::Tensor out = at::empty(out_shape, x.options());
   at::Tensor index = at::empty(out_shape, x.options().dtype(at::kChar));
   MK_DISPATCH_FLOATING(x.scalar_type(), "max_pool2x2_relu_cpu", [&] {
@@ -61,9 +59,7 @@ at::Tensor max_pool2x2_relu_backward(const at::Tensor& grad_out_in, const at::Te
   const at::Tensor go = grad_out_in.contiguous(), index = index_in.contiguous();
   const int64_t H = height, W = width, Ho = go.size(-2), Wo = go.size(-1);
   const int64_t planes = Ho * Wo ? go.numel() / (Ho * Wo) : 0;
-  std::vector<int64_t> shape(go.sizes().begin(), go.sizes().end());
-  shape[shape.size() - 2] = H;
-  shape.back() = W;
+  const auto shape = with_last_two(go.sizes(), H, W);
   // Every pooled window is written whole; only a dropped odd row / column needs zeros first.
   at::Tensor grad_x = (H % 2 || W % 2) ? at::zeros(shape, go.options()) : at::empty(shape, go.options());
   MK_DISPATCH_FLOATING(go.scalar_type(), "max_pool2x2_relu_backward_cpu", [&] {

@@ -51,13 +51,6 @@ pool_relu_backward_kernel(const scalar_t* __restrict__ go, const int8_t* __restr
   }
 }
 
-std::vector<int64_t> with_last_two(at::IntArrayRef sizes, int64_t a, int64_t b) {
-  std::vector<int64_t> shape(sizes.begin(), sizes.end());
-  shape[shape.size() - 2] = a;
-  shape.back() = b;
-  return shape;
-}
-
 std::tuple<at::Tensor, at::Tensor> max_pool2x2_relu(const at::Tensor& x_in) {
   check_max_pool2x2_relu_args(x_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
