@@ -19,7 +19,7 @@ from meta_kernels.config import MetaLearningFullConfig
 from meta_kernels.cpu_memory import keep_freed_cpu_memory
 from meta_kernels.data import EpisodeSampler, load_dataset
 from meta_kernels.meta import MetaLearner, adapt_tasks
-from meta_kernels.meta.algorithms import auac
+from meta_kernels.meta.algorithms import accuracy_summary
 from meta_kernels.meta.inner import per_task_loss
 from meta_kernels.meta.sharded import ShardedMetaLearner, evaluation_summary
 from meta_kernels.meta.task_model import TaskModel
@@ -258,12 +258,8 @@ def evaluate(model, sampler: EpisodeSampler, config: MetaLearningFullConfig, epi
         accs.append(acc)
         losses.append(loss)
         curves.append((torch.tensor(result.curve_accuracy), batch.n_tasks))
-    acc = torch.cat(accs).double()
     curve = (sum(c * n for c, n in curves) / sum(n for _, n in curves)).tolist()
-    ci = 1.96 * float(acc.std(unbiased=True)) / math.sqrt(len(acc)) if len(acc) > 1 else math.nan
-    return {"accuracy": float(acc.mean()), "ci95": ci, "episodes": len(acc), "query_loss": float(torch.cat(losses).mean()),
-            "curve_accuracy": curve,
-            "pre_adapt_acc": curve[0], "post_adapt_acc": curve[-1], "auac": auac(curve)}
+    return {**accuracy_summary(torch.cat(accs), curve), "query_loss": float(torch.cat(losses).mean())}
 
 
 def plot_training(history: list[dict], path: Path) -> None:

@@ -44,12 +44,28 @@ def auac(curve_accuracy: list[float]) -> float:
     return area / (len(curve_accuracy) - 1)
 
 
+def accuracy_summary(accuracy: Tensor, curve_accuracy: list[float]) -> dict:
+    """The evaluation record: mean per-task accuracy with its 95% confidence interval, and the
+    adaptation curve (accuracy after 0..K steps, averaged over tasks) with AUAC."""
+    acc = accuracy.double()
+    ci = 1.96 * float(acc.std(unbiased=True)) / math.sqrt(len(acc)) if len(acc) > 1 else math.nan
+    return {"accuracy": float(acc.mean()), "ci95": ci, "episodes": len(acc), "curve_accuracy": curve_accuracy,
+            "pre_adapt_acc": curve_accuracy[0], "post_adapt_acc": curve_accuracy[-1], "auac": auac(curve_accuracy)}
+
+
 def _batch_parts(task_batch):
     if hasattr(task_batch, "x_support"):
         return task_batch.x_support, task_batch.y_support, task_batch.x_query, task_batch.y_query
     if len(task_batch) == 4:
         return tuple(task_batch)
     raise ValueError("task_batch must be a TaskBatch or (x_support, y_support, x_query, y_query)")
+
+
+def reptile_epsilon(config: MAMLConfig, outer_steps: int) -> float:
+    """Reptile's step size after `outer_steps` outer steps: linear decay to 0 over reptile_decay_steps."""
+    if config.reptile_decay_steps <= 0:
+        return config.reptile_epsilon
+    return config.reptile_epsilon * max(0.0, 1.0 - outer_steps / config.reptile_decay_steps)
 
 
 def resolve_algo(algo: str | None, config: MAMLConfig) -> str:
@@ -220,10 +236,7 @@ class MetaLearner:
         return result.adapted, metrics
 
     def reptile_epsilon(self) -> float:
-        cfg = self.config
-        if cfg.reptile_decay_steps <= 0:
-            return cfg.reptile_epsilon
-        return cfg.reptile_epsilon * max(0.0, 1.0 - self.outer_steps / cfg.reptile_decay_steps)
+        return reptile_epsilon(self.config, self.outer_steps)
 
     # ---- the outer step ----------------------------------------------------------------------
     def step(self, task_batch, *, epoch: int = 0, track_curve: bool = False,

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 import meta_kernels.ops as ops
 from meta_kernels import distributed
 from meta_kernels.config import MAMLConfig
-from meta_kernels.meta.algorithms import _batch_parts, auac
+from meta_kernels.meta.algorithms import _batch_parts, accuracy_summary, reptile_epsilon
 from meta_kernels.meta.inner import NonFiniteLossError, _as_task_batch
 from meta_kernels.meta.task_model import _has_batch_norm
 
@@ -144,12 +144,6 @@ class ShardedMetaLearner:
         return contextlib.nullcontext()
 
     # ---- the outer step --------------------------------------------------------------------------
-    def reptile_epsilon(self) -> float:
-        cfg = self.config
-        if cfg.reptile_decay_steps <= 0:
-            return cfg.reptile_epsilon
-        return cfg.reptile_epsilon * max(0.0, 1.0 - self.outer_steps / cfg.reptile_decay_steps)
-
     def step(self, task_batch, *, epoch: int = 0, total_tasks: int | None = None) -> dict[str, float]:
         """One outer step on the whole meta-batch (the same on every rank)."""
         xs, ys, xq, yq = _batch_parts(task_batch)
@@ -184,7 +178,7 @@ class ShardedMetaLearner:
             keep = [i for i, w in enumerate(local) if w.numel()]
             with torch.no_grad():
                 ops.reptile_update_([local[i] for i in keep], [(total[i] / T).unsqueeze(0) for i in keep],
-                                    self.reptile_epsilon(), backend=self.config.backend)
+                                    reptile_epsilon(self.config, self.outer_steps), backend=self.config.backend)
         else:
             for p, g in zip(self.params, total):
                 if p.grad is None:
@@ -242,8 +236,5 @@ class ShardedMetaLearner:
 
 def evaluation_summary(curves: list[list[float]]) -> dict:
     """The accuracy / curve / AUAC record of `train.evaluate` from per-task curves."""
-    acc = torch.tensor([c[-1] for c in curves], dtype=torch.float64)
-    curve = torch.tensor(curves, dtype=torch.float64).mean(0).tolist()
-    ci = 1.96 * float(acc.std(unbiased=True)) / math.sqrt(len(acc)) if len(acc) > 1 else math.nan
-    return {"accuracy": float(acc.mean()), "ci95": ci, "episodes": len(acc), "curve_accuracy": curve,
-            "pre_adapt_acc": curve[0], "post_adapt_acc": curve[-1], "auac": auac(curve)}
+    return accuracy_summary(torch.tensor([c[-1] for c in curves]),
+                            torch.tensor(curves, dtype=torch.float64).mean(0).tolist())
