@@ -234,5 +234,27 @@ def test_max_pool2x2_relu_ties_nan_and_non_contiguous(backend, device):
     assert torch.equal(mk.max_pool2x2_relu(strided, backend=backend), F.relu(F.max_pool2d(strided.unsqueeze(1), 2)).squeeze(1))
 
 
+@pytest.mark.parametrize("backend,device", [p for p in backend_devices() if p.values[0] in ("cpp", "cuda")])
+@pytest.mark.parametrize("height", [2, 3, 7, 28])
+def test_max_pool2x2_relu_every_row_width(backend, device, height):
+    """Row widths on both sides of the CPU kernel's 8-wide vectors (short rows that spill into the
+    next row, long rows ending in an overlapping vector, odd widths), plane counts that split
+    unevenly over threads; values from a small set (ties everywhere), zeros, negatives and NaNs
+    (several per window): window position and gradient exactly as the reference."""
+    g = _gen(14)
+    for width in [2, 3, 4, 5, 6, 7, 14, 15, 16, 17, 18, 28, 31, 33]:
+        for planes in (1, 3, 515):
+            x = torch.randint(-2, 3, (planes, height, width), generator=g).double()
+            x[torch.rand(x.shape, generator=g) < 0.1] = float("nan")
+            x = x.float().to(device)
+            out, index = torch.ops.meta_kernels.max_pool2x2_relu(x)  # the cpp / cuda kernel, index included
+            want_out, want_index = reference.max_pool2x2_relu(x)
+            assert torch.equal(index, want_index), (planes, height, width)
+            assert torch.equal(out.isnan(), want_out.isnan()) and torch.equal(out.nan_to_num(), want_out.nan_to_num())
+            go = torch.randn(out.shape, generator=g).to(device)
+            grad = torch.ops.meta_kernels.max_pool2x2_relu_backward(go, index, height, width)
+            assert torch.equal(grad, reference.max_pool2x2_relu_backward(go, index, height, width)), (planes, height, width)
+
+
 def test_auto_picks_cpp_on_cpu():
     assert mk.backend_info()["auto"]["cpu"] == "cpp"

@@ -1,53 +1,236 @@
 // relu(max_pool2d(x, 2)) in one pass over x [..., H, W], and its backward (a scatter of grad_out
 // to the recorded window positions). PyTorch's NCHW max_pool2d runs at several ns per element on
 // CPUs; this is bound by memory, as ReLU alone is.
+//
+// Conv4's rows are short (W = 28, 14, 7, 3), too short for the compiler to vectorise a row loop
+// and, written as scalar selects, full of mispredicted branches on random data. So float32 on
+// x86-64 CPUs with AVX2 takes explicit 8-wide vectors (GCC / Clang vector extensions, compiled
+// for AVX2 and picked at run time): rows of >= 8 outputs end with a vector that overlaps the
+// previous one; shorter rows compute 8 lanes and let the spare lanes spill into the next rows,
+// which rewrite them afterwards (so the last rows of each thread's range take the scalar path).
 #include "../common.h"
+
+#include <cstring>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define MK_POOL_AVX2 1
+#endif
 
 namespace meta_kernels {
 namespace cpu {
 namespace {
 
+// Window position of the maximum (0..3, row-major; first maximum wins ties, a NaN wins and
+// propagates, as in max_pool2d) or -1 where the ReLU zeroes it.
+template <typename scalar_t>
+inline void pool_window(const scalar_t* top, const scalar_t* bottom, int64_t j, scalar_t* out, int8_t* index) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const opmath_t a = static_cast<opmath_t>(top[2 * j]), b = static_cast<opmath_t>(top[2 * j + 1]);
+  const opmath_t c = static_cast<opmath_t>(bottom[2 * j]), d = static_cast<opmath_t>(bottom[2 * j + 1]);
+  // v != v is the NaN test.
+  const bool tb = (b > a) | ((b != b) & (a == a));
+  opmath_t m = tb ? b : a;
+  int32_t at = tb ? 1 : 0;
+  const bool tc = (c > m) | ((c != c) & (m == m));
+  m = tc ? c : m;
+  at = tc ? 2 : at;
+  const bool td = (d > m) | ((d != d) & (m == m));
+  m = td ? d : m;
+  at = td ? 3 : at;
+  const bool keep = (m > opmath_t(0)) | (m != m);
+  out[j] = static_cast<scalar_t>(keep ? m : opmath_t(0));
+  index[j] = static_cast<int8_t>(keep ? at : -1);
+}
+
+template <typename scalar_t>
+inline void unpool_window(const scalar_t* grad_out, const int8_t* index, int64_t j, scalar_t* top, scalar_t* bottom) {
+  const scalar_t zero(0);
+  top[2 * j] = index[j] == 0 ? grad_out[j] : zero;
+  top[2 * j + 1] = index[j] == 1 ? grad_out[j] : zero;
+  bottom[2 * j] = index[j] == 2 ? grad_out[j] : zero;
+  bottom[2 * j + 1] = index[j] == 3 ? grad_out[j] : zero;
+}
+
+// Output rows [r0, r1) of x [planes, H, W]: row r pools input rows 2i, 2i + 1 of its plane.
+struct Rows {
+  int64_t H, W, Ho, Wo;
+  int64_t input_offset(int64_t r) const {
+    const int64_t plane = r / Ho;
+    return (plane * H + 2 * (r - plane * Ho)) * W;
+  }
+};
+
+template <typename scalar_t>
+void forward_rows_scalar(const scalar_t* x, scalar_t* out, int8_t* index, const Rows& g, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const scalar_t* top = x + g.input_offset(r);
+    for (int64_t j = 0; j < g.Wo; ++j) pool_window(top, top + g.W, j, out + r * g.Wo, index + r * g.Wo);
+  }
+}
+
+template <typename scalar_t>
+void backward_rows_scalar(const scalar_t* grad_out, const int8_t* index, scalar_t* grad_x, const Rows& g, int64_t r0,
+                          int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    scalar_t* top = grad_x + g.input_offset(r);
+    for (int64_t j = 0; j < g.Wo; ++j) unpool_window(grad_out + r * g.Wo, index + r * g.Wo, j, top, top + g.W);
+  }
+}
+
+#ifdef MK_POOL_AVX2
+namespace avx2 {
+
+typedef float f8 __attribute__((vector_size(32)));
+typedef int32_t i8 __attribute__((vector_size(32)));
+typedef int8_t c8 __attribute__((vector_size(8)));
+
+#define MK_AVX2 __attribute__((target("avx2"), always_inline)) inline
+
+MK_AVX2 f8 load(const float* p) { f8 v; std::memcpy(&v, p, sizeof v); return v; }
+MK_AVX2 void store(float* p, f8 v) { std::memcpy(p, &v, sizeof v); }
+// Lane-wise mask ? a : b, by bits (mask lanes are all ones or all zeros).
+MK_AVX2 f8 select(i8 mask, f8 a, f8 b) { return (f8)((mask & (i8)a) | (~mask & (i8)b)); }
+MK_AVX2 i8 select(i8 mask, i8 a, i8 b) { return (mask & a) | (~mask & b); }
+
+// Outputs j .. j + 7 of one row: the same comparisons as pool_window, 8 windows at once.
+MK_AVX2 void pool8(const float* top, const float* bottom, float* out, int8_t* index) {
+  const f8 t0 = load(top), t1 = load(top + 8), b0 = load(bottom), b1 = load(bottom + 8);
+  const f8 a = __builtin_shufflevector(t0, t1, 0, 2, 4, 6, 8, 10, 12, 14);
+  const f8 b = __builtin_shufflevector(t0, t1, 1, 3, 5, 7, 9, 11, 13, 15);
+  const f8 c = __builtin_shufflevector(b0, b1, 0, 2, 4, 6, 8, 10, 12, 14);
+  const f8 d = __builtin_shufflevector(b0, b1, 1, 3, 5, 7, 9, 11, 13, 15);
+  const i8 zero_i = {}, one = zero_i + 1, two = zero_i + 2, three = zero_i + 3;
+  const i8 tb = (b > a) | ((b != b) & (a == a));
+  f8 m = select(tb, b, a);
+  i8 at = tb & one;
+  const i8 tc = (c > m) | ((c != c) & (m == m));
+  m = select(tc, c, m);
+  at = select(tc, two, at);
+  const i8 td = (d > m) | ((d != d) & (m == m));
+  m = select(td, d, m);
+  at = select(td, three, at);
+  const f8 zero = {};
+  const i8 keep = (m > zero) | (m != m);
+  store(out, select(keep, m, zero));
+  const c8 idx = __builtin_convertvector(select(keep, at, zero_i - 1), c8);
+  std::memcpy(index, &idx, sizeof idx);
+}
+
+// Inputs of outputs j .. j + 7: grad_out routed to the recorded positions (lanes >= `valid` give 0).
+MK_AVX2 void unpool8(const float* grad_out, const int8_t* index, float* top, float* bottom, int valid) {
+  c8 k8;
+  std::memcpy(&k8, index, sizeof k8);
+  const i8 lane = {0, 1, 2, 3, 4, 5, 6, 7}, zero_i = {};
+  const i8 k = select(lane < valid, __builtin_convertvector(k8, i8), zero_i - 1);
+  const f8 g = load(grad_out), zero = {};
+  const f8 e0 = select(k == 0, g, zero), e1 = select(k == 1, g, zero);
+  const f8 e2 = select(k == 2, g, zero), e3 = select(k == 3, g, zero);
+  store(top, __builtin_shufflevector(e0, e1, 0, 8, 1, 9, 2, 10, 3, 11));
+  store(top + 8, __builtin_shufflevector(e0, e1, 4, 12, 5, 13, 6, 14, 7, 15));
+  store(bottom, __builtin_shufflevector(e2, e3, 0, 8, 1, 9, 2, 10, 3, 11));
+  store(bottom + 8, __builtin_shufflevector(e2, e3, 4, 12, 5, 13, 6, 14, 7, 15));
+}
+
+// Short rows (Wo < 8) read and write 8 outputs and 16 floats of each input row from the row's
+// start: rows from the returned one on would reach past the range [r0, r1) -- into another
+// thread's rows or past the tensor -- and take the scalar path.
+int64_t vector_rows_end(const Rows& g, int64_t r0, int64_t r1) {
+  if (g.Wo >= 8) return r1;
+  const int64_t input_end = g.input_offset(r1 - 1) + 2 * g.W;
+  int64_t r = r1;
+  while (r > r0 && ((r - 1) * g.Wo + 8 > r1 * g.Wo || g.input_offset(r - 1) + g.W + 16 > input_end)) --r;
+  return r;
+}
+
+__attribute__((target("avx2"))) void forward_rows(const float* x, float* out, int8_t* index, const Rows& g, int64_t r0,
+                                                  int64_t r1) {
+  const int64_t W = g.W, Wo = g.Wo;
+  const int64_t r_end = vector_rows_end(g, r0, r1);
+  for (int64_t r = r0; r < r_end; ++r) {
+    const float* top = x + g.input_offset(r);
+    float* o = out + r * Wo;
+    int8_t* k = index + r * Wo;
+    if (Wo < 8) {
+      pool8(top, top + W, o, k);
+      continue;
+    }
+    for (int64_t j = 0; j + 8 <= Wo; j += 8) pool8(top + 2 * j, top + W + 2 * j, o + j, k + j);
+    if (Wo % 8) pool8(top + 2 * (Wo - 8), top + W + 2 * (Wo - 8), o + Wo - 8, k + Wo - 8);  // overlaps, same values
+  }
+  if (r_end < r1) forward_rows_scalar(x, out, index, g, r_end, r1);
+}
+
+__attribute__((target("avx2"))) void backward_rows(const float* grad_out, const int8_t* index, float* grad_x,
+                                                   const Rows& g, int64_t r0, int64_t r1) {
+  const int64_t W = g.W, Wo = g.Wo;
+  const int64_t r_end = vector_rows_end(g, r0, r1);
+  for (int64_t r = r0; r < r_end; ++r) {
+    float* top = grad_x + g.input_offset(r);
+    const float* go = grad_out + r * Wo;
+    const int8_t* k = index + r * Wo;
+    if (Wo < 8) {
+      // 16 floats from each row start: the spare lanes write zeros into the next rows (rewritten
+      // by their own row later) or into dropped odd rows / columns (which are zero anyway).
+      unpool8(go, k, top, top + W, static_cast<int>(Wo));
+      continue;
+    }
+    for (int64_t j = 0; j + 8 <= Wo; j += 8) unpool8(go + j, k + j, top + 2 * j, top + W + 2 * j, 8);
+    if (Wo % 8) unpool8(go + Wo - 8, k + Wo - 8, top + 2 * (Wo - 8), top + W + 2 * (Wo - 8), 8);
+  }
+  if (r_end < r1) backward_rows_scalar(grad_out, index, grad_x, g, r_end, r1);
+}
+
+#undef MK_AVX2
+
+bool available() {
+  static const bool yes = __builtin_cpu_supports("avx2");
+  return yes;
+}
+
+}  // namespace avx2
+#endif
+
+// The kernels' entry points: every dtype runs the scalar rows; float32 runs AVX2 where the CPU has it.
+template <typename scalar_t>
+void forward_rows(const scalar_t* x, scalar_t* out, int8_t* index, const Rows& g, int64_t r0, int64_t r1) {
+  forward_rows_scalar(x, out, index, g, r0, r1);
+}
+
+template <typename scalar_t>
+void backward_rows(const scalar_t* grad_out, const int8_t* index, scalar_t* grad_x, const Rows& g, int64_t r0,
+                   int64_t r1) {
+  backward_rows_scalar(grad_out, index, grad_x, g, r0, r1);
+}
+
+#ifdef MK_POOL_AVX2
+template <>
+void forward_rows<float>(const float* x, float* out, int8_t* index, const Rows& g, int64_t r0, int64_t r1) {
+  avx2::available() ? avx2::forward_rows(x, out, index, g, r0, r1) : forward_rows_scalar(x, out, index, g, r0, r1);
+}
+
+template <>
+void backward_rows<float>(const float* grad_out, const int8_t* index, float* grad_x, const Rows& g, int64_t r0,
+                          int64_t r1) {
+  avx2::available() ? avx2::backward_rows(grad_out, index, grad_x, g, r0, r1)
+                    : backward_rows_scalar(grad_out, index, grad_x, g, r0, r1);
+}
+#endif
+
 std::tuple<at::Tensor, at::Tensor> max_pool2x2_relu(const at::Tensor& x_in) {
   check_max_pool2x2_relu_args(x_in);
   const at::Tensor x = x_in.contiguous();
-  const int64_t H = x.size(-2), W = x.size(-1), Ho = H / 2, Wo = W / 2;
-  const int64_t planes = x.numel() / (H * W);
-  const auto out_shape = with_last_two(x.sizes(), Ho, Wo);
+  const Rows g{x.size(-2), x.size(-1), x.size(-2) / 2, x.size(-1) / 2};
+  const int64_t rows = x.numel() / (g.H * g.W) * g.Ho;
+  const auto out_shape = with_last_two(x.sizes(), g.Ho, g.Wo);
   at::Tensor out = at::empty(out_shape, x.options());
   at::Tensor index = at::empty(out_shape, x.options().dtype(at::kChar));
+  const int64_t grain = std::max<int64_t>(2, 4096 / std::max<int64_t>(g.Wo, 1));
   MK_DISPATCH_FLOATING(x.scalar_type(), "max_pool2x2_relu_cpu", [&] {
-    using opmath_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     int8_t* ip = index.data_ptr<int8_t>();
-    // One task per output row; rows are independent.
-    at::parallel_for(0, planes * Ho, std::max<int64_t>(1, 4096 / std::max<int64_t>(Wo, 1)), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t plane = r / Ho, i = r - plane * Ho;
-        const scalar_t* top = xp + (plane * H + 2 * i) * W;
-        const scalar_t* bottom = top + W;
-        scalar_t* o = op + r * Wo;
-        int8_t* k = ip + r * Wo;
-        // Branch-free, so the compiler vectorises it. First maximum wins ties; a NaN wins and
-        // propagates (as max_pool2d and relu do): v != v is the NaN test.
-_Pragma("omp simd")
-        for (int64_t j = 0; j < Wo; ++j) {
-          const opmath_t a = static_cast<opmath_t>(top[2 * j]), b = static_cast<opmath_t>(top[2 * j + 1]);
-          const opmath_t c = static_cast<opmath_t>(bottom[2 * j]), d = static_cast<opmath_t>(bottom[2 * j + 1]);
-          const bool tb = (b > a) | ((b != b) & (a == a));
-          opmath_t m = tb ? b : a;
-          int32_t at = tb ? 1 : 0;
-          const bool tc = (c > m) | ((c != c) & (m == m));
-          m = tc ? c : m;
-          at = tc ? 2 : at;
-          const bool td = (d > m) | ((d != d) & (m == m));
-          m = td ? d : m;
-          at = td ? 3 : at;
-          const bool keep = (m > opmath_t(0)) | (m != m);
-          o[j] = static_cast<scalar_t>(keep ? m : opmath_t(0));
-          k[j] = static_cast<int8_t>(keep ? at : -1);
-        }
-      }
+    at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+      forward_rows(xp, op, ip, g, r0, r1);
     });
   });
   return {out, index};
@@ -57,31 +240,18 @@ at::Tensor max_pool2x2_relu_backward(const at::Tensor& grad_out_in, const at::Te
                                      int64_t width) {
   check_max_pool2x2_relu_backward_args(grad_out_in, index_in, height, width);
   const at::Tensor go = grad_out_in.contiguous(), index = index_in.contiguous();
-  const int64_t H = height, W = width, Ho = go.size(-2), Wo = go.size(-1);
-  const int64_t planes = Ho * Wo ? go.numel() / (Ho * Wo) : 0;
-  const auto shape = with_last_two(go.sizes(), H, W);
+  const Rows g{height, width, go.size(-2), go.size(-1)};
+  const int64_t rows = g.Ho * g.Wo ? go.numel() / g.Wo : 0;
+  const auto shape = with_last_two(go.sizes(), g.H, g.W);
   // Every pooled window is written whole; only a dropped odd row / column needs zeros first.
-  at::Tensor grad_x = (H % 2 || W % 2) ? at::zeros(shape, go.options()) : at::empty(shape, go.options());
+  at::Tensor grad_x = (g.H % 2 || g.W % 2) ? at::zeros(shape, go.options()) : at::empty(shape, go.options());
+  const int64_t grain = std::max<int64_t>(2, 4096 / std::max<int64_t>(g.Wo, 1));
   MK_DISPATCH_FLOATING(go.scalar_type(), "max_pool2x2_relu_backward_cpu", [&] {
     const scalar_t* gp = go.const_data_ptr<scalar_t>();
     const int8_t* ip = index.const_data_ptr<int8_t>();
     scalar_t* xp = grad_x.data_ptr<scalar_t>();
-    at::parallel_for(0, planes * Ho, std::max<int64_t>(1, 4096 / std::max<int64_t>(Wo, 1)), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t plane = r / Ho, i = r - plane * Ho;
-        scalar_t* top = xp + (plane * H + 2 * i) * W;
-        scalar_t* bottom = top + W;
-        const scalar_t* g = gp + r * Wo;
-        const int8_t* k = ip + r * Wo;
-_Pragma("omp simd")
-        for (int64_t j = 0; j < Wo; ++j) {
-          const scalar_t zero(0);
-          top[2 * j] = k[j] == 0 ? g[j] : zero;
-          top[2 * j + 1] = k[j] == 1 ? g[j] : zero;
-          bottom[2 * j] = k[j] == 2 ? g[j] : zero;
-          bottom[2 * j + 1] = k[j] == 3 ? g[j] : zero;
-        }
-      }
+    at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+      backward_rows(gp, ip, xp, g, r0, r1);
     });
   });
   return grad_x;
