@@ -10,6 +10,7 @@ Implementations:
   ours-torch_func the default engine (torch.func.grad inside, fused updates outside)
   ours-no-batch   ours with the task batching switched off (a loop over tasks)
   ours-compiled   ours with compile=True
+  ours-chunkK     ours adapting K tasks at a time (MAMLConfig.task_chunk=K): less memory, less batching
   plain-loop      functional_call + autograd.grad(create_graph=True), a Python loop over tasks
   plain-vmap      the same per-task function under torch.func.vmap (MAML only)
   higher          higher.innerloop_ctx per task
@@ -53,9 +54,10 @@ def _model():
     return mk.Conv4.omniglot(N_WAY).to(DEVICE)
 
 
-def ours(algo, steps, engine="custom", task_batching="auto", compile=False):
+def ours(algo, steps, engine="custom", task_batching="auto", compile=False, task_chunk=0):
     model = _model()
-    cfg = mk.MAMLConfig(algo=algo, inner_steps=steps, inner_lr=INNER_LR, inner_clip=None, engine=engine, meta_lr=META_LR)
+    cfg = mk.MAMLConfig(algo=algo, inner_steps=steps, inner_lr=INNER_LR, inner_clip=None, engine=engine, meta_lr=META_LR,
+                        task_chunk=task_chunk)
     learner = mk.MetaLearner(model, cfg, task_batching=task_batching, compile=compile)
     return lambda batch: learner.step(batch)
 
@@ -180,6 +182,7 @@ def _measure(impls: dict, batch, rounds: int) -> tuple[dict, dict]:
     return {k: statistics.median(v) for k, v in times.items()}, peaks
 
 
+CHUNKS = (2, 8)
 CASES = [(algo, T, steps) for T in (4,) for steps in (1, 5) for algo in ("maml", "fomaml", "reptile")]
 CASES += [("maml", 32, 5), ("fomaml", 32, 5), ("reptile", 32, 5)]
 
@@ -194,6 +197,9 @@ def test_outer_step(benchmark, algo, T, steps):
         impls["ours-no-batch"] = ours(algo, steps, task_batching="loop")
         if steps == 5 and algo != "reptile":
             impls["ours-compiled"] = ours(algo, steps, compile=True)
+    elif algo != "reptile":  # the memory / batching trade-off
+        for chunk in CHUNKS:
+            impls[f"ours-chunk{chunk}"] = ours(algo, steps, task_chunk=chunk)
     impls["plain-loop"] = plain_loop(algo, steps)
     if algo != "reptile" and importlib.util.find_spec("higher") is not None:
         impls["higher"] = with_higher(algo, steps)

@@ -20,7 +20,10 @@ def child(impl: str, algo: str, T: int, steps: int) -> None:
     import torch
     import bench_meta_step as b
     batch = b._batch(T)
-    fn = {"ours": b.ours, "plain-loop": b.plain_loop, "higher": b.with_higher}[impl](algo, steps)
+    if impl.startswith("ours-chunk"):
+        fn = b.ours(algo, steps, task_chunk=int(impl.removeprefix("ours-chunk")))
+    else:
+        fn = {"ours": b.ours, "plain-loop": b.plain_loop, "higher": b.with_higher}[impl](algo, steps)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
@@ -44,9 +47,11 @@ def main() -> int:
     if args.child:
         child(*args.child, args.T, args.steps)
         return 0
+    sys.path.insert(0, str(HERE))
+    from bench_meta_step import CHUNKS
     print("| algorithm | implementation | peak GB above the pre-step RSS |\n|---|---|---:|")
     for algo in ("maml", "fomaml"):
-        for impl in ("ours", "plain-loop", "higher"):
+        for impl in ("ours", *(f"ours-chunk{c}" for c in CHUNKS), "plain-loop", "higher"):
             out = subprocess.run([sys.executable, __file__, "--T", str(args.T), "--steps", str(args.steps),
                                   "--child", impl, algo], capture_output=True, text=True, check=True)
             row = json.loads(out.stdout.strip().splitlines()[-1])
