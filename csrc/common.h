@@ -114,6 +114,32 @@ inline void check_batch_norm_backward_args(const at::Tensor& grad_out, const at:
                     " and ", rstd.device(), " but x is on ", x.device());
 }
 
+// sgd_step and sgd_step_ around a device's kernel(params, grads, outs, lrs, scale), which writes
+// p - lr * s[t] * g into outs (outs may alias contiguous params).
+template <typename Kernel>
+std::vector<at::Tensor> sgd_step_out_of_place(Kernel&& kernel, at::TensorList params, at::TensorList grads,
+                                              const at::Tensor& lrs, const c10::optional<at::Tensor>& scale) {
+  check_sgd_args(params, grads, lrs, scale);
+  std::vector<at::Tensor> outs;
+  outs.reserve(params.size());
+  for (const auto& t : params) outs.push_back(at::empty(t.sizes(), t.options().memory_format(at::MemoryFormat::Contiguous)));
+  kernel(params, grads, outs, lrs, scale);
+  return outs;
+}
+
+template <typename Kernel>
+void sgd_step_in_place(Kernel&& kernel, at::TensorList params, at::TensorList grads, const at::Tensor& lrs,
+                       const c10::optional<at::Tensor>& scale) {
+  check_sgd_args(params, grads, lrs, scale);
+  // Non-contiguous params are updated through a contiguous buffer and copied back.
+  std::vector<at::Tensor> outs;
+  outs.reserve(params.size());
+  for (const auto& t : params) outs.push_back(t.is_contiguous() ? t : at::empty(t.sizes(), t.options()));
+  kernel(params, grads, outs, lrs, scale);
+  for (size_t i = 0; i < params.size(); ++i)
+    if (!params[i].is_contiguous()) const_cast<at::Tensor&>(params[i]).copy_(outs[i]);
+}
+
 // Returns T, the number of tasks in adapted's leading dim.
 inline int64_t check_reptile_args(at::TensorList params, at::TensorList adapted) {
   check_uniform_list(params, "params");

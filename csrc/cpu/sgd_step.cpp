@@ -47,24 +47,12 @@ _Pragma("omp simd")
 
 std::vector<at::Tensor> sgd_step(at::TensorList params, at::TensorList grads, const at::Tensor& lrs,
                                  const c10::optional<at::Tensor>& scale) {
-  check_sgd_args(params, grads, lrs, scale);
-  std::vector<at::Tensor> outs;
-  outs.reserve(params.size());
-  for (const auto& t : params) outs.push_back(at::empty(t.sizes(), t.options().memory_format(at::MemoryFormat::Contiguous)));
-  sgd_kernel(params, grads, outs, lrs, scale);
-  return outs;
+  return sgd_step_out_of_place(sgd_kernel, params, grads, lrs, scale);
 }
 
 void sgd_step_(at::TensorList params, at::TensorList grads, const at::Tensor& lrs,
                const c10::optional<at::Tensor>& scale) {
-  check_sgd_args(params, grads, lrs, scale);
-  // Non-contiguous params are updated through a contiguous buffer and copied back.
-  std::vector<at::Tensor> outs;
-  outs.reserve(params.size());
-  for (const auto& t : params) outs.push_back(t.is_contiguous() ? t : at::empty(t.sizes(), t.options()));
-  sgd_kernel(params, grads, outs, lrs, scale);
-  for (size_t i = 0; i < params.size(); ++i)
-    if (!params[i].is_contiguous()) const_cast<at::Tensor&>(params[i]).copy_(outs[i]);
+  sgd_step_in_place(sgd_kernel, params, grads, lrs, scale);
 }
 
 }  // namespace
