@@ -65,6 +65,9 @@ class MAMLConfig:
     reptile_epsilon: float = 1.0
     reptile_decay_steps: int = 0  # linear decay of epsilon to 0 over this many outer steps (0: none)
     task_chunk: int = 0  # tasks adapted together per chunk in a training step (0: the whole meta-batch)
+    # Tasks per query pass in a MAML / FOMAML training step: each such pass is back-propagated to
+    # the adapted weights and freed before the one backward through the inner loop (0: all at once).
+    query_chunk: int = 8
     skip_nonfinite_tasks: bool = False  # skip (and count) a task whose inner loss is NaN/inf instead of raising
     loss: str = "cross_entropy"  # or "mse" (regression, e.g. the sinusoid demo)
 
@@ -91,6 +94,7 @@ class MAMLConfig:
         _require(0 < self.reptile_epsilon <= 1, name, "reptile_epsilon", f"must be in (0, 1], got {self.reptile_epsilon}")
         _require(self.reptile_decay_steps >= 0, name, "reptile_decay_steps", f"must be >= 0, got {self.reptile_decay_steps}")
         _require(self.task_chunk >= 0, name, "task_chunk", f"must be >= 0, got {self.task_chunk}")
+        _require(self.query_chunk >= 0, name, "query_chunk", f"must be >= 0, got {self.query_chunk}")
         _require(self.loss in ("cross_entropy", "mse"), name, "loss", f"must be 'cross_entropy' or 'mse', got {self.loss!r}")
 
     @property

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from meta_kernels.config import MAMLConfig
-from meta_kernels.meta import (DetachedGraphError, MetaLearner, TaskModel, adapt, check_adapted_graph, meta_loss,
-                               params_without_meta_grad)
+from meta_kernels.meta import (DetachedGraphError, MetaLearner, TaskModel, adapt, check_adapted_graph, meta_backward,
+                               meta_loss, params_without_meta_grad)
 from meta_kernels.models import Conv4
 
 F64 = torch.float64
@@ -248,12 +248,51 @@ def test_reptile_update_matches_hand_written_loop():
 def test_task_chunks_give_the_same_step(algo):
     batch = _tasks(T=4, seed=11)
     results = []
-    for chunk in (0, 1, 3):
+    for chunk, query_chunk in ((0, 0), (1, 8), (3, 2), (0, 3)):
         model = _tiny_conv4(12)
-        cfg = MAMLConfig(algo=algo, inner_steps=2, inner_lr=0.3, inner_clip=None, engine="custom", task_chunk=chunk)
+        cfg = MAMLConfig(algo=algo, inner_steps=2, inner_lr=0.3, inner_clip=None, engine="custom", task_chunk=chunk,
+                         query_chunk=query_chunk)
         learner = MetaLearner(model, cfg, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
         learner.step(batch)
         results.append([p.detach().clone() for p in model.parameters()])
     for other in results[1:]:
         for a, b in zip(results[0], other):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("algo", ["maml", "fomaml"])
+def test_meta_backward_chunked_query_equals_meta_loss(algo):
+    """The query pass a chunk of tasks at a time, then one backward through the inner loop: the
+    gradients of meta_loss(...).loss.backward() (learned per-step rates included), and the same
+    metrics, also with a task skipped for a non-finite query loss."""
+    xs, ys, xq, yq = _tasks(T=5, seed=21)
+    xq[3, 0, 0, 0, 0] = float("nan")
+    model = _tiny_conv4(22)
+    lrs = torch.full((2, len(list(model.parameters()))), 0.3, dtype=F64, requires_grad=True)
+    params = dict(model.named_parameters())
+    leaves = list(params.values()) + [lrs]
+    grads = []
+    for chunk in (0, 2):
+        cfg = MAMLConfig(algo=algo, inner_steps=2, inner_lr=0.3, inner_clip=None, engine="custom", query_chunk=chunk,
+                         skip_nonfinite_tasks=True)
+        if chunk == 0:
+            out = meta_loss(params, (xs, ys, xq, yq), config=cfg, model=model, lrs=lrs, track_curve=False)
+            (out.loss * 0.5).backward()
+            metrics = out.metrics
+        else:
+            got = meta_backward(params, (xs, ys, xq, yq), config=cfg, model=model, lrs=lrs, scale=0.5)
+        grads.append([p.grad.clone() for p in leaves])
+        for p in leaves:
+            p.grad = None
+    assert got["skipped_tasks"] == metrics["skipped_tasks"] == 1
+    assert got["query_loss"] == pytest.approx(metrics["query_loss"], rel=1e-12)
+    assert got["post_adapt_acc"] == pytest.approx(metrics["post_adapt_acc"], rel=1e-6)  # accuracies are float32
+    for a, b in zip(*grads):
+        assert a.abs().sum() > 0
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-13)
+
+
+def test_meta_backward_refuses_reptile():
+    cfg = MAMLConfig(algo="reptile", engine="custom")
+    with pytest.raises(ValueError, match="MAML and FOMAML"):
+        meta_backward(dict(_tiny_conv4().named_parameters()), _tasks(), config=cfg, model=_tiny_conv4())

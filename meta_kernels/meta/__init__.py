@@ -1,6 +1,6 @@
 """The meta-learning layer: inner loop, MAML / FOMAML / Reptile, diagnostics."""
 from meta_kernels.meta.convenience import MAML
-from meta_kernels.meta.algorithms import MetaLearner, MetaLogs, MetaOutput, auac, meta_loss
+from meta_kernels.meta.algorithms import MetaLearner, MetaLogs, MetaOutput, auac, meta_backward, meta_loss
 from meta_kernels.meta.diagnostics import (DetachedGraphError, check_adapted_graph, meta_grad_norms,
                                            params_without_meta_grad)
 from meta_kernels.meta.inner import AdaptResult, NonFiniteLossError, StepLog, adapt, adapt_tasks
@@ -9,4 +9,4 @@ from meta_kernels.meta.task_model import TaskModel
 
 __all__ = ["MAML", "AdaptResult", "DetachedGraphError", "MetaLearner", "MetaLogs", "MetaOutput", "NonFiniteLossError",
            "ShardedMetaLearner", "StepLog", "TaskModel", "adapt", "adapt_tasks", "auac", "check_adapted_graph", "meta_grad_norms",
-           "meta_loss", "params_without_meta_grad"]
+           "meta_backward", "meta_loss", "params_without_meta_grad"]

@@ -78,6 +78,52 @@ def resolve_algo(algo: str | None, config: MAMLConfig) -> str:
     return algo
 
 
+def _adapt_for_meta(params, task_batch, *, algo, config, model, lrs, track_curve, msl_weights, bn_mode, first_order):
+    """Checks the task batch and adapts every task on its support set (MAML / FOMAML keep the
+    inner graph; Reptile builds none). Returns (task_model, adapt result, x_query, y_query)."""
+    xs, ys, xq, yq = _batch_parts(task_batch)
+    xs, ys = _as_task_batch(xs, ys, "support", config.loss)
+    xq, yq = _as_task_batch(xq, yq, "query", config.loss)
+    if xs.shape[0] != xq.shape[0]:
+        raise ValueError(f"support has {xs.shape[0]} tasks but query has {xq.shape[0]}; they must match")
+    task_model = model if isinstance(model, TaskModel) else TaskModel(model)
+    result: AdaptResult = adapt_tasks(
+        params, (xs, ys), model=task_model, steps=config.inner_steps,
+        lrs=config.inner_lr if lrs is None else lrs,
+        first_order=config.first_order if first_order is None else first_order, inner_clip=config.inner_clip,
+        engine=config.engine, backend=config.backend, no_graph=algo == "reptile",
+        query_batch=(xq, yq) if (track_curve or msl_weights is not None) else None,
+        on_nonfinite="skip" if config.skip_nonfinite_tasks else "raise", loss=config.loss, bn_mode=bn_mode,
+        msl_weights=msl_weights if algo != "reptile" else None)
+    return task_model, result, xq, yq
+
+
+def _query_losses(task_model, adapted, xq, yq, ok, *, config, bn_mode, update_stats, first_task=0):
+    """Per-task query loss and accuracy under the adapted weights, and `ok` without the tasks whose
+    loss is not finite (raised about unless config.skip_nonfinite_tasks; skipped tasks are rerun
+    with zeroed inputs so that no NaN enters the graph). first_task numbers the tasks in messages."""
+    final = lambda x: task_model(adapted, x, step=config.inner_steps, bn_mode=bn_mode, update_stats=update_stats)
+    with ops.use_backend(config.backend):
+        loss_t, acc_t = per_task_loss(final(xq), yq, config.loss, "query")
+        bad = ~torch.isfinite(loss_t.detach()) & ok
+        if bool(bad.any()):
+            tasks = (bad.nonzero().flatten() + first_task).tolist()
+            if not config.skip_nonfinite_tasks:
+                raise NonFiniteLossError(f"non-finite query loss after adaptation for task(s) {tasks}; check the query "
+                                         "inputs, lower the inner lr, or set skip_nonfinite_tasks=True")
+            ok = ok & ~bad
+            xq = torch.where(bad.view(-1, *([1] * (xq.dim() - 1))), torch.zeros_like(xq), xq)
+            loss_t, acc_t = per_task_loss(final(xq), yq, config.loss, "query")
+    return loss_t, acc_t, ok
+
+
+def _meta_metrics(result: AdaptResult, loss: Tensor | float, post: float, ok: Tensor) -> dict[str, float]:
+    pre = result.curve_accuracy[0] if result.curve_accuracy else math.nan
+    return {"pre_adapt_acc": pre, "post_adapt_acc": post, "fast_gain": post - pre,
+            "auac": auac(result.curve_accuracy) if result.curve_accuracy else math.nan,
+            "query_loss": float(loss), "skipped_tasks": int((~ok).sum())}
+
+
 def meta_loss(params: dict[str, Tensor], task_batch, *, algo: str | None = None, config: MAMLConfig, model,
               lrs=None, track_curve: bool = True, msl_weights: Tensor | None = None, bn_mode: str = "transductive",
               first_order: bool | None = None, update_stats: bool = False) -> MetaOutput:
@@ -94,44 +140,55 @@ def meta_loss(params: dict[str, Tensor], task_batch, *, algo: str | None = None,
     algorithm's order (derivative-order annealing); update_stats folds the final query pass's
     BN statistics into the model's running statistics (training passes only, never evaluation)."""
     algo = resolve_algo(algo, config)
-    xs, ys, xq, yq = _batch_parts(task_batch)
-    xs, ys = _as_task_batch(xs, ys, "support", config.loss)
-    xq, yq = _as_task_batch(xq, yq, "query", config.loss)
-    if xs.shape[0] != xq.shape[0]:
-        raise ValueError(f"support has {xs.shape[0]} tasks but query has {xq.shape[0]}; they must match")
-    task_model = model if isinstance(model, TaskModel) else TaskModel(model)
-    result: AdaptResult = adapt_tasks(
-        params, (xs, ys), model=task_model, steps=config.inner_steps,
-        lrs=config.inner_lr if lrs is None else lrs,
-        first_order=config.first_order if first_order is None else first_order, inner_clip=config.inner_clip,
-        engine=config.engine, backend=config.backend, no_graph=algo == "reptile",
-        query_batch=(xq, yq) if (track_curve or msl_weights is not None) else None,
-        on_nonfinite="skip" if config.skip_nonfinite_tasks else "raise", loss=config.loss, bn_mode=bn_mode,
-        msl_weights=msl_weights if algo != "reptile" else None)
-    ok = result.task_ok
-    final = lambda x: task_model(result.adapted, x, step=config.inner_steps, bn_mode=bn_mode, update_stats=update_stats)
-    with ops.use_backend(config.backend):
-        loss_t, acc_t = per_task_loss(final(xq), yq, config.loss, "query")
-        bad = ~torch.isfinite(loss_t.detach()) & ok
-        if bool(bad.any()):
-            tasks = bad.nonzero().flatten().tolist()
-            if not config.skip_nonfinite_tasks:
-                raise NonFiniteLossError(f"non-finite query loss after adaptation for task(s) {tasks}; check the query "
-                                         "inputs, lower the inner lr, or set skip_nonfinite_tasks=True")
-            ok = ok & ~bad  # recompute without those tasks' inputs so no NaN enters the graph
-            xq = torch.where(bad.view(-1, *([1] * (xq.dim() - 1))), torch.zeros_like(xq), xq)
-            loss_t, acc_t = per_task_loss(final(xq), yq, config.loss, "query")
+    task_model, result, xq, yq = _adapt_for_meta(params, task_batch, algo=algo, config=config, model=model, lrs=lrs,
+                                                 track_curve=track_curve, msl_weights=msl_weights, bn_mode=bn_mode,
+                                                 first_order=first_order)
+    loss_t, acc_t, ok = _query_losses(task_model, result.adapted, xq, yq, result.task_ok, config=config,
+                                      bn_mode=bn_mode, update_stats=update_stats)
     if result.msl_loss_per_task is not None:
         loss_t = result.msl_loss_per_task
     weights = ok.to(loss_t.dtype) / ok.sum().clamp(min=1)
     loss = (torch.where(ok, loss_t, torch.zeros_like(loss_t)) * weights).sum()
-    post = float((acc_t * weights.to(acc_t.dtype)).sum())
-    pre = result.curve_accuracy[0] if result.curve_accuracy else math.nan
-    metrics = {"pre_adapt_acc": pre, "post_adapt_acc": post, "fast_gain": post - pre,
-               "auac": auac(result.curve_accuracy) if result.curve_accuracy else math.nan,
-               "query_loss": float(loss.detach()), "skipped_tasks": int((~ok).sum())}
+    metrics = _meta_metrics(result, loss.detach(), float((acc_t * weights.to(acc_t.dtype)).sum()), ok)
     logs = MetaLogs(result.logs, result.adapted, result.curve_loss, result.curve_accuracy, metrics["skipped_tasks"])
     return MetaOutput(loss, metrics, logs)
+
+
+def meta_backward(params: dict[str, Tensor], task_batch, *, algo: str | None = None, config: MAMLConfig, model,
+                  lrs=None, track_curve: bool = False, first_order: bool | None = None,
+                  scale: float = 1.0) -> dict[str, float]:
+    """Back-propagates `scale * meta_loss(...).loss` (MAML / FOMAML, transductive BN, no MSL) and
+    returns its metrics, with less memory: the query pass runs config.query_chunk tasks at a time,
+    each chunk back-propagated to the adapted weights and its graph freed, before one backward
+    through the inner loop. The same gradients as meta_loss(...).loss.backward()."""
+    algo = resolve_algo(algo, config)
+    if algo == "reptile":
+        raise ValueError("meta_backward is for MAML and FOMAML; Reptile's update needs no meta-gradient")
+    task_model, result, xq, yq = _adapt_for_meta(params, task_batch, algo=algo, config=config, model=model, lrs=lrs,
+                                                 track_curve=track_curve, msl_weights=None, bn_mode="transductive",
+                                                 first_order=first_order)
+    names = [k for k, v in result.adapted.items() if v.requires_grad]
+    detached = {k: v.detach().requires_grad_(k in names) for k, v in result.adapted.items()}
+    T = xq.shape[0]
+    chunk = config.query_chunk or T
+    ok_parts, loss_sum, acc_sum = [], 0.0, 0.0
+    for start in range(0, T, chunk):
+        part = slice(start, start + chunk)
+        loss_t, acc_t, ok = _query_losses(task_model, {k: v[part] for k, v in detached.items()}, xq[part], yq[part],
+                                          result.task_ok[part], config=config, bn_mode="transductive",
+                                          update_stats=False, first_task=start)
+        kept = torch.where(ok, loss_t, torch.zeros_like(loss_t)).sum()
+        if kept.requires_grad:
+            kept.backward()  # d(sum of kept query losses) / d(adapted weights), accumulated over chunks
+        ok_parts.append(ok)
+        loss_sum += float(kept.detach())
+        acc_sum += float(torch.where(ok, acc_t, torch.zeros_like(acc_t)).sum())
+    ok = torch.cat(ok_parts)
+    n_ok = max(int(ok.sum()), 1)
+    grads = [torch.zeros_like(detached[k]) if detached[k].grad is None else detached[k].grad for k in names]
+    if names:
+        torch.autograd.backward([result.adapted[k] for k in names], [g * (scale / n_ok) for g in grads])
+    return _meta_metrics(result, loss_sum / n_ok, acc_sum / n_ok, ok)
 
 
 class MetaLearner:
@@ -265,6 +322,10 @@ class MetaLearner:
                 # Reptile's update needs only the adapted weights: no query pass on the hot path.
                 adapted, metrics = self._reptile_adapt(params, sub, lrs)
                 adapted_chunks.append(adapted)
+            elif algo != "reptile" and msl is None and self.mamlpp.bn_mode == "transductive":
+                # The query graph a chunk of tasks at a time (config.query_chunk), not all at once.
+                metrics = meta_backward(params, sub, config=self.config, model=self.task_model, lrs=lrs,
+                                        track_curve=track_curve, first_order=self.first_order_at(epoch), scale=n / T)
             else:
                 out = meta_loss(params, sub, config=self.config, model=self.task_model, track_curve=track_curve,
                                 lrs=lrs, msl_weights=msl, bn_mode=self.mamlpp.bn_mode,
