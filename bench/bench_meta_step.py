@@ -11,6 +11,7 @@ Implementations:
   ours-no-batch   ours with the task batching switched off (a loop over tasks)
   ours-compiled   ours with compile=True
   ours-chunkK     ours adapting K tasks at a time (MAMLConfig.task_chunk=K): less memory, less batching
+  ours-query1     ours with the query pass one task at a time (MAMLConfig.query_chunk=1; default 8)
   plain-loop      functional_call + autograd.grad(create_graph=True), a Python loop over tasks
   plain-vmap      the same per-task function under torch.func.vmap (MAML only)
   higher          higher.innerloop_ctx per task
@@ -54,10 +55,10 @@ def _model():
     return mk.Conv4.omniglot(N_WAY).to(DEVICE)
 
 
-def ours(algo, steps, engine="custom", task_batching="auto", compile=False, task_chunk=0):
+def ours(algo, steps, engine="custom", task_batching="auto", compile=False, **config):
     model = _model()
     cfg = mk.MAMLConfig(algo=algo, inner_steps=steps, inner_lr=INNER_LR, inner_clip=None, engine=engine, meta_lr=META_LR,
-                        task_chunk=task_chunk)
+                        **config)
     learner = mk.MetaLearner(model, cfg, task_batching=task_batching, compile=compile)
     return lambda batch: learner.step(batch)
 
@@ -200,6 +201,7 @@ def test_outer_step(benchmark, algo, T, steps):
     elif algo != "reptile":  # the memory / batching trade-off
         for chunk in CHUNKS:
             impls[f"ours-chunk{chunk}"] = ours(algo, steps, task_chunk=chunk)
+        impls["ours-query1"] = ours(algo, steps, query_chunk=1)
     impls["plain-loop"] = plain_loop(algo, steps)
     if algo != "reptile" and importlib.util.find_spec("higher") is not None:
         impls["higher"] = with_higher(algo, steps)

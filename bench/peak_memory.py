@@ -22,6 +22,8 @@ def child(impl: str, algo: str, T: int, steps: int) -> None:
     batch = b._batch(T)
     if impl.startswith("ours-chunk"):
         fn = b.ours(algo, steps, task_chunk=int(impl.removeprefix("ours-chunk")))
+    elif impl == "ours-query1":
+        fn = b.ours(algo, steps, query_chunk=1)
     else:
         fn = {"ours": b.ours, "plain-loop": b.plain_loop, "higher": b.with_higher}[impl](algo, steps)
     if torch.cuda.is_available():
@@ -51,7 +53,7 @@ def main() -> int:
     from bench_meta_step import CHUNKS
     print("| algorithm | implementation | peak GB above the pre-step RSS |\n|---|---|---:|")
     for algo in ("maml", "fomaml"):
-        for impl in ("ours", *(f"ours-chunk{c}" for c in CHUNKS), "plain-loop", "higher"):
+        for impl in ("ours", "ours-query1", *(f"ours-chunk{c}" for c in CHUNKS), "plain-loop", "higher"):
             out = subprocess.run([sys.executable, __file__, "--T", str(args.T), "--steps", str(args.steps),
                                   "--child", impl, algo], capture_output=True, text=True, check=True)
             row = json.loads(out.stdout.strip().splitlines()[-1])

@@ -65,20 +65,21 @@ def fake_max_pool2x2_relu_backward(grad_out, index, height, width):
 
 def _sgd_setup(ctx, inputs, output):
     params, grads, lrs, scale = inputs
-    ctx.n = len(params)
-    ctx.has_scale = scale is not None
-    ctx.save_for_backward(*grads, lrs, scale)
+    # The grads enter only the gradients of lrs and scale: with fixed rates and no clip factor in
+    # the graph they are not kept (T copies of the parameters per inner step).
+    ctx.kept = len(params) if lrs.requires_grad or (scale is not None and scale.requires_grad) else 0
+    ctx.save_for_backward(*grads[:ctx.kept], lrs, scale)
 
 
 def _sgd_backward(ctx, grad_outs):
     saved = ctx.saved_tensors
-    grads, lrs, scale = saved[:ctx.n], saved[ctx.n], saved[ctx.n + 1]
+    grads, lrs, scale = saved[:ctx.kept], saved[ctx.kept], saved[ctx.kept + 1]
     need_p, need_g, need_lrs, need_scale = ctx.needs_input_grad
     grad_g, grad_lrs, grad_scale = None, None, None
     lr_items = lrs.unbind(0)
     if need_g:
         grad_g = []
-        for go, g, lr in zip(grad_outs, grads, lr_items):
+        for go, lr in zip(grad_outs, lr_items):
             coef = -lr.to(go.dtype)
             if scale is not None:
                 coef = coef * reference._task_view(scale.to(go.dtype), go)
