@@ -10,8 +10,8 @@ Implementations:
   ours-torch_func the default engine (torch.func.grad inside, fused updates outside)
   ours-no-batch   ours with the task batching switched off (a loop over tasks)
   ours-compiled   ours with compile=True
-  ours-chunkK     ours adapting K tasks at a time (MAMLConfig.task_chunk=K): less memory, less batching
-  ours-query1     ours with the query pass one task at a time (MAMLConfig.query_chunk=1; default 8)
+  ours-<variant>   ours with the memory settings of MEMORY_VARIANTS (task_chunk: tasks adapted
+                  together; query_chunk: tasks per query pass, default 8)
   plain-loop      functional_call + autograd.grad(create_graph=True), a Python loop over tasks
   plain-vmap      the same per-task function under torch.func.vmap (MAML only)
   higher          higher.innerloop_ctx per task
@@ -183,7 +183,9 @@ def _measure(impls: dict, batch, rounds: int) -> tuple[dict, dict]:
     return {k: statistics.median(v) for k, v in times.items()}, peaks
 
 
-CHUNKS = (2, 8)
+# Memory settings timed (meta-batch 32) and measured by peak_memory.py beside the default.
+MEMORY_VARIANTS = {"query1": {"query_chunk": 1}, "chunk8": {"task_chunk": 8},
+                   "chunk8-query1": {"task_chunk": 8, "query_chunk": 1}, "chunk2": {"task_chunk": 2}}
 CASES = [(algo, T, steps) for T in (4,) for steps in (1, 5) for algo in ("maml", "fomaml", "reptile")]
 CASES += [("maml", 32, 5), ("fomaml", 32, 5), ("reptile", 32, 5)]
 
@@ -199,9 +201,8 @@ def test_outer_step(benchmark, algo, T, steps):
         if steps == 5 and algo != "reptile":
             impls["ours-compiled"] = ours(algo, steps, compile=True)
     elif algo != "reptile":  # the memory / batching trade-off
-        for chunk in CHUNKS:
-            impls[f"ours-chunk{chunk}"] = ours(algo, steps, task_chunk=chunk)
-        impls["ours-query1"] = ours(algo, steps, query_chunk=1)
+        for name, settings in MEMORY_VARIANTS.items():
+            impls[f"ours-{name}"] = ours(algo, steps, **settings)
     impls["plain-loop"] = plain_loop(algo, steps)
     if algo != "reptile" and importlib.util.find_spec("higher") is not None:
         impls["higher"] = with_higher(algo, steps)

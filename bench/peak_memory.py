@@ -20,10 +20,8 @@ def child(impl: str, algo: str, T: int, steps: int) -> None:
     import torch
     import bench_meta_step as b
     batch = b._batch(T)
-    if impl.startswith("ours-chunk"):
-        fn = b.ours(algo, steps, task_chunk=int(impl.removeprefix("ours-chunk")))
-    elif impl == "ours-query1":
-        fn = b.ours(algo, steps, query_chunk=1)
+    if impl.removeprefix("ours-") in b.MEMORY_VARIANTS:
+        fn = b.ours(algo, steps, **b.MEMORY_VARIANTS[impl.removeprefix("ours-")])
     else:
         fn = {"ours": b.ours, "plain-loop": b.plain_loop, "higher": b.with_higher}[impl](algo, steps)
     if torch.cuda.is_available():
@@ -50,10 +48,10 @@ def main() -> int:
         child(*args.child, args.T, args.steps)
         return 0
     sys.path.insert(0, str(HERE))
-    from bench_meta_step import CHUNKS
+    from bench_meta_step import MEMORY_VARIANTS
     print("| algorithm | implementation | peak GB above the pre-step RSS |\n|---|---|---:|")
     for algo in ("maml", "fomaml"):
-        for impl in ("ours", "ours-query1", *(f"ours-chunk{c}" for c in CHUNKS), "plain-loop", "higher"):
+        for impl in ("ours", *(f"ours-{name}" for name in MEMORY_VARIANTS), "plain-loop", "higher"):
             out = subprocess.run([sys.executable, __file__, "--T", str(args.T), "--steps", str(args.steps),
                                   "--child", impl, algo], capture_output=True, text=True, check=True)
             row = json.loads(out.stdout.strip().splitlines()[-1])
