@@ -10,7 +10,7 @@ Implementations:
   ours-torch_func the default engine (torch.func.grad inside, fused updates outside)
   ours-no-batch   ours with the task batching switched off (a loop over tasks)
   ours-compiled   ours with compile=True
-  ours-<variant>   ours with the memory settings of MEMORY_VARIANTS (task_chunk: tasks adapted
+  ours-<variant>  ours with the memory settings of MEMORY_VARIANTS (task_chunk: tasks adapted
                   together; query_chunk: tasks per query pass, default 8)
   plain-loop      functional_call + autograd.grad(create_graph=True), a Python loop over tasks
   plain-vmap      the same per-task function under torch.func.vmap (MAML only)
