@@ -185,7 +185,9 @@ def _measure(impls: dict, batch, rounds: int) -> tuple[dict, dict]:
 
 # Memory settings timed (meta-batch 32) and measured by peak_memory.py beside the default.
 MEMORY_VARIANTS = {"query1": {"query_chunk": 1}, "chunk8": {"task_chunk": 8},
-                   "chunk8-query1": {"task_chunk": 8, "query_chunk": 1}, "chunk2": {"task_chunk": 2}}
+                   "chunk8-query1": {"task_chunk": 8, "query_chunk": 1}, "chunk2": {"task_chunk": 2},
+                   "recompute-query1": {"recompute_inner": True, "query_chunk": 1},
+                   "recompute-chunk8-query1": {"recompute_inner": True, "task_chunk": 8, "query_chunk": 1}}
 CASES = [(algo, T, steps) for T in (4,) for steps in (1, 5) for algo in ("maml", "fomaml", "reptile")]
 CASES += [("maml", 32, 5), ("fomaml", 32, 5), ("reptile", 32, 5)]
 

@@ -68,6 +68,9 @@ class MAMLConfig:
     # Tasks per query pass in a MAML / FOMAML training step: each such pass is back-propagated to
     # the adapted weights and freed before the one backward through the inner loop (0: all at once).
     query_chunk: int = 8
+    # MAML: keep only each inner step's starting weights and rebuild one step's second-order graph
+    # at a time in the backward (memory of one step instead of all, for one more first-order pass).
+    recompute_inner: bool = False
     skip_nonfinite_tasks: bool = False  # skip (and count) a task whose inner loss is NaN/inf instead of raising
     loss: str = "cross_entropy"  # or "mse" (regression, e.g. the sinusoid demo)
 
@@ -95,6 +98,8 @@ class MAMLConfig:
         _require(self.reptile_decay_steps >= 0, name, "reptile_decay_steps", f"must be >= 0, got {self.reptile_decay_steps}")
         _require(self.task_chunk >= 0, name, "task_chunk", f"must be >= 0, got {self.task_chunk}")
         _require(self.query_chunk >= 0, name, "query_chunk", f"must be >= 0, got {self.query_chunk}")
+        _require(not self.recompute_inner or self.algo == "maml", name, "recompute_inner",
+                 f"rebuilds MAML's second-order graph; {self.algo} keeps none: leave it False")
         _require(self.loss in ("cross_entropy", "mse"), name, "loss", f"must be 'cross_entropy' or 'mse', got {self.loss!r}")
 
     @property

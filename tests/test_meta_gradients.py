@@ -11,6 +11,7 @@ from meta_kernels.config import MAMLConfig
 from meta_kernels.meta import (DetachedGraphError, MetaLearner, TaskModel, adapt, check_adapted_graph, meta_backward,
                                meta_loss, params_without_meta_grad)
 from meta_kernels.models import Conv4
+from meta_kernels.models.conv4 import StepBatchNorm
 
 F64 = torch.float64
 
@@ -88,7 +89,7 @@ def _tiny_conv4(seed=0):
     torch.manual_seed(seed)
     model = Conv4(in_channels=1, n_way=3, filters=4, image_size=16).double()
     for m in model.modules():  # non-trivial BN affine so its gradients matter
-        if isinstance(m, nn.BatchNorm2d):
+        if isinstance(m, StepBatchNorm):
             nn.init.uniform_(m.weight, 0.5, 1.5)
             nn.init.uniform_(m.bias, -0.2, 0.2)
     return model
@@ -290,6 +291,63 @@ def test_meta_backward_chunked_query_equals_meta_loss(algo):
     for a, b in zip(*grads):
         assert a.abs().sum() > 0
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("engine", ["custom", "torch_func"])
+def test_recomputed_inner_loop_gives_the_full_graph_gradients(engine):
+    """recompute_inner rebuilds one inner step's graph at a time: the gradients of the base weights
+    and of learned per-step rates equal those through the whole graph, with the clip factor in the
+    graph and a task skipped for a non-finite support loss."""
+    xs, ys, xq, yq = _tasks(T=4, seed=31)
+    xs[2, 1, 0, 3, 3] = float("nan")
+    model = _tiny_conv4(32)
+    lrs = torch.rand(3, len(list(model.parameters())), dtype=F64).mul(0.3).add(0.1).requires_grad_()
+    params = dict(model.named_parameters())
+    leaves = list(params.values()) + [lrs]
+    grads, metrics = [], []
+    for recompute in (False, True):
+        cfg = MAMLConfig(algo="maml", inner_steps=3, inner_lr=0.3, inner_clip=0.5, engine=engine, query_chunk=3,
+                         skip_nonfinite_tasks=True, recompute_inner=recompute)
+        metrics.append(meta_backward(params, (xs, ys, xq, yq), config=cfg, model=model, lrs=lrs, scale=0.7))
+        grads.append([p.grad.clone() for p in leaves])
+        for p in leaves:
+            p.grad = None
+    assert metrics[1]["skipped_tasks"] == 1
+    assert metrics[1]["query_loss"] == pytest.approx(metrics[0]["query_loss"], rel=1e-12)
+    for a, b in zip(*grads):
+        assert a.abs().sum() > 0
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-13)
+
+
+def test_recomputed_inner_loop_replays_dropout():
+    """Each rebuilt step draws the dropout masks it drew in the forward pass."""
+    batch = _linear_tasks(T=3, n=8, d=6, seed=5)
+    results = []
+    for recompute in (False, True):
+        torch.manual_seed(40)
+        model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Dropout(0.3), nn.Linear(16, 1)).double()
+        cfg = MAMLConfig(algo="maml", inner_steps=3, inner_lr=0.1, inner_clip=None, engine="custom", loss="mse",
+                         recompute_inner=recompute, task_chunk=2)
+        learner = MetaLearner(model, cfg, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                              task_batching="loop")
+        torch.manual_seed(41)
+        learner.step(batch)
+        results.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-13)
+    assert not torch.equal(results[0][0], nn.Sequential(nn.Linear(6, 16)).double()[0].weight)
+
+
+def test_recompute_inner_refuses_what_it_cannot_do():
+    with pytest.raises(ValueError, match="recompute_inner"):
+        MAMLConfig(algo="fomaml", recompute_inner=True)
+    cfg = MAMLConfig(algo="maml", engine="custom", recompute_inner=True)
+    model = _tiny_conv4()
+    with pytest.raises(ValueError, match="meta_backward or MetaLearner.step"):
+        meta_loss(dict(model.named_parameters()), _tasks(), config=cfg, model=model)
+    from meta_kernels.config import MAMLPlusPlusConfig
+    with pytest.raises(ValueError, match="recompute_inner supports transductive"):
+        MetaLearner(model, cfg, mamlpp=MAMLPlusPlusConfig(use_msl=True, bn_mode="transductive"))
 
 
 def test_meta_backward_refuses_reptile():

@@ -78,7 +78,8 @@ def resolve_algo(algo: str | None, config: MAMLConfig) -> str:
     return algo
 
 
-def _adapt_for_meta(params, task_batch, *, algo, config, model, lrs, track_curve, msl_weights, bn_mode, first_order):
+def _adapt_for_meta(params, task_batch, *, algo, config, model, lrs, track_curve, msl_weights, bn_mode, first_order,
+                    recompute=False):
     """Checks the task batch and adapts every task on its support set (MAML / FOMAML keep the
     inner graph; Reptile builds none). Returns (task_model, adapt result, x_query, y_query)."""
     xs, ys, xq, yq = _batch_parts(task_batch)
@@ -94,7 +95,7 @@ def _adapt_for_meta(params, task_batch, *, algo, config, model, lrs, track_curve
         engine=config.engine, backend=config.backend, no_graph=algo == "reptile",
         query_batch=(xq, yq) if (track_curve or msl_weights is not None) else None,
         on_nonfinite="skip" if config.skip_nonfinite_tasks else "raise", loss=config.loss, bn_mode=bn_mode,
-        msl_weights=msl_weights if algo != "reptile" else None)
+        msl_weights=msl_weights if algo != "reptile" else None, recompute=recompute)
     return task_model, result, xq, yq
 
 
@@ -140,6 +141,10 @@ def meta_loss(params: dict[str, Tensor], task_batch, *, algo: str | None = None,
     algorithm's order (derivative-order annealing); update_stats folds the final query pass's
     BN statistics into the model's running statistics (training passes only, never evaluation)."""
     algo = resolve_algo(algo, config)
+    if config.recompute_inner:
+        raise ValueError("config.recompute_inner rebuilds the inner graph during the backward, so meta_loss cannot "
+                         "return a loss to call .backward() on: use meta_backward or MetaLearner.step, or set "
+                         "recompute_inner=False")
     task_model, result, xq, yq = _adapt_for_meta(params, task_batch, algo=algo, config=config, model=model, lrs=lrs,
                                                  track_curve=track_curve, msl_weights=msl_weights, bn_mode=bn_mode,
                                                  first_order=first_order)
@@ -160,14 +165,18 @@ def meta_backward(params: dict[str, Tensor], task_batch, *, algo: str | None = N
     """Back-propagates `scale * meta_loss(...).loss` (MAML / FOMAML, transductive BN, no MSL) and
     returns its metrics, with less memory: the query pass runs config.query_chunk tasks at a time,
     each chunk back-propagated to the adapted weights and its graph freed, before one backward
-    through the inner loop. The same gradients as meta_loss(...).loss.backward()."""
+    through the inner loop -- with config.recompute_inner (MAML), one inner step's graph at a time,
+    rebuilt from that step's starting weights. The same gradients as meta_loss(...).loss.backward()."""
     algo = resolve_algo(algo, config)
     if algo == "reptile":
         raise ValueError("meta_backward is for MAML and FOMAML; Reptile's update needs no meta-gradient")
+    first_order = config.first_order if first_order is None else first_order
+    recompute = config.recompute_inner and not first_order
     task_model, result, xq, yq = _adapt_for_meta(params, task_batch, algo=algo, config=config, model=model, lrs=lrs,
                                                  track_curve=track_curve, msl_weights=None, bn_mode="transductive",
-                                                 first_order=first_order)
-    names = [k for k, v in result.adapted.items() if v.requires_grad]
+                                                 first_order=first_order, recompute=recompute)
+    # Recomputed, the adapted weights carry no graph: every weight that the base gives a gradient needs its own.
+    names = [k for k, v in result.adapted.items() if (params[k].requires_grad if recompute else v.requires_grad)]
     detached = {k: v.detach().requires_grad_(k in names) for k, v in result.adapted.items()}
     T = xq.shape[0]
     chunk = config.query_chunk or T
@@ -186,7 +195,11 @@ def meta_backward(params: dict[str, Tensor], task_batch, *, algo: str | None = N
     ok = torch.cat(ok_parts)
     n_ok = max(int(ok.sum()), 1)
     grads = [torch.zeros_like(detached[k]) if detached[k].grad is None else detached[k].grad for k in names]
-    if names:
+    if recompute:
+        adjoint = dict(zip(names, grads))
+        result.backward([adjoint[k] * (scale / n_ok) if k in adjoint else torch.zeros_like(v)
+                         for k, v in result.adapted.items()])
+    elif names:
         torch.autograd.backward([result.adapted[k] for k in names], [g * (scale / n_ok) for g in grads])
     return _meta_metrics(result, loss_sum / n_ok, acc_sum / n_ok, ok)
 
@@ -210,6 +223,9 @@ class MetaLearner:
         names = [n for n, _ in model.named_parameters()]
         K = config.inner_steps
         self._check_bn_mode()
+        if config.recompute_inner and (self.mamlpp.use_msl or self.mamlpp.bn_mode != "transductive"):
+            raise ValueError("recompute_inner supports transductive BatchNorm without the multi-step loss; turn off "
+                             "use_msl / use bn_mode='transductive', or set recompute_inner=False")
         device = next(model.parameters()).device
         # LSLR: one learned rate per parameter tensor and inner step, trained by the outer optimiser.
         self.lslr = (nn.Parameter(torch.full((K, len(names)), float(config.inner_lr), device=device))

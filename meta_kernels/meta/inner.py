@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +55,9 @@ class AdaptResult:
     curve_accuracy: list[float]
     task_ok: Tensor  # [T] bool, False for tasks skipped after a non-finite loss
     msl_loss_per_task: Tensor | None = None  # [T] sum_k w_k query loss after k+1 updates (MSL)
+    # recompute=True: back-propagates d(objective)/d(adapted weights) ([T, *shape] per parameter,
+    # in order) through the inner loop, rebuilding one step's second-order graph at a time.
+    backward: Callable[[list[Tensor]], None] | None = None
 
 
 LOSSES = ("cross_entropy", "mse")
@@ -149,8 +153,13 @@ def adapt(params: dict[str, Tensor], support_batch, *, model, steps: int, lrs, f
 
 def adapt_tasks(params, support_batch, *, model, steps, lrs, first_order, bn_mode="transductive", rng=None,
                 inner_clip=None, engine="custom", backend=None, no_graph=False, query_batch=None,
-                on_nonfinite="raise", loss="cross_entropy", msl_weights=None) -> AdaptResult:
-    """`adapt` with everything it measured (adaptation curve, skipped tasks)."""
+                on_nonfinite="raise", loss="cross_entropy", msl_weights=None, recompute=False) -> AdaptResult:
+    """`adapt` with everything it measured (adaptation curve, skipped tasks).
+
+    recompute=True (second order only): the inner loop runs without a graph, keeping each step's
+    starting weights; AdaptResult.backward then rebuilds the steps' second-order graphs one at a
+    time, last first, so memory holds one step's graph instead of all of them, for one more
+    first-order pass of compute. The gradients are those of backward through the full graph."""
     task_model = model if isinstance(model, TaskModel) else TaskModel(model)
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
@@ -168,6 +177,9 @@ def adapt_tasks(params, support_batch, *, model, steps, lrs, first_order, bn_mod
     if msl_weights is not None and (query_batch is None or tuple(msl_weights.shape) != (steps,)):
         raise ValueError(f"msl_weights must be [{steps}] (one per inner step) and needs a query batch, "
                          f"got {None if msl_weights is None else list(msl_weights.shape)}")
+    if recompute and (first_order or no_graph or msl_weights is not None):
+        raise ValueError("recompute=True rebuilds the second-order graph of MAML: it needs first_order=False, "
+                         "no_graph=False and no multi-step loss (msl_weights)")
     if on_nonfinite not in NONFINITE:
         raise ValueError(f"on_nonfinite must be one of {NONFINITE}, got {on_nonfinite!r}")
     if not params:
@@ -202,7 +214,8 @@ def adapt_tasks(params, support_batch, *, model, steps, lrs, first_order, bn_mod
                 return _run_steps(task_model, base, x, y, xq if query_batch is not None else None,
                                   yq if query_batch is not None else None, table, skipped, steps=steps,
                                   first_order=first_order, no_graph=no_graph, inner_clip=inner_clip, engine=engine,
-                                  loss=loss, on_nonfinite=on_nonfinite, bn_mode=bn_mode, msl_weights=msl_weights)
+                                  loss=loss, on_nonfinite=on_nonfinite, bn_mode=bn_mode, msl_weights=msl_weights,
+                                  recompute=recompute)
             except _SkipTasks as skip:
                 # Rerun with those tasks' inputs zeroed: their graph must hold no inf/NaN, or the
                 # masked-out gradient (0 * NaN) would still poison the shared meta-gradient.
@@ -216,9 +229,11 @@ class _SkipTasks(Exception):
 
 
 def _run_steps(task_model, base, x, y, xq, yq, table, skipped, *, steps, first_order, no_graph, inner_clip, engine,
-               loss, on_nonfinite, bn_mode, msl_weights) -> AdaptResult:
+               loss, on_nonfinite, bn_mode, msl_weights, recompute=False) -> AdaptResult:
     T = x.shape[0]
     names = list(base)
+    no_graph = no_graph or recompute
+    starts, rng_states = [], []  # recompute: each step's starting weights (step 0: the base) and RNG state
     if no_graph:
         fast = {k: v.detach().expand(T, *v.shape).clone().requires_grad_(True) for k, v in base.items()}
     else:
@@ -238,6 +253,9 @@ def _run_steps(task_model, base, x, y, xq, yq, table, skipped, *, steps, first_o
 
     for step in range(steps):
         q_loss, q_acc = query_point(step)
+        if recompute:
+            starts.append(None if step == 0 else {k: v.detach().clone() for k, v in fast.items()})
+            rng_states.append(_rng_state(x.device))
         grads, loss_t, acc_t = _task_gradients(task_model, fast, x, y, engine, loss, step, bn_mode,
                                                create_graph=not first_order and not no_graph)
         if inner_clip is not None:
@@ -272,7 +290,57 @@ def _run_steps(task_model, base, x, y, xq, yq, table, skipped, *, steps, first_o
     query_point(steps)
     if no_graph:
         fast = {k: v.detach() for k, v in fast.items()}
-    return AdaptResult(fast, logs, curve_loss, curve_acc, task_ok, msl_total)
+    backward = None
+    if recompute:
+        def backward(adjoint: list[Tensor]) -> None:
+            _backward_by_recompute(task_model, base, x, y, table, task_ok, starts, rng_states, adjoint,
+                                   inner_clip=inner_clip, engine=engine, loss=loss, bn_mode=bn_mode)
+    return AdaptResult(fast, logs, curve_loss, curve_acc, task_ok, msl_total, backward)
+
+
+def _rng_state(device: torch.device):
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _set_rng_state(device: torch.device, state) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+
+
+def _backward_by_recompute(task_model, base, x, y, table, task_ok, starts, rng_states, adjoint, *, inner_clip,
+                           engine, loss, bn_mode) -> None:
+    """Back-propagates `adjoint` (d objective / d weights after the last step) through the inner
+    loop, last step first: each step's second-order graph is rebuilt from its starting weights
+    (with the RNG state it ran with), used for one vector-Jacobian product and freed. Gradients
+    reach the base weights (through step 0) and the learning-rate table, as backward through the
+    whole graph would."""
+    T, steps = x.shape[0], len(starts)
+    lr_leaf = table.detach().requires_grad_(table.requires_grad)
+    fork = torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else [])
+    with fork, torch.enable_grad(), torch.autocast(device_type=x.device.type, enabled=False):
+        for step in reversed(range(steps)):
+            _set_rng_state(x.device, rng_states[step])
+            if step == 0:
+                theta = {k: v.expand(T, *v.shape) for k, v in base.items()}
+            else:
+                theta = {k: v.requires_grad_(True) for k, v in starts[step].items()}
+                starts[step] = None  # freed once used
+            grads, _, _ = _task_gradients(task_model, theta, x, y, engine, loss, step, bn_mode, create_graph=True)
+            factor = ops.clip_grad_norm(grads, inner_clip)[1] if inner_clip is not None else None
+            if not bool(task_ok.all()):  # skipped tasks stay at the base weights, as in the forward pass
+                grads = [torch.where(task_ok.view(-1, *([1] * (g.dim() - 1))), g, torch.zeros_like(g)) for g in grads]
+            new = ops.sgd_step(list(theta.values()), grads, lr_leaf[step], factor)
+            # Step 0 reaches the base weights (leaves of the caller's graph); later steps stop at
+            # their starting weights, whose gradient is the next adjoint.
+            wanted = None if step == 0 else list(theta.values()) + ([lr_leaf] if lr_leaf.requires_grad else [])
+            torch.autograd.backward(new, adjoint, inputs=wanted)
+            if step > 0:
+                adjoint = [v.grad for v in theta.values()]
+            del theta, grads, factor, new
+    if lr_leaf.grad is not None:
+        torch.autograd.backward(table, lr_leaf.grad)
 
 
 def _task_gradients(task_model: TaskModel, fast: dict[str, Tensor], x: Tensor, y: Tensor, engine: str, loss: str,

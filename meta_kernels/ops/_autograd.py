@@ -150,21 +150,57 @@ def _bn_backward_setup(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
+def batch_norm_double_backward(gg_x, gg_w, gg_b, grad_out, x, weight, mean, rstd, needs=(True,) * 5):
+    """Gradients of S = <gg_x, grad_x> + <gg_w, grad_weight> + <gg_b, grad_bias>, the outputs of
+    batch_norm_backward(grad_out, x, weight, mean, rstd), with respect to those five inputs
+    (None adjoints count as zero; entries whose `needs` is False come back as None).
+
+    Per (task, channel), with M elements, xh = (x - mean) * rstd, a = weight * rstd,
+    B = sum(grad_out), W = sum(grad_out * xh), grad_x = a (grad_out - B/M - xh W/M):
+      S = a <gg_x, grad_out> + B cb + W cw,  cb = gg_b - a U/M,  cw = gg_w - a V/M
+    with U = sum(gg_x), V = sum(gg_x * xh). Written in closed form with differentiable torch ops:
+    a few passes over the activations instead of autograd through the backward formula, and
+    under create_graph the result is itself differentiable."""
+    go, xm = reference._math(grad_out), reference._math(x)
+    shape, dims = reference._bn_shape(x), reference._bn_reduce_dims(x)
+    count = x.numel() // (x.shape[0] * x.shape[2]) if x.numel() else 1
+    ch = lambda v: v.reshape(shape)
+    w, r, mu = reference._math(weight), rstd.to(go.dtype), mean.to(go.dtype)
+    a = w * r
+    xh = (xm - ch(mu)) * ch(r)
+    B, W = go.sum(dims), (go * xh).sum(dims)
+    zero = torch.zeros_like(a)
+    cb = zero if gg_b is None else reference._math(gg_b)
+    cw = zero if gg_w is None else reference._math(gg_w)
+    d_a = zero
+    if gg_x is not None:
+        u = reference._math(gg_x)
+        U, V = u.sum(dims), (u * xh).sum(dims)
+        cb, cw = cb - a * U / count, cw - a * V / count
+        d_a = (u * go).sum(dims) - (B * U + W * V) / count
+    d_go = d_x = d_w = d_mean = d_rstd = None
+    if needs[0]:
+        d_go = ch(cb) + xh * ch(cw)
+        if gg_x is not None:
+            d_go = d_go + ch(a) * u
+        d_go = d_go.to(grad_out.dtype)
+    if any(needs[1:]):
+        d_xh = go * ch(cw)
+        if gg_x is not None:
+            d_xh = d_xh - ch(a * W / count) * u
+        if needs[1]:
+            d_x = (d_xh * ch(r)).to(x.dtype)
+        if needs[3]:
+            d_mean = (-r * d_xh.sum(dims)).to(mean.dtype)
+        if needs[2]:
+            d_w = (r * d_a).to(weight.dtype)
+        if needs[4]:  # rstd enters through a and through xh (d xh / d rstd = xh / rstd)
+            d_rstd = (w * d_a + (d_xh * xh).sum(dims) / r).to(rstd.dtype)
+    return d_go, d_x, d_w, d_mean, d_rstd
+
+
 def _bn_backward_backward(ctx, gg_x, gg_w, gg_b):
-    # Double backward of batch norm: differentiate the reference formula. Under create_graph
-    # (grad mode on here) the result stays differentiable; otherwise it is a plain tensor.
-    saved = ctx.saved_tensors
-    create_graph = torch.is_grad_enabled()
-    with torch.enable_grad():
-        inputs = [t if (create_graph and t.requires_grad) else t.detach().requires_grad_(needs)
-                  for t, needs in zip(saved, ctx.needs_input_grad)]
-        wanted = [t for t, needs in zip(inputs, ctx.needs_input_grad) if needs]
-        outs = reference.batch_norm_backward(*inputs)
-        pairs = [(o, g) for o, g in zip(outs, (gg_x, gg_w, gg_b)) if g is not None]
-        got = torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs],
-                                  create_graph=create_graph, allow_unused=True)
-    it = iter(got)
-    return tuple(next(it) if needs else None for needs in ctx.needs_input_grad)
+    return batch_norm_double_backward(gg_x, gg_w, gg_b, *ctx.saved_tensors, needs=ctx.needs_input_grad)
 
 
 def make_max_pool2x2_relu_autograd(ns):
