@@ -11,7 +11,8 @@ Implementations:
   ours-no-batch   ours with the task batching switched off (a loop over tasks)
   ours-compiled   ours with compile=True
   ours-<variant>  ours with the memory settings of MEMORY_VARIANTS (task_chunk: tasks adapted
-                  together; query_chunk: tasks per query pass, default 8)
+                  together; query_chunk: tasks per query pass, default 8; recompute_inner:
+                  MAML's inner graph rebuilt one step at a time in the backward)
   plain-loop      functional_call + autograd.grad(create_graph=True), a Python loop over tasks
   plain-vmap      the same per-task function under torch.func.vmap (MAML only)
   higher          higher.innerloop_ctx per task
@@ -184,10 +185,16 @@ def _measure(impls: dict, batch, rounds: int) -> tuple[dict, dict]:
 
 
 # Memory settings timed (meta-batch 32) and measured by peak_memory.py beside the default.
-MEMORY_VARIANTS = {"query1": {"query_chunk": 1}, "chunk8": {"task_chunk": 8},
-                   "chunk8-query1": {"task_chunk": 8, "query_chunk": 1}, "chunk2": {"task_chunk": 2},
-                   "recompute-query1": {"recompute_inner": True, "query_chunk": 1},
-                   "recompute-chunk8-query1": {"recompute_inner": True, "task_chunk": 8, "query_chunk": 1}}
+MEMORY_VARIANTS = {"query1": {"query_chunk": 1}, "chunk8-query1": {"task_chunk": 8, "query_chunk": 1},
+                   "recompute-chunk8-query1": {"recompute_inner": True, "task_chunk": 8, "query_chunk": 1},
+                   "recompute-chunk4-query1": {"recompute_inner": True, "task_chunk": 4, "query_chunk": 1}}
+
+
+def memory_variants(algo: str) -> dict:
+    """The settings that apply to `algo` (recompute_inner rebuilds MAML's second-order graph only)."""
+    return {k: v for k, v in MEMORY_VARIANTS.items() if algo == "maml" or not v.get("recompute_inner")}
+
+
 CASES = [(algo, T, steps) for T in (4,) for steps in (1, 5) for algo in ("maml", "fomaml", "reptile")]
 CASES += [("maml", 32, 5), ("fomaml", 32, 5), ("reptile", 32, 5)]
 
@@ -203,7 +210,7 @@ def test_outer_step(benchmark, algo, T, steps):
         if steps == 5 and algo != "reptile":
             impls["ours-compiled"] = ours(algo, steps, compile=True)
     elif algo != "reptile":  # the memory / batching trade-off
-        for name, settings in MEMORY_VARIANTS.items():
+        for name, settings in memory_variants(algo).items():
             impls[f"ours-{name}"] = ours(algo, steps, **settings)
     impls["plain-loop"] = plain_loop(algo, steps)
     if algo != "reptile" and importlib.util.find_spec("higher") is not None:
