@@ -112,12 +112,14 @@ def test_batch_norm_double_backward_closed_form(adjoints):
     outs = batch_norm_backward(*inputs)
     pairs = [(o, a) for o, a in zip(outs, gg.values()) if a is not None]
     expected = torch.autograd.grad([o for o, _ in pairs], inputs, [a for _, a in pairs], allow_unused=True)
-    got = batch_norm_double_backward(*gg.values(), go, x, w, mean, rstd)
-    for e, r in zip(expected, got):
-        if e is None:
-            assert r is None or r.abs().max() == 0
-        else:
-            torch.testing.assert_close(r, e, rtol=1e-10, atol=1e-12)
+    for create_graph in (True, False):  # without it the closed form updates in place
+        with torch.set_grad_enabled(create_graph):
+            got = batch_norm_double_backward(*gg.values(), go, x, w, mean, rstd)
+        for e, r in zip(expected, got):
+            if e is None:
+                assert r is None or r.abs().max() == 0
+            else:
+                torch.testing.assert_close(r, e, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("backend,device", [p for p in backend_devices() if p.values[0] != "reference"])
@@ -131,3 +133,33 @@ def test_batch_norm_backward_op_gradients(backend, device):
     _, mean, rstd = ns.batch_norm(x, w, torch.zeros_like(w), 1e-5)
     inputs = [t.to(device).requires_grad_() for t in (torch.randn(x.shape, generator=g, **F64), x, w, mean, rstd)]
     _check_both(lambda *ts: ns.batch_norm_backward(*ts), tuple(inputs))
+
+
+@pytest.mark.parametrize("x_needs_grad", [True, False])
+def test_grouped_conv_double_backward(x_needs_grad):
+    """Conv4's grouped conv for MAML's inner steps: gradients to second order equal F.conv2d's
+    (checked against finite differences), and without a gradient for x (the first layer) the
+    backward keeps no grad_out."""
+    from meta_kernels.models.conv4 import _GroupedConv
+    g = torch.Generator().manual_seed(7)
+    T = 3
+    x = torch.randn(2, T * 2, 5, 4, generator=g, **F64).requires_grad_(x_needs_grad)
+    w = torch.randn(T * 3, 2, 3, 3, generator=g, **F64).requires_grad_()
+    b = torch.randn(T * 3, generator=g, **F64).requires_grad_()
+    inputs = (x, w, b) if x_needs_grad else (w, b)
+    conv = (lambda x, w, b: _GroupedConv.apply(x, w, b, T)) if x_needs_grad else (lambda w, b: _GroupedConv.apply(x, w, b, T))
+    _check_both(conv, inputs)
+    saved = []
+    out = _GroupedConv.apply(x, w, b, T)
+    v = torch.randn(out.shape, generator=g, **F64).requires_grad_()  # the incoming gradient
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        torch.autograd.grad(out, inputs, v, create_graph=True)
+    assert any(t is v for t in saved) == x_needs_grad
+    grads = torch.autograd.grad(_GroupedConv.apply(x, w, b, T).pow(2).sum(), inputs, create_graph=True)
+    ref = torch.autograd.grad(torch.nn.functional.conv2d(x, w, b, padding=1, groups=T).pow(2).sum(), inputs,
+                              create_graph=True)
+    probe = [torch.randn(t.shape, generator=g, **F64) for t in grads]
+    got = torch.autograd.grad(grads, inputs, probe)
+    want = torch.autograd.grad(ref, inputs, probe)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)

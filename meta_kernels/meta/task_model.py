@@ -1,6 +1,7 @@
 """Runs a model on T tasks at once, each with its own parameters (every tensor [T, *shape])."""
 from __future__ import annotations
 
+import inspect
 import warnings
 
 import torch
@@ -39,6 +40,9 @@ class TaskModel:
         if task_batching == "native" and not hasattr(type(model), "forward_tasks"):
             raise ValueError(f"task_batching='native' needs {type(model).__name__}.forward_tasks(params, x)")
         self.model, self.mode = model, task_batching
+        # forward_tasks may take double_backward (Conv4: a grouped conv double backward); user models need not.
+        self.takes_double_backward = (task_batching == "native" and "double_backward" in
+                                      inspect.signature(type(model).forward_tasks).parameters)
         self.buffers = dict(model.named_buffers())
         # torch.compile'd forward for every pass that is differentiated at most once (query passes,
         # first-order inner steps): AOTAutograd cannot double-backward, so MAML's inner steps
@@ -58,13 +62,14 @@ class TaskModel:
         update_stats reach models with per-step BatchNorm (Conv4)."""
         if self.compiled is not None and not double_backward and not update_stats:
             return self.compiled(params, x, step, bn_mode)
-        return self.forward(params, x, step, bn_mode, update_stats)
+        return self.forward(params, x, step, bn_mode, update_stats, double_backward)
 
     def forward(self, params: dict[str, Tensor], x: Tensor, step: int = 0, bn_mode: str = "transductive",
-                update_stats: bool = False) -> Tensor:
+                update_stats: bool = False, double_backward: bool = False) -> Tensor:
         if self.mode == "native":
+            extra = {"double_backward": double_backward} if self.takes_double_backward else {}
             return type(self.model).forward_tasks(params, x, step=step, bn_mode=bn_mode, buffers=self.buffers,
-                                                  update_stats=update_stats)
+                                                  update_stats=update_stats, **extra)
         if bn_mode != "transductive":
             raise ValueError(f"bn_mode {bn_mode!r} needs a model with forward_tasks (e.g. meta_kernels.models.Conv4); "
                              f"{type(self.model).__name__} runs with its own BatchNorm behaviour ('transductive')")

@@ -13,6 +13,72 @@ from torch import Tensor, nn
 import meta_kernels.ops as ops
 
 BN_EPS = 1e-5
+_aten = torch.ops.aten
+
+
+class _GroupedConv(torch.autograd.Function):
+    """F.conv2d(x, weight, bias, padding=1, groups=groups) whose backward is `_GroupedConvBackward`:
+    for passes whose gradient is differentiated again (MAML's inner steps)."""
+
+    @staticmethod
+    def forward(x, weight, bias, groups):
+        return F.conv2d(x, weight, bias, padding=1, groups=groups)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, _, ctx.groups = inputs
+        ctx.save_for_backward(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        grads = _GroupedConvBackward.apply(grad_out, x, weight, ctx.groups, need[0], need[1], need[2])
+        return (*grads, None)
+
+
+def _conv_backward(grad_out, x, weight, groups, mask):
+    return _aten.convolution_backward(grad_out, x, weight, [weight.shape[0]], [1, 1], [1, 1], [1, 1], False, [0, 0],
+                                      groups, mask)
+
+
+class _GroupedConvBackward(torch.autograd.Function):
+    """(grad_x, grad_weight, grad_bias) of the grouped conv, with a double backward written in
+    grouped convolutions -- aten's own loops over the groups (one per task) -- that keeps only
+    what its terms need: without a gradient for x (the first layer's input images) grad_out is
+    not kept, since it enters only the second-order terms of x."""
+
+    @staticmethod
+    def forward(grad_out, x, weight, groups, need_x, need_w, need_b):
+        return tuple(_conv_backward(grad_out, x, weight, groups, [need_x, need_w, need_b]))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        grad_out, x, weight, ctx.groups, need_x, _, _ = inputs
+        ctx.kept_grad_out = need_x
+        ctx.save_for_backward(x, weight, *([grad_out] if need_x else []))
+
+    @staticmethod
+    def backward(ctx, gg_x, gg_w, gg_b):
+        x, weight, *rest = ctx.saved_tensors
+        need_go, need_x, need_w = ctx.needs_input_grad[:3]
+        d_go = d_x = d_w = None
+        if need_go:  # grad_out enters all three outputs linearly
+            parts = []
+            if gg_w is not None:
+                parts.append(F.conv2d(x, gg_w, None, padding=1, groups=ctx.groups))
+            if gg_x is not None:
+                parts.append(F.conv2d(gg_x, weight, None, padding=1, groups=ctx.groups))
+            if gg_b is not None:
+                parts.append(gg_b.reshape(1, -1, 1, 1).expand(x.shape[0], -1, *x.shape[2:]))
+            d_go = sum(parts[1:], parts[0]) if parts else None
+        if ctx.kept_grad_out:
+            (grad_out,) = rest
+            if need_x and gg_w is not None:  # grad_weight = corr(x, grad_out)
+                d_x = _conv_backward(grad_out, x, gg_w, ctx.groups, [True, False, False])[0]
+            if need_w and gg_x is not None:  # grad_x = conv_transpose(grad_out, weight)
+                d_w = _conv_backward(grad_out, gg_x, weight, ctx.groups, [False, True, False])[1]
+        return d_go, d_x, d_w, None, None, None, None
 
 
 class StepBatchNorm(nn.Module):
@@ -69,7 +135,8 @@ class Conv4(nn.Module):
 
     @staticmethod
     def forward_tasks(params: dict[str, Tensor], x: Tensor, *, step: int = 0, bn_mode: str = "transductive",
-                      buffers: dict[str, Tensor] | None = None, update_stats: bool = False) -> Tensor:
+                      buffers: dict[str, Tensor] | None = None, update_stats: bool = False,
+                      double_backward: bool = False) -> Tensor:
         """Logits [T, N, n_way] of x [T, N, C, H, W] under per-task params (each [T, *shape]).
 
         step: updates applied so far (selects the per-step BN row). bn_mode 'frozen' normalises
@@ -80,8 +147,8 @@ class Conv4(nn.Module):
         for i in range(4):
             w = params[f"blocks.{i}.conv.weight"]
             c_out = w.shape[1]
-            h = F.conv2d(h, w.reshape(T * c_out, *w.shape[2:]), params[f"blocks.{i}.conv.bias"].reshape(-1),
-                         padding=1, groups=T)
+            conv = _GroupedConv.apply if double_backward else lambda *a: F.conv2d(*a[:3], padding=1, groups=a[3])
+            h = conv(h, w.reshape(T * c_out, *w.shape[2:]), params[f"blocks.{i}.conv.bias"].reshape(-1), T)
             if update_stats and buffers is not None:
                 _fold_running_stats(h.detach(), buffers, f"blocks.{i}.bn", min(step, buffers[f"blocks.{i}.bn.running_mean"].shape[0] - 1), T)
             gamma, beta = params[f"blocks.{i}.bn.weight"], params[f"blocks.{i}.bn.bias"]

@@ -133,14 +133,17 @@ def make_batch_norm_autograd(ns):
             # Direct use of the statistics: d mean/dx = 1/M, d rstd/dx = -rstd^3 (x - mean) / M.
             shape = reference._bn_shape(x)
             count = x.numel() // (x.shape[0] * x.shape[2])
-            extra = torch.zeros_like(mean).reshape(shape)
-            if grad_mean is not None:
-                extra = extra + (grad_mean / count).reshape(shape)
+            base = torch.zeros_like(mean) if grad_mean is None else grad_mean / count
+            extra = base.reshape(shape).expand_as(x).to(x.dtype)
             if grad_rstd is not None:
-                centred = x - mean.reshape(shape)
-                extra = extra - (grad_rstd * rstd.pow(3) / count).reshape(shape) * centred
-            extra = extra.expand_as(x).to(x.dtype)
-            grad_x = extra if grad_x is None else grad_x + extra
+                slope = (-grad_rstd * rstd.pow(3) / count).reshape(shape).to(x.dtype)
+                extra = torch.addcmul(extra, slope, x - mean.reshape(shape).to(x.dtype))
+            if grad_x is None:
+                grad_x = extra.contiguous()
+            elif torch.is_grad_enabled():
+                grad_x = grad_x + extra
+            else:  # the fused backward's fresh output: no graph, no other user
+                grad_x.add_(extra)
         return grad_x, grad_w, grad_b, None
 
     return setup, backward
@@ -165,6 +168,10 @@ def batch_norm_double_backward(gg_x, gg_w, gg_b, grad_out, x, weight, mean, rstd
     shape, dims = reference._bn_shape(x), reference._bn_reduce_dims(x)
     count = x.numel() // (x.shape[0] * x.shape[2]) if x.numel() else 1
     ch = lambda v: v.reshape(shape)
+    # Without create_graph nothing here is differentiated: update in place, so that at most three
+    # activation-sized tensors live at once.
+    inplace = not torch.is_grad_enabled()
+    addcmul = lambda t, a, b: t.addcmul_(a, b) if inplace else torch.addcmul(t, a, b)
     w, r, mu = reference._math(weight), rstd.to(go.dtype), mean.to(go.dtype)
     a = w * r
     xh = (xm - ch(mu)) * ch(r)
@@ -172,7 +179,7 @@ def batch_norm_double_backward(gg_x, gg_w, gg_b, grad_out, x, weight, mean, rstd
     zero = torch.zeros_like(a)
     cb = zero if gg_b is None else reference._math(gg_b)
     cw = zero if gg_w is None else reference._math(gg_w)
-    d_a = zero
+    d_a, U, V = zero, zero, zero
     if gg_x is not None:
         u = reference._math(gg_x)
         U, V = u.sum(dims), (u * xh).sum(dims)
@@ -180,22 +187,24 @@ def batch_norm_double_backward(gg_x, gg_w, gg_b, grad_out, x, weight, mean, rstd
         d_a = (u * go).sum(dims) - (B * U + W * V) / count
     d_go = d_x = d_w = d_mean = d_rstd = None
     if needs[0]:
-        d_go = ch(cb) + xh * ch(cw)
+        d_go = addcmul(ch(cb).expand_as(xh).clone() if inplace else ch(cb), xh, ch(cw))
         if gg_x is not None:
-            d_go = d_go + ch(a) * u
+            d_go = addcmul(d_go, ch(a), u)
         d_go = d_go.to(grad_out.dtype)
-    if any(needs[1:]):
+    del xh
+    # d S / d xh = go cw - (a W / M) u; its sums against 1 and xh follow from B, W, U, V.
+    k = a * W / count
+    if needs[1]:
         d_xh = go * ch(cw)
         if gg_x is not None:
-            d_xh = d_xh - ch(a * W / count) * u
-        if needs[1]:
-            d_x = (d_xh * ch(r)).to(x.dtype)
-        if needs[3]:
-            d_mean = (-r * d_xh.sum(dims)).to(mean.dtype)
-        if needs[2]:
-            d_w = (r * d_a).to(weight.dtype)
-        if needs[4]:  # rstd enters through a and through xh (d xh / d rstd = xh / rstd)
-            d_rstd = (w * d_a + (d_xh * xh).sum(dims) / r).to(rstd.dtype)
+            d_xh = addcmul(d_xh, ch(-k), u)
+        d_x = (d_xh.mul_(ch(r)) if inplace else d_xh * ch(r)).to(x.dtype)
+    if needs[3]:
+        d_mean = (-r * (cw * B - k * U)).to(mean.dtype)
+    if needs[2]:
+        d_w = (r * d_a).to(weight.dtype)
+    if needs[4]:  # rstd enters through a and through xh (d xh / d rstd = xh / rstd)
+        d_rstd = (w * d_a + (cw * W - k * V) / r).to(rstd.dtype)
     return d_go, d_x, d_w, d_mean, d_rstd
 
 
