@@ -293,20 +293,21 @@ def test_meta_backward_chunked_query_equals_meta_loss(algo):
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-13)
 
 
+@pytest.mark.parametrize("steps", [1, 3])
 @pytest.mark.parametrize("engine", ["custom", "torch_func"])
-def test_recomputed_inner_loop_gives_the_full_graph_gradients(engine):
+def test_recomputed_inner_loop_gives_the_full_graph_gradients(engine, steps):
     """recompute_inner rebuilds one inner step's graph at a time: the gradients of the base weights
     and of learned per-step rates equal those through the whole graph, with the clip factor in the
     graph and a task skipped for a non-finite support loss."""
     xs, ys, xq, yq = _tasks(T=4, seed=31)
     xs[2, 1, 0, 3, 3] = float("nan")
     model = _tiny_conv4(32)
-    lrs = torch.rand(3, len(list(model.parameters())), dtype=F64).mul(0.3).add(0.1).requires_grad_()
+    lrs = torch.rand(steps, len(list(model.parameters())), dtype=F64).mul(0.3).add(0.1).requires_grad_()
     params = dict(model.named_parameters())
     leaves = list(params.values()) + [lrs]
     grads, metrics = [], []
     for recompute in (False, True):
-        cfg = MAMLConfig(algo="maml", inner_steps=3, inner_lr=0.3, inner_clip=0.5, engine=engine, query_chunk=3,
+        cfg = MAMLConfig(algo="maml", inner_steps=steps, inner_lr=0.3, inner_clip=0.5, engine=engine, query_chunk=3,
                          skip_nonfinite_tasks=True, recompute_inner=recompute)
         metrics.append(meta_backward(params, (xs, ys, xq, yq), config=cfg, model=model, lrs=lrs, scale=0.7))
         grads.append([p.grad.clone() for p in leaves])
