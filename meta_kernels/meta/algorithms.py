@@ -177,30 +177,30 @@ def meta_backward(params: dict[str, Tensor], task_batch, *, algo: str | None = N
                                                  first_order=first_order, recompute=recompute)
     # Recomputed, the adapted weights carry no graph: every weight that the base gives a gradient needs its own.
     names = [k for k, v in result.adapted.items() if (params[k].requires_grad if recompute else v.requires_grad)]
-    detached = {k: v.detach().requires_grad_(k in names) for k, v in result.adapted.items()}
     T = xq.shape[0]
     chunk = config.query_chunk or T
-    ok_parts, loss_sum, acc_sum = [], 0.0, 0.0
+    ok_parts, grad_parts, loss_sum, acc_sum = [], [], 0.0, 0.0
     for start in range(0, T, chunk):
         part = slice(start, start + chunk)
-        loss_t, acc_t, ok = _query_losses(task_model, {k: v[part] for k, v in detached.items()}, xq[part], yq[part],
-                                          result.task_ok[part], config=config, bn_mode="transductive",
-                                          update_stats=False, first_task=start)
+        # Leaves per chunk (not slices of one leaf, whose backward would fill a whole-batch buffer per chunk).
+        leaves = {k: v[part].detach().requires_grad_(k in names) for k, v in result.adapted.items()}
+        loss_t, acc_t, ok = _query_losses(task_model, leaves, xq[part], yq[part], result.task_ok[part], config=config,
+                                          bn_mode="transductive", update_stats=False, first_task=start)
         kept = torch.where(ok, loss_t, torch.zeros_like(loss_t)).sum()
         if kept.requires_grad:
-            kept.backward()  # d(sum of kept query losses) / d(adapted weights), accumulated over chunks
+            kept.backward()  # d(sum of kept query losses) / d(adapted weights of this chunk)
+        grad_parts.append([torch.zeros_like(leaves[k]) if leaves[k].grad is None else leaves[k].grad for k in names])
         ok_parts.append(ok)
         loss_sum += float(kept.detach())
         acc_sum += float(torch.where(ok, acc_t, torch.zeros_like(acc_t)).sum())
     ok = torch.cat(ok_parts)
     n_ok = max(int(ok.sum()), 1)
-    grads = [torch.zeros_like(detached[k]) if detached[k].grad is None else detached[k].grad for k in names]
+    adjoint = {k: torch.cat(parts).mul_(scale / n_ok) for k, parts in zip(names, zip(*grad_parts))}
+    del grad_parts  # the meta-gradient's memory peak comes next
     if recompute:
-        adjoint = dict(zip(names, grads))
-        result.backward([adjoint[k] * (scale / n_ok) if k in adjoint else torch.zeros_like(v)
-                         for k, v in result.adapted.items()])
+        result.backward([adjoint[k] if k in adjoint else torch.zeros_like(v) for k, v in result.adapted.items()])
     elif names:
-        torch.autograd.backward([result.adapted[k] for k in names], [g * (scale / n_ok) for g in grads])
+        torch.autograd.backward([result.adapted[k] for k in names], list(adjoint.values()))
     return _meta_metrics(result, loss_sum / n_ok, acc_sum / n_ok, ok)
 
 
