@@ -186,4 +186,18 @@ inline void check_max_pool2x2_relu_backward_args(const at::Tensor& grad_out, con
                     width, " do not pool to grad_out's ", grad_out.size(-2), " x ", grad_out.size(-1));
 }
 
+inline void check_max_pool2x2_relu_gather_args(const at::Tensor& grad_x, const at::Tensor& index) {
+  TORCH_CHECK_VALUE(grad_x.dim() >= 2 && at::isFloatingType(grad_x.scalar_type()),
+                    "grad_x must be a floating [..., H, W] tensor, got ", dtype_name(grad_x.scalar_type()), " ",
+                    grad_x.sizes());
+  TORCH_CHECK_VALUE(index.scalar_type() == at::kChar, "index must be torch.int8 (from max_pool2x2_relu), got ",
+                    dtype_name(index.scalar_type()));
+  TORCH_CHECK_VALUE(index.device() == grad_x.device(), "index is on ", index.device(), " but grad_x is on ",
+                    grad_x.device());
+  TORCH_CHECK_VALUE(index.sizes() == at::IntArrayRef(with_last_two(grad_x.sizes(), grad_x.size(-2) / 2,
+                                                                   grad_x.size(-1) / 2)),
+                    "index has shape ", index.sizes(), " but grad_x of shape ", grad_x.sizes(), " pools to ",
+                    at::IntArrayRef(with_last_two(grad_x.sizes(), grad_x.size(-2) / 2, grad_x.size(-1) / 2)));
+}
+
 }  // namespace meta_kernels

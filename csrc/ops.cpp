@@ -17,6 +17,9 @@ TORCH_LIBRARY(meta_kernels, m) {
   // ReLU zeroes it: the backward routes grad_out to those positions.
   m.def("max_pool2x2_relu(Tensor x) -> (Tensor out, Tensor index)");
   m.def("max_pool2x2_relu_backward(Tensor grad_out, Tensor index, int height, int width) -> Tensor");
+  // The adjoint of max_pool2x2_relu_backward (MAML's double backward): each window's entry of
+  // grad_x [..., H, W] at the recorded position, 0 where index is -1; the result has index's shape.
+  m.def("max_pool2x2_relu_gather(Tensor grad_x, Tensor index) -> Tensor");
   // theta_i += epsilon * (mean_t adapted_i[t] - theta_i), adapted_i of shape [T, *theta_i.shape].
   m.def("reptile_update_(Tensor(a!)[] params, Tensor[] adapted, float epsilon) -> ()");
 }

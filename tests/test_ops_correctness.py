@@ -258,3 +258,27 @@ def test_max_pool2x2_relu_every_row_width(backend, device, height):
 
 def test_auto_picks_cpp_on_cpu():
     assert mk.backend_info()["auto"]["cpu"] == "cpp"
+
+
+@pytest.mark.parametrize("backend,device", [p for p in backend_devices() if p.values[0] != "reference"])
+@pytest.mark.parametrize("shape", [(2, 3, 8, 6), (5, 7), (3, 4, 9, 11), (2, 5, 3, 3), (0, 4, 4)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_max_pool2x2_relu_gather_matches_reference(backend, device, shape, dtype):
+    """The pool backward's adjoint (what MAML's meta-gradient runs through): exactly the reference
+    gather, on odd sizes (a dropped last row / column), index -1 entries, NaN in dropped positions,
+    and a non-contiguous grad_x; its own adjoint is the pool backward."""
+    ns = torch.ops.meta_kernels if backend in ("cpp", "cuda") else torch.ops.meta_kernels_triton
+    g = _gen(15)
+    x = torch.randn(shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+    _, index = ns.max_pool2x2_relu(x)
+    grad_x = torch.randn(shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+    grad_x[(torch.rand(shape, generator=g) < 0.2).to(device)] = float("nan")
+    grad_x[..., :2 * index.shape[-2], :2 * index.shape[-1]] = grad_x[..., :2 * index.shape[-2], :2 * index.shape[-1]].nan_to_num(0.5)
+    grad_x = grad_x.transpose(-1, -2).contiguous().transpose(-1, -2)  # same values, not contiguous
+    got = ns.max_pool2x2_relu_gather(grad_x, index)
+    assert torch.equal(got, reference.max_pool2x2_relu_gather(grad_x, index))
+    if 0 not in shape:
+        go = torch.randn(index.shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+        leaf = grad_x.detach().requires_grad_()
+        (adj,) = torch.autograd.grad(ns.max_pool2x2_relu_gather(leaf, index), leaf, go)
+        assert torch.equal(adj, ns.max_pool2x2_relu_backward(go, index, shape[-2], shape[-1]))

@@ -111,6 +111,11 @@ def test_max_pool2x2_relu_backward_bad_input():
         ns.max_pool2x2_relu_backward(go, torch.zeros(2, 3, 2, dtype=torch.int8), 6, 6)
     with pytest.raises(ValueError, match=r"do not pool to"):
         ns.max_pool2x2_relu_backward(go, torch.zeros(2, 3, 3, dtype=torch.int8), 8, 6)
+    gx = torch.randn(2, 6, 7)
+    with pytest.raises(ValueError, match=r"index must be torch.int8"):
+        ns.max_pool2x2_relu_gather(gx, torch.zeros(2, 3, 3, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"pools to"):
+        ns.max_pool2x2_relu_gather(gx, torch.zeros(2, 3, 2, dtype=torch.int8))
 
 
 def test_unknown_backend_and_unusable_backend():

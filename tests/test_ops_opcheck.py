@@ -46,12 +46,15 @@ def _cases(device):
         "max_pool2x2_relu": [(torch.randn(2, 3, 6, 7, device=device, requires_grad=True),)],
         "max_pool2x2_relu_backward": [(torch.randn(2, 3, 3, 3, device=device, requires_grad=True),
                                        torch.randint(-1, 4, (2, 3, 3, 3), device=device, dtype=torch.int8), 6, 7)],
+        "max_pool2x2_relu_gather": [(torch.randn(2, 3, 6, 7, device=device, requires_grad=True),
+                                     torch.randint(-1, 4, (2, 3, 3, 3), device=device, dtype=torch.int8))],
     }
 
 
 @pytest.mark.parametrize("ns,device", NAMESPACES)
 @pytest.mark.parametrize("op", ["sgd_step", "sgd_step_", "clip_grad_norm", "batch_norm", "batch_norm_backward",
-                                "reptile_update_", "max_pool2x2_relu", "max_pool2x2_relu_backward"])
+                                "reptile_update_", "max_pool2x2_relu", "max_pool2x2_relu_backward",
+                                "max_pool2x2_relu_gather"])
 def test_opcheck(ns, device, op):
     if ns == "meta_kernels":
         ok, why = _backend.available("cpp" if device == "cpu" else "cuda", torch.device(device))

@@ -257,11 +257,37 @@ at::Tensor max_pool2x2_relu_backward(const at::Tensor& grad_out_in, const at::Te
   return grad_x;
 }
 
+at::Tensor max_pool2x2_relu_gather(const at::Tensor& grad_x_in, const at::Tensor& index_in) {
+  check_max_pool2x2_relu_gather_args(grad_x_in, index_in);
+  const at::Tensor gx = grad_x_in.contiguous(), index = index_in.contiguous();
+  const Rows g{gx.size(-2), gx.size(-1), index.size(-2), index.size(-1)};
+  const int64_t rows = g.Ho * g.Wo ? index.numel() / g.Wo : 0;
+  at::Tensor out = at::empty(index.sizes(), gx.options());
+  const int64_t grain = std::max<int64_t>(2, 4096 / std::max<int64_t>(g.Wo, 1));
+  MK_DISPATCH_FLOATING(gx.scalar_type(), "max_pool2x2_relu_gather_cpu", [&] {
+    const scalar_t* xp = gx.const_data_ptr<scalar_t>();
+    const int8_t* ip = index.const_data_ptr<int8_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const scalar_t* top = xp + g.input_offset(r);
+        const int8_t* k = ip + r * g.Wo;
+        scalar_t* o = op + r * g.Wo;
+        // Index -1 reads an entry of the window too (in bounds) and then drops it.
+        for (int64_t j = 0; j < g.Wo; ++j)
+          o[j] = k[j] < 0 ? scalar_t(0) : top[(k[j] >> 1) * g.W + 2 * j + (k[j] & 1)];
+      }
+    });
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(meta_kernels, CPU, m) {
   m.impl("max_pool2x2_relu", &max_pool2x2_relu);
   m.impl("max_pool2x2_relu_backward", &max_pool2x2_relu_backward);
+  m.impl("max_pool2x2_relu_gather", &max_pool2x2_relu_gather);
 }
 
 }  // namespace cpu

@@ -1,6 +1,7 @@
-// relu(max_pool2d(x, 2)) over x [..., H, W] and its backward. One thread per output element
-// (grid-stride loop over planes * Ho * Wo), reading its 2x2 window; the backward writes the
-// whole window (grad_out at the recorded position, zeros elsewhere). Current stream, no sync.
+// relu(max_pool2d(x, 2)) over x [..., H, W], its backward and the backward's adjoint (a gather).
+// One thread per output element (grid-stride loop over planes * Ho * Wo), reading its 2x2 window;
+// the backward writes the whole window (grad_out at the recorded position, zeros elsewhere).
+// Current stream, no sync.
 #include "cuda_common.cuh"
 
 namespace meta_kernels {
@@ -51,6 +52,19 @@ pool_relu_backward_kernel(const scalar_t* __restrict__ go, const int8_t* __restr
   }
 }
 
+template <typename scalar_t>
+__global__ void __launch_bounds__(256)
+pool_relu_gather_kernel(const scalar_t* __restrict__ gx, const int8_t* __restrict__ index, scalar_t* __restrict__ out,
+                        const int64_t total, const int64_t H, const int64_t W, const int64_t Ho, const int64_t Wo) {
+  const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += stride) {
+    const int64_t row = e / Wo, j = e - row * Wo;
+    const int64_t plane = row / Ho, i = row - plane * Ho;
+    const int8_t k = index[e];
+    out[e] = k < 0 ? scalar_t(0) : gx[(plane * H + 2 * i + (k >> 1)) * W + 2 * j + (k & 1)];
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> max_pool2x2_relu(const at::Tensor& x_in) {
   check_max_pool2x2_relu_args(x_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
@@ -91,11 +105,29 @@ at::Tensor max_pool2x2_relu_backward(const at::Tensor& grad_out_in, const at::Te
   return gx;
 }
 
+at::Tensor max_pool2x2_relu_gather(const at::Tensor& grad_x_in, const at::Tensor& index_in) {
+  check_max_pool2x2_relu_gather_args(grad_x_in, index_in);
+  const c10::cuda::CUDAGuard guard(grad_x_in.device());
+  const at::Tensor gx = grad_x_in.contiguous(), index = index_in.contiguous();
+  at::Tensor out = at::empty(index.sizes(), gx.options());
+  const int64_t total = out.numel();
+  if (total == 0) return out;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  MK_DISPATCH_FLOATING(gx.scalar_type(), "max_pool2x2_relu_gather_cuda", [&] {
+    pool_relu_gather_kernel<scalar_t><<<grid_for((total + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+        gx.const_data_ptr<scalar_t>(), index.const_data_ptr<int8_t>(), out.data_ptr<scalar_t>(), total, gx.size(-2),
+        gx.size(-1), index.size(-2), index.size(-1));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(meta_kernels, CUDA, m) {
   m.impl("max_pool2x2_relu", &max_pool2x2_relu);
   m.impl("max_pool2x2_relu_backward", &max_pool2x2_relu_backward);
+  m.impl("max_pool2x2_relu_gather", &max_pool2x2_relu_gather);
 }
 
 }  // namespace cuda

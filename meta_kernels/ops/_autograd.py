@@ -61,6 +61,11 @@ def fake_max_pool2x2_relu_backward(grad_out, index, height, width):
     return grad_out.new_empty((*grad_out.shape[:-2], height, width))
 
 
+def fake_max_pool2x2_relu_gather(grad_x, index):
+    _validate.max_pool2x2_relu_gather_args(grad_x, index)
+    return grad_x.new_empty(index.shape)
+
+
 # ---- autograd ------------------------------------------------------------------------------
 
 def _sgd_setup(ctx, inputs, output):
@@ -231,13 +236,27 @@ def make_max_pool2x2_relu_autograd(ns):
     return setup, backward
 
 
-def _pool_backward_setup(ctx, inputs, output):
-    ctx.save_for_backward(inputs[1])
+def make_pool_backward_autograd(ns):
+    """Autograd for `ns.max_pool2x2_relu_backward` (linear in grad_out: its adjoint is the gather
+    `ns.max_pool2x2_relu_gather`, whose own adjoint is the backward again)."""
 
+    def setup(ctx, inputs, output):
+        ctx.save_for_backward(inputs[1])
 
-def _pool_backward_backward(ctx, grad_grad_x):
-    (index,) = ctx.saved_tensors
-    return reference.max_pool2x2_relu_gather(grad_grad_x, index), None, None, None
+    def backward(ctx, grad_grad_x):
+        (index,) = ctx.saved_tensors
+        return ns.max_pool2x2_relu_gather(grad_grad_x, index), None, None, None
+
+    def gather_setup(ctx, inputs, output):
+        grad_x, index = inputs
+        ctx.height, ctx.width = grad_x.shape[-2], grad_x.shape[-1]
+        ctx.save_for_backward(index)
+
+    def gather_backward(ctx, grad_out):
+        (index,) = ctx.saved_tensors
+        return ns.max_pool2x2_relu_backward(grad_out, index, ctx.height, ctx.width), None
+
+    return setup, backward, gather_setup, gather_backward
 
 
 def register(ns_name: str) -> None:
@@ -248,7 +267,8 @@ def register(ns_name: str) -> None:
                      ("clip_grad_norm", fake_clip_grad_norm), ("batch_norm", fake_batch_norm),
                      ("batch_norm_backward", fake_batch_norm_backward),
                      ("reptile_update_", fake_reptile_update_), ("max_pool2x2_relu", fake_max_pool2x2_relu),
-                     ("max_pool2x2_relu_backward", fake_max_pool2x2_relu_backward)):
+                     ("max_pool2x2_relu_backward", fake_max_pool2x2_relu_backward),
+                     ("max_pool2x2_relu_gather", fake_max_pool2x2_relu_gather)):
         lib.register_fake(f"{ns_name}::{op}", fake, allow_override=True)
     lib.register_autograd(f"{ns_name}::sgd_step", _sgd_backward, setup_context=_sgd_setup)
     lib.register_autograd(f"{ns_name}::clip_grad_norm", _clip_backward, setup_context=_clip_setup)
@@ -257,5 +277,6 @@ def register(ns_name: str) -> None:
     lib.register_autograd(f"{ns_name}::batch_norm_backward", _bn_backward_backward, setup_context=_bn_backward_setup)
     pool_setup, pool_backward = make_max_pool2x2_relu_autograd(ns)
     lib.register_autograd(f"{ns_name}::max_pool2x2_relu", pool_backward, setup_context=pool_setup)
-    lib.register_autograd(f"{ns_name}::max_pool2x2_relu_backward", _pool_backward_backward,
-                          setup_context=_pool_backward_setup)
+    setup, backward, gather_setup, gather_backward = make_pool_backward_autograd(ns)
+    lib.register_autograd(f"{ns_name}::max_pool2x2_relu_backward", backward, setup_context=setup)
+    lib.register_autograd(f"{ns_name}::max_pool2x2_relu_gather", gather_backward, setup_context=gather_setup)

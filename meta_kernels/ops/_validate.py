@@ -122,3 +122,15 @@ def max_pool2x2_relu_backward_args(grad_out: Tensor, index: Tensor, height: int,
     if (height // 2, width // 2) != tuple(grad_out.shape[-2:]):
         raise ValueError(f"height {height} and width {width} do not pool to grad_out's "
                          f"{grad_out.shape[-2]} x {grad_out.shape[-1]}")
+
+
+def max_pool2x2_relu_gather_args(grad_x: Tensor, index: Tensor) -> None:
+    if grad_x.dim() < 2 or not grad_x.is_floating_point():
+        raise ValueError(f"grad_x must be a floating [..., H, W] tensor, got {grad_x.dtype} {list(grad_x.shape)}")
+    if index.dtype != torch.int8:
+        raise ValueError(f"index must be torch.int8 (from max_pool2x2_relu), got {index.dtype}")
+    if index.device != grad_x.device:
+        raise ValueError(f"index is on {index.device} but grad_x is on {grad_x.device}")
+    pooled = [*grad_x.shape[:-2], grad_x.shape[-2] // 2, grad_x.shape[-1] // 2]
+    if list(index.shape) != pooled:
+        raise ValueError(f"index has shape {list(index.shape)} but grad_x of shape {list(grad_x.shape)} pools to {pooled}")

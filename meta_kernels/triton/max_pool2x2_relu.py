@@ -1,5 +1,5 @@
-"""Triton relu(max_pool2d(x, 2)) over x [..., H, W] and its backward: one lane per output element,
-reading (forward) or writing (backward) its whole 2x2 window."""
+"""Triton relu(max_pool2d(x, 2)) over x [..., H, W], its backward and the backward's adjoint (a
+gather): one lane per output element, reading (forward, gather) or writing (backward) its 2x2 window."""
 from __future__ import annotations
 
 import torch
@@ -51,6 +51,16 @@ def _pool_relu_backward_kernel(go_ptr, index_ptr, gx_ptr, total, H, W, Ho, Wo, B
         tl.store(gx_ptr + top + (q // 2) * W + (q % 2), tl.where(k == q, g, 0.0).to(gx_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _pool_relu_gather_kernel(gx_ptr, index_ptr, out_ptr, total, H, W, Ho, Wo, BLOCK: tl.constexpr):
+    e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = e < total
+    k = tl.load(index_ptr + e, mask=mask, other=-1).to(tl.int32)
+    at = _window(e, H, W, Ho, Wo) + (tl.maximum(k, 0) // 2) * W + tl.maximum(k, 0) % 2
+    v = tl.load(gx_ptr + at, mask=mask & (k >= 0), other=0.0)
+    tl.store(out_ptr + e, v, mask=mask)
+
+
 @torch.library.custom_op(f"{NAMESPACE}::max_pool2x2_relu", mutates_args=())
 def max_pool2x2_relu(x: Tensor) -> tuple[Tensor, Tensor]:
     x = x.contiguous()
@@ -77,3 +87,15 @@ def max_pool2x2_relu_backward(grad_out: Tensor, index: Tensor, height: int, widt
         _pool_relu_backward_kernel[(triton.cdiv(total, BLOCK),)](grad_out, index, gx, total, height, width,
                                                                  grad_out.shape[-2], grad_out.shape[-1], BLOCK=BLOCK)
     return gx
+
+
+@torch.library.custom_op(f"{NAMESPACE}::max_pool2x2_relu_gather", mutates_args=())
+def max_pool2x2_relu_gather(grad_x: Tensor, index: Tensor) -> Tensor:
+    grad_x, index = grad_x.contiguous(), index.contiguous()
+    out = torch.empty(index.shape, dtype=grad_x.dtype, device=grad_x.device)
+    total = out.numel()
+    if total:
+        _pool_relu_gather_kernel[(triton.cdiv(total, BLOCK),)](grad_x, index, out, total, grad_x.shape[-2],
+                                                               grad_x.shape[-1], index.shape[-2], index.shape[-1],
+                                                               BLOCK=BLOCK)
+    return out

@@ -218,6 +218,7 @@ void test_pool(at::ScalarType dtype) {
   auto pool = op<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&)>("meta_kernels::max_pool2x2_relu");
   auto pool_bw = op<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, int64_t)>(
       "meta_kernels::max_pool2x2_relu_backward");
+  auto pool_gather = op<at::Tensor(const at::Tensor&, const at::Tensor&)>("meta_kernels::max_pool2x2_relu_gather");
   const auto o = at::TensorOptions().dtype(dtype);
   // Odd and even sizes, one plane and many (grid-stride loop: the emulated grid is capped at 3 blocks),
   // a non-contiguous input, and windows with exact ties and NaN.
@@ -238,6 +239,9 @@ void test_pool(at::ScalarType dtype) {
     check(same(mkc::max_pool2x2_relu_backward(go, want_idx, x.size(-2), x.size(-1)),
                pool_bw.call(go, want_idx, x.size(-2), x.size(-1))),
           "max_pool2x2_relu_backward" + what);
+    const at::Tensor gx = at::randn(x.sizes(), o);
+    check(same(mkc::max_pool2x2_relu_gather(gx, want_idx), pool_gather.call(gx, want_idx)),
+          "max_pool2x2_relu_gather" + what);
   }
 }
 
