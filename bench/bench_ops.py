@@ -164,3 +164,23 @@ def test_max_pool2x2_relu_forward_backward(benchmark, backend, T):
     torch_pool = lambda: run(lambda x: F.relu(F.max_pool2d(x, 2)))
     medians = interleaved_medians({backend: ours, "F.relu(F.max_pool2d)": torch_pool}, rounds=7, inner=2)
     _record(benchmark, backend, medians, ours)
+
+
+@pytest.mark.parametrize("backend", OURS)
+@pytest.mark.parametrize("T", TASKS)
+def test_max_pool2x2_relu_gather(benchmark, backend, T):
+    """The pool backward's adjoint (MAML's double backward) on Conv4's four pool inputs of a 5-way
+    1-shot support set ([5, T*64, H, W]): the gather kernel against the same gather in plain
+    PyTorch ops (the reference: four strided window corners selected by `where`)."""
+    from meta_kernels.ops import reference
+    benchmark.group = f"max_pool2x2_relu_gather T={T}"
+    ns = torch.ops.meta_kernels if backend in ("cpp", "cuda") else torch.ops.meta_kernels_triton
+    g = torch.Generator().manual_seed(3)
+    layers = []
+    for hw in (28, 14, 7, 3):
+        x = torch.randn(5, T * 64, hw, hw, generator=g).to(DEVICE)
+        layers.append((torch.randn(x.shape, generator=g).to(DEVICE), ns.max_pool2x2_relu(x)[1]))
+    ours = lambda: [ns.max_pool2x2_relu_gather(gx, index) for gx, index in layers]
+    plain = lambda: [reference.max_pool2x2_relu_gather(gx, index) for gx, index in layers]
+    medians = interleaved_medians({backend: ours, "torch where chain": plain}, rounds=7, inner=3)
+    _record(benchmark, backend, medians, ours)

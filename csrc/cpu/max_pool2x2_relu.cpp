@@ -241,7 +241,7 @@ at::Tensor max_pool2x2_relu_backward(const at::Tensor& grad_out_in, const at::Te
   check_max_pool2x2_relu_backward_args(grad_out_in, index_in, height, width);
   const at::Tensor go = grad_out_in.contiguous(), index = index_in.contiguous();
   const Rows g{height, width, go.size(-2), go.size(-1)};
-  const int64_t rows = g.Ho * g.Wo ? go.numel() / g.Wo : 0;
+  const int64_t rows = g.Ho > 0 && g.Wo > 0 ? go.numel() / g.Wo : 0;
   const auto shape = with_last_two(go.sizes(), g.H, g.W);
   // Every pooled window is written whole; only a dropped odd row / column needs zeros first.
   at::Tensor grad_x = (g.H % 2 || g.W % 2) ? at::zeros(shape, go.options()) : at::empty(shape, go.options());
@@ -261,7 +261,7 @@ at::Tensor max_pool2x2_relu_gather(const at::Tensor& grad_x_in, const at::Tensor
   check_max_pool2x2_relu_gather_args(grad_x_in, index_in);
   const at::Tensor gx = grad_x_in.contiguous(), index = index_in.contiguous();
   const Rows g{gx.size(-2), gx.size(-1), index.size(-2), index.size(-1)};
-  const int64_t rows = g.Ho * g.Wo ? index.numel() / g.Wo : 0;
+  const int64_t rows = g.Ho > 0 && g.Wo > 0 ? index.numel() / g.Wo : 0;
   at::Tensor out = at::empty(index.sizes(), gx.options());
   const int64_t grain = std::max<int64_t>(2, 4096 / std::max<int64_t>(g.Wo, 1));
   MK_DISPATCH_FLOATING(gx.scalar_type(), "max_pool2x2_relu_gather_cpu", [&] {
