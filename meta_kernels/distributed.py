@@ -7,6 +7,7 @@ not see. Reptile all-reduces the sum of adapted weights instead. NCCL on GPUs, g
 a timeout turns a dead peer into an error instead of a hang."""
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 
@@ -41,7 +42,15 @@ def init_from_env(device: str = "cpu", timeout_s: float = 120.0) -> tuple[int, i
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout)
     dist.init_process_group(backend=backend, store=dist.PrefixStore(f"meta_kernels/restart{restart}", store),
                             rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
+    atexit.register(_destroy_at_exit)
     return world()
+
+
+def _destroy_at_exit() -> None:
+    # Left to the interpreter's teardown, gloo's threads were seen to abort a rank at exit
+    # ("terminate called without an active exception") after a finished run.
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def all_reduce_sum_(tensors: list[torch.Tensor]) -> None:

@@ -8,6 +8,13 @@ namespace meta_kernels {
 namespace cuda {
 namespace {
 
+// Offset of the top-left corner of output element e's window in x [planes, H, W].
+__device__ __forceinline__ int64_t window_top(int64_t e, int64_t H, int64_t W, int64_t Ho, int64_t Wo) {
+  const int64_t row = e / Wo, j = e - row * Wo;
+  const int64_t plane = row / Ho, i = row - plane * Ho;
+  return (plane * H + 2 * i) * W + 2 * j;
+}
+
 template <typename scalar_t>
 __global__ void __launch_bounds__(256)
 pool_relu_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ out, int8_t* __restrict__ index,
@@ -15,9 +22,7 @@ pool_relu_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ out, int
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += stride) {
-    const int64_t row = e / Wo, j = e - row * Wo;
-    const int64_t plane = row / Ho, i = row - plane * Ho;
-    const scalar_t* top = x + (plane * H + 2 * i) * W + 2 * j;
+    const scalar_t* top = x + window_top(e, H, W, Ho, Wo);
     const opmath_t v[4] = {static_cast<opmath_t>(top[0]), static_cast<opmath_t>(top[1]),
                            static_cast<opmath_t>(top[W]), static_cast<opmath_t>(top[W + 1])};
     // First maximum wins ties; a NaN wins and propagates (as max_pool2d and relu do).
@@ -40,9 +45,7 @@ pool_relu_backward_kernel(const scalar_t* __restrict__ go, const int8_t* __restr
                           const int64_t total, const int64_t H, const int64_t W, const int64_t Ho, const int64_t Wo) {
   const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += stride) {
-    const int64_t row = e / Wo, j = e - row * Wo;
-    const int64_t plane = row / Ho, i = row - plane * Ho;
-    scalar_t* top = gx + (plane * H + 2 * i) * W + 2 * j;
+    scalar_t* top = gx + window_top(e, H, W, Ho, Wo);
     const scalar_t g = go[e], zero(0);
     const int8_t k = index[e];
     top[0] = k == 0 ? g : zero;
@@ -58,10 +61,8 @@ pool_relu_gather_kernel(const scalar_t* __restrict__ gx, const int8_t* __restric
                         const int64_t total, const int64_t H, const int64_t W, const int64_t Ho, const int64_t Wo) {
   const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += stride) {
-    const int64_t row = e / Wo, j = e - row * Wo;
-    const int64_t plane = row / Ho, i = row - plane * Ho;
     const int8_t k = index[e];
-    out[e] = k < 0 ? scalar_t(0) : gx[(plane * H + 2 * i + (k >> 1)) * W + 2 * j + (k & 1)];
+    out[e] = k < 0 ? scalar_t(0) : gx[window_top(e, H, W, Ho, Wo) + (k >> 1) * W + (k & 1)];
   }
 }
 

@@ -44,7 +44,7 @@ def _conv_backward(grad_out, x, weight, groups, mask):
 
 class _GroupedConvBackward(torch.autograd.Function):
     """(grad_x, grad_weight, grad_bias) of the grouped conv, with a double backward written in
-    grouped convolutions -- aten's own loops over the groups (one per task) -- that keeps only
+    grouped convolutions (aten's own runs a loop over the groups, one per task) that keeps only
     what its terms need: without a gradient for x (the first layer's input images) grad_out is
     not kept, since it enters only the second-order terms of x."""
 

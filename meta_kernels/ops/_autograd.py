@@ -192,7 +192,7 @@ def batch_norm_double_backward(gg_x, gg_w, gg_b, grad_out, x, weight, mean, rstd
         d_a = (u * go).sum(dims) - (B * U + W * V) / count
     d_go = d_x = d_w = d_mean = d_rstd = None
     if needs[0]:
-        d_go = addcmul(ch(cb).expand_as(xh).clone() if inplace else ch(cb), xh, ch(cw))
+        d_go = torch.addcmul(ch(cb), xh, ch(cw))
         if gg_x is not None:
             d_go = addcmul(d_go, ch(a), u)
         d_go = d_go.to(grad_out.dtype)
