@@ -272,8 +272,8 @@ def _run_steps(task_model, base, x, y, xq, yq, table, skipped, *, steps, first_o
                     f"{bad.nonzero().flatten().tolist()} (loss {loss_t.detach()[bad].tolist()}); lower the inner lr, "
                     "set inner_clip, or set skip_nonfinite_tasks=True to skip such tasks")
             raise _SkipTasks(bad)
-        if bool(skipped.any()):  # skipped tasks stay at the base weights
-            grads = [torch.where(task_ok.view(-1, *([1] * (g.dim() - 1))), g, torch.zeros_like(g)) for g in grads]
+        if bool(skipped.any()):
+            grads = _zero_skipped(grads, task_ok)
         lr_step = table[step]
         logs.append(_step_log(step, loss_t, acc_t, norm, factor, grads, lr_step, task_ok, q_loss, q_acc))
         values = list(fast.values())
@@ -290,12 +290,16 @@ def _run_steps(task_model, base, x, y, xq, yq, table, skipped, *, steps, first_o
     query_point(steps)
     if no_graph:
         fast = {k: v.detach() for k, v in fast.items()}
-    backward = None
-    if recompute:
-        def backward(adjoint: list[Tensor]) -> None:
-            _backward_by_recompute(task_model, base, x, y, table, task_ok, starts, rng_states, adjoint,
-                                   inner_clip=inner_clip, engine=engine, loss=loss, bn_mode=bn_mode)
-    return AdaptResult(fast, logs, curve_loss, curve_acc, task_ok, msl_total, backward)
+
+    def backward(adjoint: list[Tensor]) -> None:
+        _backward_by_recompute(task_model, base, x, y, table, task_ok, starts, rng_states, adjoint,
+                               inner_clip=inner_clip, engine=engine, loss=loss, bn_mode=bn_mode)
+    return AdaptResult(fast, logs, curve_loss, curve_acc, task_ok, msl_total, backward if recompute else None)
+
+
+def _zero_skipped(grads: list[Tensor], task_ok: Tensor) -> list[Tensor]:
+    """Zero gradients for skipped tasks: they stay at the base weights."""
+    return [torch.where(task_ok.view(-1, *([1] * (g.dim() - 1))), g, torch.zeros_like(g)) for g in grads]
 
 
 def _rng_state(device: torch.device):
@@ -329,8 +333,8 @@ def _backward_by_recompute(task_model, base, x, y, table, task_ok, starts, rng_s
                 starts[step] = None  # freed once used
             grads, _, _ = _task_gradients(task_model, theta, x, y, engine, loss, step, bn_mode, create_graph=True)
             factor = ops.clip_grad_norm(grads, inner_clip)[1] if inner_clip is not None else None
-            if not bool(task_ok.all()):  # skipped tasks stay at the base weights, as in the forward pass
-                grads = [torch.where(task_ok.view(-1, *([1] * (g.dim() - 1))), g, torch.zeros_like(g)) for g in grads]
+            if not bool(task_ok.all()):  # as in the forward pass
+                grads = _zero_skipped(grads, task_ok)
             new = ops.sgd_step(list(theta.values()), grads, lr_leaf[step], factor)
             # Step 0 reaches the base weights (leaves of the caller's graph); later steps stop at
             # their starting weights, whose gradient is the next adjoint.

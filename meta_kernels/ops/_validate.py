@@ -110,15 +110,19 @@ def max_pool2x2_relu_args(x: Tensor) -> None:
         raise ValueError(f"max_pool2x2_relu needs H >= 2 and W >= 2, got x of shape {list(x.shape)}")
 
 
+def _pool_index_args(index: Tensor, other: Tensor, name: str) -> None:
+    if index.dtype != torch.int8:
+        raise ValueError(f"index must be torch.int8 (from max_pool2x2_relu), got {index.dtype}")
+    if index.device != other.device:
+        raise ValueError(f"index is on {index.device} but {name} is on {other.device}")
+
+
 def max_pool2x2_relu_backward_args(grad_out: Tensor, index: Tensor, height: int, width: int) -> None:
     if grad_out.dim() < 2 or not grad_out.is_floating_point():
         raise ValueError(f"grad_out must be a floating [..., H / 2, W / 2] tensor, got {grad_out.dtype} {list(grad_out.shape)}")
-    if index.dtype != torch.int8:
-        raise ValueError(f"index must be torch.int8 (from max_pool2x2_relu), got {index.dtype}")
+    _pool_index_args(index, grad_out, "grad_out")
     if index.shape != grad_out.shape:
         raise ValueError(f"index has shape {list(index.shape)} but grad_out has shape {list(grad_out.shape)}")
-    if index.device != grad_out.device:
-        raise ValueError(f"index is on {index.device} but grad_out is on {grad_out.device}")
     if (height // 2, width // 2) != tuple(grad_out.shape[-2:]):
         raise ValueError(f"height {height} and width {width} do not pool to grad_out's "
                          f"{grad_out.shape[-2]} x {grad_out.shape[-1]}")
@@ -127,10 +131,7 @@ def max_pool2x2_relu_backward_args(grad_out: Tensor, index: Tensor, height: int,
 def max_pool2x2_relu_gather_args(grad_x: Tensor, index: Tensor) -> None:
     if grad_x.dim() < 2 or not grad_x.is_floating_point():
         raise ValueError(f"grad_x must be a floating [..., H, W] tensor, got {grad_x.dtype} {list(grad_x.shape)}")
-    if index.dtype != torch.int8:
-        raise ValueError(f"index must be torch.int8 (from max_pool2x2_relu), got {index.dtype}")
-    if index.device != grad_x.device:
-        raise ValueError(f"index is on {index.device} but grad_x is on {grad_x.device}")
+    _pool_index_args(index, grad_x, "grad_x")
     pooled = [*grad_x.shape[:-2], grad_x.shape[-2] // 2, grad_x.shape[-1] // 2]
     if list(index.shape) != pooled:
         raise ValueError(f"index has shape {list(index.shape)} but grad_x of shape {list(grad_x.shape)} pools to {pooled}")
