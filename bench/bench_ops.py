@@ -184,3 +184,32 @@ def test_max_pool2x2_relu_gather(benchmark, backend, T):
     plain = lambda: [reference.max_pool2x2_relu_gather(gx, index) for gx, index in layers]
     medians = interleaved_medians({backend: ours, "torch where chain": plain}, rounds=7, inner=3)
     _record(benchmark, backend, medians, ours)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="conv3x3_bn_pool_relu has a CPU kernel only")
+@pytest.mark.parametrize("N,T", [(75, 1), (5, 8), (5, 32)], ids=["query-T1", "support-T8", "support-T32"])
+def test_conv3x3_bn_pool_relu_forward_backward(benchmark, N, T):
+    """Conv4's input block (conv 3x3 1->64, batch norm, ReLU, pool) on Omniglot 28x28 -- one task's
+    15-query set, or the 1-shot support sets of T tasks as grouped convs -- forward and the
+    backward of weight, bias, gamma and beta: the fused op against the composed ops Conv4 used
+    before (F.conv2d, our batch_norm and max_pool2x2_relu) and plain PyTorch."""
+    benchmark.group = f"conv3x3_bn_pool_relu fwd+bwd N={N} T={T}"
+    g = torch.Generator().manual_seed(4)
+    x = torch.rand(N, T, 28, 28, generator=g)
+    leaves = [t.requires_grad_() for t in (torch.randn(T * 64, 1, 3, 3, generator=g), torch.randn(T * 64, generator=g),
+                                           torch.rand(T * 64, generator=g) + 0.5, torch.randn(T * 64, generator=g))]
+    go = torch.randn(N, T * 64, 14, 14, generator=g)
+
+    def composed(x, w, b, gamma, beta):
+        h = F.conv2d(x, w, b, padding=1, groups=T)
+        return mk.max_pool2x2_relu(mk.batch_norm(h.unsqueeze(0), gamma.unsqueeze(0), beta.unsqueeze(0)).squeeze(0))
+
+    def plain(x, w, b, gamma, beta):
+        h = F.conv2d(x, w, b, padding=1, groups=T)
+        return F.relu(F.max_pool2d(F.batch_norm(h, None, None, gamma, beta, True), 2))
+
+    run = lambda block: lambda: torch.autograd.grad(block(x, *leaves), leaves, go)
+    ours = run(lambda *a: mk.conv3x3_bn_pool_relu(*a, groups=T, backend="cpp"))
+    medians = interleaved_medians({"cpp": ours, "composed ops": run(composed), "plain PyTorch": run(plain)},
+                                  rounds=7, inner=3)
+    _record(benchmark, "cpp", medians, ours)

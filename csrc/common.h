@@ -200,4 +200,59 @@ inline void check_max_pool2x2_relu_gather_args(const at::Tensor& grad_x, const a
                     at::IntArrayRef(with_last_two(grad_x.sizes(), grad_x.size(-2) / 2, grad_x.size(-1) / 2)));
 }
 
+// conv3x3_bn_pool_relu: x [N, groups * Cin, H, W], weight [groups * C, Cin, 3, 3], bias / gamma /
+// beta [groups * C]. Returns Cin.
+constexpr int64_t kConvBnPoolMaxInChannels = 4;
+
+inline int64_t check_conv3x3_bn_pool_relu_args(const at::Tensor& x, const at::Tensor& weight,
+                                               const c10::optional<at::Tensor>& bias, const at::Tensor& gamma,
+                                               const at::Tensor& beta, int64_t groups) {
+  TORCH_CHECK_VALUE(x.dim() == 4, "x must be [N, groups * C_in, H, W], got shape ", x.sizes());
+  TORCH_CHECK_VALUE(at::isFloatingType(x.scalar_type()), "x must be floating point, got ", dtype_name(x.scalar_type()));
+  TORCH_CHECK_VALUE(weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3,
+                    "weight must be [groups * C_out, C_in, 3, 3], got shape ", weight.sizes());
+  TORCH_CHECK_VALUE(weight.scalar_type() == x.scalar_type(), "weight is ", dtype_name(weight.scalar_type()),
+                    " but x is ", dtype_name(x.scalar_type()));
+  TORCH_CHECK_VALUE(groups >= 1, "groups must be >= 1, got ", groups);
+  const int64_t cin = weight.size(1), out_channels = weight.size(0);
+  TORCH_CHECK_VALUE(x.size(1) == groups * cin, "x has ", x.size(1), " channels but groups (", groups,
+                    ") * weight's C_in (", cin, ") is ", groups * cin);
+  TORCH_CHECK_VALUE(out_channels % groups == 0, "weight's ", out_channels, " output channels do not split into ", groups,
+                    " groups");
+  TORCH_CHECK_VALUE(cin >= 1 && cin <= kConvBnPoolMaxInChannels, "conv3x3_bn_pool_relu is for input layers with 1 to ",
+                    kConvBnPoolMaxInChannels, " channels per group, got ", cin,
+                    "; use conv2d + batch_norm + max_pool2x2_relu");
+  TORCH_CHECK_VALUE(x.size(0) >= 1 && x.size(2) >= 2 && x.size(3) >= 2,
+                    "conv3x3_bn_pool_relu needs N >= 1, H >= 2 and W >= 2, got x of shape ", x.sizes());
+  const std::pair<const at::Tensor*, const char*> per_channel[] = {{&gamma, "gamma"}, {&beta, "beta"},
+                                                                   {bias.has_value() ? &*bias : &gamma, "bias"}};
+  for (const auto& [t, name] : per_channel) {
+    TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == out_channels, name, " must be [", out_channels,
+                      "] (one per output channel), got shape ", t->sizes());
+    TORCH_CHECK_VALUE(at::isFloatingType(t->scalar_type()), name, " must be floating point, got ",
+                      dtype_name(t->scalar_type()));
+    TORCH_CHECK_VALUE(t->device() == x.device(), name, " is on ", t->device(), " but x is on ", x.device());
+  }
+  TORCH_CHECK_VALUE(weight.device() == x.device(), "weight is on ", weight.device(), " but x is on ", x.device());
+  return cin;
+}
+
+inline void check_conv3x3_bn_pool_relu_backward_args(const at::Tensor& grad_out, const at::Tensor& index,
+                                                     const at::Tensor& x, const at::Tensor& weight,
+                                                     const at::Tensor& gamma, const at::Tensor& rstd, int64_t groups) {
+  check_conv3x3_bn_pool_relu_args(x, weight, c10::nullopt, gamma, gamma, groups);
+  TORCH_CHECK_VALUE(rstd.dim() == 1 && rstd.size(0) == weight.size(0) && rstd.device() == x.device(),
+                    "rstd must be the [", weight.size(0), "] rstd output of conv3x3_bn_pool_relu on ", x.device(),
+                    ", got shape ", rstd.sizes());
+  const std::vector<int64_t> pooled = {x.size(0), weight.size(0), x.size(2) / 2, x.size(3) / 2};
+  TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef(pooled), "grad_out must have the output's shape ",
+                    at::IntArrayRef(pooled), ", got ", grad_out.sizes());
+  TORCH_CHECK_VALUE(at::isFloatingType(grad_out.scalar_type()), "grad_out must be floating point, got ",
+                    dtype_name(grad_out.scalar_type()));
+  TORCH_CHECK_VALUE(index.scalar_type() == at::kChar && index.sizes() == grad_out.sizes(),
+                    "index must be the int8 index output of conv3x3_bn_pool_relu, of shape ", grad_out.sizes());
+  TORCH_CHECK_VALUE(grad_out.device() == x.device() && index.device() == x.device(), "grad_out and index must be on ",
+                    x.device());
+}
+
 }  // namespace meta_kernels

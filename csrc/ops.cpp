@@ -20,6 +20,16 @@ TORCH_LIBRARY(meta_kernels, m) {
   // The adjoint of max_pool2x2_relu_backward (MAML's double backward): each window's entry of
   // grad_x [..., H, W] at the recorded position, 0 where index is -1; the result has index's shape.
   m.def("max_pool2x2_relu_gather(Tensor grad_x, Tensor index) -> Tensor");
+  // Conv4's input block in one op: h = conv2d(x, weight, bias, padding=1, groups), batch norm of h
+  // with its batch statistics over (N, H, W) per channel, then relu(max_pool2d(., 2)) -- for layers of
+  // 1 to 4 input channels per group, without the dense h. Returns the pooled output, the pooling
+  // index (as max_pool2x2_relu's), and h's per-channel mean and rstd. The backward gives the
+  // gradients of weight, gamma and beta (bias has none: the normalisation removes it; x's comes
+  // from the composed ops).
+  m.def("conv3x3_bn_pool_relu(Tensor x, Tensor weight, Tensor? bias, Tensor gamma, Tensor beta, int groups, "
+        "float eps) -> (Tensor out, Tensor index, Tensor mean, Tensor rstd)");
+  m.def("conv3x3_bn_pool_relu_backward(Tensor grad_out, Tensor index, Tensor x, Tensor weight, Tensor gamma, "
+        "Tensor rstd, int groups) -> (Tensor grad_weight, Tensor grad_gamma, Tensor grad_beta)");
   // theta_i += epsilon * (mean_t adapted_i[t] - theta_i), adapted_i of shape [T, *theta_i.shape].
   m.def("reptile_update_(Tensor(a!)[] params, Tensor[] adapted, float epsilon) -> ()");
 }

@@ -288,8 +288,9 @@ def test_meta_backward_chunked_query_equals_meta_loss(algo):
     assert got["skipped_tasks"] == metrics["skipped_tasks"] == 1
     assert got["query_loss"] == pytest.approx(metrics["query_loss"], rel=1e-12)
     assert got["post_adapt_acc"] == pytest.approx(metrics["post_adapt_acc"], rel=1e-6)  # accuracies are float32
-    for a, b in zip(*grads):
-        assert a.abs().sum() > 0
+    for name, a, b in zip([*params, "lrs"], *grads):
+        # A conv bias before batch norm has no effect on the loss: its gradient is 0 (or rounding noise).
+        assert a.abs().sum() > 0 or name.endswith("conv.bias"), name
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-13)
 
 
@@ -315,8 +316,9 @@ def test_recomputed_inner_loop_gives_the_full_graph_gradients(engine, steps):
             p.grad = None
     assert metrics[1]["skipped_tasks"] == 1
     assert metrics[1]["query_loss"] == pytest.approx(metrics[0]["query_loss"], rel=1e-12)
-    for a, b in zip(*grads):
-        assert a.abs().sum() > 0
+    for name, a, b in zip([*params, "lrs"], *grads):
+        # A conv bias before batch norm has no effect on the loss: its gradient is 0 (or rounding noise).
+        assert a.abs().sum() > 0 or name.endswith("conv.bias"), name
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-13)
 
 

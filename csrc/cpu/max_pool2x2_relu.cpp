@@ -9,38 +9,12 @@
 // previous one; shorter rows compute 8 lanes and let the spare lanes spill into the next rows,
 // which rewrite them afterwards (so the last rows of each thread's range take the scalar path).
 #include "../common.h"
+#include "pool_window.h"
 
-#include <cstring>
-
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define MK_POOL_AVX2 1
-#endif
 
 namespace meta_kernels {
 namespace cpu {
 namespace {
-
-// Window position of the maximum (0..3, row-major; first maximum wins ties, a NaN wins and
-// propagates, as in max_pool2d) or -1 where the ReLU zeroes it.
-template <typename scalar_t>
-inline void pool_window(const scalar_t* top, const scalar_t* bottom, int64_t j, scalar_t* out, int8_t* index) {
-  using opmath_t = at::opmath_type<scalar_t>;
-  const opmath_t a = static_cast<opmath_t>(top[2 * j]), b = static_cast<opmath_t>(top[2 * j + 1]);
-  const opmath_t c = static_cast<opmath_t>(bottom[2 * j]), d = static_cast<opmath_t>(bottom[2 * j + 1]);
-  // v != v is the NaN test.
-  const bool tb = (b > a) | ((b != b) & (a == a));
-  opmath_t m = tb ? b : a;
-  int32_t at = tb ? 1 : 0;
-  const bool tc = (c > m) | ((c != c) & (m == m));
-  m = tc ? c : m;
-  at = tc ? 2 : at;
-  const bool td = (d > m) | ((d != d) & (m == m));
-  m = td ? d : m;
-  at = td ? 3 : at;
-  const bool keep = (m > opmath_t(0)) | (m != m);
-  out[j] = static_cast<scalar_t>(keep ? m : opmath_t(0));
-  index[j] = static_cast<int8_t>(keep ? at : -1);
-}
 
 template <typename scalar_t>
 inline void unpool_window(const scalar_t* grad_out, const int8_t* index, int64_t j, scalar_t* top, scalar_t* bottom) {
@@ -78,57 +52,23 @@ void backward_rows_scalar(const scalar_t* grad_out, const int8_t* index, scalar_
 }
 
 #ifdef MK_POOL_AVX2
-namespace avx2 {
+namespace vec {
+using namespace avx2;
 
-typedef float f8 __attribute__((vector_size(32)));
-typedef int32_t i8 __attribute__((vector_size(32)));
-typedef int8_t c8 __attribute__((vector_size(8)));
-
-#define MK_AVX2 __attribute__((target("avx2"), always_inline)) inline
-
-MK_AVX2 f8 load(const float* p) { f8 v; std::memcpy(&v, p, sizeof v); return v; }
-MK_AVX2 void store(float* p, f8 v) { std::memcpy(p, &v, sizeof v); }
-// Lane-wise mask ? a : b, by bits (mask lanes are all ones or all zeros).
-MK_AVX2 f8 select(i8 mask, f8 a, f8 b) { return (f8)((mask & (i8)a) | (~mask & (i8)b)); }
-MK_AVX2 i8 select(i8 mask, i8 a, i8 b) { return (mask & a) | (~mask & b); }
-
-// Outputs j .. j + 7 of one row: the same comparisons as pool_window, 8 windows at once.
-MK_AVX2 void pool8(const float* top, const float* bottom, float* out, int8_t* index) {
-  const f8 t0 = load(top), t1 = load(top + 8), b0 = load(bottom), b1 = load(bottom + 8);
-  const f8 a = __builtin_shufflevector(t0, t1, 0, 2, 4, 6, 8, 10, 12, 14);
-  const f8 b = __builtin_shufflevector(t0, t1, 1, 3, 5, 7, 9, 11, 13, 15);
-  const f8 c = __builtin_shufflevector(b0, b1, 0, 2, 4, 6, 8, 10, 12, 14);
-  const f8 d = __builtin_shufflevector(b0, b1, 1, 3, 5, 7, 9, 11, 13, 15);
-  const i8 zero_i = {}, one = zero_i + 1, two = zero_i + 2, three = zero_i + 3;
-  const i8 tb = (b > a) | ((b != b) & (a == a));
-  f8 m = select(tb, b, a);
-  i8 at = tb & one;
-  const i8 tc = (c > m) | ((c != c) & (m == m));
-  m = select(tc, c, m);
-  at = select(tc, two, at);
-  const i8 td = (d > m) | ((d != d) & (m == m));
-  m = select(td, d, m);
-  at = select(td, three, at);
-  const f8 zero = {};
-  const i8 keep = (m > zero) | (m != m);
-  store(out, select(keep, m, zero));
-  const c8 idx = __builtin_convertvector(select(keep, at, zero_i - 1), c8);
-  std::memcpy(index, &idx, sizeof idx);
+// Outputs j .. j + 7 of one row.
+MK_AVX2 void pool_rows8(const float* top, const float* bottom, float* out, int8_t* index) {
+  avx2::pool8(load(top), load(top + 8), load(bottom), load(bottom + 8), out, index);
 }
 
 // Inputs of outputs j .. j + 7: grad_out routed to the recorded positions (lanes >= `valid` give 0).
 MK_AVX2 void unpool8(const float* grad_out, const int8_t* index, float* top, float* bottom, int valid) {
-  c8 k8;
-  std::memcpy(&k8, index, sizeof k8);
-  const i8 lane = {0, 1, 2, 3, 4, 5, 6, 7}, zero_i = {};
-  const i8 k = select(lane < valid, __builtin_convertvector(k8, i8), zero_i - 1);
-  const f8 g = load(grad_out), zero = {};
-  const f8 e0 = select(k == 0, g, zero), e1 = select(k == 1, g, zero);
-  const f8 e2 = select(k == 2, g, zero), e3 = select(k == 3, g, zero);
-  store(top, __builtin_shufflevector(e0, e1, 0, 8, 1, 9, 2, 10, 3, 11));
-  store(top + 8, __builtin_shufflevector(e0, e1, 4, 12, 5, 13, 6, 14, 7, 15));
-  store(bottom, __builtin_shufflevector(e2, e3, 0, 8, 1, 9, 2, 10, 3, 11));
-  store(bottom + 8, __builtin_shufflevector(e2, e3, 4, 12, 5, 13, 6, 14, 7, 15));
+  const i8 lane = {0, 1, 2, 3, 4, 5, 6, 7};
+  f8 t0, t1, b0, b1;
+  route8(load(grad_out), index, lane < valid, t0, t1, b0, b1);
+  store(top, t0);
+  store(top + 8, t1);
+  store(bottom, b0);
+  store(bottom + 8, b1);
 }
 
 // Short rows (Wo < 8) read and write 8 outputs and 16 floats of each input row from the row's
@@ -142,7 +82,7 @@ int64_t vector_rows_end(const Rows& g, int64_t r0, int64_t r1) {
   return r;
 }
 
-__attribute__((target("avx2"))) void forward_rows(const float* x, float* out, int8_t* index, const Rows& g, int64_t r0,
+__attribute__((target("avx2,fma"))) void forward_rows(const float* x, float* out, int8_t* index, const Rows& g, int64_t r0,
                                                   int64_t r1) {
   const int64_t W = g.W, Wo = g.Wo;
   const int64_t r_end = vector_rows_end(g, r0, r1);
@@ -151,16 +91,16 @@ __attribute__((target("avx2"))) void forward_rows(const float* x, float* out, in
     float* o = out + r * Wo;
     int8_t* k = index + r * Wo;
     if (Wo < 8) {
-      pool8(top, top + W, o, k);
+      pool_rows8(top, top + W, o, k);
       continue;
     }
-    for (int64_t j = 0; j + 8 <= Wo; j += 8) pool8(top + 2 * j, top + W + 2 * j, o + j, k + j);
-    if (Wo % 8) pool8(top + 2 * (Wo - 8), top + W + 2 * (Wo - 8), o + Wo - 8, k + Wo - 8);  // overlaps, same values
+    for (int64_t j = 0; j + 8 <= Wo; j += 8) pool_rows8(top + 2 * j, top + W + 2 * j, o + j, k + j);
+    if (Wo % 8) pool_rows8(top + 2 * (Wo - 8), top + W + 2 * (Wo - 8), o + Wo - 8, k + Wo - 8);  // overlaps, same values
   }
   if (r_end < r1) forward_rows_scalar(x, out, index, g, r_end, r1);
 }
 
-__attribute__((target("avx2"))) void backward_rows(const float* grad_out, const int8_t* index, float* grad_x,
+__attribute__((target("avx2,fma"))) void backward_rows(const float* grad_out, const int8_t* index, float* grad_x,
                                                    const Rows& g, int64_t r0, int64_t r1) {
   const int64_t W = g.W, Wo = g.Wo;
   const int64_t r_end = vector_rows_end(g, r0, r1);
@@ -180,14 +120,7 @@ __attribute__((target("avx2"))) void backward_rows(const float* grad_out, const 
   if (r_end < r1) backward_rows_scalar(grad_out, index, grad_x, g, r_end, r1);
 }
 
-#undef MK_AVX2
-
-bool available() {
-  static const bool yes = __builtin_cpu_supports("avx2");
-  return yes;
-}
-
-}  // namespace avx2
+}  // namespace vec
 #endif
 
 // The kernels' entry points: every dtype runs the scalar rows; float32 runs AVX2 where the CPU has it.
@@ -205,13 +138,13 @@ void backward_rows(const scalar_t* grad_out, const int8_t* index, scalar_t* grad
 #ifdef MK_POOL_AVX2
 template <>
 void forward_rows<float>(const float* x, float* out, int8_t* index, const Rows& g, int64_t r0, int64_t r1) {
-  avx2::available() ? avx2::forward_rows(x, out, index, g, r0, r1) : forward_rows_scalar(x, out, index, g, r0, r1);
+  avx2::available() ? vec::forward_rows(x, out, index, g, r0, r1) : forward_rows_scalar(x, out, index, g, r0, r1);
 }
 
 template <>
 void backward_rows<float>(const float* grad_out, const int8_t* index, float* grad_x, const Rows& g, int64_t r0,
                           int64_t r1) {
-  avx2::available() ? avx2::backward_rows(grad_out, index, grad_x, g, r0, r1)
+  avx2::available() ? vec::backward_rows(grad_out, index, grad_x, g, r0, r1)
                     : backward_rows_scalar(grad_out, index, grad_x, g, r0, r1);
 }
 #endif

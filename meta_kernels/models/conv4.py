@@ -13,6 +13,9 @@ from torch import Tensor, nn
 import meta_kernels.ops as ops
 
 BN_EPS = 1e-5
+# Layers with at most this many input channels (the first: images) run as conv3x3_bn_pool_relu
+# in passes differentiated at most once.
+FUSED_INPUT_CHANNELS = 4
 _aten = torch.ops.aten
 
 
@@ -147,14 +150,20 @@ class Conv4(nn.Module):
         for i in range(4):
             w = params[f"blocks.{i}.conv.weight"]
             c_out = w.shape[1]
-            conv = _GroupedConv.apply if double_backward else lambda *a: F.conv2d(*a[:3], padding=1, groups=a[3])
-            h = conv(h, w.reshape(T * c_out, *w.shape[2:]), params[f"blocks.{i}.conv.bias"].reshape(-1), T)
-            if update_stats and buffers is not None:
-                _fold_running_stats(h.detach(), buffers, f"blocks.{i}.bn", min(step, buffers[f"blocks.{i}.bn.running_mean"].shape[0] - 1), T)
+            w, bias = w.reshape(T * c_out, *w.shape[2:]), params[f"blocks.{i}.conv.bias"].reshape(-1)
             gamma, beta = params[f"blocks.{i}.bn.weight"], params[f"blocks.{i}.bn.bias"]
             row = min(step, gamma.shape[1] - 1) if gamma.dim() == 3 else 0
             if gamma.dim() == 3:  # per-step affine [T, steps, C]
                 gamma, beta = gamma[:, row], beta[:, row]
+            if (w.shape[1] <= FUSED_INPUT_CHANNELS and not double_backward and bn_mode == "transductive"
+                    and not update_stats and ops.has_conv3x3_bn_pool_relu(h.device)):
+                # The input layer as one op: its dense conv output (64x the images) is never stored.
+                h = ops.conv3x3_bn_pool_relu(h, w, bias, gamma.reshape(-1), beta.reshape(-1), groups=T, eps=BN_EPS)
+                continue
+            conv = _GroupedConv.apply if double_backward else lambda *a: F.conv2d(*a[:3], padding=1, groups=a[3])
+            h = conv(h, w, bias, T)
+            if update_stats and buffers is not None:
+                _fold_running_stats(h.detach(), buffers, f"blocks.{i}.bn", min(step, buffers[f"blocks.{i}.bn.running_mean"].shape[0] - 1), T)
             if bn_mode == "frozen":
                 h = _frozen_bn(h, gamma, beta, buffers, f"blocks.{i}.bn", row, T)
             else:

@@ -66,6 +66,18 @@ def fake_max_pool2x2_relu_gather(grad_x, index):
     return grad_x.new_empty(index.shape)
 
 
+def fake_conv3x3_bn_pool_relu(x, weight, bias, gamma, beta, groups, eps):
+    _validate.conv3x3_bn_pool_relu_args(x, weight, bias, gamma, beta, groups)
+    shape = (x.shape[0], weight.shape[0], x.shape[2] // 2, x.shape[3] // 2)
+    stats = x.new_empty((weight.shape[0],), dtype=_math_dtype(x.dtype))
+    return x.new_empty(shape), x.new_empty(shape, dtype=torch.int8), stats, torch.empty_like(stats)
+
+
+def fake_conv3x3_bn_pool_relu_backward(grad_out, index, x, weight, gamma, rstd, groups):
+    _validate.conv3x3_bn_pool_relu_args(x, weight, None, gamma, gamma, groups)
+    return torch.empty_like(weight, memory_format=torch.contiguous_format), torch.empty_like(gamma), torch.empty_like(gamma)
+
+
 # ---- autograd ------------------------------------------------------------------------------
 
 def _sgd_setup(ctx, inputs, output):
@@ -257,6 +269,69 @@ def make_pool_backward_autograd(ns):
         return ns.max_pool2x2_relu_backward(grad_out, index, ctx.height, ctx.width), None
 
     return setup, backward, gather_setup, gather_backward
+
+
+def make_conv3x3_bn_pool_relu_autograd(ns):
+    """Autograd for `ns.conv3x3_bn_pool_relu`. A first-order backward of weight, gamma and beta
+    runs the fused `ns.conv3x3_bn_pool_relu_backward`; anything more -- a gradient of x, of the
+    returned statistics, or a graph for double backward -- recomputes the block with the composed
+    differentiable ops (conv2d, batch_norm, max_pool2x2_relu) and differentiates those."""
+
+    def setup(ctx, inputs, output):
+        x, weight, bias, gamma, beta, ctx.groups, ctx.eps = inputs
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, weight, bias, gamma, beta, output[1], output[3])
+        ctx.set_materialize_grads(False)
+
+    def composed(x, weight, bias, gamma, beta, groups, eps):
+        h = torch.nn.functional.conv2d(x, weight, bias, padding=1, groups=groups)
+        y, mean, rstd = ns.batch_norm(h.unsqueeze(0), gamma.unsqueeze(0), beta.unsqueeze(0), eps)
+        return ns.max_pool2x2_relu(y.squeeze(0))[0], mean[0], rstd[0]
+
+    def backward(ctx, grad_out, grad_index, grad_mean, grad_rstd):
+        x, weight, bias, gamma, beta, index, rstd = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        if grad_mean is None and grad_rstd is None and not need[0] and not torch.is_grad_enabled():
+            if grad_out is None:
+                return None, None, None, None, None, None, None
+            grad_w, grad_gamma, grad_beta = ns.conv3x3_bn_pool_relu_backward(grad_out, index, x, weight, gamma, rstd,
+                                                                              ctx.groups)
+            # The normalisation removes any per-channel shift: the conv bias has no gradient.
+            grad_bias = torch.zeros_like(bias) if ctx.has_bias and need[2] else None
+            return None, grad_w, grad_bias, grad_gamma, grad_beta, None, None
+        inputs = [x, weight, bias, gamma, beta]
+        create_graph = torch.is_grad_enabled()
+        if not create_graph:  # fresh leaves for a graph of its own
+            inputs = [None if t is None else t.detach().requires_grad_(n) for t, n in zip(inputs, need)]
+        with torch.enable_grad():
+            outputs = composed(*inputs, ctx.groups, ctx.eps)
+        pairs = [(o, g) for o, g in zip(outputs, (grad_out, grad_mean, grad_rstd)) if g is not None]
+        wanted = [i for i, t in enumerate(inputs) if t is not None and need[i]]
+        grads = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wanted], [g for _, g in pairs],
+                                    create_graph=create_graph, allow_unused=True)
+        result = [None] * 7
+        for i, g in zip(wanted, grads):
+            result[i] = torch.zeros_like(inputs[i]) if g is None else g
+        return tuple(result)
+
+    return setup, backward
+
+
+def register_conv3x3_bn_pool_relu(ns_name: str) -> None:
+    """Fake kernels and autograd of the fused input block, for namespaces that implement it."""
+    ns = getattr(torch.ops, ns_name)
+    torch.library.register_fake(f"{ns_name}::conv3x3_bn_pool_relu", fake_conv3x3_bn_pool_relu, allow_override=True)
+    torch.library.register_fake(f"{ns_name}::conv3x3_bn_pool_relu_backward", fake_conv3x3_bn_pool_relu_backward,
+                                allow_override=True)
+    setup, backward = make_conv3x3_bn_pool_relu_autograd(ns)
+    torch.library.register_autograd(f"{ns_name}::conv3x3_bn_pool_relu", backward, setup_context=setup)
+    torch.library.register_autograd(f"{ns_name}::conv3x3_bn_pool_relu_backward", _fused_backward_is_first_order,
+                                    setup_context=lambda ctx, inputs, output: None)
+
+
+def _fused_backward_is_first_order(ctx, *grads):
+    raise RuntimeError("conv3x3_bn_pool_relu_backward is not differentiable: conv3x3_bn_pool_relu's double backward "
+                       "recomputes the block with the composed ops (backward with create_graph=True does so)")
 
 
 def register(ns_name: str) -> None:

@@ -135,3 +135,40 @@ def max_pool2x2_relu_gather_args(grad_x: Tensor, index: Tensor) -> None:
     pooled = [*grad_x.shape[:-2], grad_x.shape[-2] // 2, grad_x.shape[-1] // 2]
     if list(index.shape) != pooled:
         raise ValueError(f"index has shape {list(index.shape)} but grad_x of shape {list(grad_x.shape)} pools to {pooled}")
+
+
+# conv3x3_bn_pool_relu: input layers with at most this many channels per group (csrc/common.h).
+CONV_BN_POOL_MAX_IN_CHANNELS = 4
+
+
+def conv3x3_bn_pool_relu_args(x: Tensor, weight: Tensor, bias: Tensor | None, gamma: Tensor, beta: Tensor,
+                              groups: int) -> None:
+    if x.dim() != 4 or not x.is_floating_point():
+        raise ValueError(f"x must be a floating [N, groups * C_in, H, W] tensor, got {x.dtype} {list(x.shape)}")
+    if weight.dim() != 4 or tuple(weight.shape[2:]) != (3, 3):
+        raise ValueError(f"weight must be [groups * C_out, C_in, 3, 3], got shape {list(weight.shape)}")
+    if weight.dtype != x.dtype:
+        raise ValueError(f"weight is {weight.dtype} but x is {x.dtype}")
+    if groups < 1:
+        raise ValueError(f"groups must be >= 1, got {groups}")
+    cin, out_channels = weight.shape[1], weight.shape[0]
+    if x.shape[1] != groups * cin:
+        raise ValueError(f"x has {x.shape[1]} channels but groups ({groups}) * weight's C_in ({cin}) is {groups * cin}")
+    if out_channels % groups:
+        raise ValueError(f"weight's {out_channels} output channels do not split into {groups} groups")
+    if not 1 <= cin <= CONV_BN_POOL_MAX_IN_CHANNELS:
+        raise ValueError(f"conv3x3_bn_pool_relu is for input layers with 1 to {CONV_BN_POOL_MAX_IN_CHANNELS} channels "
+                         f"per group, got {cin}; use conv2d + batch_norm + max_pool2x2_relu")
+    if x.shape[0] < 1 or x.shape[2] < 2 or x.shape[3] < 2:
+        raise ValueError(f"conv3x3_bn_pool_relu needs N >= 1, H >= 2 and W >= 2, got x of shape {list(x.shape)}")
+    for name, t in (("gamma", gamma), ("beta", beta), ("bias", bias)):
+        if t is None:
+            continue
+        if t.dim() != 1 or t.shape[0] != out_channels:
+            raise ValueError(f"{name} must be [{out_channels}] (one per output channel), got shape {list(t.shape)}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be floating point, got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    if weight.device != x.device:
+        raise ValueError(f"weight is on {weight.device} but x is on {x.device}")

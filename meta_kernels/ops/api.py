@@ -149,6 +149,36 @@ def max_pool2x2_relu(x: Tensor, *, backend: str | None = None) -> Tensor:
     return _ns(name).max_pool2x2_relu(x)[0]
 
 
+# Backends with a kernel of conv3x3_bn_pool_relu (a CPU op: on GPUs the input layer's conv runs in
+# cuDNN and the block takes the composed ops).
+_CONV_BN_POOL_BACKENDS = ("cpp", "reference")
+
+
+def has_conv3x3_bn_pool_relu(device: torch.device, backend: str | None = None) -> bool:
+    """Whether conv3x3_bn_pool_relu has a kernel for tensors of `device` on the chosen backend."""
+    return _backend.resolve(backend, device) in _CONV_BN_POOL_BACKENDS
+
+
+def conv3x3_bn_pool_relu(x: Tensor, weight: Tensor, bias: Tensor | None, gamma: Tensor, beta: Tensor, *, groups: int = 1,
+                         eps: float = 1e-5, backend: str | None = None) -> Tensor:
+    """max_pool2x2_relu(batch_norm(conv2d(x, weight, bias, padding=1, groups))) with the batch
+    statistics of each output channel over (N, H, W), in one op for input layers of 1 to 4
+    channels per group (x [N, groups * C_in, H, W], weight [groups * C_out, C_in, 3, 3], bias /
+    gamma / beta [groups * C_out]). The dense conv output is never stored: the statistics come from
+    the input's 3x3-patch moments and the backward from the conv at the pooled maxima. Backends:
+    cpp and reference (others raise). Differentiable to any order."""
+    name = _backend.resolve(backend, x.device)
+    if name not in _CONV_BN_POOL_BACKENDS:
+        raise RuntimeError(f"conv3x3_bn_pool_relu has no {name} kernel; it runs on the cpp and reference backends. "
+                           "On other backends compose conv2d, batch_norm and max_pool2x2_relu (meta_kernels.models.Conv4 "
+                           "does so itself)")
+    if name in _CHECKED_IN_PYTHON:
+        _validate.conv3x3_bn_pool_relu_args(x, weight, bias, gamma, beta, groups)
+    if name == "reference":
+        return reference.conv3x3_bn_pool_relu(x, weight, bias, gamma, beta, groups, eps)[0]
+    return _ns(name).conv3x3_bn_pool_relu(x, weight, bias, gamma, beta, groups, float(eps))[0]
+
+
 def reptile_update_(params: Sequence[Tensor], adapted: Sequence[Tensor], epsilon: float, *,
                     backend: str | None = None) -> None:
     """params_i += epsilon * (mean over tasks of adapted_i - params_i), in place, fused over the list.

@@ -112,3 +112,14 @@ def max_pool2x2_relu_gather(grad_x: Tensor, index: Tensor) -> Tensor:
         corner = grad_x[..., q // 2:2 * Ho:2, q % 2:2 * Wo:2]
         out = torch.where(index == q, corner, out)
     return out
+
+
+def conv3x3_bn_pool_relu(x: Tensor, weight: Tensor, bias: Tensor | None, gamma: Tensor, beta: Tensor, groups: int,
+                         eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """conv2d(x, weight, bias, padding=1, groups), batch norm with the batch statistics of each
+    channel over (N, H, W), then max_pool2x2_relu: (out, index, mean, rstd)."""
+    h = torch.nn.functional.conv2d(_math(x), _math(weight), None if bias is None else _math(bias), padding=1,
+                                   groups=groups)
+    y, mean, rstd = batch_norm(h.unsqueeze(0), gamma.unsqueeze(0), beta.unsqueeze(0), eps)
+    out, index = max_pool2x2_relu(y.squeeze(0))
+    return out.to(x.dtype), index, mean[0], rstd[0]

@@ -1,0 +1,161 @@
+"""conv3x3_bn_pool_relu, the fused input block (cpp kernel and reference): values, statistics
+and gradients against the composed float64 reference on odd shapes, every dtype, both the
+scalar rows and the 8-window vector rows; gradcheck / gradgradcheck; opcheck; bad input; and
+Conv4 giving the same outputs and gradients with and without it."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import meta_kernels as mk
+import meta_kernels.ops as ops
+from meta_kernels.models.conv4 import Conv4
+from meta_kernels.ops import reference
+from tests.conftest import assert_no_worse_than_torch
+
+BACKENDS = ["cpp", "reference"]
+# (N, groups, C_in, C_out per group, H, W): odd sizes, one sample, 3 / 4 input channels, rows of
+# < 8 windows (scalar) and of >= 8 windows with a last chunk overlapping the one before (vector).
+SHAPES = [(5, 3, 1, 4, 7, 9), (1, 2, 3, 5, 8, 6), (4, 1, 4, 3, 5, 5), (6, 2, 1, 8, 28, 28), (3, 1, 3, 4, 17, 38)]
+DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+
+
+def _inputs(shape, dtype, seed):
+    N, G, cin, C, H, W = shape
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
+    x = torch.rand(N, G * cin, H, W, generator=g, dtype=torch.float64)  # images: all >= 0, mean far from 0
+    return (x.to(dtype), rnd(G * C, cin, 3, 3).to(dtype), rnd(G * C).to(dtype), (rnd(G * C).abs() + 0.5).to(dtype),
+            rnd(G * C).to(dtype)), G
+
+
+def _reference_grads(args, groups, grad_out):
+    leaves = [a.detach().double().requires_grad_(i > 0) for i, a in enumerate(args)]
+    out = reference.conv3x3_bn_pool_relu(*leaves, groups, 1e-5)[0]
+    return torch.autograd.grad(out, leaves[1:], grad_out.double())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matches_composed_reference(backend, shape, dtype):
+    args, G = _inputs(shape, dtype, seed=hash(shape) % 2**31)
+    truth = reference.conv3x3_bn_pool_relu(*[a.double() for a in args], G, 1e-5)
+    torch_same = reference.conv3x3_bn_pool_relu(*args, G, 1e-5)
+    leaves = [a.clone().requires_grad_(i > 0) for i, a in enumerate(args)]
+    if backend == "cpp":
+        out, index, mean, rstd = torch.ops.meta_kernels.conv3x3_bn_pool_relu(*leaves, G, 1e-5)
+        if dtype == torch.float64:  # no near-ties at this precision: the same windows win
+            assert torch.equal(index, truth[1])
+        assert_no_worse_than_torch(mean, torch_same[2], truth[2], dtype, what="mean")
+        assert_no_worse_than_torch(rstd, torch_same[3], truth[3], dtype, what="rstd")
+    else:
+        out = mk.conv3x3_bn_pool_relu(*leaves, groups=G, backend=backend)
+    assert out.shape == truth[0].shape and out.dtype == dtype
+    assert_no_worse_than_torch(out, torch_same[0], truth[0], dtype, what="out")
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grads = torch.autograd.grad(out, leaves[1:], grad_out.to(dtype))
+    want = _reference_grads(args, G, grad_out)
+    for name, got, t in zip(("weight", "bias", "gamma", "beta"), grads, want):
+        if name == "bias":  # the normalisation removes a per-channel shift: zero, up to the reference's rounding
+            assert got.abs().max() <= 1e-9 * max(1.0, grad_out.abs().sum().item()) or backend == "reference"
+            continue
+        ref_leaves = [a.detach().clone().requires_grad_(i > 0) for i, a in enumerate(args)]
+        ref_same = torch.autograd.grad(reference.conv3x3_bn_pool_relu(*ref_leaves, G, 1e-5)[0], ref_leaves[1:],
+                                       grad_out.to(dtype))
+        idx = ("weight", "bias", "gamma", "beta").index(name)
+        assert_no_worse_than_torch(got, ref_same[idx], t, dtype, factor=4.0, what=f"grad {name}")
+
+
+@pytest.mark.parametrize("with_x_grad", [False, True])
+def test_gradcheck_and_gradgradcheck(with_x_grad):
+    (x, w, b, gamma, beta), G = _inputs((4, 2, 1, 3, 6, 5), torch.float64, seed=7)
+    x.requires_grad_(with_x_grad)
+    leaves = [t.requires_grad_() for t in (w, b, gamma, beta)]
+    fn = lambda *a: mk.conv3x3_bn_pool_relu(*a, groups=G, backend="cpp")
+    assert torch.autograd.gradcheck(fn, (x, *leaves))
+    assert torch.autograd.gradgradcheck(fn, (x, *leaves))
+
+
+def test_fused_backward_equals_the_composed_one():
+    """The fast first-order backward and the recomputing one (taken for double backward) agree."""
+    (x, w, b, gamma, beta), G = _inputs((6, 2, 1, 8, 28, 28), torch.float64, seed=3)
+    leaves = [t.requires_grad_() for t in (w, b, gamma, beta)]
+    out = mk.conv3x3_bn_pool_relu(x, *leaves, groups=G, backend="cpp")
+    go = torch.randn_like(out)
+    fast = torch.autograd.grad(out, leaves, go, retain_graph=True)
+    composed = torch.autograd.grad(out, leaves, go, create_graph=True)
+    for f, c in zip(fast, composed):
+        torch.testing.assert_close(f, c.detach(), rtol=1e-10, atol=1e-10)
+
+
+def test_opcheck():
+    (x, w, b, gamma, beta), G = _inputs((3, 2, 1, 4, 8, 7), torch.float32, seed=5)
+    leaves = [t.requires_grad_() for t in (w, b, gamma, beta)]
+    torch.library.opcheck(torch.ops.meta_kernels.conv3x3_bn_pool_relu.default, (x, *leaves, G, 1e-5))
+    torch.library.opcheck(torch.ops.meta_kernels.conv3x3_bn_pool_relu.default, (x, w, None, gamma, beta, G, 1e-5))
+    out, index, _, rstd = torch.ops.meta_kernels.conv3x3_bn_pool_relu(x, w, b, gamma, beta, G, 1e-5)
+    # The fused backward is first order only (the op's double backward takes the composed ops).
+    torch.library.opcheck(torch.ops.meta_kernels.conv3x3_bn_pool_relu_backward.default,
+                          (torch.randn_like(out), index, x, w.detach(), gamma.detach(), rstd, G),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        go = torch.randn_like(out).requires_grad_()
+        torch.ops.meta_kernels.conv3x3_bn_pool_relu_backward(go, index, x, w.detach(), gamma.detach(), rstd, G)[0].sum().backward()
+
+
+def test_nan_input_propagates():
+    (x, w, b, gamma, beta), G = _inputs((3, 2, 1, 4, 8, 16), torch.float32, seed=9)
+    x[1, 0, 3, 5] = float("nan")
+    out = mk.conv3x3_bn_pool_relu(x, w, b, gamma, beta, groups=G, backend="cpp")
+    C = w.shape[0] // G
+    assert torch.isnan(out[:, :C]).all()  # the group's statistics are NaN
+    assert torch.isfinite(out[:, C:]).all()  # the other group is untouched
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_input(backend):
+    (x, w, b, gamma, beta), G = _inputs((3, 2, 1, 4, 8, 8), torch.float32, seed=2)
+    call = lambda *a, groups=G: mk.conv3x3_bn_pool_relu(*a, groups=groups, backend=backend)
+    with pytest.raises(ValueError, match="channels"):
+        call(x, w, b, gamma, beta, groups=3)
+    with pytest.raises(ValueError, match="1 to 4 channels per group"):
+        call(torch.rand(3, 10, 8, 8), torch.randn(8, 5, 3, 3), b, gamma, beta)
+    with pytest.raises(ValueError, match="gamma must be"):
+        call(x, w, b, gamma[:-1], beta)
+    with pytest.raises(ValueError, match="3, 3"):
+        call(x, torch.randn(8, 1, 5, 5), b, gamma, beta)
+    with pytest.raises(ValueError, match="H >= 2"):
+        call(x[:, :, :1], w, b, gamma, beta)
+    with pytest.raises(ValueError, match="weight is torch.float64"):
+        call(x, w.double(), b, gamma, beta)
+
+
+def test_backends_without_a_kernel_say_so():
+    (x, w, b, gamma, beta), G = _inputs((3, 2, 1, 4, 8, 8), torch.float32, seed=2)
+    with pytest.raises(RuntimeError, match="no triton kernel"):
+        mk.conv3x3_bn_pool_relu(x, w, b, gamma, beta, groups=G, backend="triton")
+    assert ops.has_conv3x3_bn_pool_relu(torch.device("cpu"), "cpp")
+
+
+@pytest.mark.parametrize("T", [1, 3])
+def test_conv4_fused_input_layer_matches_the_composed_one(T):
+    """Conv4's passes that are differentiated once take the fused op; those that are differentiated
+    twice (double_backward) take the composed ops: both give the same logits and gradients."""
+    torch.manual_seed(0)
+    model = Conv4.omniglot(5).double()
+    params = {k: v.detach().unsqueeze(0).repeat(T, *([1] * v.dim())).requires_grad_() for k, v in
+              model.named_parameters()}
+    x = torch.rand(T, 7, 1, 28, 28, dtype=torch.float64)
+    y = torch.randint(0, 5, (T, 7))
+    results = []
+    for double_backward in (False, True):
+        logits = Conv4.forward_tasks(params, x, double_backward=double_backward)
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        results.append((logits, torch.autograd.grad(loss, list(params.values()))))
+    (l1, g1), (l2, g2) = results
+    torch.testing.assert_close(l1, l2, rtol=1e-10, atol=1e-10)
+    for name, a, b in zip(params, g1, g2):
+        if name == "blocks.0.conv.bias":  # exactly zero fused, rounding noise composed
+            assert a.abs().max() == 0 and b.abs().max() < 1e-12
+            continue
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10, msg=name)
