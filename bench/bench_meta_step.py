@@ -185,9 +185,10 @@ def _measure(impls: dict, batch, rounds: int) -> tuple[dict, dict]:
 
 
 # Memory settings timed (meta-batch 32) and measured by peak_memory.py beside the default.
-MEMORY_VARIANTS = {"query1": {"query_chunk": 1}, "chunk8-query1": {"task_chunk": 8, "query_chunk": 1},
-                   "recompute-chunk8-query1": {"recompute_inner": True, "task_chunk": 8, "query_chunk": 1},
-                   "recompute-chunk4-query1": {"recompute_inner": True, "task_chunk": 4, "query_chunk": 1}}
+MEMORY_VARIANTS = {"query1": {"query_chunk": 1}, "chunk16-query1": {"task_chunk": 16, "query_chunk": 1},
+                   "chunk8-query1": {"task_chunk": 8, "query_chunk": 1},
+                   "recompute-chunk16-query1": {"recompute_inner": True, "task_chunk": 16, "query_chunk": 1},
+                   "recompute-chunk8-query1": {"recompute_inner": True, "task_chunk": 8, "query_chunk": 1}}
 
 
 def memory_variants(algo: str) -> dict:

@@ -237,22 +237,34 @@ inline int64_t check_conv3x3_bn_pool_relu_args(const at::Tensor& x, const at::Te
   return cin;
 }
 
-inline void check_conv3x3_bn_pool_relu_backward_args(const at::Tensor& grad_out, const at::Tensor& index,
-                                                     const at::Tensor& x, const at::Tensor& weight,
-                                                     const at::Tensor& gamma, const at::Tensor& rstd, int64_t groups) {
-  check_conv3x3_bn_pool_relu_args(x, weight, c10::nullopt, gamma, gamma, groups);
-  TORCH_CHECK_VALUE(rstd.dim() == 1 && rstd.size(0) == weight.size(0) && rstd.device() == x.device(),
-                    "rstd must be the [", weight.size(0), "] rstd output of conv3x3_bn_pool_relu on ", x.device(),
-                    ", got shape ", rstd.sizes());
-  const std::vector<int64_t> pooled = {x.size(0), weight.size(0), x.size(2) / 2, x.size(3) / 2};
-  TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef(pooled), "grad_out must have the output's shape ",
-                    at::IntArrayRef(pooled), ", got ", grad_out.sizes());
-  TORCH_CHECK_VALUE(at::isFloatingType(grad_out.scalar_type()), "grad_out must be floating point, got ",
-                    dtype_name(grad_out.scalar_type()));
-  TORCH_CHECK_VALUE(index.scalar_type() == at::kChar && index.sizes() == grad_out.sizes(),
-                    "index must be the int8 index output of conv3x3_bn_pool_relu, of shape ", grad_out.sizes());
-  TORCH_CHECK_VALUE(grad_out.device() == x.device() && index.device() == x.device(), "grad_out and index must be on ",
-                    x.device());
+// x [N, groups * C_in, H, W] of the patch ops.
+inline void check_patch_input_args(const at::Tensor& x, int64_t groups) {
+  TORCH_CHECK_VALUE(x.dim() == 4 && at::isFloatingType(x.scalar_type()),
+                    "x must be a floating [N, groups * C_in, H, W] tensor, got ", dtype_name(x.scalar_type()), " ",
+                    x.sizes());
+  TORCH_CHECK_VALUE(groups >= 1 && x.size(1) % groups == 0, "x's ", x.size(1), " channels do not split into ", groups,
+                    " groups");
+  const int64_t cin = x.size(1) / groups;
+  TORCH_CHECK_VALUE(cin >= 1 && cin <= kConvBnPoolMaxInChannels, "conv3x3_bn_pool_relu is for input layers with 1 to ",
+                    kConvBnPoolMaxInChannels, " channels per group, got ", cin);
+  TORCH_CHECK_VALUE(x.size(0) >= 1 && x.size(2) >= 2 && x.size(3) >= 2, "x must have N >= 1, H >= 2 and W >= 2, got ",
+                    x.sizes());
 }
 
+// A pooled [N, C_out, H / 2, W / 2] tensor (`name`) with its index, x and pbar [groups, 9 * C_in].
+inline void check_patch_pooled_args(const at::Tensor& pooled, const char* name, const at::Tensor& index,
+                                    const at::Tensor& x, const at::Tensor& pbar, int64_t groups) {
+  check_patch_input_args(x, groups);
+  TORCH_CHECK_VALUE(pooled.dim() == 4 && pooled.size(0) == x.size(0) && pooled.size(1) % groups == 0 &&
+                        pooled.size(2) == x.size(2) / 2 && pooled.size(3) == x.size(3) / 2,
+                    name, " must be [N, groups * C_out, H / 2, W / 2] for x of shape ", x.sizes(), ", got ",
+                    pooled.sizes());
+  TORCH_CHECK_VALUE(index.scalar_type() == at::kChar && index.sizes() == pooled.sizes(),
+                    "index must be the int8 index output of conv3x3_bn_pool_relu, of shape ", pooled.sizes());
+  TORCH_CHECK_VALUE(pbar.dim() == 2 && pbar.size(0) == groups && pbar.size(1) == 9 * (x.size(1) / groups),
+                    "pbar must be [", groups, ", ", 9 * (x.size(1) / groups), "] (conv3x3_bn_pool_relu_moments), got ",
+                    pbar.sizes());
+  TORCH_CHECK_VALUE(pooled.device() == x.device() && index.device() == x.device() && pbar.device() == x.device(),
+                    name, ", index and pbar must be on ", x.device());
+}
 }  // namespace meta_kernels

@@ -23,13 +23,18 @@ TORCH_LIBRARY(meta_kernels, m) {
   // Conv4's input block in one op: h = conv2d(x, weight, bias, padding=1, groups), batch norm of h
   // with its batch statistics over (N, H, W) per channel, then relu(max_pool2d(., 2)) -- for layers of
   // 1 to 4 input channels per group, without the dense h. Returns the pooled output, the pooling
-  // index (as max_pool2x2_relu's), and h's per-channel mean and rstd. The backward gives the
-  // gradients of weight, gamma and beta (bias has none: the normalisation removes it; x's comes
-  // from the composed ops).
+  // index (as max_pool2x2_relu's) and h's per-channel mean and rstd.
   m.def("conv3x3_bn_pool_relu(Tensor x, Tensor weight, Tensor? bias, Tensor gamma, Tensor beta, int groups, "
         "float eps) -> (Tensor out, Tensor index, Tensor mean, Tensor rstd)");
-  m.def("conv3x3_bn_pool_relu_backward(Tensor grad_out, Tensor index, Tensor x, Tensor weight, Tensor gamma, "
-        "Tensor rstd, int groups) -> (Tensor grad_weight, Tensor grad_gamma, Tensor grad_beta)");
+  // Its backward's pieces (float64 results). moments: per group the mean 3x3 patch pbar [G, K] and
+  // the centred Gram matrix [G, K, K] of x's patches (K = 9 * C_in). patch_sums: per output channel
+  // sum(g * (patch - pbar)) [C_out, K] and sum(g) [C_out] over the windows' maxima kept by index.
+  // patch_gather, its adjoint: u[o] . (patch - pbar) + c[o] at each kept maximum, 0 elsewhere.
+  m.def("conv3x3_bn_pool_relu_moments(Tensor x, int groups) -> (Tensor pbar, Tensor gram)");
+  m.def("conv3x3_bn_pool_relu_patch_sums(Tensor grad_out, Tensor index, Tensor x, Tensor pbar, int groups) -> "
+        "(Tensor sum_pc, Tensor sum_g)");
+  m.def("conv3x3_bn_pool_relu_patch_gather(Tensor u, Tensor c, Tensor index, Tensor x, Tensor pbar, int groups) -> "
+        "Tensor");
   // theta_i += epsilon * (mean_t adapted_i[t] - theta_i), adapted_i of shape [T, *theta_i.shape].
   m.def("reptile_update_(Tensor(a!)[] params, Tensor[] adapted, float epsilon) -> ()");
 }

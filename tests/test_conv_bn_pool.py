@@ -76,31 +76,68 @@ def test_gradcheck_and_gradgradcheck(with_x_grad):
     assert torch.autograd.gradgradcheck(fn, (x, *leaves))
 
 
-def test_fused_backward_equals_the_composed_one():
-    """The fast first-order backward and the recomputing one (taken for double backward) agree."""
+@pytest.mark.parametrize("create_graph", [False, True])
+def test_fused_backward_equals_the_composed_one(create_graph):
+    """The backward from patch sums (first order, and differentiable again) and the composed ops'
+    backward (taken when x needs a gradient) agree, and so do their double backwards."""
     (x, w, b, gamma, beta), G = _inputs((6, 2, 1, 8, 28, 28), torch.float64, seed=3)
-    leaves = [t.requires_grad_() for t in (w, b, gamma, beta)]
-    out = mk.conv3x3_bn_pool_relu(x, *leaves, groups=G, backend="cpp")
-    go = torch.randn_like(out)
-    fast = torch.autograd.grad(out, leaves, go, retain_graph=True)
-    composed = torch.autograd.grad(out, leaves, go, create_graph=True)
-    for f, c in zip(fast, composed):
-        torch.testing.assert_close(f, c.detach(), rtol=1e-10, atol=1e-10)
+    results = []
+    for x_grad in (False, True):
+        leaves = [t.detach().clone().requires_grad_() for t in (w, b, gamma, beta)]
+        xin = x.clone().requires_grad_(x_grad)
+        out = mk.conv3x3_bn_pool_relu(xin, *leaves, groups=G, backend="cpp")
+        go = torch.randn(out.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+        grads = torch.autograd.grad(out, leaves, go, create_graph=create_graph)
+        if create_graph:  # a MAML-like second-order term
+            grads = torch.autograd.grad(sum((g * g).sum() for g in grads[:1] + grads[2:]), leaves, allow_unused=True)
+        results.append(grads)
+    for name, leaf, f, c in zip(("weight", "bias", "gamma", "beta"), (w, b, gamma, beta), *results):
+        # No path from a leaf (the bias; beta in the second order, where it only moves the maxima) is a zero gradient.
+        f, c = (torch.zeros_like(leaf) if t is None else t for t in (f, c))
+        torch.testing.assert_close(f, c, rtol=1e-9, atol=1e-10, msg=name)
 
 
 def test_opcheck():
     (x, w, b, gamma, beta), G = _inputs((3, 2, 1, 4, 8, 7), torch.float32, seed=5)
     leaves = [t.requires_grad_() for t in (w, b, gamma, beta)]
-    torch.library.opcheck(torch.ops.meta_kernels.conv3x3_bn_pool_relu.default, (x, *leaves, G, 1e-5))
-    torch.library.opcheck(torch.ops.meta_kernels.conv3x3_bn_pool_relu.default, (x, w, None, gamma, beta, G, 1e-5))
-    out, index, _, rstd = torch.ops.meta_kernels.conv3x3_bn_pool_relu(x, w, b, gamma, beta, G, 1e-5)
-    # The fused backward is first order only (the op's double backward takes the composed ops).
-    torch.library.opcheck(torch.ops.meta_kernels.conv3x3_bn_pool_relu_backward.default,
-                          (torch.randn_like(out), index, x, w.detach(), gamma.detach(), rstd, G),
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
-    with pytest.raises(RuntimeError, match="not differentiable"):
-        go = torch.randn_like(out).requires_grad_()
-        torch.ops.meta_kernels.conv3x3_bn_pool_relu_backward(go, index, x, w.detach(), gamma.detach(), rstd, G)[0].sum().backward()
+    ns = torch.ops.meta_kernels
+    torch.library.opcheck(ns.conv3x3_bn_pool_relu.default, (x, *leaves, G, 1e-5))
+    torch.library.opcheck(ns.conv3x3_bn_pool_relu.default, (x, w, None, gamma, beta, G, 1e-5))
+    out, index, _, _ = ns.conv3x3_bn_pool_relu(x, w, b, gamma, beta, G, 1e-5)
+    pbar, gram = ns.conv3x3_bn_pool_relu_moments(x, G)
+    torch.library.opcheck(ns.conv3x3_bn_pool_relu_moments.default, (x, G))
+    torch.library.opcheck(ns.conv3x3_bn_pool_relu_patch_sums.default,
+                          (torch.randn_like(out).requires_grad_(), index, x, pbar, G))
+    torch.library.opcheck(ns.conv3x3_bn_pool_relu_patch_gather.default,
+                          (torch.randn(w.shape[0], 9, dtype=torch.float64, requires_grad=True),
+                           torch.randn(w.shape[0], dtype=torch.float64, requires_grad=True), index, x, pbar, G))
+
+
+def test_patch_moments_sums_and_gather_match_plain_torch():
+    """The pieces of the backward against unfold: the mean patch, the centred Gram matrix, the sums
+    over the kept maxima, and the gather as their exact adjoint."""
+    (x, w, b, gamma, beta), G = _inputs((3, 2, 3, 4, 9, 20), torch.float64, seed=11)
+    ns = torch.ops.meta_kernels
+    out, index, _, _ = ns.conv3x3_bn_pool_relu(x, w, b, gamma, beta, G, 1e-5)
+    pbar, gram = ns.conv3x3_bn_pool_relu_moments(x, G)
+    N, _, H, W = x.shape
+    patches = F.unfold(x, 3, padding=1).reshape(N, G, 27, H, W)  # [N, G, K, H, W]
+    flat = patches.permute(1, 2, 0, 3, 4).reshape(G, 27, -1)
+    torch.testing.assert_close(pbar, flat.mean(-1), rtol=1e-12, atol=1e-12)
+    centred = flat - flat.mean(-1, keepdim=True)
+    torch.testing.assert_close(gram, centred @ centred.transpose(1, 2), rtol=1e-10, atol=1e-10)
+    g = torch.randn(out.shape, dtype=torch.float64)
+    sum_pc, sum_g = ns.conv3x3_bn_pool_relu_patch_sums(g, index, x, pbar, G)
+    routed = reference.max_pool2x2_relu_backward(g, index, H, W)  # g at the kept maxima, [N, OC, H, W]
+    C = out.shape[1] // G
+    pc = (patches - pbar.reshape(1, G, 27, 1, 1)).repeat_interleave(C, 1)  # [N, OC, K, H, W]
+    torch.testing.assert_close(sum_pc, (routed.unsqueeze(2) * pc).sum((0, 3, 4)), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(sum_g, routed.sum((0, 2, 3)), rtol=1e-12, atol=1e-12)
+    u, c = torch.randn(out.shape[1], 27, dtype=torch.float64), torch.randn(out.shape[1], dtype=torch.float64)
+    gathered = ns.conv3x3_bn_pool_relu_patch_gather(u, c, index, x, pbar, G)
+    adjoint = (gathered * g).sum()
+    torch.testing.assert_close(adjoint, (u * sum_pc).sum() + (c * sum_g).sum(), rtol=1e-10, atol=1e-10)
+    assert (gathered[index < 0] == 0).all()
 
 
 def test_nan_input_propagates():
@@ -139,8 +176,8 @@ def test_backends_without_a_kernel_say_so():
 
 @pytest.mark.parametrize("T", [1, 3])
 def test_conv4_fused_input_layer_matches_the_composed_one(T):
-    """Conv4's passes that are differentiated once take the fused op; those that are differentiated
-    twice (double_backward) take the composed ops: both give the same logits and gradients."""
+    """Conv4's input layer as the fused op (backend cpp) and as the composed reference ops give the
+    same logits, gradients and second-order gradients (MAML's double backward)."""
     torch.manual_seed(0)
     model = Conv4.omniglot(5).double()
     params = {k: v.detach().unsqueeze(0).repeat(T, *([1] * v.dim())).requires_grad_() for k, v in
@@ -148,14 +185,19 @@ def test_conv4_fused_input_layer_matches_the_composed_one(T):
     x = torch.rand(T, 7, 1, 28, 28, dtype=torch.float64)
     y = torch.randint(0, 5, (T, 7))
     results = []
-    for double_backward in (False, True):
-        logits = Conv4.forward_tasks(params, x, double_backward=double_backward)
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
-        results.append((logits, torch.autograd.grad(loss, list(params.values()))))
-    (l1, g1), (l2, g2) = results
+    for backend in ("cpp", "reference"):
+        with mk.use_backend(backend):
+            logits = Conv4.forward_tasks(params, x, double_backward=True)
+            loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+            grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
+            second = torch.autograd.grad(sum((g * g).sum() for g in grads), list(params.values()), allow_unused=True)
+        results.append((logits, grads, second))
+    (l1, g1, s1), (l2, g2, s2) = results
     torch.testing.assert_close(l1, l2, rtol=1e-10, atol=1e-10)
-    for name, a, b in zip(params, g1, g2):
+    for name, a, b, sa, sb, p in zip(params, g1, g2, s1, s2, params.values()):
         if name == "blocks.0.conv.bias":  # exactly zero fused, rounding noise composed
             assert a.abs().max() == 0 and b.abs().max() < 1e-12
             continue
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10, msg=name)
+        sa, sb = (torch.zeros_like(p) if t is None else t for t in (sa, sb))
+        torch.testing.assert_close(sa, sb, rtol=1e-7, atol=1e-9, msg=f"second order {name}")

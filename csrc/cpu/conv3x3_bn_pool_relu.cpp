@@ -7,11 +7,11 @@
 // M = N * H * W positions, with pbar the mean patch and C the centred Gram matrix (in double),
 //   mean = w . pbar + bias,   var = w' C w / M,
 // so the conv runs once, row by row, straight into the normalisation and the pooling. The
-// backward needs the conv output only at the pooled maxima (the only places grad_out reaches):
-// with a = gamma * rstd, gy the pooled gradient routed to the maxima, pc = patch - pbar,
-//   d beta = sum(gy),  d gamma = rstd * sum(gy * w . pc),
-//   d w = a * sum(gy * pc) - a * rstd^2 * sum(gy * w . pc) / M * C w.
-// (The conv bias cancels in the normalisation: its gradient is zero.)
+// backward needs the input only at the pooled maxima (the only places grad_out reaches): with
+// pc = patch - pbar there, V = sum(g * pc) and S = sum(g) per channel (patch_sums), and the
+// gradients of weight, gamma and beta are small [C_out, K] formulas in V, S, w and C (written in
+// Python, so that autograd differentiates them again for MAML). patch_gather is patch_sums'
+// adjoint: u . pc + c at each kept maximum.
 #include <cmath>
 #include <type_traits>
 #include <vector>
@@ -27,9 +27,9 @@ constexpr int64_t kMaxK = 9 * kConvBnPoolMaxInChannels;
 
 struct Geometry {
   int64_t N, G, Cin, C, H, W, Ho, Wo, K;
-  Geometry(const at::Tensor& x, const at::Tensor& weight, int64_t groups)
-      : N(x.size(0)), G(groups), Cin(weight.size(1)), C(weight.size(0) / groups), H(x.size(2)), W(x.size(3)),
-        Ho(x.size(2) / 2), Wo(x.size(3) / 2), K(9 * weight.size(1)) {}
+  Geometry(const at::Tensor& x, int64_t groups, int64_t out_channels)
+      : N(x.size(0)), G(groups), Cin(x.size(1) / groups), C(out_channels / groups), H(x.size(2)), W(x.size(3)),
+        Ho(x.size(2) / 2), Wo(x.size(3) / 2), K(9 * (x.size(1) / groups)) {}
   int64_t M() const { return N * H * W; }
   // Offset of patch entry k = (ci, dh, dw) at position (0, 0) of sample n, group g, in the padded input.
   int64_t patch_offset(int64_t n, int64_t g, int64_t k) const {
@@ -119,67 +119,88 @@ using namespace avx2;
 // overlap the one before (needs Wo >= 8).
 inline int64_t chunk_start(int64_t j0, int64_t Wo) { return std::min(j0, Wo - 8); }
 
-// One output plane (sample, channel) of the forward: conv rows 2i, 2i + 1 over 16 columns at a
-// time, normalised and pooled to 8 outputs. xp points at the padded input of the plane's group.
+// Pooled rows i .. i + R - 1, windows j .. j + 7, of one output plane: conv rows 2i .. 2i + 2R - 1
+// over 16 columns, normalised and pooled. R = 2 runs 8 independent FMA chains (the 9-tap sums of
+// R = 1 wait on FMA latency). src points at input row 2i, column 2j of the plane's padded group.
+template <int R>
+MK_AVX2 void forward_chunk(const float* src, int64_t Wp, int64_t K, const int64_t* tap, const f8* wv, f8 mu, f8 scale,
+                           f8 shift, float* out, int8_t* index, int64_t Wo) {
+  f8 acc[R][4] = {};
+  for (int64_t k = 0; k < K; ++k) {
+    const float* p = src + tap[k];
+    for (int r = 0; r < R; ++r, p += 2 * Wp) {
+      acc[r][0] += wv[k] * load(p);
+      acc[r][1] += wv[k] * load(p + 8);
+      acc[r][2] += wv[k] * load(p + Wp);
+      acc[r][3] += wv[k] * load(p + Wp + 8);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    pool8((acc[r][0] - mu) * scale + shift, (acc[r][1] - mu) * scale + shift, (acc[r][2] - mu) * scale + shift,
+          (acc[r][3] - mu) * scale + shift, out + r * Wo, index + r * Wo);
+}
+
+// One output plane (sample, channel) of the forward. xp points at the padded input of the plane's group.
 __attribute__((target("avx2,fma"))) void forward_plane(const float* xp, const Geometry& geo, const float* w,
                                                        float mu, float scale, float shift, float* out, int8_t* index) {
-  const int64_t Wp = geo.W + 2;
+  const int64_t Wp = geo.W + 2, Wo = geo.Wo;
   const f8 zero = {};
   int64_t tap[kMaxK];
   f8 wv[kMaxK];
   for (int64_t k = 0; k < geo.K; ++k) tap[k] = geo.patch_offset(0, 0, k), wv[k] = zero + w[k];
-  for (int64_t i = 0; i < geo.Ho; ++i) {
-    for (int64_t j0 = 0; j0 < geo.Wo; j0 += 8) {
-      const int64_t j = chunk_start(j0, geo.Wo);
+  for (int64_t i = 0; i < geo.Ho; i += 2) {
+    for (int64_t j0 = 0; j0 < Wo; j0 += 8) {
+      const int64_t j = chunk_start(j0, Wo);
       const float* src = xp + 2 * i * Wp + 2 * j;
-      f8 t0 = zero, t1 = zero, b0 = zero, b1 = zero;
-      for (int64_t k = 0; k < geo.K; ++k) {
-        const float* p = src + tap[k];
-        const f8 wk = wv[k];
-        t0 += wk * load(p);
-        t1 += wk * load(p + 8);
-        b0 += wk * load(p + Wp);
-        b1 += wk * load(p + Wp + 8);
-      }
-      pool8((t0 - mu) * scale + shift, (t1 - mu) * scale + shift, (b0 - mu) * scale + shift,
-            (b1 - mu) * scale + shift, out + i * geo.Wo + j, index + i * geo.Wo + j);
+      if (i + 1 < geo.Ho)
+        forward_chunk<2>(src, Wp, geo.K, tap, wv, zero + mu, zero + scale, zero + shift, out + i * Wo + j,
+                         index + i * Wo + j, Wo);
+      else
+        forward_chunk<1>(src, Wp, geo.K, tap, wv, zero + mu, zero + scale, zero + shift, out + i * Wo + j,
+                         index + i * Wo + j, Wo);
     }
   }
 }
 
-// One plane's share of the backward sums: gy routed to the maxima, then over all positions of the
-// pooled rows sum(gy), sum(gy * hc) with hc = w . pc, and sum(gy * pc_k) for every tap k.
-__attribute__((target("avx2,fma"))) void backward_plane(const float* xp, const Geometry& geo, const float* w,
-                                                        const float* pbar, const float* grad_out,
-                                                        const int8_t* index, double& sum_go, double& sum_go_hc,
-                                                        double* sum_go_pc) {
-  const int64_t Wp = geo.W + 2;
+// patch_sums over pooled rows i .. i + R - 1, windows j .. j + 7 (lanes where `use` is set): g
+// routed to the maxima, then sum(g) and sum(g * pc_k) for every tap k over the positions.
+template <int R>
+MK_AVX2 void patch_sums_chunk(const float* src, int64_t Wp, int64_t K, const int64_t* tap, const f8* pv,
+                              const float* grad_out, const int8_t* index, int64_t Wo, i8 use, f8& acc_g, f8* acc_pc) {
+  f8 g[R][4];  // g on the top (0 1) and bottom (2 3) rows of the 16 columns
+  for (int r = 0; r < R; ++r) {
+    route8(load(grad_out + r * Wo), index + r * Wo, use, g[r][0], g[r][1], g[r][2], g[r][3]);
+    acc_g += g[r][0] + g[r][1] + g[r][2] + g[r][3];
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const float* p = src + tap[k];
+    f8 sum = acc_pc[k];
+    for (int r = 0; r < R; ++r, p += 2 * Wp)
+      sum += g[r][0] * (load(p) - pv[k]) + g[r][1] * (load(p + 8) - pv[k]) + g[r][2] * (load(p + Wp) - pv[k]) +
+             g[r][3] * (load(p + Wp + 8) - pv[k]);
+    acc_pc[k] = sum;
+  }
+}
+
+// One plane's (sample, channel) share of patch_sums.
+__attribute__((target("avx2,fma"))) void patch_sums_plane(const float* xp, const Geometry& geo, const float* pbar,
+                                                          const float* grad_out, const int8_t* index, double& sum_g,
+                                                          double* sum_pc) {
+  const int64_t Wp = geo.W + 2, Wo = geo.Wo;
   const f8 zero = {};
   const i8 lane = {0, 1, 2, 3, 4, 5, 6, 7};
-  f8 acc_go = zero, acc_hc = zero, acc_pc[kMaxK], wv[kMaxK], pv[kMaxK];
+  f8 acc_g = zero, acc_pc[kMaxK], pv[kMaxK];
   int64_t tap[kMaxK];
-  for (int64_t k = 0; k < geo.K; ++k)
-    acc_pc[k] = zero, wv[k] = zero + w[k], pv[k] = zero + pbar[k], tap[k] = geo.patch_offset(0, 0, k);
-  for (int64_t i = 0; i < geo.Ho; ++i) {
-    for (int64_t j0 = 0; j0 < geo.Wo; j0 += 8) {
-      const int64_t j = chunk_start(j0, geo.Wo);
-      f8 g0, g1, g2, g3;  // gy on the top (g0 g1) and bottom (g2 g3) rows of the 16 columns
-      // Windows before j0 belong to the previous chunk: counted once.
-      route8(load(grad_out + i * geo.Wo + j), index + i * geo.Wo + j, lane >= (i8{} + int32_t(j0 - j)), g0, g1, g2, g3);
+  for (int64_t k = 0; k < geo.K; ++k) acc_pc[k] = zero, pv[k] = zero + pbar[k], tap[k] = geo.patch_offset(0, 0, k);
+  for (int64_t i = 0; i < geo.Ho; i += 2) {
+    for (int64_t j0 = 0; j0 < Wo; j0 += 8) {
+      const int64_t j = chunk_start(j0, Wo);
+      const i8 use = lane >= (i8{} + int32_t(j0 - j));  // windows before j0 belong to the previous chunk
       const float* src = xp + 2 * i * Wp + 2 * j;
-      f8 h0 = zero, h1 = zero, h2 = zero, h3 = zero;
-      for (int64_t k = 0; k < geo.K; ++k) {
-        const float* p = src + tap[k];
-        const f8 pk = pv[k], wk = wv[k];
-        const f8 p0 = load(p) - pk, p1 = load(p + 8) - pk, p2 = load(p + Wp) - pk, p3 = load(p + Wp + 8) - pk;
-        acc_pc[k] += g0 * p0 + g1 * p1 + g2 * p2 + g3 * p3;
-        h0 += wk * p0;
-        h1 += wk * p1;
-        h2 += wk * p2;
-        h3 += wk * p3;
-      }
-      acc_go += g0 + g1 + g2 + g3;
-      acc_hc += g0 * h0 + g1 * h1 + g2 * h2 + g3 * h3;
+      if (i + 1 < geo.Ho)
+        patch_sums_chunk<2>(src, Wp, geo.K, tap, pv, grad_out + i * Wo + j, index + i * Wo + j, Wo, use, acc_g, acc_pc);
+      else
+        patch_sums_chunk<1>(src, Wp, geo.K, tap, pv, grad_out + i * Wo + j, index + i * Wo + j, Wo, use, acc_g, acc_pc);
     }
   }
   auto total = [](f8 v) {
@@ -187,9 +208,8 @@ __attribute__((target("avx2,fma"))) void backward_plane(const float* xp, const G
     for (int l = 0; l < 8; ++l) s += v[l];
     return s;
   };
-  sum_go += total(acc_go);
-  sum_go_hc += total(acc_hc);
-  for (int64_t k = 0; k < geo.K; ++k) sum_go_pc[k] += total(acc_pc[k]);
+  sum_g += total(acc_g);
+  for (int64_t k = 0; k < geo.K; ++k) sum_pc[k] += total(acc_pc[k]);
 }
 
 }  // namespace vec
@@ -211,8 +231,8 @@ bool vector_forward_plane(const opmath_t*, const Geometry&, const opmath_t*, opm
 }
 
 template <typename opmath_t>
-bool vector_backward_plane(const opmath_t*, const Geometry&, const opmath_t*, const opmath_t*, const opmath_t*,
-                           const int8_t*, double&, double&, double*) {
+bool vector_patch_sums_plane(const opmath_t*, const Geometry&, const opmath_t*, const opmath_t*, const int8_t*, double&,
+                             double*) {
   return false;
 }
 
@@ -225,10 +245,9 @@ bool vector_forward_plane<float, float>(const float* xp, const Geometry& geo, co
 }
 
 template <>
-bool vector_backward_plane<float>(const float* xp, const Geometry& geo, const float* w, const float* pbar,
-                                  const float* grad_out, const int8_t* index, double& sum_go, double& sum_go_hc,
-                                  double* sum_go_pc) {
-  vec::backward_plane(xp, geo, w, pbar, grad_out, index, sum_go, sum_go_hc, sum_go_pc);
+bool vector_patch_sums_plane<float>(const float* xp, const Geometry& geo, const float* pbar, const float* grad_out,
+                                    const int8_t* index, double& sum_g, double* sum_pc) {
+  vec::patch_sums_plane(xp, geo, pbar, grad_out, index, sum_g, sum_pc);
   return true;
 }
 #endif
@@ -237,7 +256,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv3x3_bn_pool_relu(
     const at::Tensor& x_in, const at::Tensor& weight_in, const c10::optional<at::Tensor>& bias_in,
     const at::Tensor& gamma_in, const at::Tensor& beta_in, int64_t groups, double eps) {
   check_conv3x3_bn_pool_relu_args(x_in, weight_in, bias_in, gamma_in, beta_in, groups);
-  const Geometry geo(x_in, weight_in, groups);
+  const Geometry geo(x_in, groups, weight_in.size(0));
   const auto stat_dtype = math_dtype(x_in.scalar_type());
   const int64_t OC = geo.G * geo.C;
   const at::Tensor xp = padded_input(x_in);
@@ -305,89 +324,121 @@ _Pragma("omp simd")
   return {out, index, mean, rstd};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> conv3x3_bn_pool_relu_backward(
-    const at::Tensor& grad_out_in, const at::Tensor& index_in, const at::Tensor& x_in, const at::Tensor& weight_in,
-    const at::Tensor& gamma_in, const at::Tensor& rstd_in, int64_t groups) {
-  check_conv3x3_bn_pool_relu_backward_args(grad_out_in, index_in, x_in, weight_in, gamma_in, rstd_in, groups);
-  const Geometry geo(x_in, weight_in, groups);
+std::tuple<at::Tensor, at::Tensor> conv3x3_bn_pool_relu_moments(const at::Tensor& x_in, int64_t groups) {
+  check_patch_input_args(x_in, groups);
+  const Geometry geo(x_in, groups, groups);
+  const int64_t K = geo.K;
+  at::Tensor moments;
+  MK_DISPATCH_FLOATING(x_in.scalar_type(), "conv3x3_bn_pool_relu_moments_cpu", [&] {
+    moments = patch_moments<at::opmath_type<scalar_t>>(padded_input(x_in), geo);
+  });
+  return {moments.narrow(1, 0, K).clone(), moments.narrow(1, K, K * K).reshape({geo.G, K, K}).clone()};
+}
+
+// The kept windows' patch entries of plane (n, o), centred: visit(q, g_q or 0, pc[K]).
+template <typename opmath_t, typename Visit>
+inline void for_each_kept_max(const opmath_t* xpp, const Geometry& geo, int64_t n, int64_t g, const int8_t* index,
+                              const opmath_t* pbar, Visit&& visit) {
+  const int64_t Wp = geo.W + 2;
+  int64_t offset[kMaxK];
+  for (int64_t k = 0; k < geo.K; ++k) offset[k] = geo.patch_offset(n, g, k);
+  for (int64_t q = 0; q < geo.Ho * geo.Wo; ++q) {
+    const int8_t at = index[q];
+    if (at < 0) continue;
+    const int64_t pos = (2 * (q / geo.Wo) + (at >> 1)) * Wp + 2 * (q % geo.Wo) + (at & 1);
+    opmath_t pc[kMaxK];
+    for (int64_t k = 0; k < geo.K; ++k) pc[k] = xpp[offset[k] + pos] - pbar[k];
+    visit(q, pc);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> conv3x3_bn_pool_relu_patch_sums(const at::Tensor& grad_out_in,
+                                                                   const at::Tensor& index_in, const at::Tensor& x_in,
+                                                                   const at::Tensor& pbar_in, int64_t groups) {
+  check_patch_pooled_args(grad_out_in, "grad_out", index_in, x_in, pbar_in, groups);
+  const Geometry geo(x_in, groups, grad_out_in.size(1));
   const auto stat_dtype = math_dtype(x_in.scalar_type());
-  const int64_t OC = geo.G * geo.C, K = geo.K;
+  const int64_t OC = grad_out_in.size(1), K = geo.K, plane_size = geo.Ho * geo.Wo;
   const at::Tensor xp = padded_input(x_in);
   const at::Tensor go = grad_out_in.to(stat_dtype).contiguous(), index = index_in.contiguous();
-  const at::Tensor w = weight_in.to(stat_dtype).contiguous();
-  const at::Tensor gamma = gamma_in.to(stat_dtype).contiguous(), rstd = rstd_in.to(stat_dtype).contiguous();
-  at::Tensor gw = at::empty({OC, K}, w.options());
-  at::Tensor ggamma = at::empty({OC}, w.options()), gbeta = at::empty({OC}, w.options());
-  MK_DISPATCH_FLOATING(x_in.scalar_type(), "conv3x3_bn_pool_relu_backward_cpu", [&] {
+  const at::Tensor pbar = pbar_in.to(stat_dtype).contiguous();
+  at::Tensor sum_pc = at::empty({OC, K}, x_in.options().dtype(at::kDouble));
+  at::Tensor sum_g = at::empty({OC}, x_in.options().dtype(at::kDouble));
+  MK_DISPATCH_FLOATING(x_in.scalar_type(), "conv3x3_bn_pool_relu_patch_sums_cpu", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
-    const at::Tensor moments = patch_moments<opmath_t>(xp, geo);
-    const double* mom = moments.const_data_ptr<double>();
     const opmath_t* xpp = xp.const_data_ptr<opmath_t>();
     const opmath_t* gop = go.const_data_ptr<opmath_t>();
     const int8_t* ip = index.const_data_ptr<int8_t>();
-    const opmath_t* wp = w.const_data_ptr<opmath_t>();
-    const opmath_t* gp = gamma.const_data_ptr<opmath_t>();
-    const opmath_t* rp = rstd.const_data_ptr<opmath_t>();
-    opmath_t* gwp = gw.data_ptr<opmath_t>();
-    opmath_t* ggp = ggamma.data_ptr<opmath_t>();
-    opmath_t* gbp = gbeta.data_ptr<opmath_t>();
-    const int64_t Wp = geo.W + 2, plane_size = geo.Ho * geo.Wo;
+    const opmath_t* pb = pbar.const_data_ptr<opmath_t>();
+    double* spc = sum_pc.data_ptr<double>();
+    double* sg = sum_g.data_ptr<double>();
     const bool vectorised = vector_path(geo);
     at::parallel_for(0, OC, 1, [&](int64_t lo, int64_t hi) {
       for (int64_t o = lo; o < hi; ++o) {
         const int64_t g = o / geo.C;
-        const double* pbar = mom + g * (K + K * K);
-        const double* cov = pbar + K;
-        const opmath_t* wo = wp + o * K;
-        opmath_t pb[kMaxK];
-        for (int64_t k = 0; k < K; ++k) pb[k] = static_cast<opmath_t>(pbar[k]);
-        // Sums over the maxima: gy, gy * (w . pc) and gy * pc.
-        double sum_go = 0, sum_go_hc = 0, sum_go_pc[kMaxK] = {};
+        double total_g = 0, total_pc[kMaxK] = {};
         for (int64_t n = 0; n < geo.N; ++n) {
           const int64_t plane = (n * OC + o) * plane_size;
-          if (vectorised && vector_backward_plane(xpp + geo.patch_offset(n, g, 0), geo, wo, pb, gop + plane, ip + plane,
-                                                  sum_go, sum_go_hc, sum_go_pc))
+          if (vectorised && vector_patch_sums_plane(xpp + geo.patch_offset(n, g, 0), geo, pb + g * K, gop + plane,
+                                                    ip + plane, total_g, total_pc))
             continue;
-          int64_t offset[kMaxK];
-          for (int64_t k = 0; k < K; ++k) offset[k] = geo.patch_offset(n, g, k);
-          for (int64_t q = 0; q < plane_size; ++q) {
-            const int8_t at = ip[plane + q];
-            const opmath_t gy = gop[plane + q];
-            if (at < 0 || gy == opmath_t(0)) continue;
-            const int64_t i = q / geo.Wo, j = q % geo.Wo;
-            const int64_t pos = (2 * i + (at >> 1)) * Wp + 2 * j + (at & 1);
-            opmath_t pc[kMaxK];
-            opmath_t hc = 0;
-            for (int64_t k = 0; k < K; ++k) {
-              pc[k] = xpp[offset[k] + pos] - pb[k];
-              hc += wo[k] * pc[k];
-            }
-            sum_go += gy;
-            sum_go_hc += static_cast<double>(gy) * hc;
-            for (int64_t k = 0; k < K; ++k) sum_go_pc[k] += static_cast<double>(gy) * pc[k];
-          }
+          for_each_kept_max(xpp, geo, n, g, ip + plane, pb + g * K, [&](int64_t q, const opmath_t* pc) {
+            const double gy = gop[plane + q];
+            total_g += gy;
+            for (int64_t k = 0; k < K; ++k) total_pc[k] += gy * pc[k];
+          });
         }
-        const double r = rp[o], a = static_cast<double>(gp[o]) * r;
-        const double coef = a * r * r * sum_go_hc / static_cast<double>(geo.M());
-        gbp[o] = static_cast<opmath_t>(sum_go);
-        ggp[o] = static_cast<opmath_t>(sum_go_hc * r);
-        for (int64_t k = 0; k < K; ++k) {
-          double cw = 0;
-          for (int64_t j = 0; j < K; ++j) cw += cov[k * K + j] * static_cast<double>(wo[j]);
-          gwp[o * K + k] = static_cast<opmath_t>(a * sum_go_pc[k] - coef * cw);
-        }
+        sg[o] = total_g;
+        for (int64_t k = 0; k < K; ++k) spc[o * K + k] = total_pc[k];
       }
     });
   });
-  return {gw.view(weight_in.sizes()).to(weight_in.scalar_type()), ggamma.to(gamma_in.scalar_type()),
-          gbeta.to(gamma_in.scalar_type())};
+  return {sum_pc, sum_g};
+}
+
+at::Tensor conv3x3_bn_pool_relu_patch_gather(const at::Tensor& u_in, const at::Tensor& c_in, const at::Tensor& index_in,
+                                             const at::Tensor& x_in, const at::Tensor& pbar_in, int64_t groups) {
+  check_patch_pooled_args(index_in, "index", index_in, x_in, pbar_in, groups);
+  const Geometry geo(x_in, groups, index_in.size(1));
+  const int64_t OC = index_in.size(1), K = geo.K, plane_size = geo.Ho * geo.Wo;
+  TORCH_CHECK_VALUE(u_in.dim() == 2 && u_in.size(0) == OC && u_in.size(1) == K && c_in.dim() == 1 && c_in.size(0) == OC,
+                    "u must be [", OC, ", ", K, "] and c [", OC, "], got ", u_in.sizes(), " and ", c_in.sizes());
+  TORCH_CHECK_VALUE(u_in.device() == x_in.device() && c_in.device() == x_in.device(), "u and c must be on ", x_in.device());
+  const auto stat_dtype = math_dtype(x_in.scalar_type());
+  const at::Tensor xp = padded_input(x_in), index = index_in.contiguous();
+  const at::Tensor u = u_in.to(stat_dtype).contiguous(), c = c_in.to(stat_dtype).contiguous();
+  const at::Tensor pbar = pbar_in.to(stat_dtype).contiguous();
+  at::Tensor out = at::zeros({geo.N, OC, geo.Ho, geo.Wo}, x_in.options());
+  MK_DISPATCH_FLOATING(x_in.scalar_type(), "conv3x3_bn_pool_relu_patch_gather_cpu", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const opmath_t* xpp = xp.const_data_ptr<opmath_t>();
+    const int8_t* ip = index.const_data_ptr<int8_t>();
+    const opmath_t* up = u.const_data_ptr<opmath_t>();
+    const opmath_t* cp = c.const_data_ptr<opmath_t>();
+    const opmath_t* pb = pbar.const_data_ptr<opmath_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, geo.N * OC, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t plane = lo; plane < hi; ++plane) {
+        const int64_t n = plane / OC, o = plane % OC, g = o / geo.C;
+        const opmath_t* uo = up + o * K;
+        for_each_kept_max(xpp, geo, n, g, ip + plane * plane_size, pb + g * K, [&](int64_t q, const opmath_t* pc) {
+          opmath_t v = cp[o];
+          for (int64_t k = 0; k < K; ++k) v += uo[k] * pc[k];
+          op[plane * plane_size + q] = static_cast<scalar_t>(v);
+        });
+      }
+    });
+  });
+  return out;
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(meta_kernels, CPU, m) {
   m.impl("conv3x3_bn_pool_relu", &conv3x3_bn_pool_relu);
-  m.impl("conv3x3_bn_pool_relu_backward", &conv3x3_bn_pool_relu_backward);
+  m.impl("conv3x3_bn_pool_relu_moments", &conv3x3_bn_pool_relu_moments);
+  m.impl("conv3x3_bn_pool_relu_patch_sums", &conv3x3_bn_pool_relu_patch_sums);
+  m.impl("conv3x3_bn_pool_relu_patch_gather", &conv3x3_bn_pool_relu_patch_gather);
 }
 
 }  // namespace cpu

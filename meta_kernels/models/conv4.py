@@ -13,8 +13,7 @@ from torch import Tensor, nn
 import meta_kernels.ops as ops
 
 BN_EPS = 1e-5
-# Layers with at most this many input channels (the first: images) run as conv3x3_bn_pool_relu
-# in passes differentiated at most once.
+# Layers with at most this many input channels (the first: images) run as conv3x3_bn_pool_relu.
 FUSED_INPUT_CHANNELS = 4
 _aten = torch.ops.aten
 
@@ -155,9 +154,10 @@ class Conv4(nn.Module):
             row = min(step, gamma.shape[1] - 1) if gamma.dim() == 3 else 0
             if gamma.dim() == 3:  # per-step affine [T, steps, C]
                 gamma, beta = gamma[:, row], beta[:, row]
-            if (w.shape[1] <= FUSED_INPUT_CHANNELS and not double_backward and bn_mode == "transductive"
-                    and not update_stats and ops.has_conv3x3_bn_pool_relu(h.device)):
-                # The input layer as one op: its dense conv output (64x the images) is never stored.
+            if (w.shape[1] <= FUSED_INPUT_CHANNELS and bn_mode == "transductive" and not update_stats
+                    and ops.has_conv3x3_bn_pool_relu(h.device)):
+                # The input layer as one op: its dense conv output (64x the images) is never stored,
+                # nor any tensor of that size in its double backward.
                 h = ops.conv3x3_bn_pool_relu(h, w, bias, gamma.reshape(-1), beta.reshape(-1), groups=T, eps=BN_EPS)
                 continue
             conv = _GroupedConv.apply if double_backward else lambda *a: F.conv2d(*a[:3], padding=1, groups=a[3])

@@ -73,9 +73,21 @@ def fake_conv3x3_bn_pool_relu(x, weight, bias, gamma, beta, groups, eps):
     return x.new_empty(shape), x.new_empty(shape, dtype=torch.int8), stats, torch.empty_like(stats)
 
 
-def fake_conv3x3_bn_pool_relu_backward(grad_out, index, x, weight, gamma, rstd, groups):
-    _validate.conv3x3_bn_pool_relu_args(x, weight, None, gamma, gamma, groups)
-    return torch.empty_like(weight, memory_format=torch.contiguous_format), torch.empty_like(gamma), torch.empty_like(gamma)
+def fake_conv3x3_bn_pool_relu_moments(x, groups):
+    _validate.patch_input_args(x, groups)
+    K = 9 * (x.shape[1] // groups)
+    return x.new_empty((groups, K), dtype=torch.float64), x.new_empty((groups, K, K), dtype=torch.float64)
+
+
+def fake_conv3x3_bn_pool_relu_patch_sums(grad_out, index, x, pbar, groups):
+    _validate.patch_pooled_args(grad_out, "grad_out", index, x, pbar, groups)
+    return (x.new_empty((grad_out.shape[1], pbar.shape[1]), dtype=torch.float64),
+            x.new_empty((grad_out.shape[1],), dtype=torch.float64))
+
+
+def fake_conv3x3_bn_pool_relu_patch_gather(u, c, index, x, pbar, groups):
+    _validate.patch_pooled_args(index, "index", index, x, pbar, groups)
+    return x.new_empty(index.shape)
 
 
 # ---- autograd ------------------------------------------------------------------------------
@@ -271,16 +283,35 @@ def make_pool_backward_autograd(ns):
     return setup, backward, gather_setup, gather_backward
 
 
+def conv3x3_bn_pool_relu_param_grads(ns, grad_out, index, x, weight, gamma, groups, eps):
+    """Gradients of conv3x3_bn_pool_relu's weight, gamma and beta from grad_out, in differentiable
+    ops (so autograd gives the double backward). With pc the centred input patches at the kept
+    maxima, V = sum(g * pc), S = sum(g) (ns.conv3x3_bn_pool_relu_patch_sums, whose adjoint is the
+    patch gather), s = w . V, C the centred Gram matrix and r = rstd(w) = (w' C w / M + eps)^-1/2:
+        d beta = S,  d gamma = r s,  d w = gamma r V - gamma r^3 s C w / M."""
+    pbar, gram = ns.conv3x3_bn_pool_relu_moments(x, groups)
+    sum_pc, sum_g = ns.conv3x3_bn_pool_relu_patch_sums(grad_out, index, x, pbar, groups)
+    out_channels = weight.shape[0]
+    w = weight.reshape(out_channels, -1).double()
+    count = x.shape[0] * x.shape[2] * x.shape[3]
+    cw = torch.bmm(gram.repeat_interleave(out_channels // groups, 0), w.unsqueeze(-1)).squeeze(-1)
+    r = torch.rsqrt((w * cw).sum(1) / count + eps)
+    s = (w * sum_pc).sum(1)
+    g = gamma.double()
+    grad_w = (g * r).unsqueeze(1) * sum_pc - (g * r.pow(3) * s / count).unsqueeze(1) * cw
+    return grad_w.to(weight.dtype).reshape(weight.shape), (r * s).to(gamma.dtype), sum_g.to(gamma.dtype)
+
+
 def make_conv3x3_bn_pool_relu_autograd(ns):
-    """Autograd for `ns.conv3x3_bn_pool_relu`. A first-order backward of weight, gamma and beta
-    runs the fused `ns.conv3x3_bn_pool_relu_backward`; anything more -- a gradient of x, of the
-    returned statistics, or a graph for double backward -- recomputes the block with the composed
-    differentiable ops (conv2d, batch_norm, max_pool2x2_relu) and differentiates those."""
+    """Autograd for `ns.conv3x3_bn_pool_relu` and its linear pieces. The gradients of weight, gamma
+    and beta come from `conv3x3_bn_pool_relu_param_grads` (differentiable again: MAML's double
+    backward); a gradient of x or of the returned statistics recomputes the block with the
+    composed ops (conv2d, batch_norm, max_pool2x2_relu) and differentiates those."""
 
     def setup(ctx, inputs, output):
         x, weight, bias, gamma, beta, ctx.groups, ctx.eps = inputs
         ctx.has_bias = bias is not None
-        ctx.save_for_backward(x, weight, bias, gamma, beta, output[1], output[3])
+        ctx.save_for_backward(x, weight, bias, gamma, beta, output[1])
         ctx.set_materialize_grads(False)
 
     def composed(x, weight, bias, gamma, beta, groups, eps):
@@ -289,13 +320,13 @@ def make_conv3x3_bn_pool_relu_autograd(ns):
         return ns.max_pool2x2_relu(y.squeeze(0))[0], mean[0], rstd[0]
 
     def backward(ctx, grad_out, grad_index, grad_mean, grad_rstd):
-        x, weight, bias, gamma, beta, index, rstd = ctx.saved_tensors
+        x, weight, bias, gamma, beta, index = ctx.saved_tensors
         need = ctx.needs_input_grad
-        if grad_mean is None and grad_rstd is None and not need[0] and not torch.is_grad_enabled():
+        if grad_mean is None and grad_rstd is None and not need[0]:
             if grad_out is None:
                 return None, None, None, None, None, None, None
-            grad_w, grad_gamma, grad_beta = ns.conv3x3_bn_pool_relu_backward(grad_out, index, x, weight, gamma, rstd,
-                                                                              ctx.groups)
+            grad_w, grad_gamma, grad_beta = conv3x3_bn_pool_relu_param_grads(ns, grad_out, index, x, weight, gamma,
+                                                                             ctx.groups, ctx.eps)
             # The normalisation removes any per-channel shift: the conv bias has no gradient.
             grad_bias = torch.zeros_like(bias) if ctx.has_bias and need[2] else None
             return None, grad_w, grad_bias, grad_gamma, grad_beta, None, None
@@ -314,24 +345,45 @@ def make_conv3x3_bn_pool_relu_autograd(ns):
             result[i] = torch.zeros_like(inputs[i]) if g is None else g
         return tuple(result)
 
-    return setup, backward
+    # patch_sums (linear in grad_out) and patch_gather (linear in u, c) are each other's adjoints.
+    def sums_setup(ctx, inputs, output):
+        grad_out, index, x, pbar, ctx.groups = inputs
+        ctx.dtype = grad_out.dtype
+        ctx.save_for_backward(index, x, pbar)
+
+    def sums_backward(ctx, grad_sum_pc, grad_sum_g):
+        index, x, pbar = ctx.saved_tensors
+        u = torch.zeros((index.shape[1], pbar.shape[1]), dtype=torch.float64, device=x.device) \
+            if grad_sum_pc is None else grad_sum_pc
+        c = torch.zeros(index.shape[1], dtype=torch.float64, device=x.device) if grad_sum_g is None else grad_sum_g
+        return ns.conv3x3_bn_pool_relu_patch_gather(u, c, index, x, pbar, ctx.groups).to(ctx.dtype), None, None, None, None
+
+    def gather_setup(ctx, inputs, output):
+        u, c, index, x, pbar, ctx.groups = inputs
+        ctx.dtypes = (u.dtype, c.dtype)
+        ctx.save_for_backward(index, x, pbar)
+
+    def gather_backward(ctx, grad_out):
+        index, x, pbar = ctx.saved_tensors
+        sum_pc, sum_g = ns.conv3x3_bn_pool_relu_patch_sums(grad_out, index, x, pbar, ctx.groups)
+        return sum_pc.to(ctx.dtypes[0]), sum_g.to(ctx.dtypes[1]), None, None, None, None
+
+    return setup, backward, sums_setup, sums_backward, gather_setup, gather_backward
 
 
 def register_conv3x3_bn_pool_relu(ns_name: str) -> None:
     """Fake kernels and autograd of the fused input block, for namespaces that implement it."""
-    ns = getattr(torch.ops, ns_name)
-    torch.library.register_fake(f"{ns_name}::conv3x3_bn_pool_relu", fake_conv3x3_bn_pool_relu, allow_override=True)
-    torch.library.register_fake(f"{ns_name}::conv3x3_bn_pool_relu_backward", fake_conv3x3_bn_pool_relu_backward,
-                                allow_override=True)
-    setup, backward = make_conv3x3_bn_pool_relu_autograd(ns)
-    torch.library.register_autograd(f"{ns_name}::conv3x3_bn_pool_relu", backward, setup_context=setup)
-    torch.library.register_autograd(f"{ns_name}::conv3x3_bn_pool_relu_backward", _fused_backward_is_first_order,
-                                    setup_context=lambda ctx, inputs, output: None)
-
-
-def _fused_backward_is_first_order(ctx, *grads):
-    raise RuntimeError("conv3x3_bn_pool_relu_backward is not differentiable: conv3x3_bn_pool_relu's double backward "
-                       "recomputes the block with the composed ops (backward with create_graph=True does so)")
+    lib = torch.library
+    for op, fake in (("conv3x3_bn_pool_relu", fake_conv3x3_bn_pool_relu),
+                     ("conv3x3_bn_pool_relu_moments", fake_conv3x3_bn_pool_relu_moments),
+                     ("conv3x3_bn_pool_relu_patch_sums", fake_conv3x3_bn_pool_relu_patch_sums),
+                     ("conv3x3_bn_pool_relu_patch_gather", fake_conv3x3_bn_pool_relu_patch_gather)):
+        lib.register_fake(f"{ns_name}::{op}", fake, allow_override=True)
+    setup, backward, sums_setup, sums_backward, gather_setup, gather_backward = \
+        make_conv3x3_bn_pool_relu_autograd(getattr(torch.ops, ns_name))
+    lib.register_autograd(f"{ns_name}::conv3x3_bn_pool_relu", backward, setup_context=setup)
+    lib.register_autograd(f"{ns_name}::conv3x3_bn_pool_relu_patch_sums", sums_backward, setup_context=sums_setup)
+    lib.register_autograd(f"{ns_name}::conv3x3_bn_pool_relu_patch_gather", gather_backward, setup_context=gather_setup)
 
 
 def register(ns_name: str) -> None:

@@ -172,3 +172,29 @@ def conv3x3_bn_pool_relu_args(x: Tensor, weight: Tensor, bias: Tensor | None, ga
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
     if weight.device != x.device:
         raise ValueError(f"weight is on {weight.device} but x is on {x.device}")
+
+
+def patch_input_args(x: Tensor, groups: int) -> None:
+    if x.dim() != 4 or not x.is_floating_point():
+        raise ValueError(f"x must be a floating [N, groups * C_in, H, W] tensor, got {x.dtype} {list(x.shape)}")
+    if groups < 1 or x.shape[1] % groups:
+        raise ValueError(f"x's {x.shape[1]} channels do not split into {groups} groups")
+    cin = x.shape[1] // groups
+    if not 1 <= cin <= CONV_BN_POOL_MAX_IN_CHANNELS:
+        raise ValueError(f"conv3x3_bn_pool_relu is for input layers with 1 to {CONV_BN_POOL_MAX_IN_CHANNELS} channels "
+                         f"per group, got {cin}")
+    if x.shape[0] < 1 or x.shape[2] < 2 or x.shape[3] < 2:
+        raise ValueError(f"x must have N >= 1, H >= 2 and W >= 2, got {list(x.shape)}")
+
+
+def patch_pooled_args(pooled: Tensor, name: str, index: Tensor, x: Tensor, pbar: Tensor, groups: int) -> None:
+    patch_input_args(x, groups)
+    N, _, H, W = x.shape
+    if pooled.dim() != 4 or pooled.shape[0] != N or pooled.shape[1] % groups or tuple(pooled.shape[2:]) != (H // 2, W // 2):
+        raise ValueError(f"{name} must be [N, groups * C_out, H / 2, W / 2] for x of shape {list(x.shape)}, "
+                         f"got {list(pooled.shape)}")
+    if index.dtype != torch.int8 or index.shape != pooled.shape:
+        raise ValueError(f"index must be the int8 index output of conv3x3_bn_pool_relu, of shape {list(pooled.shape)}")
+    K = 9 * (x.shape[1] // groups)
+    if tuple(pbar.shape) != (groups, K):
+        raise ValueError(f"pbar must be [{groups}, {K}] (conv3x3_bn_pool_relu_moments), got {list(pbar.shape)}")
