@@ -164,9 +164,10 @@ def conv3x3_bn_pool_relu(x: Tensor, weight: Tensor, bias: Tensor | None, gamma: 
     """max_pool2x2_relu(batch_norm(conv2d(x, weight, bias, padding=1, groups))) with the batch
     statistics of each output channel over (N, H, W), in one op for input layers of 1 to 4
     channels per group (x [N, groups * C_in, H, W], weight [groups * C_out, C_in, 3, 3], bias /
-    gamma / beta [groups * C_out]). The dense conv output is never stored: the statistics come from
-    the input's 3x3-patch moments and the backward from the conv at the pooled maxima. Backends:
-    cpp and reference (others raise). Differentiable to any order."""
+    gamma / beta [groups * C_out]). No tensor of the dense conv output's size is stored, in the
+    forward, the backward or the double backward: the statistics come from the input's 3x3-patch
+    moments, the gradients of weight, gamma and beta from sums of the patches at the pooled maxima.
+    Backends: cpp and reference (others raise). Differentiable to any order."""
     name = _backend.resolve(backend, x.device)
     if name not in _CONV_BN_POOL_BACKENDS:
         raise RuntimeError(f"conv3x3_bn_pool_relu has no {name} kernel; it runs on the cpp and reference backends. "
