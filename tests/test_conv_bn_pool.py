@@ -1,8 +1,7 @@
-"""conv3x3_bn_pool_relu, the fused input block (cpp and triton kernels, reference): values,
-statistics and gradients against the composed float64 reference on odd shapes, every dtype, the
-cpp kernel's scalar rows and 8-window vector rows; gradcheck / gradgradcheck; the backward's
-pieces against F.unfold; opcheck; bad input; and Conv4 giving the same outputs, gradients and
-second-order gradients with it as with the composed ops."""
+"""conv3x3_bn_pool_relu, the fused input block (cpp kernel and reference): values, statistics
+and gradients against the composed float64 reference on odd shapes, every dtype, both the
+scalar rows and the 8-window vector rows; gradcheck / gradgradcheck; opcheck; bad input; and
+Conv4 giving the same outputs and gradients with and without it."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,22 +10,9 @@ import meta_kernels as mk
 import meta_kernels.ops as ops
 from meta_kernels.models.conv4 import Conv4
 from meta_kernels.ops import reference
-from tests.conftest import HAS_CUDA, assert_no_worse_than_torch
+from tests.conftest import assert_no_worse_than_torch
 
-# (backend, device); the CUDA C++ backend has no kernel of this op (test_backends_without_a_kernel_say_so).
-BACKENDS = [pytest.param("reference", "cpu", id="reference-cpu"), pytest.param("cpp", "cpu", id="cpp-cpu"),
-            pytest.param("triton", "cpu", id="triton-cpu", marks=pytest.mark.skipif(
-                HAS_CUDA, reason="triton runs CPU tensors only under TRITON_INTERPRET=1 (GPU here)")),
-            pytest.param("triton", "cuda", id="triton-cuda", marks=pytest.mark.skipif(not HAS_CUDA,
-                                                                                     reason="needs a CUDA GPU"))]
-KERNELS = [p for p in BACKENDS if p.values[0] != "reference"]
-
-
-def _ns(backend):
-    if backend == "triton":
-        from meta_kernels import triton as _  # noqa: F401  (registers the triton ops)
-        return torch.ops.meta_kernels_triton
-    return torch.ops.meta_kernels
+BACKENDS = ["cpp", "reference"]
 # (N, groups, C_in, C_out per group, H, W): odd sizes, one sample, 3 / 4 input channels, rows of
 # < 8 windows (scalar) and of >= 8 windows with a last chunk overlapping the one before (vector).
 SHAPES = [(5, 3, 1, 4, 7, 9), (1, 2, 3, 5, 8, 6), (4, 1, 4, 3, 5, 5), (6, 2, 1, 8, 28, 28), (3, 1, 3, 4, 17, 38)]
@@ -48,17 +34,16 @@ def _reference_grads(args, groups, grad_out):
     return torch.autograd.grad(out, leaves[1:], grad_out.double())
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_matches_composed_reference(backend, device, shape, dtype):
+def test_matches_composed_reference(backend, shape, dtype):
     args, G = _inputs(shape, dtype, seed=hash(shape) % 2**31)
-    args = tuple(a.to(device) for a in args)
     truth = reference.conv3x3_bn_pool_relu(*[a.double() for a in args], G, 1e-5)
     torch_same = reference.conv3x3_bn_pool_relu(*args, G, 1e-5)
     leaves = [a.clone().requires_grad_(i > 0) for i, a in enumerate(args)]
-    if backend != "reference":
-        out, index, mean, rstd = _ns(backend).conv3x3_bn_pool_relu(*leaves, G, 1e-5)
+    if backend == "cpp":
+        out, index, mean, rstd = torch.ops.meta_kernels.conv3x3_bn_pool_relu(*leaves, G, 1e-5)
         if dtype == torch.float64:  # no near-ties at this precision: the same windows win
             assert torch.equal(index, truth[1])
         assert_no_worse_than_torch(mean, torch_same[2], truth[2], dtype, what="mean")
@@ -67,7 +52,7 @@ def test_matches_composed_reference(backend, device, shape, dtype):
         out = mk.conv3x3_bn_pool_relu(*leaves, groups=G, backend=backend)
     assert out.shape == truth[0].shape and out.dtype == dtype
     assert_no_worse_than_torch(out, torch_same[0], truth[0], dtype, what="out")
-    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(device)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     grads = torch.autograd.grad(out, leaves[1:], grad_out.to(dtype))
     want = _reference_grads(args, G, grad_out)
     for name, got, t in zip(("weight", "bias", "gamma", "beta"), grads, want):
@@ -81,13 +66,12 @@ def test_matches_composed_reference(backend, device, shape, dtype):
         assert_no_worse_than_torch(got, ref_same[idx], t, dtype, factor=4.0, what=f"grad {name}")
 
 
-@pytest.mark.parametrize("backend,device", KERNELS)
 @pytest.mark.parametrize("with_x_grad", [False, True])
-def test_gradcheck_and_gradgradcheck(backend, device, with_x_grad):
+def test_gradcheck_and_gradgradcheck(with_x_grad):
     (x, w, b, gamma, beta), G = _inputs((4, 2, 1, 3, 6, 5), torch.float64, seed=7)
-    x = x.to(device).requires_grad_(with_x_grad)
-    leaves = [t.to(device).requires_grad_() for t in (w, b, gamma, beta)]
-    fn = lambda *a: mk.conv3x3_bn_pool_relu(*a, groups=G, backend=backend)
+    x.requires_grad_(with_x_grad)
+    leaves = [t.requires_grad_() for t in (w, b, gamma, beta)]
+    fn = lambda *a: mk.conv3x3_bn_pool_relu(*a, groups=G, backend="cpp")
     assert torch.autograd.gradcheck(fn, (x, *leaves))
     assert torch.autograd.gradgradcheck(fn, (x, *leaves))
 
@@ -113,12 +97,10 @@ def test_fused_backward_equals_the_composed_one(create_graph):
         torch.testing.assert_close(f, c, rtol=1e-9, atol=1e-10, msg=name)
 
 
-@pytest.mark.parametrize("backend,device", KERNELS)
-def test_opcheck(backend, device):
-    args, G = _inputs((3, 2, 1, 4, 8, 7), torch.float32, seed=5)
-    x, w, b, gamma, beta = (a.to(device) for a in args)
+def test_opcheck():
+    (x, w, b, gamma, beta), G = _inputs((3, 2, 1, 4, 8, 7), torch.float32, seed=5)
     leaves = [t.requires_grad_() for t in (w, b, gamma, beta)]
-    ns = _ns(backend)
+    ns = torch.ops.meta_kernels
     torch.library.opcheck(ns.conv3x3_bn_pool_relu.default, (x, *leaves, G, 1e-5))
     torch.library.opcheck(ns.conv3x3_bn_pool_relu.default, (x, w, None, gamma, beta, G, 1e-5))
     out, index, _, _ = ns.conv3x3_bn_pool_relu(x, w, b, gamma, beta, G, 1e-5)
@@ -127,18 +109,15 @@ def test_opcheck(backend, device):
     torch.library.opcheck(ns.conv3x3_bn_pool_relu_patch_sums.default,
                           (torch.randn_like(out).requires_grad_(), index, x, pbar, G))
     torch.library.opcheck(ns.conv3x3_bn_pool_relu_patch_gather.default,
-                          (torch.randn(w.shape[0], 9, dtype=torch.float64, device=device, requires_grad=True),
-                           torch.randn(w.shape[0], dtype=torch.float64, device=device, requires_grad=True), index, x,
-                           pbar, G))
+                          (torch.randn(w.shape[0], 9, dtype=torch.float64, requires_grad=True),
+                           torch.randn(w.shape[0], dtype=torch.float64, requires_grad=True), index, x, pbar, G))
 
 
-@pytest.mark.parametrize("backend,device", KERNELS)
-def test_patch_moments_sums_and_gather_match_plain_torch(backend, device):
+def test_patch_moments_sums_and_gather_match_plain_torch():
     """The pieces of the backward against unfold: the mean patch, the centred Gram matrix, the sums
     over the kept maxima, and the gather as their exact adjoint."""
-    args, G = _inputs((3, 2, 3, 4, 9, 20), torch.float64, seed=11)
-    x, w, b, gamma, beta = (a.to(device) for a in args)
-    ns = _ns(backend)
+    (x, w, b, gamma, beta), G = _inputs((3, 2, 3, 4, 9, 20), torch.float64, seed=11)
+    ns = torch.ops.meta_kernels
     out, index, _, _ = ns.conv3x3_bn_pool_relu(x, w, b, gamma, beta, G, 1e-5)
     pbar, gram = ns.conv3x3_bn_pool_relu_moments(x, G)
     N, _, H, W = x.shape
@@ -147,15 +126,14 @@ def test_patch_moments_sums_and_gather_match_plain_torch(backend, device):
     torch.testing.assert_close(pbar, flat.mean(-1), rtol=1e-12, atol=1e-12)
     centred = flat - flat.mean(-1, keepdim=True)
     torch.testing.assert_close(gram, centred @ centred.transpose(1, 2), rtol=1e-10, atol=1e-10)
-    g = torch.randn(out.shape, dtype=torch.float64, device=device)
+    g = torch.randn(out.shape, dtype=torch.float64)
     sum_pc, sum_g = ns.conv3x3_bn_pool_relu_patch_sums(g, index, x, pbar, G)
     routed = reference.max_pool2x2_relu_backward(g, index, H, W)  # g at the kept maxima, [N, OC, H, W]
     C = out.shape[1] // G
     pc = (patches - pbar.reshape(1, G, 27, 1, 1)).repeat_interleave(C, 1)  # [N, OC, K, H, W]
     torch.testing.assert_close(sum_pc, (routed.unsqueeze(2) * pc).sum((0, 3, 4)), rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(sum_g, routed.sum((0, 2, 3)), rtol=1e-12, atol=1e-12)
-    u = torch.randn(out.shape[1], 27, dtype=torch.float64, device=device)
-    c = torch.randn(out.shape[1], dtype=torch.float64, device=device)
+    u, c = torch.randn(out.shape[1], 27, dtype=torch.float64), torch.randn(out.shape[1], dtype=torch.float64)
     gathered = ns.conv3x3_bn_pool_relu_patch_gather(u, c, index, x, pbar, G)
     adjoint = (gathered * g).sum()
     torch.testing.assert_close(adjoint, (u * sum_pc).sum() + (c * sum_g).sum(), rtol=1e-10, atol=1e-10)
@@ -171,34 +149,29 @@ def test_nan_input_propagates():
     assert torch.isfinite(out[:, C:]).all()  # the other group is untouched
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS)
-def test_bad_input(backend, device):
-    args, G = _inputs((3, 2, 1, 4, 8, 8), torch.float32, seed=2)
-    x, w, b, gamma, beta = (a.to(device) for a in args)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_input(backend):
+    (x, w, b, gamma, beta), G = _inputs((3, 2, 1, 4, 8, 8), torch.float32, seed=2)
     call = lambda *a, groups=G: mk.conv3x3_bn_pool_relu(*a, groups=groups, backend=backend)
     with pytest.raises(ValueError, match="channels"):
         call(x, w, b, gamma, beta, groups=3)
     with pytest.raises(ValueError, match="1 to 4 channels per group"):
-        call(torch.rand(3, 10, 8, 8, device=device), torch.randn(8, 5, 3, 3, device=device), b, gamma, beta)
+        call(torch.rand(3, 10, 8, 8), torch.randn(8, 5, 3, 3), b, gamma, beta)
     with pytest.raises(ValueError, match="gamma must be"):
         call(x, w, b, gamma[:-1], beta)
     with pytest.raises(ValueError, match="3, 3"):
-        call(x, torch.randn(8, 1, 5, 5, device=device), b, gamma, beta)
+        call(x, torch.randn(8, 1, 5, 5), b, gamma, beta)
     with pytest.raises(ValueError, match="H >= 2"):
         call(x[:, :, :1], w, b, gamma, beta)
     with pytest.raises(ValueError, match="weight is torch.float64"):
         call(x, w.double(), b, gamma, beta)
 
 
-def test_the_cuda_backend_says_it_has_no_kernel(monkeypatch):
-    """The CUDA C++ backend has no kernel of this op: a clear error, and Conv4 composes the ops there."""
+def test_backends_without_a_kernel_say_so():
     (x, w, b, gamma, beta), G = _inputs((3, 2, 1, 4, 8, 8), torch.float32, seed=2)
-    monkeypatch.setattr(ops.api._backend, "resolve", lambda requested, device: "cuda")
-    with pytest.raises(RuntimeError, match="no cuda kernel"):
-        mk.conv3x3_bn_pool_relu(x, w, b, gamma, beta, groups=G)
-    assert not ops.has_conv3x3_bn_pool_relu(x.device)
-    monkeypatch.undo()
-    assert ops.has_conv3x3_bn_pool_relu(x.device, "cpp") and ops.has_conv3x3_bn_pool_relu(x.device, "reference")
+    with pytest.raises(RuntimeError, match="no triton kernel"):
+        mk.conv3x3_bn_pool_relu(x, w, b, gamma, beta, groups=G, backend="triton")
+    assert ops.has_conv3x3_bn_pool_relu(torch.device("cpu"), "cpp")
 
 
 @pytest.mark.parametrize("T", [1, 3])

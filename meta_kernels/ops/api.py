@@ -149,9 +149,9 @@ def max_pool2x2_relu(x: Tensor, *, backend: str | None = None) -> Tensor:
     return _ns(name).max_pool2x2_relu(x)[0]
 
 
-# Backends with a kernel of conv3x3_bn_pool_relu (no CUDA C++ one yet: on GPUs `auto` picks cuda,
-# and Conv4 composes the ops there unless the triton backend is chosen).
-_CONV_BN_POOL_BACKENDS = ("cpp", "triton", "reference")
+# Backends with a kernel of conv3x3_bn_pool_relu (a CPU op: on GPUs the input layer's conv runs in
+# cuDNN and the block takes the composed ops).
+_CONV_BN_POOL_BACKENDS = ("cpp", "reference")
 
 
 def has_conv3x3_bn_pool_relu(device: torch.device, backend: str | None = None) -> bool:
@@ -167,10 +167,10 @@ def conv3x3_bn_pool_relu(x: Tensor, weight: Tensor, bias: Tensor | None, gamma: 
     gamma / beta [groups * C_out]). No tensor of the dense conv output's size is stored, in the
     forward, the backward or the double backward: the statistics come from the input's 3x3-patch
     moments, the gradients of weight, gamma and beta from sums of the patches at the pooled maxima.
-    Backends: cpp, triton and reference (cuda raises). Differentiable to any order."""
+    Backends: cpp and reference (others raise). Differentiable to any order."""
     name = _backend.resolve(backend, x.device)
     if name not in _CONV_BN_POOL_BACKENDS:
-        raise RuntimeError(f"conv3x3_bn_pool_relu has no {name} kernel; it runs on the cpp, triton and reference backends. "
+        raise RuntimeError(f"conv3x3_bn_pool_relu has no {name} kernel; it runs on the cpp and reference backends. "
                            "On other backends compose conv2d, batch_norm and max_pool2x2_relu (meta_kernels.models.Conv4 "
                            "does so itself)")
     if name in _CHECKED_IN_PYTHON:

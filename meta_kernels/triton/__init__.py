@@ -2,9 +2,8 @@
 namespace (a launching custom_op with a fake kernel works under torch.compile and opcheck,
 also with TRITON_INTERPRET=1 on CPU tensors). Imported on first use of the triton backend."""
 from meta_kernels.ops import _autograd
-from meta_kernels.triton import (batch_norm, clip_grad_norm, conv3x3_bn_pool_relu, max_pool2x2_relu,  # noqa: F401
-                                 reptile_update, sgd_step)  # (importing registers the ops)
+from meta_kernels.triton import (batch_norm, clip_grad_norm, max_pool2x2_relu, reptile_update,  # noqa: F401
+                                 sgd_step)  # (importing registers the ops)
 from meta_kernels.triton._common import NAMESPACE
 
 _autograd.register(NAMESPACE)
-_autograd.register_conv3x3_bn_pool_relu(NAMESPACE)
