@@ -200,30 +200,39 @@ inline void check_max_pool2x2_relu_gather_args(const at::Tensor& grad_x, const a
                     at::IntArrayRef(with_last_two(grad_x.sizes(), grad_x.size(-2) / 2, grad_x.size(-1) / 2)));
 }
 
-// conv3x3_bn_pool_relu: x [N, groups * Cin, H, W], weight [groups * C, Cin, 3, 3], bias / gamma /
-// beta [groups * C]. Returns Cin.
+// conv3x3_bn_pool_relu is for input layers: at most this many input channels per group.
 constexpr int64_t kConvBnPoolMaxInChannels = 4;
 
-inline int64_t check_conv3x3_bn_pool_relu_args(const at::Tensor& x, const at::Tensor& weight,
-                                               const c10::optional<at::Tensor>& bias, const at::Tensor& gamma,
-                                               const at::Tensor& beta, int64_t groups) {
-  TORCH_CHECK_VALUE(x.dim() == 4, "x must be [N, groups * C_in, H, W], got shape ", x.sizes());
-  TORCH_CHECK_VALUE(at::isFloatingType(x.scalar_type()), "x must be floating point, got ", dtype_name(x.scalar_type()));
+// x [N, groups * C_in, H, W] of conv3x3_bn_pool_relu and its patch ops.
+inline void check_patch_input_args(const at::Tensor& x, int64_t groups) {
+  TORCH_CHECK_VALUE(x.dim() == 4 && at::isFloatingType(x.scalar_type()),
+                    "x must be a floating [N, groups * C_in, H, W] tensor, got ", dtype_name(x.scalar_type()), " ",
+                    x.sizes());
+  TORCH_CHECK_VALUE(groups >= 1 && x.size(1) % groups == 0, "x's ", x.size(1), " channels do not split into ", groups,
+                    " groups");
+  const int64_t cin = x.size(1) / groups;
+  TORCH_CHECK_VALUE(cin >= 1 && cin <= kConvBnPoolMaxInChannels, "conv3x3_bn_pool_relu is for input layers with 1 to ",
+                    kConvBnPoolMaxInChannels, " channels per group, got ", cin,
+                    "; use conv2d + batch_norm + max_pool2x2_relu");
+  TORCH_CHECK_VALUE(x.size(0) >= 1 && x.size(2) >= 2 && x.size(3) >= 2,
+                    "conv3x3_bn_pool_relu needs N >= 1, H >= 2 and W >= 2, got x of shape ", x.sizes());
+}
+
+// weight [groups * C_out, C_in, 3, 3], bias / gamma / beta [groups * C_out].
+inline void check_conv3x3_bn_pool_relu_args(const at::Tensor& x, const at::Tensor& weight,
+                                            const c10::optional<at::Tensor>& bias, const at::Tensor& gamma,
+                                            const at::Tensor& beta, int64_t groups) {
   TORCH_CHECK_VALUE(weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3,
                     "weight must be [groups * C_out, C_in, 3, 3], got shape ", weight.sizes());
   TORCH_CHECK_VALUE(weight.scalar_type() == x.scalar_type(), "weight is ", dtype_name(weight.scalar_type()),
                     " but x is ", dtype_name(x.scalar_type()));
   TORCH_CHECK_VALUE(groups >= 1, "groups must be >= 1, got ", groups);
   const int64_t cin = weight.size(1), out_channels = weight.size(0);
-  TORCH_CHECK_VALUE(x.size(1) == groups * cin, "x has ", x.size(1), " channels but groups (", groups,
+  TORCH_CHECK_VALUE(x.dim() != 4 || x.size(1) == groups * cin, "x has ", x.size(1), " channels but groups (", groups,
                     ") * weight's C_in (", cin, ") is ", groups * cin);
   TORCH_CHECK_VALUE(out_channels % groups == 0, "weight's ", out_channels, " output channels do not split into ", groups,
                     " groups");
-  TORCH_CHECK_VALUE(cin >= 1 && cin <= kConvBnPoolMaxInChannels, "conv3x3_bn_pool_relu is for input layers with 1 to ",
-                    kConvBnPoolMaxInChannels, " channels per group, got ", cin,
-                    "; use conv2d + batch_norm + max_pool2x2_relu");
-  TORCH_CHECK_VALUE(x.size(0) >= 1 && x.size(2) >= 2 && x.size(3) >= 2,
-                    "conv3x3_bn_pool_relu needs N >= 1, H >= 2 and W >= 2, got x of shape ", x.sizes());
+  check_patch_input_args(x, groups);
   const std::pair<const at::Tensor*, const char*> per_channel[] = {{&gamma, "gamma"}, {&beta, "beta"},
                                                                    {bias.has_value() ? &*bias : &gamma, "bias"}};
   for (const auto& [t, name] : per_channel) {
@@ -234,21 +243,6 @@ inline int64_t check_conv3x3_bn_pool_relu_args(const at::Tensor& x, const at::Te
     TORCH_CHECK_VALUE(t->device() == x.device(), name, " is on ", t->device(), " but x is on ", x.device());
   }
   TORCH_CHECK_VALUE(weight.device() == x.device(), "weight is on ", weight.device(), " but x is on ", x.device());
-  return cin;
-}
-
-// x [N, groups * C_in, H, W] of the patch ops.
-inline void check_patch_input_args(const at::Tensor& x, int64_t groups) {
-  TORCH_CHECK_VALUE(x.dim() == 4 && at::isFloatingType(x.scalar_type()),
-                    "x must be a floating [N, groups * C_in, H, W] tensor, got ", dtype_name(x.scalar_type()), " ",
-                    x.sizes());
-  TORCH_CHECK_VALUE(groups >= 1 && x.size(1) % groups == 0, "x's ", x.size(1), " channels do not split into ", groups,
-                    " groups");
-  const int64_t cin = x.size(1) / groups;
-  TORCH_CHECK_VALUE(cin >= 1 && cin <= kConvBnPoolMaxInChannels, "conv3x3_bn_pool_relu is for input layers with 1 to ",
-                    kConvBnPoolMaxInChannels, " channels per group, got ", cin);
-  TORCH_CHECK_VALUE(x.size(0) >= 1 && x.size(2) >= 2 && x.size(3) >= 2, "x must have N >= 1, H >= 2 and W >= 2, got ",
-                    x.sizes());
 }
 
 // A pooled [N, C_out, H / 2, W / 2] tensor (`name`) with its index, x and pbar [groups, 9 * C_in].

@@ -203,7 +203,7 @@ __attribute__((target("avx2,fma"))) void patch_sums_plane(const float* xp, const
         patch_sums_chunk<1>(src, Wp, geo.K, tap, pv, grad_out + i * Wo + j, index + i * Wo + j, Wo, use, acc_g, acc_pc);
     }
   }
-  auto total = [](f8 v) {
+  auto total = [](const f8& v) {  // by reference: no vector-ABI note from GCC
     double s = 0;
     for (int l = 0; l < 8; ++l) s += v[l];
     return s;

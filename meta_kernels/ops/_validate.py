@@ -143,8 +143,6 @@ CONV_BN_POOL_MAX_IN_CHANNELS = 4
 
 def conv3x3_bn_pool_relu_args(x: Tensor, weight: Tensor, bias: Tensor | None, gamma: Tensor, beta: Tensor,
                               groups: int) -> None:
-    if x.dim() != 4 or not x.is_floating_point():
-        raise ValueError(f"x must be a floating [N, groups * C_in, H, W] tensor, got {x.dtype} {list(x.shape)}")
     if weight.dim() != 4 or tuple(weight.shape[2:]) != (3, 3):
         raise ValueError(f"weight must be [groups * C_out, C_in, 3, 3], got shape {list(weight.shape)}")
     if weight.dtype != x.dtype:
@@ -152,15 +150,11 @@ def conv3x3_bn_pool_relu_args(x: Tensor, weight: Tensor, bias: Tensor | None, ga
     if groups < 1:
         raise ValueError(f"groups must be >= 1, got {groups}")
     cin, out_channels = weight.shape[1], weight.shape[0]
-    if x.shape[1] != groups * cin:
+    if x.dim() == 4 and x.shape[1] != groups * cin:
         raise ValueError(f"x has {x.shape[1]} channels but groups ({groups}) * weight's C_in ({cin}) is {groups * cin}")
     if out_channels % groups:
         raise ValueError(f"weight's {out_channels} output channels do not split into {groups} groups")
-    if not 1 <= cin <= CONV_BN_POOL_MAX_IN_CHANNELS:
-        raise ValueError(f"conv3x3_bn_pool_relu is for input layers with 1 to {CONV_BN_POOL_MAX_IN_CHANNELS} channels "
-                         f"per group, got {cin}; use conv2d + batch_norm + max_pool2x2_relu")
-    if x.shape[0] < 1 or x.shape[2] < 2 or x.shape[3] < 2:
-        raise ValueError(f"conv3x3_bn_pool_relu needs N >= 1, H >= 2 and W >= 2, got x of shape {list(x.shape)}")
+    patch_input_args(x, groups)
     for name, t in (("gamma", gamma), ("beta", beta), ("bias", bias)):
         if t is None:
             continue
@@ -182,9 +176,9 @@ def patch_input_args(x: Tensor, groups: int) -> None:
     cin = x.shape[1] // groups
     if not 1 <= cin <= CONV_BN_POOL_MAX_IN_CHANNELS:
         raise ValueError(f"conv3x3_bn_pool_relu is for input layers with 1 to {CONV_BN_POOL_MAX_IN_CHANNELS} channels "
-                         f"per group, got {cin}")
+                         f"per group, got {cin}; use conv2d + batch_norm + max_pool2x2_relu")
     if x.shape[0] < 1 or x.shape[2] < 2 or x.shape[3] < 2:
-        raise ValueError(f"x must have N >= 1, H >= 2 and W >= 2, got {list(x.shape)}")
+        raise ValueError(f"conv3x3_bn_pool_relu needs N >= 1, H >= 2 and W >= 2, got x of shape {list(x.shape)}")
 
 
 def patch_pooled_args(pooled: Tensor, name: str, index: Tensor, x: Tensor, pbar: Tensor, groups: int) -> None:
