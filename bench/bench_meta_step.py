@@ -36,7 +36,7 @@ from _common import machine, peak_rss_gb, reset_peak_rss
 N_WAY, K_SHOT, Q_QUERY, INNER_LR, META_LR = 5, 1, 15, 0.4, 1e-3
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Every implementation runs in this process with glibc reusing freed memory (what the trainer does
-# on CPUs; see meta_kernels.cpu_memory), so RSS growth no longer shows a step's peak: peak memory
+# on CPUs; see meta_kernels.malloc_tuning), so RSS growth no longer shows a step's peak: peak memory
 # comes from peak_memory.py, one fresh process per implementation.
 if DEVICE == "cpu":
     mk.keep_freed_cpu_memory()

@@ -30,7 +30,7 @@ def main() -> int:
     from meta_kernels import distributed
     from meta_kernels.config import MetaLearningFullConfig
     from meta_kernels.distributed import fsdp_comm_bytes_per_step
-    from meta_kernels.memory import sharded_memory_per_gpu
+    from meta_kernels.fsdp_memory import sharded_memory_per_gpu
     from meta_kernels.meta import ShardedMetaLearner
     from meta_kernels.train import build_model
     config = MetaLearningFullConfig.preset(args.preset).with_overrides(args.set + [f"run.device={dev}"])

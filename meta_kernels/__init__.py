@@ -7,7 +7,7 @@ Meta:  adapt, meta_loss, meta_backward, MetaLearner, MAML (learn2learn-style wra
 CPU:   keep_freed_cpu_memory() lets glibc reuse the memory of large tensors (a faster CPU step).
 """
 from meta_kernels.config import EpisodeConfig, MAMLConfig
-from meta_kernels.cpu_memory import keep_freed_cpu_memory
+from meta_kernels.malloc_tuning import keep_freed_cpu_memory
 from meta_kernels.meta import (MAML, DetachedGraphError, MetaLearner, NonFiniteLossError, StepLog, TaskModel, adapt,
                                check_adapted_graph, meta_backward, meta_loss, params_without_meta_grad)
 from meta_kernels.models import Conv4

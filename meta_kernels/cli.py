@@ -64,7 +64,7 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_memory(args) -> int:
-    from meta_kernels.memory import sharded_memory_per_gpu
+    from meta_kernels.fsdp_memory import sharded_memory_per_gpu
     config = _load_config(args)
     for gpus in args.gpus:
         p = sharded_memory_per_gpu(config, gpus)
@@ -74,8 +74,8 @@ def _cmd_memory(args) -> int:
 
 
 def _cmd_validate(args) -> int:
-    from meta_kernels.validate import run_validation
-    return run_validation()
+    from meta_kernels.selfcheck import run_selfcheck
+    return run_selfcheck()
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -189,7 +189,7 @@ class RunConfig:
     # 'fsdp': parameters sharded across ranks, all ranks adapt each task together (first order only).
     sharding: str = "none"
     autocast: str = "none"  # 'bf16': outer (query) passes under bf16 autocast; the inner loop stays fp32
-    # On the CPU, let glibc reuse the memory of large freed tensors (meta_kernels.cpu_memory): a
+    # On the CPU, let glibc reuse the memory of large freed tensors (meta_kernels.malloc_tuning): a
     # faster step; the process keeps its peak memory.
     keep_freed_cpu_memory: bool = True
 

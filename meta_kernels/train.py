@@ -16,7 +16,7 @@ from meta_kernels import distributed
 from meta_kernels.checkpoint import (CheckpointError, config_differences, load_checkpoint, rng_state, save_checkpoint,
                                      set_rng_state)
 from meta_kernels.config import MetaLearningFullConfig
-from meta_kernels.cpu_memory import keep_freed_cpu_memory
+from meta_kernels.malloc_tuning import keep_freed_cpu_memory
 from meta_kernels.data import EpisodeSampler, load_dataset
 from meta_kernels.meta import MetaLearner, adapt_tasks
 from meta_kernels.meta.algorithms import accuracy_summary

@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from meta_kernels.config import ConfigError, MAMLConfig, MetaLearningFullConfig
-from meta_kernels.memory import memory_table, sharded_memory_per_gpu, vit_activation_bytes
+from meta_kernels.fsdp_memory import memory_table, sharded_memory_per_gpu, vit_activation_bytes
 from meta_kernels.meta import ShardedMetaLearner
 from meta_kernels.models import Conv4, ViT, vit_param_count
 from meta_kernels.train import Trainer
@@ -193,7 +193,7 @@ def test_config_refuses_what_sharding_cannot_run():
 
 def test_readme_memory_table_is_the_computed_one():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    assert memory_table() in readme, "README's memory table is stale: paste meta_kernels.memory.memory_table()"
+    assert memory_table() in readme, "README's memory table is stale: paste meta_kernels.fsdp_memory.memory_table()"
 
 
 def test_vit_second_order_maml_with_math_attention():

@@ -1,5 +1,5 @@
 """The meta-learning layer: inner loop, MAML / FOMAML / Reptile, diagnostics."""
-from meta_kernels.meta.convenience import MAML
+from meta_kernels.meta.maml_wrapper import MAML
 from meta_kernels.meta.algorithms import MetaLearner, MetaLogs, MetaOutput, auac, meta_backward, meta_loss
 from meta_kernels.meta.diagnostics import (DetachedGraphError, check_adapted_graph, meta_grad_norms,
                                            params_without_meta_grad)

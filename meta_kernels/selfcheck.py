@@ -83,7 +83,7 @@ def _gate_c(out: Path) -> str:
             f"accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f}")
 
 
-def run_validation() -> int:
+def run_selfcheck() -> int:
     checks = []
     for backend in ("reference", "cpp", "cuda", "triton"):
         devices = ("cpu",) if backend != "cuda" else ("cuda",)
