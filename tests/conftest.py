@@ -39,3 +39,19 @@ def assert_no_worse_than_torch(ours, ref_same_dtype, truth, dtype, *, factor=2.0
     ref_err = (ref - truth).abs().max().item() if ours.numel() else 0.0
     bound = factor * ref_err + TOLERANCE[dtype] * max(1.0, truth.abs().max().item() if truth.numel() else 1.0)
     assert err <= bound, f"{what}: max error {err:.3e} vs torch's own {ref_err:.3e} (bound {bound:.3e}) in {dtype}"
+
+
+# Dtypes every op is swept over: bfloat16 is storage only (the kernels compute in float32).
+DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+F64 = dict(dtype=torch.float64)
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def check_grad_and_gradgrad(fn, inputs):
+    """gradcheck and gradgradcheck in float64: the second-order MAML meta-gradient flows through
+    every backward formula."""
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-4)
+    assert torch.autograd.gradgradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-4)

@@ -12,8 +12,8 @@ namespace cpu {
 namespace {
 
 std::tuple<at::Tensor, at::Tensor> clip_grad_norm(at::TensorList grads, double max_norm, double eps) {
-  check_uniform_list(grads, "grads");
-  const int64_t T = leading_tasks(grads, "grads");
+  check_uniform_list(grads, "clip_grad_norm");
+  const int64_t T = leading_tasks(grads, "clip_grad_norm");
   const int64_t n = static_cast<int64_t>(grads.size());
 
   // One work item per (tensor, task, chunk) so that every partial sum belongs to one task.

@@ -355,7 +355,7 @@ inline void for_each_kept_max(const opmath_t* xpp, const Geometry& geo, int64_t 
 std::tuple<at::Tensor, at::Tensor> conv3x3_bn_pool_relu_patch_sums(const at::Tensor& grad_out_in,
                                                                    const at::Tensor& index_in, const at::Tensor& x_in,
                                                                    const at::Tensor& pbar_in, int64_t groups) {
-  check_patch_pooled_args(grad_out_in, "grad_out", index_in, x_in, pbar_in, groups);
+  check_patch_pooled_args(grad_out_in, index_in, x_in, pbar_in, groups);
   const Geometry geo(x_in, groups, grad_out_in.size(1));
   const auto stat_dtype = math_dtype(x_in.scalar_type());
   const int64_t OC = grad_out_in.size(1), K = geo.K, plane_size = geo.Ho * geo.Wo;
@@ -398,7 +398,7 @@ std::tuple<at::Tensor, at::Tensor> conv3x3_bn_pool_relu_patch_sums(const at::Ten
 
 at::Tensor conv3x3_bn_pool_relu_patch_gather(const at::Tensor& u_in, const at::Tensor& c_in, const at::Tensor& index_in,
                                              const at::Tensor& x_in, const at::Tensor& pbar_in, int64_t groups) {
-  check_patch_pooled_args(index_in, "index", index_in, x_in, pbar_in, groups);
+  check_patch_pooled_args(index_in, index_in, x_in, pbar_in, groups);
   const Geometry geo(x_in, groups, index_in.size(1));
   const int64_t OC = index_in.size(1), K = geo.K, plane_size = geo.Ho * geo.Wo;
   TORCH_CHECK_VALUE(u_in.dim() == 2 && u_in.size(0) == OC && u_in.size(1) == K && c_in.dim() == 1 && c_in.size(0) == OC,

@@ -94,8 +94,8 @@ clip_finalize_kernel(const double* __restrict__ partial, const int64_t T, const 
 }
 
 std::tuple<at::Tensor, at::Tensor> clip_grad_norm(at::TensorList grads, double max_norm, double eps) {
-  check_uniform_list(grads, "grads");
-  const int64_t T = leading_tasks(grads, "grads");
+  check_uniform_list(grads, "clip_grad_norm");
+  const int64_t T = leading_tasks(grads, "clip_grad_norm");
   const int64_t n = static_cast<int64_t>(grads.size());
   const c10::cuda::CUDAGuard guard(grads[0].device());
 

@@ -14,6 +14,7 @@ import torch
 from meta_kernels import _extension
 
 BACKENDS = ("auto", "cuda", "triton", "cpp", "reference")
+CONCRETE = BACKENDS[1:]  # the backends `auto` chooses among
 ENV_VAR = "META_KERNELS_BACKEND"
 
 

@@ -6,28 +6,21 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-
-def _math(t: Tensor) -> Tensor:
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
-
-
-def _task_view(v: Tensor, like: Tensor) -> Tensor:
-    """[T] -> [T, 1, ..., 1] broadcastable against a [T, ...] tensor."""
-    return v.reshape((-1,) + (1,) * (like.dim() - 1))
+from meta_kernels.tensor_utils import task_view, to_compute
 
 
 def sgd_step(params: list[Tensor], grads: list[Tensor], lrs: Tensor, scale: Tensor | None) -> list[Tensor]:
     out = []
     for i, (p, g) in enumerate(zip(params, grads)):
-        coef = lrs[i].to(_math(p).dtype)
+        coef = lrs[i].to(to_compute(p).dtype)
         if scale is not None:
-            coef = coef * _task_view(scale.to(_math(p).dtype), p)
-        out.append((_math(p) - coef * _math(g)).to(p.dtype))
+            coef = coef * task_view(scale.to(to_compute(p).dtype), p)
+        out.append((to_compute(p) - coef * to_compute(g)).to(p.dtype))
     return out
 
 
 def clip_grad_norm(grads: list[Tensor], max_norm: float, eps: float) -> tuple[Tensor, Tensor]:
-    sumsq = sum(_math(g).reshape(g.shape[0], -1).pow(2).sum(1) for g in grads)
+    sumsq = sum(to_compute(g).reshape(g.shape[0], -1).pow(2).sum(1) for g in grads)
     norm = sumsq.sqrt()
     factor = torch.clamp(max_norm / (norm + eps), max=1.0)
     # Non-finite norm -> NaN factor: the update is visibly poisoned rather than silently zeroed.
@@ -35,24 +28,24 @@ def clip_grad_norm(grads: list[Tensor], max_norm: float, eps: float) -> tuple[Te
     return norm, factor
 
 
-def _bn_shape(x: Tensor) -> tuple[int, ...]:
+def bn_stat_shape(x: Tensor) -> tuple[int, ...]:
     """Shape that broadcasts a [T, C] statistic against x [T, N, C, *spatial]."""
     return (x.shape[0], 1, x.shape[2]) + (1,) * (x.dim() - 3)
 
 
-def _bn_reduce_dims(x: Tensor) -> tuple[int, ...]:
+def bn_reduce_dims(x: Tensor) -> tuple[int, ...]:
     return (1,) + tuple(range(3, x.dim()))
 
 
 def batch_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    xm = _math(x)
-    dims = _bn_reduce_dims(x)
+    xm = to_compute(x)
+    dims = bn_reduce_dims(x)
     mean = xm.mean(dim=dims)
-    centred = xm - mean.reshape(_bn_shape(x))
+    centred = xm - mean.reshape(bn_stat_shape(x))
     var = centred.pow(2).mean(dim=dims)
     rstd = torch.rsqrt(var + eps)
-    w = (_math(weight) * rstd).reshape(_bn_shape(x))
-    out = centred * w + _math(bias).reshape(_bn_shape(x))
+    w = (to_compute(weight) * rstd).reshape(bn_stat_shape(x))
+    out = centred * w + to_compute(bias).reshape(bn_stat_shape(x))
     return out.to(x.dtype), mean, rstd
 
 
@@ -60,22 +53,22 @@ def batch_norm_backward(grad_out: Tensor, x: Tensor, weight: Tensor, mean: Tenso
                         rstd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Gradient of batch_norm's `out` with mean and rstd taken as given inputs (their own
     dependence on x enters through batch_norm's autograd)."""
-    go, xm = _math(grad_out), _math(x)
-    dims = _bn_reduce_dims(x)
+    go, xm = to_compute(grad_out), to_compute(x)
+    dims = bn_reduce_dims(x)
     count = xm.numel() // (x.shape[0] * x.shape[2]) if x.numel() else 1
-    xhat = (xm - mean.reshape(_bn_shape(x))) * rstd.reshape(_bn_shape(x))
+    xhat = (xm - mean.reshape(bn_stat_shape(x))) * rstd.reshape(bn_stat_shape(x))
     grad_bias = go.sum(dim=dims)
     grad_weight = (go * xhat).sum(dim=dims)
-    a = (_math(weight) * rstd).reshape(_bn_shape(x))
-    grad_x = a * (go - (grad_bias / count).reshape(_bn_shape(x)) - xhat * (grad_weight / count).reshape(_bn_shape(x)))
+    a = (to_compute(weight) * rstd).reshape(bn_stat_shape(x))
+    grad_x = a * (go - (grad_bias / count).reshape(bn_stat_shape(x)) - xhat * (grad_weight / count).reshape(bn_stat_shape(x)))
     return grad_x.to(x.dtype), grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)
 
 
 def reptile_update_(params: list[Tensor], adapted: list[Tensor], epsilon: float) -> None:
     with torch.no_grad():
         for p, a in zip(params, adapted):
-            pm = _math(p)
-            p.copy_((pm + epsilon * (_math(a).mean(0) - pm)).to(p.dtype))
+            pm = to_compute(p)
+            p.copy_((pm + epsilon * (to_compute(a).mean(0) - pm)).to(p.dtype))
 
 
 def _windows(t: Tensor) -> Tensor:
@@ -88,7 +81,7 @@ def _windows(t: Tensor) -> Tensor:
 def max_pool2x2_relu(x: Tensor) -> tuple[Tensor, Tensor]:
     """relu(max_pool2d(x, 2)) and the int8 position of each maximum in its window (-1 where the
     ReLU zeroes it). First maximum wins ties; NaN propagates."""
-    m, at = _windows(_math(x)).max(-1)
+    m, at = _windows(to_compute(x)).max(-1)
     keep = (m > 0) | torch.isnan(m)
     out = torch.where(keep, m, torch.zeros_like(m))
     return out.to(x.dtype), torch.where(keep, at, torch.full_like(at, -1)).to(torch.int8)
@@ -118,7 +111,7 @@ def conv3x3_bn_pool_relu(x: Tensor, weight: Tensor, bias: Tensor | None, gamma: 
                          eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """conv2d(x, weight, bias, padding=1, groups), batch norm with the batch statistics of each
     channel over (N, H, W), then max_pool2x2_relu: (out, index, mean, rstd)."""
-    h = torch.nn.functional.conv2d(_math(x), _math(weight), None if bias is None else _math(bias), padding=1,
+    h = torch.nn.functional.conv2d(to_compute(x), to_compute(weight), None if bias is None else to_compute(bias), padding=1,
                                    groups=groups)
     y, mean, rstd = batch_norm(h.unsqueeze(0), gamma.unsqueeze(0), beta.unsqueeze(0), eps)
     out, index = max_pool2x2_relu(y.squeeze(0))

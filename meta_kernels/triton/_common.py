@@ -1,16 +1,12 @@
-"""Helpers shared by the Triton op files."""
+"""Helpers shared by the Triton kernel files."""
 from __future__ import annotations
 
 import torch
 import triton.language as tl
 
-NAMESPACE = "meta_kernels_triton"
+from meta_kernels.tensor_utils import compute_dtype
 
 
-def compute_dtype(dtype: torch.dtype):
-    """Float64 stays float64; every other float type computes in float32."""
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def math_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def tl_compute_dtype(dtype: torch.dtype):
+    """The Triton type a kernel computes in for tensors of `dtype` (see tensor_utils.compute_dtype)."""
+    return tl.float64 if compute_dtype(dtype) == torch.float64 else tl.float32

@@ -7,7 +7,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from meta_kernels.triton._common import NAMESPACE, compute_dtype, math_dtype
+from meta_kernels.tensor_utils import compute_dtype
+from meta_kernels.triton._common import tl_compute_dtype
 
 BLOCK = 1024
 
@@ -83,31 +84,29 @@ def _geometry(x: Tensor) -> tuple[int, int, int, int]:
     return T, N, C, (x.numel() // (T * N * C)) if T * N * C else 0
 
 
-@torch.library.custom_op(f"{NAMESPACE}::batch_norm", mutates_args=())
 def batch_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     T, N, C, S = _geometry(x)
     x = x.contiguous()
-    stat = math_dtype(x.dtype)
+    stat = compute_dtype(x.dtype)
     out = torch.empty_like(x)
     mean = torch.empty((T, C), dtype=stat, device=x.device)
     rstd = torch.empty((T, C), dtype=stat, device=x.device)
     if T * C:
         _bn_forward_kernel[(T * C,)](x, weight.to(stat).contiguous(), bias.to(stat).contiguous(), out, mean, rstd,
-                                     N, C, S, eps, COMPUTE=compute_dtype(x.dtype), BLOCK=BLOCK)
+                                     N, C, S, eps, COMPUTE=tl_compute_dtype(x.dtype), BLOCK=BLOCK)
     return out, mean, rstd
 
 
-@torch.library.custom_op(f"{NAMESPACE}::batch_norm_backward", mutates_args=())
 def batch_norm_backward(grad_out: Tensor, x: Tensor, weight: Tensor, mean: Tensor,
                         rstd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     T, N, C, S = _geometry(x)
     x = x.contiguous()
-    stat = math_dtype(x.dtype)
+    stat = compute_dtype(x.dtype)
     gx = torch.empty_like(x)
     gw = torch.empty((T, C), dtype=stat, device=x.device)
     gb = torch.empty((T, C), dtype=stat, device=x.device)
     if T * C:
         _bn_backward_kernel[(T * C,)](grad_out.to(x.dtype).contiguous(), x, weight.to(stat).contiguous(),
                                       mean.to(stat).contiguous(), rstd.to(stat).contiguous(), gx, gw, gb, N, C, S,
-                                      COMPUTE=compute_dtype(x.dtype), BLOCK=BLOCK)
+                                      COMPUTE=tl_compute_dtype(x.dtype), BLOCK=BLOCK)
     return gx, gw.to(weight.dtype), gb.to(weight.dtype)

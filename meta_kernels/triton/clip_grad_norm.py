@@ -7,7 +7,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from meta_kernels.triton._common import NAMESPACE, compute_dtype, math_dtype
+from meta_kernels.tensor_utils import compute_dtype
+from meta_kernels.triton._common import tl_compute_dtype
 
 BLOCK = 1024
 
@@ -22,17 +23,16 @@ def _sumsq_kernel(g_ptr, partial_ptr, inner, partial_stride, col0, COMPUTE: tl.c
     tl.store(partial_ptr + t * partial_stride + col0 + b, tl.sum(g * g, axis=0))
 
 
-@torch.library.custom_op(f"{NAMESPACE}::clip_grad_norm", mutates_args=())
 def clip_grad_norm(grads: list[Tensor], max_norm: float, eps: float) -> tuple[Tensor, Tensor]:
     T = grads[0].shape[0]
-    dtype = math_dtype(grads[0].dtype)
+    dtype = compute_dtype(grads[0].dtype)
     blocks = [triton.cdiv(g.numel() // T, BLOCK) if T else 0 for g in grads]
     partial = torch.zeros((T, max(sum(blocks), 1)), dtype=dtype, device=grads[0].device)
     col = 0
     for g, nb in zip(grads, blocks):
         if nb and T:
             _sumsq_kernel[(T, nb)](g.contiguous(), partial, g.numel() // T, partial.shape[1], col,
-                                   COMPUTE=compute_dtype(g.dtype), BLOCK=BLOCK)
+                                   COMPUTE=tl_compute_dtype(g.dtype), BLOCK=BLOCK)
         col += nb
     norm = partial.sum(1).sqrt()
     factor = torch.clamp(max_norm / (norm + eps), max=1.0)

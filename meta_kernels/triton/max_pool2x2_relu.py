@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from meta_kernels.triton._common import NAMESPACE, compute_dtype
+from meta_kernels.triton._common import tl_compute_dtype
 
 BLOCK = 256
 
@@ -61,7 +61,6 @@ def _pool_relu_gather_kernel(gx_ptr, index_ptr, out_ptr, total, H, W, Ho, Wo, BL
     tl.store(out_ptr + e, v, mask=mask)
 
 
-@torch.library.custom_op(f"{NAMESPACE}::max_pool2x2_relu", mutates_args=())
 def max_pool2x2_relu(x: Tensor) -> tuple[Tensor, Tensor]:
     x = x.contiguous()
     H, W = x.shape[-2], x.shape[-1]
@@ -71,11 +70,10 @@ def max_pool2x2_relu(x: Tensor) -> tuple[Tensor, Tensor]:
     total = out.numel()
     if total:
         _pool_relu_kernel[(triton.cdiv(total, BLOCK),)](x, out, index, total, H, W, H // 2, W // 2,
-                                                        COMPUTE=compute_dtype(x.dtype), BLOCK=BLOCK)
+                                                        COMPUTE=tl_compute_dtype(x.dtype), BLOCK=BLOCK)
     return out, index
 
 
-@torch.library.custom_op(f"{NAMESPACE}::max_pool2x2_relu_backward", mutates_args=())
 def max_pool2x2_relu_backward(grad_out: Tensor, index: Tensor, height: int, width: int) -> Tensor:
     grad_out, index = grad_out.contiguous(), index.contiguous()
     shape = (*grad_out.shape[:-2], height, width)
@@ -89,7 +87,6 @@ def max_pool2x2_relu_backward(grad_out: Tensor, index: Tensor, height: int, widt
     return gx
 
 
-@torch.library.custom_op(f"{NAMESPACE}::max_pool2x2_relu_gather", mutates_args=())
 def max_pool2x2_relu_gather(grad_x: Tensor, index: Tensor) -> Tensor:
     grad_x, index = grad_x.contiguous(), index.contiguous()
     out = torch.empty(index.shape, dtype=grad_x.dtype, device=grad_x.device)

@@ -6,7 +6,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from meta_kernels.triton._common import NAMESPACE, compute_dtype
+from meta_kernels.triton._common import tl_compute_dtype
 
 BLOCK = 1024
 
@@ -23,7 +23,6 @@ def _reptile_kernel(theta_ptr, phi_ptr, numel, T, epsilon, COMPUTE: tl.constexpr
     tl.store(theta_ptr + offs, theta.to(theta_ptr.dtype.element_ty), mask=mask)
 
 
-@torch.library.custom_op(f"{NAMESPACE}::reptile_update_", mutates_args=("params",))
 def reptile_update_(params: list[Tensor], adapted: list[Tensor], epsilon: float) -> None:
     for p, a in zip(params, adapted):
         numel = p.numel()
@@ -31,6 +30,6 @@ def reptile_update_(params: list[Tensor], adapted: list[Tensor], epsilon: float)
             continue
         target = p if p.is_contiguous() else p.contiguous()
         _reptile_kernel[(triton.cdiv(numel, BLOCK),)](target, a.contiguous(), numel, a.shape[0], epsilon,
-                                                      COMPUTE=compute_dtype(p.dtype), BLOCK=BLOCK)
+                                                      COMPUTE=tl_compute_dtype(p.dtype), BLOCK=BLOCK)
         if target is not p:
             p.copy_(target)

@@ -1,14 +1,12 @@
 """Triton sgd_step: phi = theta - lrs[i] * scale[t] * g, one launch per tensor of the list."""
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from meta_kernels.triton._common import NAMESPACE, compute_dtype
+from meta_kernels.triton._common import tl_compute_dtype
 
 BLOCK = 1024
 
@@ -36,18 +34,16 @@ def _launch(params, grads, outs, lrs, scale) -> None:
         inner = numel // p.shape[0] if scale is not None else numel
         _sgd_kernel[(triton.cdiv(numel, BLOCK),)](
             p.contiguous(), g.contiguous(), out, lrs, scale_c, i, numel, inner,
-            HAS_SCALE=scale is not None, COMPUTE=compute_dtype(p.dtype), BLOCK=BLOCK)
+            HAS_SCALE=scale is not None, COMPUTE=tl_compute_dtype(p.dtype), BLOCK=BLOCK)
 
 
-@torch.library.custom_op(f"{NAMESPACE}::sgd_step", mutates_args=())
-def sgd_step(params: list[Tensor], grads: list[Tensor], lrs: Tensor, scale: Optional[Tensor]) -> list[Tensor]:
+def sgd_step(params: list[Tensor], grads: list[Tensor], lrs: Tensor, scale: Tensor | None) -> list[Tensor]:
     outs = [torch.empty_like(p, memory_format=torch.contiguous_format) for p in params]
     _launch(params, grads, outs, lrs, scale)
     return outs
 
 
-@torch.library.custom_op(f"{NAMESPACE}::sgd_step_", mutates_args=("params",))
-def sgd_step_(params: list[Tensor], grads: list[Tensor], lrs: Tensor, scale: Optional[Tensor]) -> None:
+def sgd_step_(params: list[Tensor], grads: list[Tensor], lrs: Tensor, scale: Tensor | None) -> None:
     outs = [p if p.is_contiguous() else torch.empty_like(p, memory_format=torch.contiguous_format) for p in params]
     _launch(params, grads, outs, lrs, scale)
     for p, out in zip(params, outs):

@@ -1,22 +1,20 @@
 """conv3x3_bn_pool_relu, the fused input block (cpp kernel and reference): values, statistics
 and gradients against the composed float64 reference on odd shapes, every dtype, both the
-scalar rows and the 8-window vector rows; gradcheck / gradgradcheck; opcheck; bad input; and
-Conv4 giving the same outputs and gradients with and without it."""
+scalar rows and the 8-window vector rows; gradcheck / gradgradcheck; the patch pieces of its
+backward; bad input."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 import meta_kernels as mk
 import meta_kernels.ops as ops
-from meta_kernels.models.conv4 import Conv4
 from meta_kernels.ops import reference
-from tests.conftest import assert_no_worse_than_torch
+from tests.conftest import DTYPES, assert_no_worse_than_torch
 
 BACKENDS = ["cpp", "reference"]
-# (N, groups, C_in, C_out per group, H, W): odd sizes, one sample, 3 / 4 input channels, rows of
-# < 8 windows (scalar) and of >= 8 windows with a last chunk overlapping the one before (vector).
+
+
 SHAPES = [(5, 3, 1, 4, 7, 9), (1, 2, 3, 5, 8, 6), (4, 1, 4, 3, 5, 5), (6, 2, 1, 8, 28, 28), (3, 1, 3, 4, 17, 38)]
-DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 
 
 def _inputs(shape, dtype, seed):
@@ -97,22 +95,6 @@ def test_fused_backward_equals_the_composed_one(create_graph):
         torch.testing.assert_close(f, c, rtol=1e-9, atol=1e-10, msg=name)
 
 
-def test_opcheck():
-    (x, w, b, gamma, beta), G = _inputs((3, 2, 1, 4, 8, 7), torch.float32, seed=5)
-    leaves = [t.requires_grad_() for t in (w, b, gamma, beta)]
-    ns = torch.ops.meta_kernels
-    torch.library.opcheck(ns.conv3x3_bn_pool_relu.default, (x, *leaves, G, 1e-5))
-    torch.library.opcheck(ns.conv3x3_bn_pool_relu.default, (x, w, None, gamma, beta, G, 1e-5))
-    out, index, _, _ = ns.conv3x3_bn_pool_relu(x, w, b, gamma, beta, G, 1e-5)
-    pbar, gram = ns.conv3x3_bn_pool_relu_moments(x, G)
-    torch.library.opcheck(ns.conv3x3_bn_pool_relu_moments.default, (x, G))
-    torch.library.opcheck(ns.conv3x3_bn_pool_relu_patch_sums.default,
-                          (torch.randn_like(out).requires_grad_(), index, x, pbar, G))
-    torch.library.opcheck(ns.conv3x3_bn_pool_relu_patch_gather.default,
-                          (torch.randn(w.shape[0], 9, dtype=torch.float64, requires_grad=True),
-                           torch.randn(w.shape[0], dtype=torch.float64, requires_grad=True), index, x, pbar, G))
-
-
 def test_patch_moments_sums_and_gather_match_plain_torch():
     """The pieces of the backward against unfold: the mean patch, the centred Gram matrix, the sums
     over the kept maxima, and the gather as their exact adjoint."""
@@ -172,32 +154,3 @@ def test_backends_without_a_kernel_say_so():
     with pytest.raises(RuntimeError, match="no triton kernel"):
         mk.conv3x3_bn_pool_relu(x, w, b, gamma, beta, groups=G, backend="triton")
     assert ops.has_conv3x3_bn_pool_relu(torch.device("cpu"), "cpp")
-
-
-@pytest.mark.parametrize("T", [1, 3])
-def test_conv4_fused_input_layer_matches_the_composed_one(T):
-    """Conv4's input layer as the fused op (backend cpp) and as the composed reference ops give the
-    same logits, gradients and second-order gradients (MAML's double backward)."""
-    torch.manual_seed(0)
-    model = Conv4.omniglot(5).double()
-    params = {k: v.detach().unsqueeze(0).repeat(T, *([1] * v.dim())).requires_grad_() for k, v in
-              model.named_parameters()}
-    x = torch.rand(T, 7, 1, 28, 28, dtype=torch.float64)
-    y = torch.randint(0, 5, (T, 7))
-    results = []
-    for backend in ("cpp", "reference"):
-        with mk.use_backend(backend):
-            logits = Conv4.forward_tasks(params, x, double_backward=True)
-            loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
-            grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
-            second = torch.autograd.grad(sum((g * g).sum() for g in grads), list(params.values()), allow_unused=True)
-        results.append((logits, grads, second))
-    (l1, g1, s1), (l2, g2, s2) = results
-    torch.testing.assert_close(l1, l2, rtol=1e-10, atol=1e-10)
-    for name, a, b, sa, sb, p in zip(params, g1, g2, s1, s2, params.values()):
-        if name == "blocks.0.conv.bias":  # exactly zero fused, rounding noise composed
-            assert a.abs().max() == 0 and b.abs().max() < 1e-12
-            continue
-        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10, msg=name)
-        sa, sb = (torch.zeros_like(p) if t is None else t for t in (sa, sb))
-        torch.testing.assert_close(sa, sb, rtol=1e-7, atol=1e-9, msg=f"second order {name}")

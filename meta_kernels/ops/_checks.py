@@ -1,0 +1,65 @@
+"""Argument rules shared by several ops (lists of tensors, a leading task dim, in-place updates).
+Every op's checks run here in Python, before dispatch, for every backend, and again in its fake
+kernel (a meta tensor among real ones dispatches there); the C++ kernels keep only the
+invariants that protect memory (csrc/checks.h)."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def uniform_list(tensors, name: str) -> None:
+    if len(tensors) == 0:
+        raise ValueError(f"{name} is empty; pass at least one tensor")
+    first = tensors[0]
+    for i, t in enumerate(tensors):
+        if not t.is_floating_point():
+            raise ValueError(f"{name}[{i}] must be floating point, got {t.dtype}")
+        if t.dtype != first.dtype:
+            raise ValueError(f"{name}[{i}] is {t.dtype} but {name}[0] is {first.dtype}; all tensors of one call share a dtype")
+        if t.device != first.device:
+            raise ValueError(f"{name}[{i}] is on {t.device} but {name}[0] is on {first.device}")
+
+
+def same_as(tensors, ref, name: str, ref_name: str) -> None:
+    if len(tensors) != len(ref):
+        raise ValueError(f"{name} has {len(tensors)} tensors but {ref_name} has {len(ref)}; pass one per tensor")
+    for i, (t, r) in enumerate(zip(tensors, ref)):
+        if t.shape != r.shape:
+            raise ValueError(f"{name}[{i}] has shape {list(t.shape)} but {ref_name}[{i}] has shape {list(r.shape)}")
+        if t.dtype != r.dtype:
+            raise ValueError(f"{name}[{i}] is {t.dtype} but {ref_name}[{i}] is {r.dtype}")
+        if t.device != r.device:
+            raise ValueError(f"{name}[{i}] is on {t.device} but {ref_name}[{i}] is on {r.device}")
+
+
+def leading_tasks(tensors, name: str) -> int:
+    """The number of tasks T that every tensor carries in dim 0."""
+    for i, t in enumerate(tensors):
+        if t.dim() < 1:
+            raise ValueError(f"{name}[{i}] is 0-dim but a leading task dim is required")
+    T = tensors[0].shape[0]
+    for i, t in enumerate(tensors):
+        if t.shape[0] != T:
+            raise ValueError(f"{name}[{i}] has {t.shape[0]} tasks in dim 0 but {name}[0] has {T}")
+    return T
+
+
+def same_device(t: Tensor, name: str, like: Tensor, like_name: str) -> None:
+    if t.device != like.device:
+        raise ValueError(f"{name} is on {t.device} but {like_name} is on {like.device}")
+
+
+def no_graph_for_in_place(params: Sequence[Tensor], op: str) -> None:
+    if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+        raise RuntimeError(f"{op} updates tensors in place and records no graph, but params require grad; "
+                           "call it under torch.no_grad() or use the differentiable out-of-place op")
+
+
+def non_empty(tensors: Sequence[Tensor], name: str) -> list[Tensor]:
+    tensors = list(tensors)
+    if not tensors:
+        raise ValueError(f"{name} is empty; pass at least one tensor")
+    return tensors

@@ -1,0 +1,236 @@
+"""batch_norm: training-mode batch norm with statistics per (task, channel) of x [T, N, C, *],
+and its fused backward with a closed-form double backward (second-order MAML through BN).
+Checks, fake kernels, autograd and the front-end; kernels in csrc/cpu/batch_norm.cpp,
+csrc/cuda/batch_norm.cu and meta_kernels/triton/batch_norm.py."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from meta_kernels.ops import _backend, _checks, _registry, reference
+from meta_kernels.ops.reference import bn_reduce_dims, bn_stat_shape
+from meta_kernels.tensor_utils import compute_dtype, to_compute
+
+
+# ---- checks ----------------------------------------------------------------------------------
+
+def _check_x_weight(x: Tensor, weight: Tensor) -> None:
+    if x.dim() < 3:
+        raise ValueError(f"x must be [T, N, C, *spatial], got shape {list(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"x must be floating point, got {x.dtype}")
+    T, C = x.shape[0], x.shape[2]
+    if weight.dim() != 2 or tuple(weight.shape) != (T, C):
+        raise ValueError(f"weight must be [T, C] = [{T}, {C}] for x of shape {list(x.shape)}, got {list(weight.shape)}")
+    _checks.same_device(weight, "weight", x, "x")
+
+
+def check_args(x: Tensor, weight: Tensor, bias: Tensor) -> None:
+    _check_x_weight(x, weight)
+    if bias.shape != weight.shape:
+        raise ValueError(f"bias must have the shape of weight {list(weight.shape)}, got {list(bias.shape)}")
+    _checks.same_device(bias, "bias", x, "x")
+
+
+def check_backward_args(grad_out: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor) -> None:
+    _check_x_weight(x, weight)
+    if grad_out.shape != x.shape:
+        raise ValueError(f"grad_out must have the shape of x {list(x.shape)}, got {list(grad_out.shape)}")
+    if mean.shape != weight.shape or rstd.shape != weight.shape:
+        raise ValueError(f"mean and rstd must be [T, C] like weight {list(weight.shape)}, "
+                         f"got {list(mean.shape)} and {list(rstd.shape)}")
+    for name, t in (("grad_out", grad_out), ("mean", mean), ("rstd", rstd)):
+        _checks.same_device(t, name, x, "x")
+
+
+# ---- fake kernels ----------------------------------------------------------------------------
+
+def _fake(x, weight, bias, eps):
+    check_args(x, weight, bias)
+    stats = x.new_empty((x.shape[0], x.shape[2]), dtype=compute_dtype(x.dtype))
+    return torch.empty_like(x, memory_format=torch.contiguous_format), stats, torch.empty_like(stats)
+
+
+def _fake_backward(grad_out, x, weight, mean, rstd):
+    check_backward_args(grad_out, x, weight, mean, rstd)
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(weight, memory_format=torch.contiguous_format),
+            torch.empty_like(weight, memory_format=torch.contiguous_format))
+
+
+# ---- autograd --------------------------------------------------------------------------------
+
+def _autograd(ns):
+    """Autograd for `ns.batch_norm`, whose backward is the fused `ns.batch_norm_backward`."""
+
+    def setup(ctx, inputs, output):
+        x, weight, bias, eps = inputs
+        _, mean, rstd = output
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.set_materialize_grads(False)
+
+    def backward(ctx, grad_out, grad_mean, grad_rstd):
+        x, weight, mean, rstd = ctx.saved_tensors
+        if grad_out is None:
+            grad_x, grad_w, grad_b = None, None, None
+        else:
+            grad_x, grad_w, grad_b = ns.batch_norm_backward(grad_out, x, weight, mean, rstd)
+        if grad_mean is not None or grad_rstd is not None:
+            # Direct use of the statistics: d mean/dx = 1/M, d rstd/dx = -rstd^3 (x - mean) / M.
+            shape = bn_stat_shape(x)
+            count = x.numel() // (x.shape[0] * x.shape[2])
+            base = torch.zeros_like(mean) if grad_mean is None else grad_mean / count
+            extra = base.reshape(shape).expand_as(x).to(x.dtype)
+            if grad_rstd is not None:
+                slope = (-grad_rstd * rstd.pow(3) / count).reshape(shape).to(x.dtype)
+                extra = torch.addcmul(extra, slope, x - mean.reshape(shape).to(x.dtype))
+            if grad_x is None:
+                grad_x = extra.contiguous()
+            elif torch.is_grad_enabled():
+                grad_x = grad_x + extra
+            else:  # the fused backward's fresh output: no graph, no other user
+                grad_x.add_(extra)
+        return grad_x, grad_w, grad_b, None
+
+    return backward, setup
+
+
+def double_backward(gg_x, gg_w, gg_b, grad_out, x, weight, mean, rstd, needs=(True,) * 5):
+    """Gradients of S = <gg_x, grad_x> + <gg_w, grad_weight> + <gg_b, grad_bias>, the outputs of
+    batch_norm_backward(grad_out, x, weight, mean, rstd), with respect to those five inputs
+    (None adjoints count as zero; entries whose `needs` is False come back as None).
+
+    Per (task, channel), with M elements, xh = (x - mean) * rstd, a = weight * rstd,
+    B = sum(grad_out), W = sum(grad_out * xh), grad_x = a (grad_out - B/M - xh W/M):
+      S = a <gg_x, grad_out> + B cb + W cw,  cb = gg_b - a U/M,  cw = gg_w - a V/M
+    with U = sum(gg_x), V = sum(gg_x * xh). Written in closed form with differentiable torch ops:
+    a few passes over the activations instead of autograd through the backward formula, and
+    under create_graph the result is itself differentiable."""
+    go, xm = to_compute(grad_out), to_compute(x)
+    shape, dims = bn_stat_shape(x), bn_reduce_dims(x)
+    count = x.numel() // (x.shape[0] * x.shape[2]) if x.numel() else 1
+    ch = lambda v: v.reshape(shape)
+    # Without create_graph nothing here is differentiated: update in place, so that at most three
+    # activation-sized tensors live at once.
+    inplace = not torch.is_grad_enabled()
+    addcmul = lambda t, a, b: t.addcmul_(a, b) if inplace else torch.addcmul(t, a, b)
+    w, r, mu = to_compute(weight), rstd.to(go.dtype), mean.to(go.dtype)
+    a = w * r
+    xh = (xm - ch(mu)) * ch(r)
+    B, W = go.sum(dims), (go * xh).sum(dims)
+    zero = torch.zeros_like(a)
+    cb = zero if gg_b is None else to_compute(gg_b)
+    cw = zero if gg_w is None else to_compute(gg_w)
+    d_a, U, V = zero, zero, zero
+    if gg_x is not None:
+        u = to_compute(gg_x)
+        U, V = u.sum(dims), (u * xh).sum(dims)
+        cb, cw = cb - a * U / count, cw - a * V / count
+        d_a = (u * go).sum(dims) - (B * U + W * V) / count
+    d_go = d_x = d_w = d_mean = d_rstd = None
+    if needs[0]:
+        d_go = torch.addcmul(ch(cb), xh, ch(cw))
+        if gg_x is not None:
+            d_go = addcmul(d_go, ch(a), u)
+        d_go = d_go.to(grad_out.dtype)
+    del xh
+    # d S / d xh = go cw - (a W / M) u; its sums against 1 and xh follow from B, W, U, V.
+    k = a * W / count
+    if needs[1]:
+        d_xh = go * ch(cw)
+        if gg_x is not None:
+            d_xh = addcmul(d_xh, ch(-k), u)
+        d_x = (d_xh.mul_(ch(r)) if inplace else d_xh * ch(r)).to(x.dtype)
+    if needs[3]:
+        d_mean = (-r * (cw * B - k * U)).to(mean.dtype)
+    if needs[2]:
+        d_w = (r * d_a).to(weight.dtype)
+    if needs[4]:  # rstd enters through a and through xh (d xh / d rstd = xh / rstd)
+        d_rstd = (w * d_a + (cw * W - k * V) / r).to(rstd.dtype)
+    return d_go, d_x, d_w, d_mean, d_rstd
+
+
+def _backward_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward_backward(ctx, gg_x, gg_w, gg_b):
+    return double_backward(gg_x, gg_w, gg_b, *ctx.saved_tensors, needs=ctx.needs_input_grad)
+
+
+# ---- front-end -------------------------------------------------------------------------------
+
+def batch_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-5, *,
+               running_mean: Tensor | None = None, running_var: Tensor | None = None, momentum: float = 0.1,
+               backend: str | None = None) -> Tensor:
+    """Training-mode batch norm with statistics per (task, channel): x [T, N, C, *spatial].
+
+    weight/bias are [T, C] (per task, e.g. adapted per task in the inner loop) or [C] (shared);
+    None means no affine. If running_mean/running_var ([C], or [T, C] per task) are given they
+    are updated in place with the batch statistics (unbiased variance), without a graph."""
+    if x.dim() < 3:
+        raise ValueError(f"x must be [T, N, C, *spatial], got shape {list(x.shape)}")
+    T, C = x.shape[0], x.shape[2]
+    weight = x.new_ones((T, C)) if weight is None else weight
+    bias = x.new_zeros((T, C)) if bias is None else bias
+    # Shared [C] affine: expand so autograd sums the per-task gradients back onto it.
+    weight = weight.expand(T, C) if weight.dim() == 1 else weight
+    bias = bias.expand(T, C) if bias.dim() == 1 else bias
+    check_args(x, weight, bias)
+    name = _backend.resolve(backend, x.device)
+    if name == "reference":
+        out, mean, rstd = reference.batch_norm(x, weight, bias, eps)
+    else:
+        out, mean, rstd = _registry.namespace(name).batch_norm(x, weight.contiguous(), bias.contiguous(), float(eps))
+    if running_mean is not None or running_var is not None:
+        _update_running_stats(x, mean, rstd, eps, running_mean, running_var, momentum)
+    return out
+
+
+def _update_running_stats(x, mean, rstd, eps, running_mean, running_var, momentum) -> None:
+    count = x.numel() // (x.shape[0] * x.shape[2])
+    with torch.no_grad():
+        var = (rstd.detach().pow(-2) - eps) * (count / max(count - 1, 1))
+        for running, batch in ((running_mean, mean.detach()), (running_var, var)):
+            if running is None:
+                continue
+            if running.shape == batch.shape[1:]:
+                batch = batch.mean(0)  # one running statistic shared by all tasks
+            elif running.shape != batch.shape:
+                raise ValueError(f"running statistics must be [C] or [T, C] = {list(batch.shape)}, "
+                                 f"got {list(running.shape)}")
+            running.mul_(1 - momentum).add_(batch.to(running.dtype), alpha=momentum)
+
+
+# ---- samples for opcheck and the self-check --------------------------------------------------
+
+def _opcheck_cases(device):
+    g = torch.Generator().manual_seed(0)
+    rnd = lambda *s: torch.randn(*s, generator=g).to(device).requires_grad_()
+    x, w, b = rnd(2, 3, 4, 5, 5), rnd(2, 4), rnd(2, 4)
+    _, mean, rstd = reference.batch_norm(x.detach(), w.detach(), b.detach(), 1e-5)
+    return [("batch_norm", (x, w, b, 1e-5)),
+            ("batch_norm_backward", (rnd(*x.shape), x, w, mean.requires_grad_(), rstd.requires_grad_()))]
+
+
+def _selfcheck(backend: str) -> None:
+    g = torch.Generator().manual_seed(0)
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).requires_grad_()
+    x, w, b = rnd(2, 5, 3, 6, 6), rnd(2, 3), rnd(2, 3)
+    out, ref_out = batch_norm(x, w, b, backend=backend), reference.batch_norm(x, w, b, 1e-5)[0]
+    torch.testing.assert_close(out, ref_out)
+    got = torch.autograd.grad((out * out.detach().sin()).sum(), (x, w, b))
+    want = torch.autograd.grad((ref_out * ref_out.detach().sin()).sum(), (x, w, b))
+    torch.testing.assert_close(got, want)
+
+
+OP = _registry.add(_registry.OpDef(
+    name="batch_norm",
+    kernels=(_registry.Kernel("batch_norm",
+                              "(Tensor x, Tensor weight, Tensor bias, float eps) -> (Tensor out, Tensor mean, Tensor rstd)",
+                              _fake, _autograd),
+             _registry.Kernel("batch_norm_backward",
+                              "(Tensor grad_out, Tensor x, Tensor weight, Tensor mean, Tensor rstd) -> "
+                              "(Tensor grad_x, Tensor grad_weight, Tensor grad_bias)",
+                              _fake_backward, lambda ns: (_backward_backward, _backward_setup))),
+    backends=_backend.CONCRETE, opcheck_cases=_opcheck_cases, selfcheck=_selfcheck, triton_module="batch_norm"))
