@@ -21,8 +21,7 @@ t0=$(date +%s)
     "$py" -m pip install -q --no-build-isolation --no-deps -e . || { echo "BUILD FAILED"; exit 1; }
   "$py" -c "import meta_kernels as mk, json; print(json.dumps(mk.backend_info()))"
   echo "== CUDA and Triton tests ($(( $(date +%s) - t0 )) s)"
-  "$py" -m pytest -q -x -p no:cacheprovider tests/test_ops_correctness.py tests/test_ops_autograd.py \
-    tests/test_ops_opcheck.py tests/test_ops_errors.py -k "cuda" || status=1
+  "$py" -m pytest -q -x -p no:cacheprovider tests/ops -k "cuda" || status=1
   "$py" -m pytest -q -p no:cacheprovider tests/test_meta_gradients.py -k "engines_agree or batch_norm_matches" || status=1
   echo "== GPU bars ($(( $(date +%s) - t0 )) s)"
   (cd bench && "$py" gpu_metrics.py) || status=1
