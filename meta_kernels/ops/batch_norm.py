@@ -176,12 +176,10 @@ def batch_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = No
     # Shared [C] affine: expand so autograd sums the per-task gradients back onto it.
     weight = weight.expand(T, C) if weight.dim() == 1 else weight
     bias = bias.expand(T, C) if bias.dim() == 1 else bias
-    check_args(x, weight, bias)
     name = _backend.resolve(backend, x.device)
-    if name == "reference":
-        out, mean, rstd = reference.batch_norm(x, weight, bias, eps)
-    else:
-        out, mean, rstd = _registry.namespace(name).batch_norm(x, weight.contiguous(), bias.contiguous(), float(eps))
+    op = reference.batch_norm if name == "reference" else _registry.namespace(name).batch_norm
+    out, mean, rstd = _checks.checked_call(name, lambda: check_args(x, weight, bias),
+                                           lambda: op(x, weight.contiguous(), bias.contiguous(), float(eps)))
     if running_mean is not None or running_var is not None:
         _update_running_stats(x, mean, rstd, eps, running_mean, running_var, momentum)
     return out

@@ -51,11 +51,9 @@ def clip_grad_norm(grads: Sequence[Tensor], max_norm: float, eps: float = 1e-6, 
     grads = _checks.non_empty(grads, "grads")
     if not max_norm > 0:
         raise ValueError(f"max_norm must be > 0, got {max_norm}")
-    check_args(grads)
     name = _backend.resolve(backend, grads[0].device)
-    if name == "reference":
-        return reference.clip_grad_norm(grads, max_norm, eps)
-    return _registry.namespace(name).clip_grad_norm(grads, float(max_norm), float(eps))
+    op = reference.clip_grad_norm if name == "reference" else _registry.namespace(name).clip_grad_norm
+    return _checks.checked_call(name, lambda: check_args(grads), lambda: op(grads, float(max_norm), float(eps)))
 
 
 def _opcheck_cases(device):

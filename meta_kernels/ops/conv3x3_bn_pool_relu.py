@@ -220,10 +220,9 @@ def conv3x3_bn_pool_relu(x: Tensor, weight: Tensor, bias: Tensor | None, gamma: 
         raise RuntimeError(f"conv3x3_bn_pool_relu has no {name} kernel; it runs on the cpp and reference backends. "
                            "On other backends compose conv2d, batch_norm and max_pool2x2_relu (meta_kernels.models.Conv4 "
                            "does so itself)")
-    check_args(x, weight, bias, gamma, beta, groups)
-    if name == "reference":
-        return reference.conv3x3_bn_pool_relu(x, weight, bias, gamma, beta, groups, eps)[0]
-    return _registry.namespace(name).conv3x3_bn_pool_relu(x, weight, bias, gamma, beta, groups, float(eps))[0]
+    op = reference.conv3x3_bn_pool_relu if name == "reference" else _registry.namespace(name).conv3x3_bn_pool_relu
+    return _checks.checked_call(name, lambda: check_args(x, weight, bias, gamma, beta, groups),
+                                lambda: op(x, weight, bias, gamma, beta, groups, float(eps)))[0]
 
 
 # ---- samples for opcheck and the self-check --------------------------------------------------

@@ -117,11 +117,9 @@ def _gather_autograd(ns):
 def max_pool2x2_relu(x: Tensor, *, backend: str | None = None) -> Tensor:
     """relu(max_pool2d(x, 2)) over the last two dims of x [..., H, W] in one pass (an odd last row
     or column is dropped, as in max_pool2d). Differentiable to any order."""
-    check_args(x)
     name = _backend.resolve(backend, x.device)
-    if name == "reference":
-        return reference.max_pool2x2_relu(x)[0]
-    return _registry.namespace(name).max_pool2x2_relu(x)[0]
+    op = reference.max_pool2x2_relu if name == "reference" else _registry.namespace(name).max_pool2x2_relu
+    return _checks.checked_call(name, lambda: check_args(x), lambda: op(x))[0]
 
 
 # ---- samples for opcheck and the self-check --------------------------------------------------

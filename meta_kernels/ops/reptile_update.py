@@ -37,11 +37,9 @@ def reptile_update_(params: Sequence[Tensor], adapted: Sequence[Tensor], epsilon
     adapted_i is [T, *params_i.shape] (the adapted weights of T tasks)."""
     params, adapted = _checks.non_empty(params, "params"), list(adapted)
     _checks.no_graph_for_in_place(params, "reptile_update_")
-    check_args(params, adapted)
     name = _backend.resolve(backend, params[0].device)
-    if name == "reference":
-        return reference.reptile_update_(params, adapted, epsilon)
-    _registry.namespace(name).reptile_update_(params, adapted, float(epsilon))
+    op = reference.reptile_update_ if name == "reference" else _registry.namespace(name).reptile_update_
+    _checks.checked_call(name, lambda: check_args(params, adapted), lambda: op(params, adapted, float(epsilon)))
 
 
 def _opcheck_cases(device):

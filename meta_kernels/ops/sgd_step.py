@@ -102,11 +102,10 @@ def sgd_step(params: Sequence[Tensor], grads: Sequence[Tensor], lrs: Tensor | fl
     carry the task dim first. Differentiable in params, grads, lrs and scale."""
     params, grads = _checks.non_empty(params, "params"), list(grads)
     lrs = _as_lrs(lrs, len(params), params[0])
-    check_args(params, grads, lrs, scale)
     name = _backend.resolve(backend, params[0].device)
-    if name == "reference":
-        return reference.sgd_step(params, grads, lrs, scale)
-    return _registry.namespace(name).sgd_step(params, grads, lrs, scale)
+    op = reference.sgd_step if name == "reference" else _registry.namespace(name).sgd_step
+    return _checks.checked_call(name, lambda: check_args(params, grads, lrs, scale),
+                                lambda: op(params, grads, lrs, scale))
 
 
 def sgd_step_(params: Sequence[Tensor], grads: Sequence[Tensor], lrs: Tensor | float | Sequence[float],
@@ -115,14 +114,15 @@ def sgd_step_(params: Sequence[Tensor], grads: Sequence[Tensor], lrs: Tensor | f
     params, grads = _checks.non_empty(params, "params"), list(grads)
     _checks.no_graph_for_in_place(params, "sgd_step_")
     lrs = _as_lrs(lrs, len(params), params[0])
-    check_args(params, grads, lrs, scale)
     name = _backend.resolve(backend, params[0].device)
-    if name == "reference":
-        with torch.no_grad():
-            for p, new in zip(params, reference.sgd_step(params, grads, lrs, scale)):
-                p.copy_(new)
-        return
-    _registry.namespace(name).sgd_step_(params, grads, lrs, scale)
+    op = _reference_in_place if name == "reference" else _registry.namespace(name).sgd_step_
+    _checks.checked_call(name, lambda: check_args(params, grads, lrs, scale), lambda: op(params, grads, lrs, scale))
+
+
+def _reference_in_place(params, grads, lrs, scale) -> None:
+    with torch.no_grad():
+        for p, new in zip(params, reference.sgd_step(params, grads, lrs, scale)):
+            p.copy_(new)
 
 
 # ---- samples for opcheck and the self-check --------------------------------------------------
