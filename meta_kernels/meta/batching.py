@@ -1,0 +1,381 @@
+"""The task-batching engine: a user's own nn.Module runs T tasks at once, each with its own
+weights, through its unchanged `forward`.
+
+How: the inputs of T tasks, each [T, N, ...], are folded into one batch [T*N, ...], so the user's
+forward (reshapes, residual adds, concatenations, activations, pooling, dropout, F.* calls) runs
+as written on T*N samples. Only the layers that hold parameters or use batch statistics need to
+know about tasks; in a *view* of the model (the same parameter and buffer objects, other
+classes) they are replaced by task-aware versions that take each parameter as [T, *shape]
+(adapted per task) or [*shape] (shared, e.g. frozen):
+
+- Conv1d / Conv2d: one grouped convolution over the tasks (groups = T * groups);
+- Linear: one batched matmul; Embedding: one lookup in the T stacked tables;
+- BatchNorm1d / 2d / 3d: per-task batch statistics through the fused `batch_norm` op (never mixed
+  between tasks, correct to second order), running statistics as torch keeps them (updated with
+  the mean over tasks), eval mode with the running statistics;
+- LayerNorm / GroupNorm: per-sample statistics, per-task affine.
+
+A leaf module with parameters that the engine does not know runs under torch.func.vmap over the
+tasks for that module alone, or, when vmap cannot run it, in a per-task loop for that module
+alone; the rest of the model stays batched. `explain(model)` lists how each layer runs.
+
+What the fold assumes: the forward treats samples independently outside the known layers. A
+forward that mixes samples across the batch elsewhere (`x.mean(0)`, a hand-written batch norm)
+would mix tasks; `check_task_independence` (the `debug_batching` option of MetaLearner) compares
+one task run alone with the batched result and says so.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import torch.utils._pytree as pytree
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from meta_kernels import ops
+
+# ---- folding the task dim into the batch dim -------------------------------------------------
+
+def fold(t, T: int):
+    """[T, N, ...] -> [T*N, ...] for every tensor in a (nested) tuple / list / dict."""
+    if isinstance(t, Tensor):
+        if t.dim() < 2 or t.shape[0] != T:
+            raise ValueError(f"every input must be [T, N, ...] with T = {T} tasks, got a tensor of shape {list(t.shape)}")
+        return t.reshape(T * t.shape[1], *t.shape[2:])
+    if isinstance(t, (tuple, list)):
+        return type(t)(fold(v, T) for v in t)
+    if isinstance(t, dict):
+        return {k: fold(v, T) for k, v in t.items()}
+    return t
+
+
+def unfold(t, T: int):
+    """[T*N, ...] -> [T, N, ...] for every tensor in a (nested) output."""
+    if isinstance(t, Tensor):
+        if t.dim() < 1 or t.shape[0] % T:
+            raise ValueError(f"the model returned a tensor of shape {list(t.shape)} whose first dim does not hold the "
+                             f"{T} tasks' samples; outputs must keep the batch dim first")
+        return t.reshape(T, t.shape[0] // T, *t.shape[1:])
+    if isinstance(t, (tuple, list)):
+        return type(t)(unfold(v, T) for v in t)
+    if isinstance(t, dict):
+        return {k: unfold(v, T) for k, v in t.items()}
+    return t
+
+
+def _per_task(value: Tensor | None, base_dims: int) -> bool:
+    """Whether a parameter arrives stacked per task ([T, *shape]) rather than shared."""
+    return value is not None and value.dim() == base_dims + 1
+
+
+def _tasks_of(module: nn.Module, batch: int) -> int:
+    """T, from the first parameter stacked per task (1 when every parameter is shared)."""
+    for name, dims in module._mk_base_dims.items():
+        value = getattr(module, name)
+        if _per_task(value, dims):
+            T = value.shape[0]
+            if batch % T:
+                raise ValueError(f"{module._mk_name}: a batch of {batch} samples does not split into {T} tasks")
+            return T
+    return 1
+
+
+def _task_view(v: Tensor, T: int, dims_after: int) -> Tensor:
+    """A per-task [T, *s] affine as [T, 1, *s, 1, ...] against x viewed [T, N, ...]."""
+    return v.reshape(T, 1, *v.shape[1:], *([1] * dims_after))
+
+
+# ---- task-aware layers (forward only: the view keeps the original's parameters and buffers) ---
+
+class _TaskConv:
+    """Conv1d / Conv2d over folded tasks as one grouped convolution."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        w, b = self.weight, self.bias
+        if not _per_task(w, self._mk_base_dims["weight"]) and not _per_task(b, 1):
+            return self._conv_forward(x, w, b)  # every weight shared: the module as it is
+        T = _tasks_of(self, x.shape[0])
+        spatial = x.dim() - 2
+        if not _per_task(w, self._mk_base_dims["weight"]):
+            w = w.expand(T, *w.shape)
+        if b is not None and not _per_task(b, 1):
+            b = b.expand(T, *b.shape)
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = 0
+        else:
+            padding = self.padding
+        N = x.shape[0] // T
+        # [T*N, C, *s] -> [N, T*C, *s]: tasks side by side in the channels, one grouped conv.
+        h = x.reshape(T, N, *x.shape[1:]).transpose(0, 1).reshape(N, T * x.shape[1], *x.shape[2:])
+        conv = F.conv1d if spatial == 1 else F.conv2d
+        out = conv(h, w.reshape(T * w.shape[1], *w.shape[2:]), None if b is None else b.reshape(-1),
+                   self.stride, padding, self.dilation, T * self.groups)
+        return out.reshape(N, T, -1, *out.shape[2:]).transpose(0, 1).reshape(T * N, -1, *out.shape[2:])
+
+
+class _TaskLinear:
+    def forward(self, x: Tensor) -> Tensor:
+        w, b = self.weight, self.bias
+        if not _per_task(w, 2) and not _per_task(b, 1):
+            return F.linear(x, w, b)
+        T = _tasks_of(self, x.shape[0])
+        w = w if _per_task(w, 2) else w.expand(T, *w.shape)
+        h = x.reshape(T, -1, x.shape[-1])
+        out = torch.bmm(h, w.transpose(1, 2))
+        if b is not None:
+            out = out + (b if _per_task(b, 1) else b.expand(T, -1)).unsqueeze(1)
+        return out.reshape(*x.shape[:-1], w.shape[1])
+
+
+class _TaskEmbedding:
+    def forward(self, idx: Tensor) -> Tensor:
+        w = self.weight
+        if not _per_task(w, 2):
+            return F.embedding(idx, w, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq,
+                               self.sparse)
+        if self.max_norm is not None:
+            raise ValueError(f"{self._mk_name}: Embedding(max_norm=...) renormalises its table in place, which has no "
+                             "per-task form; drop max_norm or freeze the embedding")
+        T, V = w.shape[0], w.shape[1]
+        offsets = torch.arange(T, device=idx.device).repeat_interleave(idx.shape[0] // T) * V
+        shifted = idx + offsets.reshape(-1, *([1] * (idx.dim() - 1)))
+        return F.embedding(shifted, w.reshape(T * V, -1))
+
+
+class _TaskBatchNorm:
+    """Per-task batch statistics through the fused batch_norm op; eval mode (or running statistics
+    in use) normalises with the running statistics and applies the per-task affine."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        T = _tasks_of(self, x.shape[0])
+        use_batch_stats = self.training or self.running_mean is None
+        if not use_batch_stats:
+            h = F.batch_norm(x, self.running_mean, self.running_var, None, None, False, 0.0, self.eps)
+            return _affine(h, self.weight, self.bias, T, channel_dim=1)
+        momentum = self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if momentum is None:  # cumulative moving average, as torch
+                momentum = 1.0 / float(self.num_batches_tracked)
+        running = self.training and self.track_running_stats
+        xt = x.reshape(T, x.shape[0] // T, *x.shape[1:])
+        if xt.dim() == 3:  # BatchNorm1d on [N, C]: a trailing spatial dim of 1 for the op
+            xt = xt.unsqueeze(-1)
+        out = ops.batch_norm(xt, self.weight, self.bias, self.eps,
+                             running_mean=self.running_mean if running else None,
+                             running_var=self.running_var if running else None, momentum=momentum or 0.0)
+        return out.reshape(x.shape)
+
+
+class _TaskLayerNorm:
+    def forward(self, x: Tensor) -> Tensor:
+        if not _per_task(self.weight, len(self.normalized_shape)) and not _per_task(self.bias, len(self.normalized_shape)):
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        T = _tasks_of(self, x.shape[0])
+        h = F.layer_norm(x, self.normalized_shape, None, None, self.eps)
+        k = len(self.normalized_shape)
+        ht = h.reshape(T, -1, *h.shape[1:])
+        lead = ht.dim() - 1 - k  # dims between the task dim and the normalised ones
+        for v, op in ((self.weight, torch.mul), (self.bias, torch.add)):
+            if v is not None:
+                v = v if _per_task(v, k) else v.expand(T, *v.shape)
+                ht = op(ht, v.reshape(T, *([1] * lead), *v.shape[1:]))
+        return ht.reshape(h.shape)
+
+
+class _TaskGroupNorm:
+    def forward(self, x: Tensor) -> Tensor:
+        if not _per_task(self.weight, 1) and not _per_task(self.bias, 1):
+            return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        T = _tasks_of(self, x.shape[0])
+        return _affine(F.group_norm(x, self.num_groups, None, None, self.eps), self.weight, self.bias, T, channel_dim=1)
+
+
+def _affine(h: Tensor, weight: Tensor | None, bias: Tensor | None, T: int, channel_dim: int) -> Tensor:
+    """h * weight + bias with a per-channel affine that may be per task ([T, C]) or shared ([C])."""
+    ht = h.reshape(T, -1, *h.shape[1:])
+    after = ht.dim() - 2 - channel_dim
+    for v, op in ((weight, torch.mul), (bias, torch.add)):
+        if v is not None:
+            v = v if v.dim() == 2 else v.expand(T, -1)
+            ht = op(ht, _task_view(v, T, after))
+    return ht.reshape(h.shape)
+
+
+# Known layers: torch class -> task-aware forward. Subclasses of these keep the user's own class
+# (their forward may differ) and go through the fallback.
+KNOWN = {nn.Conv1d: _TaskConv, nn.Conv2d: _TaskConv, nn.Linear: _TaskLinear, nn.Embedding: _TaskEmbedding,
+         nn.BatchNorm1d: _TaskBatchNorm, nn.BatchNorm2d: _TaskBatchNorm, nn.BatchNorm3d: _TaskBatchNorm,
+         nn.LayerNorm: _TaskLayerNorm, nn.GroupNorm: _TaskGroupNorm}
+
+
+# ---- the fallback for unknown layers ---------------------------------------------------------
+
+class _Fallback:
+    """An unknown module with parameters: torch.func.vmap over the tasks for this module alone
+    (each task's samples and parameters), else a per-task loop for this module alone."""
+
+    def forward(self, *args, **kwargs):
+        # Inside functional_call these are the swapped-in values: stacked per task or shared.
+        own = dict(self.named_parameters())
+        stacked = {n: p for n, p in own.items() if _per_task(p, self._mk_base_dims[n])}
+        shared = {n: p for n, p in own.items() if n not in stacked}
+        batch = next(a.shape[0] for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, Tensor))
+        T = next(iter(stacked.values())).shape[0] if stacked else 1
+        if batch % T:
+            raise ValueError(f"{self._mk_name}: a batch of {batch} samples does not split into {T} tasks")
+        # Tensors with the folded batch dim go per task; any other argument (a mask, a size) is shared.
+        per_sample = lambda v: isinstance(v, Tensor) and v.dim() >= 1 and v.shape[0] == batch
+        split = lambda v: v.reshape(T, batch // T, *v.shape[1:]) if per_sample(v) else v
+        args_t, kwargs_t = pytree.tree_map(split, (args, kwargs))
+        original = self._mk_original
+
+        def task_inputs(t: int):
+            return pytree.tree_map(lambda v: split(v)[t] if per_sample(v) else v, (args, kwargs))
+
+        def one_task(p, a, kw):
+            return functional_call(original, {**p, **shared}, a, kw, strict=False)
+
+        def tensors_only(p, a, kw):  # vmap returns tensors only: other outputs (None) are kept aside
+            leaves, spec = pytree.tree_flatten(one_task(p, a, kw))
+            kept.update(spec=spec, others={i: v for i, v in enumerate(leaves) if not isinstance(v, Tensor)})
+            return tuple(v for v in leaves if isinstance(v, Tensor))
+
+        kept: dict = {}
+
+        if self._mk_mode[0] == "vmap":
+            in_dims = (0, *pytree.tree_map(lambda v: 0 if per_sample(v) else None, (args, kwargs)))
+            try:
+                tensors = iter(torch.func.vmap(tensors_only, in_dims=in_dims, randomness="different")(
+                    stacked, args_t, kwargs_t))
+                leaves = [kept["others"][i] if i in kept["others"] else fold(next(tensors), T)
+                          for i in range(kept["spec"].num_leaves)]
+                return pytree.tree_unflatten(leaves, kept["spec"])
+            except Exception as exc:  # noqa: BLE001 - any vmap failure: this module runs in a loop instead
+                self._mk_mode[0] = "loop"
+                warnings.warn(f"meta_kernels: layer {self._mk_name} ({type(original).__name__}) cannot run under vmap "
+                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); it runs its tasks in a loop "
+                              "(the rest of the model stays batched)", stacklevel=2)
+        try:
+            outs = [one_task({n: p[t] for n, p in stacked.items()}, *task_inputs(t)) for t in range(T)]
+        except Exception as exc:
+            raise RuntimeError(f"meta_kernels: layer {self._mk_name} ({type(original).__name__}) can be neither batched "
+                               f"nor vmapped nor run per task: {type(exc).__name__}: {exc}") from exc
+        return fold(_stack(outs), T)
+
+
+def _stack(outs: list):
+    first = outs[0]
+    if isinstance(first, Tensor):
+        return torch.stack(outs)
+    if isinstance(first, (tuple, list)):
+        return type(first)(_stack([o[i] for o in outs]) for i in range(len(first)))
+    if isinstance(first, dict):
+        return {k: _stack([o[k] for o in outs]) for k in first}
+    return first
+
+
+# ---- the view --------------------------------------------------------------------------------
+
+@dataclass
+class LayerPlan:
+    name: str
+    kind: str
+    how: str  # "batched", "fused op <name>", "vmap", "loop", "as is (no parameters)"
+
+    def __str__(self) -> str:
+        return f"{self.name or '(model)'}: {self.kind} -> {self.how}"
+
+
+_VIEW_CLASSES: dict[tuple[type, type], type] = {}
+
+
+def _view_class(base: type, behaviour: type) -> type:
+    key = (base, behaviour)
+    if key not in _VIEW_CLASSES:
+        _VIEW_CLASSES[key] = type(f"TaskBatched{base.__name__}", (behaviour, base), {})
+    return _VIEW_CLASSES[key]
+
+
+def _has_own_params(m: nn.Module) -> bool:
+    return any(p is not None for p in m._parameters.values())
+
+
+def build_view(model: nn.Module) -> tuple[nn.Module, list[LayerPlan], list[tuple[nn.Module, nn.Module]]]:
+    """A task-batched view of `model`: containers are shallow copies holding views of their
+    children; known layers get task-aware classes; unknown layers with parameters get the
+    fallback. Parameters and buffers are the original objects (running statistics stay shared)."""
+    plans: list[LayerPlan] = []
+    pairs: list[tuple[nn.Module, nn.Module]] = []
+
+    def visit(m: nn.Module, name: str) -> nn.Module:
+        view = copy.copy(m)
+        view._parameters = dict(m._parameters)
+        view._buffers = m._buffers  # the same dict: running statistics are the model's own
+        view._modules = {}
+        behaviour = KNOWN.get(type(m))
+        if behaviour is not None:
+            view.__class__ = _view_class(type(m), behaviour)
+            plans.append(LayerPlan(name, type(m).__name__, "batched (fused batch_norm op)" if behaviour is _TaskBatchNorm
+                                   else "batched"))
+        elif _has_own_params(m):
+            view.__class__ = _view_class(type(m), _Fallback)
+            object.__setattr__(view, "_mk_original", m)  # not a submodule: its parameters are the view's
+            view._mk_mode = ["vmap"]
+            plans.append(LayerPlan(name, type(m).__name__, "vmap over tasks (this layer only)"))
+        elif not m._modules:
+            plans.append(LayerPlan(name, type(m).__name__, "as is (no parameters; runs on the folded batch)"))
+        view._mk_name = name or type(m).__name__
+        view._mk_base_dims = {n: p.dim() for n, p in m.named_parameters()}
+        pairs.append((view, m))
+        if behaviour is None and not _has_own_params(m):
+            for child_name, child in m._modules.items():
+                view._modules[child_name] = None if child is None else visit(child, f"{name}.{child_name}" if name else child_name)
+        else:
+            # Known and fallback layers run their children (if any) as the original does.
+            view._modules = dict(m._modules)
+        return view
+
+    return visit(model, ""), plans, pairs
+
+
+class BatchedModel:
+    """Runs `model` for T tasks at once: `self(params, args, kwargs)` with every
+    parameter [T, *shape] (or shared [*shape]) and every input tensor [T, N, ...]; outputs
+    come back as [T, N, ...]."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.view, self.plans, self._pairs = build_view(model)
+
+    def __call__(self, params: dict[str, Tensor], args: tuple, kwargs: dict | None = None):
+        kwargs = kwargs or {}
+        T = _task_count(args, kwargs)
+        for view, original in self._pairs:  # train / eval as the model is now
+            view.training = original.training
+        out = functional_call(self.view, params, fold(args, T), fold(kwargs, T), strict=False)
+        return unfold(out, T)
+
+    def explain(self) -> list[LayerPlan]:
+        return list(self.plans)
+
+
+def _task_count(args, kwargs) -> int:
+    for t in list(args) + list(kwargs.values()):
+        if isinstance(t, Tensor):
+            return t.shape[0]
+        if isinstance(t, (tuple, list, dict)):
+            inner = list(t.values()) if isinstance(t, dict) else list(t)
+            if inner:
+                return _task_count(inner, {})
+    raise ValueError("the model's inputs hold no tensor; pass inputs of shape [T, N, ...]")
+
+
+def explain(model: nn.Module) -> str:
+    """How each layer of `model` runs when its tasks are batched: batched, fused op, vmap or loop."""
+    return "\n".join(str(p) for p in BatchedModel(model).explain())
