@@ -189,7 +189,7 @@ def test_meta_gradients_equal_a_per_task_loop(case, first_order, steps):
 
     def batched(fast):
         torch.manual_seed(3)  # the same dropout masks: the folded batch draws what the loop draws task by task
-        return engine(fast, args, kwargs)[..., :2]
+        return engine(fast, args, kwargs, double_backward=not first_order)[..., :2]
 
     def loop(fast):
         torch.manual_seed(3)
@@ -258,6 +258,10 @@ def test_explain_lists_how_each_layer_runs():
     text = explain(nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), Scale(2)))
     assert "0: Conv2d -> batched" in text and "1: BatchNorm2d -> batched (fused batch_norm op)" in text
     assert "2: ReLU -> as is" in text and "3: Scale -> vmap" in text
+    text = explain(seq_conv4())
+    assert "0: Conv2d -> fused op conv3x3_bn_pool_relu" in text and "3: MaxPool2d -> fused op conv3x3_bn_pool_relu" in text
+    assert "4: Conv2d -> batched" in text and "5: BatchNorm2d -> fused op batch_norm" in text
+    assert "7: MaxPool2d -> fused op max_pool2x2_relu" in text and "17: Linear -> batched" in text
 
 
 class NotVmappable(nn.Module):

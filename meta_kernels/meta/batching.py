@@ -37,6 +37,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from meta_kernels import ops
+from meta_kernels.models.conv4 import _GroupedConv
+from meta_kernels.ops.conv3x3_bn_pool_relu import MAX_IN_CHANNELS as MAX_FUSED_IN_CHANNELS
 
 # ---- folding the task dim into the batch dim -------------------------------------------------
 
@@ -65,6 +67,22 @@ def unfold(t, T: int):
     if isinstance(t, dict):
         return {k: unfold(v, T) for k, v in t.items()}
     return t
+
+
+def _to_channels(x: Tensor, T: int) -> Tensor:
+    """[T*N, C, *s] -> [N, T*C, *s]."""
+    N = x.shape[0] // T
+    return x.reshape(T, N, *x.shape[1:]).transpose(0, 1).reshape(N, T * x.shape[1], *x.shape[2:])
+
+
+def _to_folded(h: Tensor, T: int) -> Tensor:
+    """[N, T*C, *s] -> [T*N, C, *s]."""
+    N = h.shape[0]
+    return h.reshape(N, T, -1, *h.shape[2:]).transpose(0, 1).reshape(T * N, -1, *h.shape[2:])
+
+
+# Set for a pass whose gradient is differentiated again (MAML's inner steps).
+_DOUBLE_BACKWARD = [False]
 
 
 def _per_task(value: Tensor | None, base_dims: int) -> bool:
@@ -99,23 +117,24 @@ class _TaskConv:
         if not _per_task(w, self._mk_base_dims["weight"]) and not _per_task(b, 1):
             return self._conv_forward(x, w, b)  # every weight shared: the module as it is
         T = _tasks_of(self, x.shape[0])
-        spatial = x.dim() - 2
         if not _per_task(w, self._mk_base_dims["weight"]):
             w = w.expand(T, *w.shape)
         if b is not None and not _per_task(b, 1):
             b = b.expand(T, *b.shape)
+        return _to_folded(self.channels_forward(_to_channels(x, T), w, b, T), T)
+
+    def channels_forward(self, h: Tensor, w: Tensor, b: Tensor | None, T: int) -> Tensor:
+        """The conv of activations laid out [N, T*C, *s] (tasks side by side in the channels) as one
+        grouped convolution; w [T, C_out, C_in / groups, *k], b [T, C_out] or None."""
+        padding = self.padding
         if self.padding_mode != "zeros":
-            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            padding = 0
-        else:
-            padding = self.padding
-        N = x.shape[0] // T
-        # [T*N, C, *s] -> [N, T*C, *s]: tasks side by side in the channels, one grouped conv.
-        h = x.reshape(T, N, *x.shape[1:]).transpose(0, 1).reshape(N, T * x.shape[1], *x.shape[2:])
-        conv = F.conv1d if spatial == 1 else F.conv2d
-        out = conv(h, w.reshape(T * w.shape[1], *w.shape[2:]), None if b is None else b.reshape(-1),
-                   self.stride, padding, self.dilation, T * self.groups)
-        return out.reshape(N, T, -1, *out.shape[2:]).transpose(0, 1).reshape(T * N, -1, *out.shape[2:])
+            h, padding = F.pad(h, self._reversed_padding_repeated_twice, mode=self.padding_mode), 0
+        w_flat, b_flat = w.reshape(T * w.shape[1], *w.shape[2:]), None if b is None else b.reshape(-1)
+        if self._mk_plain_3x3 and _DOUBLE_BACKWARD[0] and padding != 0:
+            # MAML's inner steps: a grouped conv whose double backward avoids aten's per-group loop.
+            return _GroupedConv.apply(h, w_flat, b_flat, T)
+        conv = F.conv1d if h.dim() == 3 else F.conv2d
+        return conv(h, w_flat, b_flat, self.stride, padding, self.dilation, T * self.groups)
 
 
 class _TaskLinear:
@@ -150,6 +169,10 @@ class _TaskEmbedding:
 class _TaskBatchNorm:
     """Per-task batch statistics through the fused batch_norm op; eval mode (or running statistics
     in use) normalises with the running statistics and applies the per-task affine."""
+
+    def batch_stats_only(self) -> bool:
+        """Normalises with batch statistics and keeps no running ones in this pass."""
+        return self.running_mean is None or (self.training and not self.track_running_stats)
 
     def forward(self, x: Tensor) -> Tensor:
         T = _tasks_of(self, x.shape[0])
@@ -205,6 +228,97 @@ def _affine(h: Tensor, weight: Tensor | None, bias: Tensor | None, T: int, chann
             v = v if v.dim() == 2 else v.expand(T, -1)
             ht = op(ht, _task_view(v, T, after))
     return ht.reshape(h.shape)
+
+
+# Layers that act per channel or per element, so they run on activations laid out [N, T*C, *s]
+# as they do on [T*N, C, *s].
+_CHANNELWISE = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Identity, nn.MaxPool1d,
+                nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Dropout,
+                nn.Dropout1d, nn.Dropout2d)
+
+
+def _is_pool2x2(m: nn.Module) -> bool:
+    pair = lambda v: v if isinstance(v, tuple) else (v, v)
+    return (type(m) is nn.MaxPool2d and pair(m.kernel_size) == (2, 2) and pair(m.stride) == (2, 2)
+            and pair(m.padding) == (0, 0) and pair(m.dilation) == (1, 1) and not m.ceil_mode and not m.return_indices)
+
+
+def _relu_pool(mods: list, i: int) -> int:
+    """How many modules from i form relu + 2x2 max-pool (either order; they commute): 2 or 0."""
+    pair = mods[i:i + 2]
+    if len(pair) == 2 and {type(pair[0]), type(pair[1])} == {nn.ReLU, nn.MaxPool2d} and \
+            all(type(m) is nn.ReLU or _is_pool2x2(m) for m in pair):
+        return 2
+    return 0
+
+
+class _TaskSequential:
+    """nn.Sequential whose runs of convs, batch norms and channel-wise layers keep the tasks side by
+    side in the channels ([N, T*C, *s]) instead of converting at every conv, and run the fused ops
+    where their pattern occurs: conv 3x3 -> BN -> ReLU -> 2x2 max-pool of an input layer as
+    conv3x3_bn_pool_relu, BN or ReLU followed by the pool as max_pool2x2_relu."""
+
+    def forward(self, x):
+        mods = list(self._modules.values())
+        h, T, i = x, None, 0  # T is set while h is laid out [N, T*C, *s]
+        while i < len(mods):
+            m = mods[i]
+            if isinstance(m, _TaskConv) and isinstance(x, Tensor) and _per_task(m.weight, m._mk_base_dims["weight"]):
+                if T is None:
+                    T = m.weight.shape[0]
+                    h = _to_channels(h, T)
+                step = _fused_input_block(mods, i, h, T)
+                if step:
+                    h, i = step
+                    continue
+                b = m.bias
+                if b is not None and not _per_task(b, 1):
+                    b = b.expand(T, *b.shape)
+                h = m.channels_forward(h, m.weight, b, T)
+            elif T is not None and isinstance(m, _TaskBatchNorm) and m.batch_stats_only() and h.dim() == 4:
+                h = ops.batch_norm(h.unsqueeze(0), _channels_affine(m.weight, T), _channels_affine(m.bias, T),
+                                   m.eps).squeeze(0)
+                if _relu_pool(mods, i + 1):
+                    h, i = ops.max_pool2x2_relu(h), i + 2
+            elif T is not None and _relu_pool(mods, i):
+                h, i = ops.max_pool2x2_relu(h), i + 1
+            elif T is not None and isinstance(m, _CHANNELWISE):
+                h = m(h)
+            else:
+                if T is not None:
+                    h, T = _to_folded(h, T), None
+                h = m(h)
+            i += 1
+        return h if T is None else _to_folded(h, T)
+
+
+def _channels_affine(v: Tensor | None, T: int) -> Tensor | None:
+    """A BN affine ([T, C] per task or [C] shared) as [1, T*C] for activations [N, T*C, *s]."""
+    if v is None:
+        return None
+    return (v if v.dim() == 2 else v.expand(T, -1)).reshape(1, -1)
+
+
+def _fused_input_block(mods: list, i: int, h: Tensor, T: int):
+    """conv 3x3 (padding 1) -> BN (batch statistics) -> ReLU and 2x2 max-pool, on an input layer of
+    1-4 channels per task, as the one conv3x3_bn_pool_relu op: (output, index after the block), or
+    None when the pattern or the backend does not fit."""
+    conv, bn = mods[i], mods[i + 1] if i + 1 < len(mods) else None
+    if not (conv._mk_plain_3x3 and conv.padding_mode == "zeros" and isinstance(bn, _TaskBatchNorm)
+            and bn.batch_stats_only() and _relu_pool(mods, i + 2) and h.dim() == 4
+            and conv.weight.shape[-3] <= MAX_FUSED_IN_CHANNELS
+            and ops.has_conv3x3_bn_pool_relu(h.device)):
+        return None
+    w, b = conv.weight, conv.bias
+    if b is not None and not _per_task(b, 1):
+        b = b.expand(T, *b.shape)
+    gamma = _channels_affine(bn.weight, T)
+    gamma = h.new_ones(w.shape[0] * w.shape[1]) if gamma is None else gamma.reshape(-1)
+    beta = _channels_affine(bn.bias, T)
+    beta = h.new_zeros(gamma.shape) if beta is None else beta.reshape(-1)
+    out = ops.conv3x3_bn_pool_relu(h, w.reshape(T * w.shape[1], *w.shape[2:]), None if b is None else b.reshape(-1),
+                                   gamma, beta, groups=T, eps=bn.eps)
+    return out, i + 4
 
 
 # Known layers: torch class -> task-aware forward. Subclasses of these keep the user's own class
@@ -306,39 +420,72 @@ def _has_own_params(m: nn.Module) -> bool:
     return any(p is not None for p in m._parameters.values())
 
 
+def _is_plain_3x3(m: nn.Module) -> bool:
+    return (type(m) is nn.Conv2d and m.kernel_size == (3, 3) and m.stride == (1, 1) and m.padding == (1, 1)
+            and m.dilation == (1, 1) and m.groups == 1)
+
+
+def _sequential_plans(seq: nn.Sequential, name: str) -> dict[str, str]:
+    """How the fused patterns of a Sequential run (see _TaskSequential), by child name."""
+    names, mods = list(seq._modules), list(seq._modules.values())
+    full = lambda k: f"{name}.{names[k]}" if name else names[k]
+    plans, i = {}, 0
+    while i < len(mods):
+        m = mods[i]
+        if _is_plain_3x3(m) and m.in_channels <= MAX_FUSED_IN_CHANNELS and i + 1 < len(mods) and \
+                type(mods[i + 1]) in (nn.BatchNorm2d,) and _relu_pool(mods, i + 2):
+            for k in range(i, i + 4):
+                plans[full(k)] = "fused op conv3x3_bn_pool_relu (on the cpp / reference backends; else composed ops)"
+            i += 4
+            continue
+        if type(m) is nn.BatchNorm2d and _relu_pool(mods, i + 1):
+            plans[full(i)] = "fused op batch_norm"
+            plans[full(i + 1)] = plans[full(i + 2)] = "fused op max_pool2x2_relu"
+            i += 3
+            continue
+        if _relu_pool(mods, i):
+            plans[full(i)] = plans[full(i + 1)] = "fused op max_pool2x2_relu"
+            i += 2
+            continue
+        i += 1
+    return plans
+
+
 def build_view(model: nn.Module) -> tuple[nn.Module, list[LayerPlan], list[tuple[nn.Module, nn.Module]]]:
     """A task-batched view of `model`: containers are shallow copies holding views of their
     children; known layers get task-aware classes; unknown layers with parameters get the
     fallback. Parameters and buffers are the original objects (running statistics stay shared)."""
     plans: list[LayerPlan] = []
     pairs: list[tuple[nn.Module, nn.Module]] = []
+    fused: dict[str, str] = {}
 
     def visit(m: nn.Module, name: str) -> nn.Module:
         view = copy.copy(m)
         view._parameters = dict(m._parameters)
         view._buffers = m._buffers  # the same dict: running statistics are the model's own
-        view._modules = {}
+        view._modules = dict(m._modules)  # known and fallback layers run their children as the original
+        view._mk_name = name or type(m).__name__
+        view._mk_base_dims = {n: p.dim() for n, p in m.named_parameters()}
+        view._mk_plain_3x3 = _is_plain_3x3(m)
+        pairs.append((view, m))
         behaviour = KNOWN.get(type(m))
         if behaviour is not None:
             view.__class__ = _view_class(type(m), behaviour)
-            plans.append(LayerPlan(name, type(m).__name__, "batched (fused batch_norm op)" if behaviour is _TaskBatchNorm
-                                   else "batched"))
+            how = "batched" + (" (fused batch_norm op)" if behaviour is _TaskBatchNorm else "")
+            plans.append(LayerPlan(name, type(m).__name__, fused.get(name, how)))
         elif _has_own_params(m):
             view.__class__ = _view_class(type(m), _Fallback)
             object.__setattr__(view, "_mk_original", m)  # not a submodule: its parameters are the view's
             view._mk_mode = ["vmap"]
             plans.append(LayerPlan(name, type(m).__name__, "vmap over tasks (this layer only)"))
-        elif not m._modules:
-            plans.append(LayerPlan(name, type(m).__name__, "as is (no parameters; runs on the folded batch)"))
-        view._mk_name = name or type(m).__name__
-        view._mk_base_dims = {n: p.dim() for n, p in m.named_parameters()}
-        pairs.append((view, m))
-        if behaviour is None and not _has_own_params(m):
+        else:  # a container or a layer without parameters
+            if type(m) is nn.Sequential:
+                view.__class__ = _view_class(nn.Sequential, _TaskSequential)
+                fused.update(_sequential_plans(m, name))
+            if not m._modules:
+                plans.append(LayerPlan(name, type(m).__name__, fused.get(name, "as is (runs on the folded batch)")))
             for child_name, child in m._modules.items():
                 view._modules[child_name] = None if child is None else visit(child, f"{name}.{child_name}" if name else child_name)
-        else:
-            # Known and fallback layers run their children (if any) as the original does.
-            view._modules = dict(m._modules)
         return view
 
     return visit(model, ""), plans, pairs
@@ -353,12 +500,19 @@ class BatchedModel:
         self.model = model
         self.view, self.plans, self._pairs = build_view(model)
 
-    def __call__(self, params: dict[str, Tensor], args: tuple, kwargs: dict | None = None):
+    def __call__(self, params: dict[str, Tensor], args: tuple, kwargs: dict | None = None, *,
+                 double_backward: bool = False):
+        """`double_backward` marks a pass whose gradient is differentiated again (MAML's inner
+        steps): convs then take a grouped double backward without aten's per-group loop."""
         kwargs = kwargs or {}
         T = _task_count(args, kwargs)
         for view, original in self._pairs:  # train / eval as the model is now
             view.training = original.training
-        out = functional_call(self.view, params, fold(args, T), fold(kwargs, T), strict=False)
+        _DOUBLE_BACKWARD[0] = double_backward
+        try:
+            out = functional_call(self.view, params, fold(args, T), fold(kwargs, T), strict=False)
+        finally:
+            _DOUBLE_BACKWARD[0] = False
         return unfold(out, T)
 
     def explain(self) -> list[LayerPlan]:
