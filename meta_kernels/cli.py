@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     mem.add_argument("--gpus", type=int, nargs="+", default=[8], help="numbers of GPUs (default 8)")
     mem.set_defaults(func=_cmd_memory, data_root=None)
 
-    val = sub.add_parser("validate", help="op self-checks and gates (a), (c) on this machine (about a minute)")
+    val = sub.add_parser("validate", help="op self-checks, a hand-computed meta-gradient, one CPU dev-mode epoch (about a minute)")
     val.set_defaults(func=_cmd_validate)
     return parser
 

@@ -249,7 +249,7 @@ class MetaLearningFullConfig:
 
     @classmethod
     def dev(cls) -> "MetaLearningFullConfig":
-        """Gate (c), CPU dev mode: Conv4, 50 episodes, 3 inner steps, one epoch."""
+        """CPU dev mode: Conv4, 50 episodes, 3 inner steps, one epoch (`meta-kernels validate` trains it)."""
         return cls(maml=MAMLConfig(inner_steps=3, inner_lr=0.4, meta_batch_size=5, engine="custom"),
                    episodes=EpisodeConfig(n_way=5, k_shot=1, q_query=5, episodes_per_epoch=50),
                    checkpoint=MetaCheckpointConfig(every_steps=5), model=ModelConfig(filters=64),

@@ -2,8 +2,8 @@
 
 1. op self-checks: every usable backend of every op against the reference on random inputs,
    values and gradients;
-2. gate (a): MAML's meta-gradient on a linear model against the hand-computed formula (float64);
-3. gate (c): Conv4 CPU dev mode -- one epoch of 50 episodes with 3 inner steps on Omniglot when
+2. MAML's meta-gradient on a linear model against the hand-computed formula (float64);
+3. Conv4 CPU dev mode -- one epoch of 50 episodes with 3 inner steps on Omniglot when
    the data is found ($META_KERNELS_DATA), metrics JSON written, validation loss goes down.
 Prints PASS / FAIL / SKIP per check; the exit code is non-zero when any check fails."""
 from __future__ import annotations
@@ -45,7 +45,7 @@ def _op_checks(backend: str) -> None:
     torch.testing.assert_close(theta, expected)
 
 
-def _gate_a() -> None:
+def _meta_gradient_matches_formula() -> None:
     from torch import nn
     torch.manual_seed(0)
     model = nn.Linear(4, 1, bias=False).double()
@@ -68,7 +68,7 @@ def _gate_a() -> None:
         raise AssertionError("meta-gradient is zero")
 
 
-def _gate_c(out: Path) -> str:
+def _dev_mode_epoch_lowers_validation_loss(out: Path) -> str:
     from meta_kernels.config import MetaLearningFullConfig
     from meta_kernels.train import Trainer
     trainer = Trainer(MetaLearningFullConfig.dev(), out, progress=False)
@@ -90,9 +90,10 @@ def run_selfcheck() -> int:
         usable = _backend.available(backend, torch.device(devices[0]))[0]
         checks.append((f"ops on backend {backend!r}", (lambda b=backend: _op_checks(b)) if usable else None,
                        None if usable else _backend.available(backend, torch.device(devices[0]))[1]))
-    checks.append(("gate (a): MAML meta-gradient = hand-computed formula (float64)", _gate_a, None))
+    checks.append(("MAML meta-gradient = hand-computed formula (float64)", _meta_gradient_matches_formula, None))
     tmp = Path(tempfile.mkdtemp(prefix="meta-kernels-validate-"))
-    checks.append(("gate (c): Conv4 CPU dev mode, one epoch on Omniglot", lambda: _gate_c(tmp / "dev"), None))
+    dev_epoch = lambda: _dev_mode_epoch_lowers_validation_loss(tmp / "dev")
+    checks.append(("Conv4 CPU dev mode, one epoch on Omniglot", dev_epoch, None))
     failed = 0
     for name, fn, skip_reason in checks:
         if fn is None:

@@ -1,6 +1,6 @@
-"""Gate (a) and the meta-gradient invariants: hand-computed MAML/FOMAML gradients on a linear
-model, finite differences, BN against a primitive-op per-task loop, engines and batching modes
-agreeing, the detach detector, fp32 under autocast, clipping, Reptile."""
+"""The meta-gradient invariants: hand-computed MAML/FOMAML gradients on a linear model, finite
+differences, BN against a primitive-op per-task loop, engines and batching modes agreeing, the
+detach detector, fp32 under autocast, clipping, Reptile."""
 
 import pytest
 import torch
@@ -41,7 +41,7 @@ def _hand_maml_grad(w, xs, ys, xq, yq, alpha, steps, first_order):
 @pytest.mark.parametrize("engine", ["custom", "torch_func", "higher"])
 @pytest.mark.parametrize("steps", [1, 2])
 @pytest.mark.parametrize("algo", ["maml", "fomaml"])
-def test_gate_a_linear_model_matches_hand_computed(engine, steps, algo):
+def test_linear_model_meta_gradient_matches_hand_computed(engine, steps, algo):
     torch.manual_seed(0)
     model = nn.Linear(4, 1, bias=False).double()
     xs, ys, xq, yq = _linear_tasks()

@@ -1,4 +1,4 @@
-"""Configs, checkpoints with exact resume, the training runner and CLI errors, gate (c)."""
+"""Configs, checkpoints with exact resume, the training runner and CLI errors, CPU dev mode."""
 import json
 import os
 import signal
@@ -141,8 +141,8 @@ def test_resume_after_sigkill_matches_uninterrupted_run(data_env, tmp_path):
         assert torch.equal(a, b)
 
 
-def test_gate_c_cpu_dev_mode_one_epoch(data_env, tmp_path):
-    """Gate (c): Conv4, 50 episodes, 3 inner steps, one epoch end to end; metrics JSON written and
+def test_cpu_dev_mode_one_epoch_lowers_validation_loss(data_env, tmp_path):
+    """CPU dev mode: Conv4, 50 episodes, 3 inner steps, one epoch end to end; metrics JSON written and
     the query loss on fixed validation episodes goes down."""
     from meta_kernels.train import Trainer
     cfg = MetaLearningFullConfig.dev()
