@@ -18,11 +18,7 @@ from meta_kernels.checkpoint import (CheckpointError, config_differences, load_c
 from meta_kernels.config import MetaLearningFullConfig
 from meta_kernels.malloc_tuning import keep_freed_cpu_memory
 from meta_kernels.data import EpisodeSampler, load_dataset
-from meta_kernels.meta import MetaLearner, adapt_tasks
-from meta_kernels.meta.algorithms import accuracy_summary
-from meta_kernels.meta.inner import per_task_loss
-from meta_kernels.meta.sharded import ShardedMetaLearner, evaluation_summary
-from meta_kernels.meta.task_model import TaskModel
+from meta_kernels.meta import Learner, MetaLearner, ShardedMetaLearner
 from meta_kernels.models import Conv4, ViT
 
 SPLIT_SEEDS = {"train": 0, "val": 1, "test": 2}  # offsets of each split's episode stream
@@ -61,6 +57,22 @@ def build_model(config: MetaLearningFullConfig, image_shape) -> torch.nn.Module:
     return Conv4(in_channels=c, n_way=config.episodes.n_way, filters=m.filters, image_size=h, bn_steps=bn_steps)
 
 
+def build_learner(model: torch.nn.Module, config: MetaLearningFullConfig) -> Learner:
+    """FSDP: all ranks adapt every task together on the parameter shards (meta_kernels.meta.sharded);
+    the ranks built identical weights from the same seed before sharding. Otherwise every rank
+    holds the whole model, starting from rank 0's weights, and adapts its share of the meta-batch."""
+    if config.run.sharding == "fsdp":
+        return ShardedMetaLearner(model, config.maml, autocast=config.run.autocast)
+    distributed.broadcast_(list(model.parameters()) + list(model.buffers()))
+    return MetaLearner(model, config.maml, mamlpp=config.mamlpp)
+
+
+def evaluation_batches(sampler: EpisodeSampler, episodes: int, batch_size: int, device):
+    """Episodes 0..episodes-1 of epoch 0 (the same ones at every evaluation), batch_size at a time."""
+    for start in range(0, episodes, batch_size):
+        yield sampler.episodes(0, range(start, min(episodes, start + batch_size))).to(device)
+
+
 class Trainer:
     def __init__(self, config: MetaLearningFullConfig, out_dir: str | os.PathLike, *, resume: bool = False,
                  progress: bool = True):
@@ -77,14 +89,7 @@ class Trainer:
         self.samplers = {s: EpisodeSampler(d, config.episodes, seed=config.run.seed + SPLIT_SEEDS[s])
                          for s, d in self.data.items()}
         self.model = build_model(config, self.data["train"].image_shape).to(config.run.device)
-        # FSDP: all ranks adapt every task together (meta_kernels.meta.sharded), so each samples the
-        # whole meta-batch; its ranks build identical weights from the same seed before sharding.
-        self.sharded = config.run.sharding == "fsdp"
-        if self.sharded:
-            self.learner = ShardedMetaLearner(self.model, config.maml, autocast=config.run.autocast)
-        else:
-            distributed.broadcast_(list(self.model.parameters()) + list(self.model.buffers()))
-            self.learner = MetaLearner(self.model, config.maml, mamlpp=config.mamlpp)
+        self.learner = build_learner(self.model, config)
         total = config.run.epochs * self.samplers["train"].steps_per_epoch(config.maml.meta_batch_size)
         self.scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(self.learner.optimizer, T_max=max(total, 1))
                           if config.mamlpp.cosine_meta_lr else None)
@@ -108,8 +113,8 @@ class Trainer:
                                 "best_val": self.best_val},
                    "history": self.history}
         if cfg.save_inner_lrs:  # the LSLR table when learned, else the fixed rate
-            payload["inner_lrs"] = self.learner.inner_lrs().detach().cpu() if self.learner.lslr is not None \
-                else self.config.maml.inner_lr
+            lrs = self.learner.inner_lrs()
+            payload["inner_lrs"] = lrs.detach().cpu() if isinstance(lrs, torch.Tensor) else lrs
         if cfg.save_msl_weights and self.learner.current_msl_weights(self.epoch) is not None:
             payload["msl_weights"] = self.learner.current_msl_weights(self.epoch).detach().cpu()
         if cfg.save_rng_state:
@@ -120,10 +125,10 @@ class Trainer:
 
     def model_state(self) -> dict:
         """The full (unsharded) weights; a collective under FSDP, so every rank calls it."""
-        return self.learner.model_state_dict() if self.sharded else self.model.state_dict()
+        return self.learner.model_state_dict()
 
     def save(self, name: str) -> Path | None:
-        payload = self._payload() if self.sharded or self.rank == 0 else None  # FSDP gathers on every rank
+        payload = self._payload() if self.learner.collective or self.rank == 0 else None
         if self.rank != 0:
             return None
         path = save_checkpoint(self.ckpt_dir / name, payload)
@@ -143,10 +148,7 @@ class Trainer:
         if diffs:
             raise CheckpointError("cannot resume: the config differs from the checkpoint's in fields that shape "
                                   "training:\n  " + "\n  ".join(diffs))
-        if self.sharded:
-            self.learner.load_model_state_dict(data["model"])
-        else:
-            self.model.load_state_dict(data["model"])
+        self.learner.load_model_state_dict(data["model"])
         self.learner.load_state_dict(data["learner"])
         if self.scheduler is not None:
             self.scheduler.load_state_dict(data["scheduler"])
@@ -173,8 +175,7 @@ class Trainer:
                 for step in bar:
                     if max_steps is not None and done >= max_steps:
                         return self._summary(time.perf_counter() - start)
-                    rank, world_size = (0, 1) if self.sharded else (self.rank, self.world_size)
-                    batch = sampler.meta_batch(self.epoch, step, B, rank, world_size).to(cfg.run.device)
+                    batch = sampler.meta_batch(self.epoch, step, B, *self.learner.task_share()).to(cfg.run.device)
                     metrics = self.learner.step(batch, epoch=self.epoch, total_tasks=B)
                     if self.scheduler is not None:
                         self.scheduler.step()
@@ -185,7 +186,7 @@ class Trainer:
                     log.write(json.dumps(record) + "\n")
                     bar.set_postfix(loss=f"{metrics[self.loss_key]:.3f}", acc=f"{metrics['post_adapt_acc']:.3f}",
                                     tasks_s=f"{record['tasks_per_s']:.0f}")
-                    if self.global_step % cfg.run.val_every == 0 and (self.rank == 0 or self.sharded):
+                    if self.global_step % cfg.run.val_every == 0 and (self.rank == 0 or self.learner.collective):
                         val = self.evaluate("val", cfg.run.val_episodes)
                         val_record = {"split": "val", "global_step": self.global_step, **val}
                         self.history.append(val_record)
@@ -224,42 +225,14 @@ class Trainer:
         return "support_loss" if self.config.maml.algo == "reptile" else "query_loss"
 
     def evaluate(self, split: str, episodes: int, sampler: EpisodeSampler | None = None) -> dict:
-        sampler = sampler or self.samplers[split]
-        if self.sharded:  # every rank takes part; each task adapts on the shards as in training
-            B, device = self.config.maml.meta_batch_size, self.config.run.device
-            curves = [c for start in range(0, episodes, B) for c in self.learner.evaluate_tasks(
-                sampler.episodes(0, range(start, min(episodes, start + B))).to(device))]
-            return evaluation_summary(curves)
-        return evaluate(self.model, sampler, self.config, episodes, lrs=self.learner.inner_lrs())
+        """Accuracy over `episodes` tasks (mean, 95% CI) and the adaptation curve after 0..K steps
+        (Learner.evaluate); the weights and running statistics stay as they are."""
+        batches = evaluation_batches(sampler or self.samplers[split], episodes, self.config.maml.meta_batch_size,
+                                     self.config.run.device)
+        return self.learner.evaluate(batches)
 
     def plot_training(self) -> None:
         plot_training(self.history, self.out / "training_curves.png")
-
-
-def evaluate(model, sampler: EpisodeSampler, config: MetaLearningFullConfig, episodes: int, lrs=None) -> dict:
-    """Accuracy over `episodes` tasks (mean, 95% CI) and the adaptation curve after 0..K steps.
-    Runs under no_grad and never touches the model's running statistics."""
-    cfg = config.maml
-    bn_mode = config.mamlpp.bn_mode
-    lrs = lrs.detach() if isinstance(lrs, torch.Tensor) else (cfg.inner_lr if lrs is None else lrs)
-    B = cfg.meta_batch_size
-    accs, losses, curves = [], [], []
-    params = dict(model.named_parameters())
-    device = next(model.parameters()).device
-    task_model = TaskModel(model)
-    for start in range(0, episodes, B):
-        batch = sampler.episodes(0, range(start, min(episodes, start + B))).to(device)
-        with torch.no_grad():
-            result = adapt_tasks(params, batch.support, model=task_model, steps=cfg.inner_steps, lrs=lrs,
-                                 first_order=True, inner_clip=cfg.inner_clip, engine="custom", backend=cfg.backend,
-                                 query_batch=batch.query, bn_mode=bn_mode)
-            logits = task_model(result.adapted, batch.x_query, step=cfg.inner_steps, bn_mode=bn_mode)
-            loss, acc = per_task_loss(logits, batch.y_query, "cross_entropy", "query")
-        accs.append(acc)
-        losses.append(loss)
-        curves.append((torch.tensor(result.curve_accuracy), batch.n_tasks))
-    curve = (sum(c * n for c, n in curves) / sum(n for _, n in curves)).tolist()
-    return {**accuracy_summary(torch.cat(accs), curve), "query_loss": float(torch.cat(losses).mean())}
 
 
 def plot_training(history: list[dict], path: Path) -> None:
@@ -308,10 +281,15 @@ def evaluate_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike, epi
     dataset = load_split(config, split)
     model = build_model(config, dataset.image_shape)
     model.load_state_dict(data["model"])
+    # Evaluated unsharded whatever the run's sharding: it needs no process group.
+    learner = MetaLearner(model, config.maml, mamlpp=config.mamlpp)
+    saved_lrs = data.get("inner_lrs")
+    if isinstance(saved_lrs, torch.Tensor):  # the learned (LSLR) rates
+        with torch.no_grad():
+            learner.lslr.copy_(saved_lrs)
     sampler = EpisodeSampler(dataset, config.episodes, seed=config.run.seed + SPLIT_SEEDS[split])
-    lslr = data.get("inner_lrs")
-    result = evaluate(model, sampler, config, episodes or config.run.test_episodes,
-                      lrs=lslr if isinstance(lslr, torch.Tensor) else None)
+    result = learner.evaluate(evaluation_batches(sampler, episodes or config.run.test_episodes,
+                                                 config.maml.meta_batch_size, next(model.parameters()).device))
     result.update({"checkpoint": str(path), "split": split, "algo": config.maml.algo})
     (out / "eval.json").write_text(json.dumps(result, indent=2))
     plot_adaptation_curve(result["curve_accuracy"], out / "adaptation_curve.png",

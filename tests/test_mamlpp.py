@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from meta_kernels.config import ConfigError, MAMLConfig, MAMLPlusPlusConfig, MetaLearningFullConfig
-from meta_kernels.meta import MetaLearner, adapt, adapt_tasks, meta_loss
+from meta_kernels.meta import InnerLoopSettings, MetaLearner, adapt, adapt_tasks, meta_loss
 from meta_kernels.meta.mamlpp import LSLR_MAX, LSLR_MIN, msl_weights
 from meta_kernels.models import Conv4
 
@@ -218,5 +218,6 @@ def test_mamlpp_bad_input():
     with pytest.raises(ValueError, match=r"checkpoint lslr \[2, 18\] does not match this learner's \[3, 18\]"):
         b.load_state_dict(a.state_dict())
     with pytest.raises(ValueError, match=r"msl_weights must be \[2\]"):
-        adapt_tasks(dict(_conv4().named_parameters()), _tasks()[:2], model=_conv4(), steps=2, lrs=0.1, first_order=True,
-                    msl_weights=torch.ones(3), query_batch=_tasks()[2:])
+        adapt_tasks(dict(_conv4().named_parameters()), _tasks()[:2], model=_conv4(),
+                    settings=InnerLoopSettings(steps=2, first_order=True), lrs=0.1, msl_weights=torch.ones(3),
+                    query_batch=_tasks()[2:])

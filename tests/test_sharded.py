@@ -83,8 +83,8 @@ def test_bf16_autocast_reaches_the_query_pass_only(one_rank_group):
 def test_evaluation_leaves_the_weights_unchanged(one_rank_group):
     learner = ShardedMetaLearner(_small_vit(), MAMLConfig(algo="fomaml", inner_steps=3, inner_lr=0.5))
     before = [p.detach().full_tensor().clone() for p in learner.params]
-    curves = learner.evaluate_tasks(_tasks(T=3))
-    assert len(curves) == 3 and all(len(c) == 4 for c in curves)
+    scores = learner.evaluate_tasks(_tasks(T=3))
+    assert scores.curve_accuracy.shape == (3, 4) and scores.query_loss.shape == (3,)  # 3 tasks, 0..3 steps
     for b, p in zip(before, learner.params):
         assert torch.equal(b, p.detach().full_tensor())
 

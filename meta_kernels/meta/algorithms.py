@@ -16,9 +16,13 @@ from torch import Tensor, nn
 import meta_kernels.ops as ops
 from meta_kernels import distributed
 from meta_kernels.config import ALGORITHMS, MAMLConfig, MAMLPlusPlusConfig
-from meta_kernels.meta.inner import AdaptResult, NonFiniteLossError, StepLog, _as_task_batch, adapt_tasks, per_task_loss
+from meta_kernels.meta.inner import adapt_tasks
+from meta_kernels.meta.inner_common import (AdaptResult, InnerLoopSettings, NonFiniteLossError, StepLog, as_task_batch,
+                                            batch_parts, query_pass)
+from meta_kernels.meta.learner import Learner, TaskScores, auac
 from meta_kernels.meta.mamlpp import LSLR_MAX, LSLR_MIN, msl_weights
-from meta_kernels.meta.task_model import TaskModel
+from meta_kernels.meta.task_model import TaskModel, as_task_model
+from meta_kernels.tensor_utils import task_view
 
 
 @dataclass
@@ -36,31 +40,6 @@ class MetaOutput(NamedTuple):
     logs: MetaLogs
 
 
-def auac(curve_accuracy: list[float]) -> float:
-    """Area under the accuracy-vs-step curve (trapezoid), normalised to [0, 1] by the number of steps."""
-    if len(curve_accuracy) < 2:
-        return curve_accuracy[0] if curve_accuracy else math.nan
-    area = sum((a + b) / 2 for a, b in zip(curve_accuracy[:-1], curve_accuracy[1:]))
-    return area / (len(curve_accuracy) - 1)
-
-
-def accuracy_summary(accuracy: Tensor, curve_accuracy: list[float]) -> dict:
-    """The evaluation record: mean per-task accuracy with its 95% confidence interval, and the
-    adaptation curve (accuracy after 0..K steps, averaged over tasks) with AUAC."""
-    acc = accuracy.double()
-    ci = 1.96 * float(acc.std(unbiased=True)) / math.sqrt(len(acc)) if len(acc) > 1 else math.nan
-    return {"accuracy": float(acc.mean()), "ci95": ci, "episodes": len(acc), "curve_accuracy": curve_accuracy,
-            "pre_adapt_acc": curve_accuracy[0], "post_adapt_acc": curve_accuracy[-1], "auac": auac(curve_accuracy)}
-
-
-def _batch_parts(task_batch):
-    if hasattr(task_batch, "x_support"):
-        return task_batch.x_support, task_batch.y_support, task_batch.x_query, task_batch.y_query
-    if len(task_batch) == 4:
-        return tuple(task_batch)
-    raise ValueError("task_batch must be a TaskBatch or (x_support, y_support, x_query, y_query)")
-
-
 def reptile_epsilon(config: MAMLConfig, outer_steps: int) -> float:
     """Reptile's step size after `outer_steps` outer steps: linear decay to 0 over reptile_decay_steps."""
     if config.reptile_decay_steps <= 0:
@@ -76,53 +55,6 @@ def resolve_algo(algo: str | None, config: MAMLConfig) -> str:
         raise ValueError(f"algo={algo!r} conflicts with config.algo={config.algo!r}; pass one of them, or "
                          f"config.replace(algo={algo!r})")
     return algo
-
-
-def _adapt_for_meta(params, task_batch, *, algo, config, model, lrs, track_curve, msl_weights, bn_mode, first_order,
-                    recompute=False):
-    """Checks the task batch and adapts every task on its support set (MAML / FOMAML keep the
-    inner graph; Reptile builds none). Returns (task_model, adapt result, x_query, y_query)."""
-    xs, ys, xq, yq = _batch_parts(task_batch)
-    xs, ys = _as_task_batch(xs, ys, "support", config.loss)
-    xq, yq = _as_task_batch(xq, yq, "query", config.loss)
-    if xs.shape[0] != xq.shape[0]:
-        raise ValueError(f"support has {xs.shape[0]} tasks but query has {xq.shape[0]}; they must match")
-    task_model = model if isinstance(model, TaskModel) else TaskModel(model)
-    result: AdaptResult = adapt_tasks(
-        params, (xs, ys), model=task_model, steps=config.inner_steps,
-        lrs=config.inner_lr if lrs is None else lrs,
-        first_order=config.first_order if first_order is None else first_order, inner_clip=config.inner_clip,
-        engine=config.engine, backend=config.backend, no_graph=algo == "reptile",
-        query_batch=(xq, yq) if (track_curve or msl_weights is not None) else None,
-        on_nonfinite="skip" if config.skip_nonfinite_tasks else "raise", loss=config.loss, bn_mode=bn_mode,
-        msl_weights=msl_weights if algo != "reptile" else None, recompute=recompute)
-    return task_model, result, xq, yq
-
-
-def _query_losses(task_model, adapted, xq, yq, ok, *, config, bn_mode, update_stats, first_task=0):
-    """Per-task query loss and accuracy under the adapted weights, and `ok` without the tasks whose
-    loss is not finite (raised about unless config.skip_nonfinite_tasks; skipped tasks are rerun
-    with zeroed inputs so that no NaN enters the graph). first_task numbers the tasks in messages."""
-    final = lambda x: task_model(adapted, x, step=config.inner_steps, bn_mode=bn_mode, update_stats=update_stats)
-    with ops.use_backend(config.backend):
-        loss_t, acc_t = per_task_loss(final(xq), yq, config.loss, "query")
-        bad = ~torch.isfinite(loss_t.detach()) & ok
-        if bool(bad.any()):
-            tasks = (bad.nonzero().flatten() + first_task).tolist()
-            if not config.skip_nonfinite_tasks:
-                raise NonFiniteLossError(f"non-finite query loss after adaptation for task(s) {tasks}; check the query "
-                                         "inputs, lower the inner lr, or set skip_nonfinite_tasks=True")
-            ok = ok & ~bad
-            xq = torch.where(bad.view(-1, *([1] * (xq.dim() - 1))), torch.zeros_like(xq), xq)
-            loss_t, acc_t = per_task_loss(final(xq), yq, config.loss, "query")
-    return loss_t, acc_t, ok
-
-
-def _meta_metrics(result: AdaptResult, loss: Tensor | float, post: float, ok: Tensor) -> dict[str, float]:
-    pre = result.curve_accuracy[0] if result.curve_accuracy else math.nan
-    return {"pre_adapt_acc": pre, "post_adapt_acc": post, "fast_gain": post - pre,
-            "auac": auac(result.curve_accuracy) if result.curve_accuracy else math.nan,
-            "query_loss": float(loss), "skipped_tasks": int((~ok).sum())}
 
 
 def meta_loss(params: dict[str, Tensor], task_batch, *, algo: str | None = None, config: MAMLConfig, model,
@@ -145,18 +77,11 @@ def meta_loss(params: dict[str, Tensor], task_batch, *, algo: str | None = None,
         raise ValueError("config.recompute_inner rebuilds the inner graph during the backward, so meta_loss cannot "
                          "return a loss to call .backward() on: use meta_backward or MetaLearner.step, or set "
                          "recompute_inner=False")
-    task_model, result, xq, yq = _adapt_for_meta(params, task_batch, algo=algo, config=config, model=model, lrs=lrs,
-                                                 track_curve=track_curve, msl_weights=msl_weights, bn_mode=bn_mode,
-                                                 first_order=first_order)
-    loss_t, acc_t, ok = _query_losses(task_model, result.adapted, xq, yq, result.task_ok, config=config,
-                                      bn_mode=bn_mode, update_stats=update_stats)
-    if result.msl_loss_per_task is not None:
-        loss_t = result.msl_loss_per_task
-    weights = ok.to(loss_t.dtype) / ok.sum().clamp(min=1)
-    loss = (torch.where(ok, loss_t, torch.zeros_like(loss_t)) * weights).sum()
-    metrics = _meta_metrics(result, loss.detach(), float((acc_t * weights.to(acc_t.dtype)).sum()), ok)
-    logs = MetaLogs(result.logs, result.adapted, result.curve_loss, result.curve_accuracy, metrics["skipped_tasks"])
-    return MetaOutput(loss, metrics, logs)
+    settings = InnerLoopSettings.from_config(config, bn_mode=bn_mode, no_graph=algo == "reptile",
+                                             first_order=config.first_order if first_order is None else first_order)
+    return _meta_loss(params, task_batch, settings, as_task_model(model), lrs=config.inner_lr if lrs is None else lrs,
+                      track_curve=track_curve, msl_weights=msl_weights if algo != "reptile" else None,
+                      update_stats=update_stats)
 
 
 def meta_backward(params: dict[str, Tensor], task_batch, *, algo: str | None = None, config: MAMLConfig, model,
@@ -171,21 +96,45 @@ def meta_backward(params: dict[str, Tensor], task_batch, *, algo: str | None = N
     if algo == "reptile":
         raise ValueError("meta_backward is for MAML and FOMAML; Reptile's update needs no meta-gradient")
     first_order = config.first_order if first_order is None else first_order
-    recompute = config.recompute_inner and not first_order
-    task_model, result, xq, yq = _adapt_for_meta(params, task_batch, algo=algo, config=config, model=model, lrs=lrs,
-                                                 track_curve=track_curve, msl_weights=None, bn_mode="transductive",
-                                                 first_order=first_order, recompute=recompute)
+    settings = InnerLoopSettings.from_config(config, first_order=first_order,
+                                             recompute=config.recompute_inner and not first_order)
+    return _meta_backward(params, task_batch, settings, as_task_model(model), lrs=config.inner_lr if lrs is None else lrs,
+                          track_curve=track_curve, query_chunk=config.query_chunk, scale=scale)
+
+
+def _meta_loss(params, task_batch, settings: InnerLoopSettings, task_model: TaskModel, *, lrs, track_curve: bool,
+               msl_weights: Tensor | None, update_stats: bool) -> MetaOutput:
+    """meta_loss with the inner loop's settings given."""
+    result, xq, yq = _adapt_for_meta(params, task_batch, settings, task_model, lrs=lrs,
+                                     with_query=track_curve or msl_weights is not None, msl_weights=msl_weights)
+    loss_t, acc_t, ok = _query_losses(task_model, result.adapted, xq, yq, result.task_ok, settings,
+                                      update_stats=update_stats)
+    if result.msl_loss_per_task is not None:
+        loss_t = result.msl_loss_per_task
+    weights = ok.to(loss_t.dtype) / ok.sum().clamp(min=1)
+    loss = (torch.where(ok, loss_t, torch.zeros_like(loss_t)) * weights).sum()
+    metrics = _meta_metrics(result, loss.detach(), float((acc_t * weights.to(acc_t.dtype)).sum()), ok)
+    logs = MetaLogs(result.logs, result.adapted, result.curve_loss, result.curve_accuracy, metrics["skipped_tasks"])
+    return MetaOutput(loss, metrics, logs)
+
+
+def _meta_backward(params, task_batch, settings: InnerLoopSettings, task_model: TaskModel, *, lrs, track_curve: bool,
+                   query_chunk: int, scale: float) -> dict[str, float]:
+    """meta_backward with the inner loop's settings given."""
+    recompute = settings.recompute
+    result, xq, yq = _adapt_for_meta(params, task_batch, settings, task_model, lrs=lrs, with_query=track_curve,
+                                     msl_weights=None)
     # Recomputed, the adapted weights carry no graph: every weight that the base gives a gradient needs its own.
     names = [k for k, v in result.adapted.items() if (params[k].requires_grad if recompute else v.requires_grad)]
     T = xq.shape[0]
-    chunk = config.query_chunk or T
+    chunk = query_chunk or T
     ok_parts, grad_parts, loss_sum, acc_sum = [], [], 0.0, 0.0
     for start in range(0, T, chunk):
         part = slice(start, start + chunk)
         # Leaves per chunk (not slices of one leaf, whose backward would fill a whole-batch buffer per chunk).
         leaves = {k: v[part].detach().requires_grad_(k in names) for k, v in result.adapted.items()}
-        loss_t, acc_t, ok = _query_losses(task_model, leaves, xq[part], yq[part], result.task_ok[part], config=config,
-                                          bn_mode="transductive", update_stats=False, first_task=start)
+        loss_t, acc_t, ok = _query_losses(task_model, leaves, xq[part], yq[part], result.task_ok[part], settings,
+                                          first_task=start)
         kept = torch.where(ok, loss_t, torch.zeros_like(loss_t)).sum()
         if kept.requires_grad:
             kept.backward()  # d(sum of kept query losses) / d(adapted weights of this chunk)
@@ -204,7 +153,47 @@ def meta_backward(params: dict[str, Tensor], task_batch, *, algo: str | None = N
     return _meta_metrics(result, loss_sum / n_ok, acc_sum / n_ok, ok)
 
 
-class MetaLearner:
+def _adapt_for_meta(params, task_batch, settings: InnerLoopSettings, task_model: TaskModel, *, lrs, with_query: bool,
+                    msl_weights: Tensor | None) -> tuple[AdaptResult, Tensor, Tensor]:
+    """Checks the task batch and adapts every task on its support set (with_query: also scoring
+    the query set after every inner step). Returns (adapt result, x_query, y_query)."""
+    xs, ys, xq, yq = batch_parts(task_batch)
+    xs, ys = as_task_batch(xs, ys, "support", settings.loss)
+    xq, yq = as_task_batch(xq, yq, "query", settings.loss)
+    if xs.shape[0] != xq.shape[0]:
+        raise ValueError(f"support has {xs.shape[0]} tasks but query has {xq.shape[0]}; they must match")
+    result = adapt_tasks(params, (xs, ys), model=task_model, settings=settings, lrs=lrs,
+                         query_batch=(xq, yq) if with_query else None, msl_weights=msl_weights)
+    return result, xq, yq
+
+
+def _query_losses(task_model, adapted, xq, yq, ok, settings: InnerLoopSettings, *, update_stats=False, first_task=0):
+    """Per-task query loss and accuracy under the adapted weights, and `ok` without the tasks whose
+    loss is not finite (raised about unless settings.on_nonfinite is 'skip'; skipped tasks are rerun
+    with zeroed inputs so that no NaN enters the graph). first_task numbers the tasks in messages."""
+    final = lambda x: query_pass(task_model, adapted, x, yq, step=settings.steps, settings=settings,
+                                 update_stats=update_stats)
+    with ops.use_backend(settings.backend or ops.current_backend()):
+        loss_t, acc_t = final(xq)
+        bad = ~torch.isfinite(loss_t.detach()) & ok
+        if bool(bad.any()):
+            tasks = (bad.nonzero().flatten() + first_task).tolist()
+            if settings.on_nonfinite == "raise":
+                raise NonFiniteLossError(f"non-finite query loss after adaptation for task(s) {tasks}; check the query "
+                                         "inputs, lower the inner lr, or set skip_nonfinite_tasks=True")
+            ok = ok & ~bad
+            loss_t, acc_t = final(torch.where(task_view(bad, xq), torch.zeros_like(xq), xq))
+    return loss_t, acc_t, ok
+
+
+def _meta_metrics(result: AdaptResult, loss: Tensor | float, post: float, ok: Tensor) -> dict[str, float]:
+    pre = result.curve_accuracy[0] if result.curve_accuracy else math.nan
+    return {"pre_adapt_acc": pre, "post_adapt_acc": post, "fast_gain": post - pre,
+            "auac": auac(result.curve_accuracy) if result.curve_accuracy else math.nan,
+            "query_loss": float(loss), "skipped_tasks": int((~ok).sum())}
+
+
+class MetaLearner(Learner):
     """Outer loop of one model: MAML / FOMAML (meta-gradient + optimiser) or Reptile
     (theta += eps * (mean adapted - theta), eps decaying linearly), with the MAML++ options of
     `mamlpp` (learned per-step rates, multi-step loss, derivative-order annealing, BN modes).
@@ -226,6 +215,7 @@ class MetaLearner:
         if config.recompute_inner and (self.mamlpp.use_msl or self.mamlpp.bn_mode != "transductive"):
             raise ValueError("recompute_inner supports transductive BatchNorm without the multi-step loss; turn off "
                              "use_msl / use bn_mode='transductive', or set recompute_inner=False")
+        self.settings = InnerLoopSettings.from_config(config, bn_mode=self.mamlpp.bn_mode)
         device = next(model.parameters()).device
         # LSLR: one learned rate per parameter tensor and inner step, trained by the outer optimiser.
         self.lslr = (nn.Parameter(torch.full((K, len(names)), float(config.inner_lr), device=device))
@@ -291,25 +281,21 @@ class MetaLearner:
         self.optimizer.load_state_dict(state["optimizer"])
         self.outer_steps = state["outer_steps"]
 
-    def _reptile_adapt(self, params, sub, lrs):
-        # Reptile trains each task on all of its examples (support and query alike are training
-        # data of a meta-training task), as in Nichol et al. 2018; evaluation adapts on support only.
-        xs, ys, xq, yq = _batch_parts(sub)
-        if ys.dim() == yq.dim() and ys.dim() >= 2:
-            xs, ys = torch.cat([xs, xq], 1), torch.cat([ys, yq], 1)
-        cfg = self.config
-        result = adapt_tasks(params, (xs, ys), model=self.task_model, steps=cfg.inner_steps, lrs=lrs, first_order=True,
-                             inner_clip=cfg.inner_clip, engine=cfg.engine, backend=cfg.backend, no_graph=True,
-                             on_nonfinite="skip" if cfg.skip_nonfinite_tasks else "raise", loss=cfg.loss,
-                             bn_mode=self.mamlpp.bn_mode)
-        last = result.logs[-1]
-        nan = math.nan
-        metrics = {"pre_adapt_acc": nan, "post_adapt_acc": nan, "fast_gain": nan, "auac": nan,
-                   "query_loss": nan, "support_loss": last.loss, "skipped_tasks": int((~result.task_ok).sum())}
-        return result.adapted, metrics
-
     def reptile_epsilon(self) -> float:
         return reptile_epsilon(self.config, self.outer_steps)
+
+    # ---- evaluation --------------------------------------------------------------------------
+    def evaluate_tasks(self, task_batch) -> TaskScores:
+        """First-order adaptation without a graph on each support set, scored on the query set after
+        every inner step. Runs under no_grad and never touches the model's running statistics."""
+        xs, ys, xq, yq = batch_parts(task_batch)
+        lrs = self.inner_lrs()
+        settings = self.settings.replace(first_order=True, no_graph=True, engine="custom", on_nonfinite="raise")
+        with torch.no_grad():
+            result = adapt_tasks(dict(self.model.named_parameters()), (xs, ys), model=self.task_model,
+                                 settings=settings, lrs=lrs.detach() if isinstance(lrs, Tensor) else lrs,
+                                 query_batch=(xq, yq))
+        return TaskScores(result.curve_accuracy_per_task, result.curve_loss_per_task[:, -1])
 
     # ---- the outer step ----------------------------------------------------------------------
     def step(self, task_batch, *, epoch: int = 0, track_curve: bool = False,
@@ -319,74 +305,105 @@ class MetaLearner:
         Under torch.distributed, `task_batch` is this rank's shard and `total_tasks` the size of
         the whole meta-batch: gradients (or Reptile's adapted weights) are summed over ranks, so
         every rank takes the step the unsharded meta-batch would give."""
-        parts = _batch_parts(task_batch)
+        parts = batch_parts(task_batch)
         single = self.config.loss == "cross_entropy" and parts[1].dim() == 1
         local = 1 if single else parts[0].shape[0]
-        rank, world_size = distributed.world()
-        T = total_tasks or local
-        chunk = self.config.task_chunk or local
+        total = total_tasks or local
+        self.optimizer.zero_grad(set_to_none=True)
+        totals, adapted = self._accumulate(parts, single, local, total, epoch, track_curve)
+        if distributed.world()[1] > 1:
+            totals, adapted = self._sum_over_ranks(totals, adapted, local, total)
+        self._apply_update(adapted)
+        self.outer_steps += 1
+        return {k: (v / total if k != "skipped_tasks" else v) for k, v in totals.items()}
+
+    def _accumulate(self, parts, single: bool, local: int, total: int, epoch: int, track_curve: bool):
+        """Adapts this process's `local` tasks config.task_chunk at a time. MAML / FOMAML
+        back-propagate each chunk's share (of `total` tasks) of the meta-objective into .grad;
+        Reptile collects the adapted weights. Returns the metric sums (each metric weighted by its
+        chunk's tasks) and, for Reptile, the adapted weights [local, *shape] per parameter."""
         params = dict(self.model.named_parameters())
-        algo = self.config.algo
+        reptile = self.config.algo == "reptile"
+        first_order = self.first_order_at(epoch)
+        settings = self.settings.replace(first_order=first_order, no_graph=reptile,
+                                         recompute=self.config.recompute_inner and not first_order)
+        chunk = self.config.task_chunk or local
         totals: dict[str, float] = {}
         adapted_chunks = []
-        self.optimizer.zero_grad(set_to_none=True)
         for start in range(0, local, chunk):
             lrs, msl = self.inner_lrs(), self.current_msl_weights(epoch)  # per chunk: each graph is freed
             sub = parts if single else tuple(p[start:start + chunk] for p in parts)
             n = 1 if single else sub[1].shape[0]
-            if algo == "reptile" and not track_curve:
+            if reptile and not track_curve:
                 # Reptile's update needs only the adapted weights: no query pass on the hot path.
                 adapted, metrics = self._reptile_adapt(params, sub, lrs)
                 adapted_chunks.append(adapted)
-            elif algo != "reptile" and msl is None and self.mamlpp.bn_mode == "transductive":
+            elif not reptile and msl is None and settings.bn_mode == "transductive":
                 # The query graph a chunk of tasks at a time (config.query_chunk), not all at once.
-                metrics = meta_backward(params, sub, config=self.config, model=self.task_model, lrs=lrs,
-                                        track_curve=track_curve, first_order=self.first_order_at(epoch), scale=n / T)
+                metrics = _meta_backward(params, sub, settings, self.task_model, lrs=lrs, track_curve=track_curve,
+                                         query_chunk=self.config.query_chunk, scale=n / total)
             else:
-                out = meta_loss(params, sub, config=self.config, model=self.task_model, track_curve=track_curve,
-                                lrs=lrs, msl_weights=msl, bn_mode=self.mamlpp.bn_mode,
-                                first_order=self.first_order_at(epoch),
-                                update_stats=self.mamlpp.bn_mode != "transductive")
+                out = _meta_loss(params, sub, settings, self.task_model, lrs=lrs, track_curve=track_curve,
+                                 msl_weights=msl, update_stats=settings.bn_mode != "transductive")
                 metrics = out.metrics
-                if algo == "reptile":
+                if reptile:
                     adapted_chunks.append(out.logs.adapted_params)
                 else:
-                    (out.loss * (n / T)).backward()
+                    (out.loss * (n / total)).backward()
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + v * (n if k != "skipped_tasks" else 1)
-        if algo == "reptile":
-            names = list(params)
-            adapted = [torch.cat([c[k] for c in adapted_chunks]) for k in names]
-            if world_size > 1:  # mean over all ranks' tasks, passed on as a single "task"
-                sums = [a.sum(0) for a in adapted]
-                distributed.all_reduce_sum_(sums)
-                adapted = [(s_ / T).unsqueeze(0) for s_ in sums]
-            with torch.no_grad():
-                ops.reptile_update_(list(params.values()), adapted, self.reptile_epsilon(), backend=self.config.backend)
+        adapted = [torch.cat([c[k] for c in adapted_chunks]) for k in params] if reptile else None
+        return totals, adapted
+
+    def _reptile_adapt(self, params, sub, lrs):
+        # Reptile trains each task on all of its examples (support and query alike are training
+        # data of a meta-training task), as in Nichol et al. 2018; evaluation adapts on support only.
+        xs, ys, xq, yq = batch_parts(sub)
+        if ys.dim() == yq.dim() and ys.dim() >= 2:
+            xs, ys = torch.cat([xs, xq], 1), torch.cat([ys, yq], 1)
+        result = adapt_tasks(params, (xs, ys), model=self.task_model,
+                             settings=self.settings.replace(first_order=True, no_graph=True), lrs=lrs)
+        nan = math.nan
+        metrics = {"pre_adapt_acc": nan, "post_adapt_acc": nan, "fast_gain": nan, "auac": nan,
+                   "query_loss": nan, "support_loss": result.logs[-1].loss,
+                   "skipped_tasks": int((~result.task_ok).sum())}
+        return result.adapted, metrics
+
+    def _sum_over_ranks(self, totals: dict[str, float], adapted, local: int, total: int):
+        """Turns what this rank accumulated over its tasks into sums over all ranks' tasks, so every
+        rank takes the step of the whole meta-batch: the meta-gradients (Reptile: the adapted
+        weights, passed on as one "task", their mean), the running BN statistics folded from the
+        rank's tasks (weighted by its share of the tasks: the sum then equals folding the statistics
+        of the whole meta-batch), and the metric sums."""
+        if adapted is not None:
+            sums = [a.sum(0) for a in adapted]
+            distributed.all_reduce_sum_(sums)
+            adapted = [(s / total).unsqueeze(0) for s in sums]
         else:
-            if world_size > 1:
-                trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
-                for p in trainable:
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
-                distributed.all_reduce_sum_([p.grad for p in trainable])
-            self.optimizer.step()
-            if self.lslr is not None:
-                with torch.no_grad():  # learned rates never leave the clamp range
-                    self.lslr.clamp_(LSLR_MIN, LSLR_MAX)
-        self.outer_steps += 1
-        if world_size > 1 and self.mamlpp.bn_mode != "transductive":
-            # Running BN statistics were folded from this rank's tasks: the task-weighted sum over
-            # ranks equals folding the statistics of the whole meta-batch.
+            trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
+            for p in trainable:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            distributed.all_reduce_sum_([p.grad for p in trainable])
+        if self.settings.bn_mode != "transductive":
             stats = [b for b in self.model.buffers() if b.is_floating_point()]
             with torch.no_grad():
                 for b in stats:
-                    b.mul_(local / T)
+                    b.mul_(local / total)
                 distributed.all_reduce_sum_(stats)
-        if world_size > 1:
-            keys = sorted(totals)
-            values = torch.tensor([totals[k] for k in keys], dtype=torch.float64,
-                                  device=next(self.model.parameters()).device)
-            distributed.all_reduce_sum_([values])
-            totals = dict(zip(keys, values.tolist()))
-        return {k: (v / T if k != "skipped_tasks" else v) for k, v in totals.items()}
+        keys = sorted(totals)
+        values = torch.tensor([totals[k] for k in keys], dtype=torch.float64, device=next(self.model.parameters()).device)
+        distributed.all_reduce_sum_([values])
+        return dict(zip(keys, values.tolist())), adapted
+
+    def _apply_update(self, adapted) -> None:
+        """Reptile: theta += eps * (mean adapted - theta); MAML / FOMAML: the optimiser's step."""
+        if self.config.algo == "reptile":
+            with torch.no_grad():
+                ops.reptile_update_(list(self.model.parameters()), adapted, self.reptile_epsilon(),
+                                    backend=self.config.backend)
+            return
+        self.optimizer.step()
+        if self.lslr is not None:
+            with torch.no_grad():  # learned rates never leave the clamp range
+                self.lslr.clamp_(LSLR_MIN, LSLR_MAX)

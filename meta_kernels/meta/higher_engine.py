@@ -5,24 +5,25 @@ from __future__ import annotations
 
 import torch
 
-from meta_kernels.meta.inner import AdaptResult, StepLog, _as_task_batch, lr_table, per_task_loss
+from meta_kernels.meta.inner_common import AdaptResult, InnerLoopSettings, StepLog, as_task_batch, lr_table, per_task_loss
 
 
-def adapt_with_higher(params, support_batch, *, task_model, steps, lrs, first_order, no_graph, inner_clip,
-                      query_batch, loss) -> AdaptResult:
+def adapt_with_higher(params, support_batch, *, task_model, settings: InnerLoopSettings, lrs,
+                      query_batch) -> AdaptResult:
     try:
         import higher
     except ImportError as exc:
         raise ImportError("engine='higher' needs the optional package higher: pip install higher") from exc
-    if inner_clip is not None:
+    if settings.inner_clip is not None:
         raise ValueError("engine='higher' does not clip inner gradients; set inner_clip=None or use engine='custom'")
     if query_batch is not None:
         raise ValueError("engine='higher' does not track the adaptation curve; use engine='custom' for it")
+    steps, no_graph = settings.steps, settings.no_graph
     model = task_model.model
     names = list(params)
     if any(p is not q for p, q in zip(params.values(), dict(model.named_parameters()).values())):
         raise ValueError("engine='higher' adapts the model's own parameters: pass dict(model.named_parameters())")
-    x, y = _as_task_batch(*support_batch, "support", loss)
+    x, y = as_task_batch(*support_batch, "support", settings.loss)
     table = lr_table(lrs, steps, names, x.device, next(iter(params.values())).dtype)
     adapted = {k: [] for k in names}
     logs = []
@@ -30,12 +31,12 @@ def adapt_with_higher(params, support_batch, *, task_model, steps, lrs, first_or
         # One SGD param group per tensor so each gets its own (possibly per-step) rate.
         opt = torch.optim.SGD([{"params": [p], "lr": 1.0} for p in params.values()], lr=1.0)
         # First order: keep the identity path to the base weights, detach the inner gradients.
-        detach = (lambda grads: [g.detach() for g in grads]) if first_order else None
+        detach = (lambda grads: [g.detach() for g in grads]) if settings.first_order else None
         with higher.innerloop_ctx(model, opt, copy_initial_weights=False,
                                   track_higher_grads=not no_graph) as (fmodel, diffopt):
             for step in range(steps):
                 out = fmodel(x[t])
-                task_loss, acc = per_task_loss(out.unsqueeze(0), y[t:t + 1], loss)
+                task_loss, acc = per_task_loss(out.unsqueeze(0), y[t:t + 1], settings.loss)
                 diffopt.step(task_loss.sum(), override={"lr": [table[step, i] for i in range(len(names))]},
                              grad_callback=detach)
                 if t == 0:

@@ -27,9 +27,11 @@ from torch import Tensor, nn
 import meta_kernels.ops as ops
 from meta_kernels import distributed
 from meta_kernels.config import MAMLConfig
-from meta_kernels.meta.algorithms import _batch_parts, accuracy_summary, reptile_epsilon
-from meta_kernels.meta.inner import NonFiniteLossError, _as_task_batch
+from meta_kernels.meta.algorithms import reptile_epsilon
+from meta_kernels.meta.inner_common import NonFiniteLossError, as_task_batch, batch_parts
+from meta_kernels.meta.learner import Learner, TaskScores
 from meta_kernels.meta.task_model import _has_batch_norm
+from meta_kernels.tensor_utils import to_compute
 
 SHARDED_ALGOS = ("fomaml", "reptile")
 AUTOCAST = ("none", "bf16")
@@ -44,7 +46,11 @@ def shard_model(model: nn.Module) -> nn.Module:
     return model
 
 
-class ShardedMetaLearner:
+class ShardedMetaLearner(Learner):
+    # Every rank adapts every task (on its slice of the examples), so evaluation and gathering the
+    # weights are collectives, and each rank samples the whole meta-batch.
+    collective = True
+
     def __init__(self, model: nn.Module, config: MAMLConfig, *, autocast: str = "none"):
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("sharded meta-learning runs in a process group: launch with torchrun (one process "
@@ -66,7 +72,6 @@ class ShardedMetaLearner:
         self.optimizer = outer(self.params, lr=config.meta_lr)
         self.outer_steps = 0
         self.device = self.params[0].device
-        self.lslr = None  # learned per-step rates are not supported with sharding
 
     # ---- pieces of a task ------------------------------------------------------------------------
     def _local(self) -> list[Tensor]:
@@ -82,7 +87,7 @@ class ShardedMetaLearner:
     def _forward_loss(self, x: Tensor, y: Tensor, n_total: int) -> tuple[Tensor, Tensor]:
         """This rank's share of the task's mean loss, scaled for FSDP's average over ranks, and
         [loss sum, correct] of the slice for the metrics."""
-        out = self.model(x).float()
+        out = to_compute(self.model(x))
         loss_sum = F.cross_entropy(out, y, reduction="sum")
         stats = torch.stack([loss_sum.detach(), (out.detach().argmax(-1) == y).sum().to(loss_sum.dtype)])
         return loss_sum * (distributed.world()[1] / n_total), stats
@@ -95,16 +100,16 @@ class ShardedMetaLearner:
         for p in self.params:
             p.grad = None
 
-    def _adapt(self, x: Tensor, y: Tensor, *, query=None, task: int = 0) -> tuple[float, list[float]]:
+    def _adapt(self, x: Tensor, y: Tensor, *, query=None, task: int = 0) -> tuple[float, list[tuple[float, float]]]:
         """K inner steps on this task, in place on the local shards, in fp32. Returns the last
-        support loss and (with `query`) the query accuracy after 0..K steps."""
+        support loss and (with `query`) the query (loss, accuracy) after 0..K steps."""
         cfg = self.config
         xl, yl, n = self._slice(x, y, "support")
         curve, loss = [], math.nan
         with torch.autocast(self.device.type, enabled=False):
             for step in range(cfg.inner_steps + 1):
                 if query is not None:
-                    curve.append(self._query_accuracy(*query))
+                    curve.append(self._query_scores(*query))
                 if step == cfg.inner_steps:
                     break
                 self._zero_grad()
@@ -133,10 +138,11 @@ class ShardedMetaLearner:
                 ops.sgd_step_([w for w, _ in pairs], [g for _, g in pairs], self.config.inner_lr * factor,
                               backend=self.config.backend)
 
-    def _query_accuracy(self, x: Tensor, y: Tensor) -> float:
+    def _query_scores(self, x: Tensor, y: Tensor) -> tuple[float, float]:
+        """(loss, accuracy) of the task's whole query set under the current weights."""
         xl, yl, n = self._slice(x, y, "query")
         with torch.no_grad():
-            return self._global(self._forward_loss(xl, yl, n)[1], n)[1]
+            return self._global(self._forward_loss(xl, yl, n)[1], n)
 
     def _outer_autocast(self):
         if self.autocast == "bf16":
@@ -146,9 +152,9 @@ class ShardedMetaLearner:
     # ---- the outer step --------------------------------------------------------------------------
     def step(self, task_batch, *, epoch: int = 0, total_tasks: int | None = None) -> dict[str, float]:
         """One outer step on the whole meta-batch (the same on every rank)."""
-        xs, ys, xq, yq = _batch_parts(task_batch)
-        xs, ys = _as_task_batch(xs, ys, "support")
-        xq, yq = _as_task_batch(xq, yq, "query")
+        xs, ys, xq, yq = batch_parts(task_batch)
+        xs, ys = as_task_batch(xs, ys, "support")
+        xq, yq = as_task_batch(xq, yq, "query")
         T, reptile = xs.shape[0], self.config.algo == "reptile"
         local = self._local()
         base = [w.detach().clone() for w in local]
@@ -193,18 +199,23 @@ class ShardedMetaLearner:
             metrics.update(query_loss=nan, post_adapt_acc=nan)
         return {"pre_adapt_acc": nan, "fast_gain": nan, "auac": nan, "skipped_tasks": 0, **metrics}
 
-    def evaluate_tasks(self, task_batch) -> list[list[float]]:
-        """Query accuracy after 0..K inner steps on the support set, per task; base weights unchanged."""
-        xs, ys, xq, yq = _batch_parts(task_batch)
+    def task_share(self) -> tuple[int, int]:
+        return 0, 1  # the whole meta-batch on every rank
+
+    def evaluate_tasks(self, task_batch) -> TaskScores:
+        """Each task adapted on its support set as in training, scored on its query set after every
+        inner step; the base weights are restored after each task."""
+        xs, ys, xq, yq = batch_parts(task_batch)
         local = self._local()
         base = [w.detach().clone() for w in local]
-        curves = []
+        curves = []  # per task: (query loss, query accuracy) after 0..K steps
         for t in range(xs.shape[0]):
             curves.append(self._adapt(xs[t], ys[t], query=(xq[t], yq[t]), task=t)[1])
             with torch.no_grad():
                 torch._foreach_copy_(local, base)
         self._zero_grad()
-        return curves
+        scores = torch.tensor(curves, dtype=torch.float64)  # [T, K + 1, (loss, accuracy)]
+        return TaskScores(curve_accuracy=scores[:, :, 1], query_loss=scores[:, -1, 0])
 
     # ---- checkpoints: full (unsharded) state, so a run resumes on any number of ranks -------------
     def model_state_dict(self) -> dict:
@@ -226,15 +237,3 @@ class ShardedMetaLearner:
         set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"],
                                  options=StateDictOptions(full_state_dict=True))
         self.outer_steps = state["outer_steps"]
-
-    def inner_lrs(self) -> float:
-        return self.config.inner_lr
-
-    def current_msl_weights(self, epoch: int) -> None:
-        return None  # no multi-step loss in the sharded learner
-
-
-def evaluation_summary(curves: list[list[float]]) -> dict:
-    """The accuracy / curve / AUAC record of `train.evaluate` from per-task curves."""
-    return accuracy_summary(torch.tensor([c[-1] for c in curves]),
-                            torch.tensor(curves, dtype=torch.float64).mean(0).tolist())

@@ -78,3 +78,8 @@ class TaskModel:
             return torch.func.vmap(call)(params, x)
         return torch.stack([functional_call(self.model, ({k: v[t] for k, v in params.items()}, self.buffers), (x[t],))
                             for t in range(x.shape[0])])
+
+
+def as_task_model(model) -> TaskModel:
+    """`model` itself when it is already a TaskModel, else its task-batched view."""
+    return model if isinstance(model, TaskModel) else TaskModel(model)
