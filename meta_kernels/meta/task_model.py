@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import inspect
-import warnings
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-TASK_BATCHING = ("auto", "native", "vmap", "loop")
+from meta_kernels.meta.batching import BatchedModel
+
+TASK_BATCHING = ("auto", "native", "batched", "vmap", "loop")
 
 
 def _has_batch_norm(model: nn.Module) -> bool:
@@ -19,24 +20,18 @@ class TaskModel:
     """Task-batched functional view of an nn.Module.
 
     - native: the model's own `forward_tasks(params, x)` (Conv4: grouped conv, per-task BN);
-    - vmap: torch.func.vmap over `functional_call`, for any module without BatchNorm;
-    - loop: a Python loop over tasks -- the fallback for user modules with BatchNorm (vmap over
-      F.batch_norm gives wrong double-backward gradients on torch 2.13), and the "batching off"
-      baseline of the benchmarks."""
+    - batched (the default for every other model): the task-batching engine (meta/batching.py) runs
+      the model's own forward on the tasks folded into one batch, its convs, linears and norms
+      task-aware and on the fused ops, any layer it does not know under vmap or a loop alone;
+    - vmap: torch.func.vmap over `functional_call` of the whole model (wrong second-order
+      gradients through F.batch_norm on torch 2.13: for models without BatchNorm);
+    - loop: a Python loop over tasks, the "batching off" baseline of the benchmarks."""
 
     def __init__(self, model: nn.Module, task_batching: str = "auto", compile: bool | str = False):
         if task_batching not in TASK_BATCHING:
             raise ValueError(f"unknown task_batching {task_batching!r}; choose one of {', '.join(TASK_BATCHING)}")
         if task_batching == "auto":
-            if hasattr(type(model), "forward_tasks"):
-                task_batching = "native"
-            elif _has_batch_norm(model):
-                warnings.warn(f"{type(model).__name__} has BatchNorm layers: its tasks run in a loop (vmap over "
-                              "F.batch_norm is not trusted for second-order gradients); use meta_kernels.models.Conv4 "
-                              "or give the model a forward_tasks(params, x) for batched tasks", stacklevel=2)
-                task_batching = "loop"
-            else:
-                task_batching = "vmap"
+            task_batching = "native" if hasattr(type(model), "forward_tasks") else "batched"
         if task_batching == "native" and not hasattr(type(model), "forward_tasks"):
             raise ValueError(f"task_batching='native' needs {type(model).__name__}.forward_tasks(params, x)")
         self.model, self.mode = model, task_batching
@@ -44,6 +39,7 @@ class TaskModel:
         self.takes_double_backward = (task_batching == "native" and "double_backward" in
                                       inspect.signature(type(model).forward_tasks).parameters)
         self.buffers = dict(model.named_buffers())
+        self.engine = BatchedModel(model) if task_batching == "batched" else None
         # torch.compile'd forward for every pass that is differentiated at most once (query passes,
         # first-order inner steps): AOTAutograd cannot double-backward, so MAML's inner steps
         # stay eager. `compile` may name a torch.compile backend.
@@ -73,6 +69,8 @@ class TaskModel:
         if bn_mode != "transductive":
             raise ValueError(f"bn_mode {bn_mode!r} needs a model with forward_tasks (e.g. meta_kernels.models.Conv4); "
                              f"{type(self.model).__name__} runs with its own BatchNorm behaviour ('transductive')")
+        if self.mode == "batched":
+            return self.engine(params, (x,), double_backward=double_backward)
         if self.mode == "vmap":
             call = lambda p, xt: functional_call(self.model, (p, self.buffers), (xt,))
             return torch.func.vmap(call)(params, x)
