@@ -31,6 +31,8 @@ def _load_config(args):
     overrides = list(args.set or [])
     if args.data_root:
         overrides.append(f"run.data_root={args.data_root}")
+    if getattr(args, "model", None):
+        overrides.append(f"model.factory={args.model}")
     return config.with_overrides(overrides) if overrides else config
 
 
@@ -95,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", help="a YAML/JSON config file (instead of --preset)")
     train.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config field")
     train.add_argument("--data-root", help="dataset folder (default $META_KERNELS_DATA/<dataset>)")
+    train.add_argument("--model", metavar="PACKAGE.MODULE:FACTORY",
+                       help="your own model: FACTORY(n_way, image_shape) returns an nn.Module (sets model.factory)")
     train.add_argument("--out", default="runs/train", help="output folder (default runs/train)")
     train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
     train.add_argument("--max-steps", type=int, help="stop after this many outer steps")

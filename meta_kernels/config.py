@@ -154,9 +154,12 @@ class MetaCheckpointConfig:
 
 @dataclass
 class ModelConfig:
-    """The network: Conv4 (`filters` per layer) or a ViT (`dim`, `depth`, `heads`, `patch_size`,
-    `mlp_ratio`: the backbone of the production presets)."""
+    """The network: Conv4 (`filters` per layer), a ViT (`dim`, `depth`, `heads`, `patch_size`,
+    `mlp_ratio`: the backbone of the production presets), or the user's own model: `factory`
+    names a function 'package.module:function' called as function(n_way, image_shape) that
+    returns an nn.Module (it then replaces `arch`; resume rebuilds the model from it)."""
     arch: str = "conv4"
+    factory: str | None = None
     filters: int = 64
     dim: int = 192
     depth: int = 6
@@ -170,6 +173,10 @@ class ModelConfig:
         for field in ("filters", "dim", "depth", "heads", "patch_size", "mlp_ratio"):
             _require(getattr(self, field) >= 1, name, field, f"must be >= 1, got {getattr(self, field)}")
         _require(self.dim % self.heads == 0, name, "heads", f"dim {self.dim} must be divisible by heads {self.heads}")
+        if self.factory is not None:
+            module, _, attr = str(self.factory).partition(":")
+            _require(isinstance(self.factory, str) and module and attr and " " not in self.factory, name, "factory",
+                     f"must be 'package.module:function', got {self.factory!r}")
 
 
 @dataclass

@@ -48,6 +48,8 @@ def load_split(config: MetaLearningFullConfig, split: str):
 def build_model(config: MetaLearningFullConfig, image_shape) -> torch.nn.Module:
     c, h, _ = image_shape
     m = config.model
+    if m.factory is not None:
+        return user_model(m.factory, config.episodes.n_way, tuple(image_shape))
     if m.arch == "vit":
         # Second-order MAML differentiates the attention twice, which the fused kernels cannot.
         return ViT(in_channels=c, image_size=h, n_way=config.episodes.n_way, dim=m.dim, depth=m.depth, heads=m.heads,
@@ -55,6 +57,23 @@ def build_model(config: MetaLearningFullConfig, image_shape) -> torch.nn.Module:
                    attention="math" if config.maml.second_order else "sdpa")
     bn_steps = config.maml.inner_steps + 1 if config.mamlpp.bn_mode == "per_step" else 1
     return Conv4(in_channels=c, n_way=config.episodes.n_way, filters=m.filters, image_size=h, bn_steps=bn_steps)
+
+
+def user_model(factory: str, n_way: int, image_shape: tuple[int, ...]) -> torch.nn.Module:
+    """The model of `factory` ('package.module:function'), called as function(n_way, image_shape)."""
+    import importlib
+    module_name, _, attr = factory.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"model.factory {factory!r}: cannot import {module_name!r} ({exc}); is it on PYTHONPATH?") from exc
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ValueError(f"model.factory {factory!r}: {module_name} has no function {attr!r}")
+    model = fn(n_way, image_shape)
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"model.factory {factory!r} returned {type(model).__name__}, not an nn.Module")
+    return model
 
 
 def build_learner(model: torch.nn.Module, config: MetaLearningFullConfig) -> Learner:

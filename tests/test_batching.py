@@ -308,3 +308,27 @@ def test_inputs_without_the_task_dim_are_refused():
     params = {k: v.detach().expand(3, *v.shape) for k, v in model.named_parameters()}
     with pytest.raises(ValueError, match=r"every input must be \[T, N, \.\.\.\] with T = 3"):
         BatchedModel(model)(params, (torch.randn(3, 4, 2), torch.randn(2, 4)))
+
+
+class MixesSamples(nn.Module):
+    """Centres its features with the batch mean: the folded batch would mix tasks."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = self.lin(x)
+        return h - h.mean(0)
+
+
+def test_a_forward_that_mixes_tasks_is_caught_by_the_debug_check():
+    import meta_kernels as mk
+    from meta_kernels.meta.batching import TaskMixingError, check_task_independence
+    x = torch.randn(3, 4, 3)
+    with pytest.raises(TaskMixingError, match=r"mixes samples across the batch.*task_batching='loop'"):
+        check_task_independence(MixesSamples(), x)
+    check_task_independence(seq_conv4(), torch.rand(3, 4, 1, 28, 28))  # the known layers never mix tasks
+    learner = mk.MetaLearner(MixesSamples(), mk.MAMLConfig(inner_steps=1), debug_batching=True)
+    with pytest.raises(TaskMixingError):
+        learner.step((x, torch.randint(0, 2, (3, 4)), x, torch.randint(0, 2, (3, 4))))

@@ -18,7 +18,8 @@ from meta_kernels import distributed
 from meta_kernels.config import ALGORITHMS, MAMLConfig, MAMLPlusPlusConfig
 from meta_kernels.meta.inner import adapt_tasks
 from meta_kernels.meta.inner_common import (AdaptResult, InnerLoopSettings, NonFiniteLossError, StepLog, as_task_batch,
-                                            batch_parts, query_pass)
+                                            batch_parts, lead_tensor, map_inputs, query_pass)
+from meta_kernels.meta.batching import check_task_independence
 from meta_kernels.meta.learner import Learner, TaskScores, auac
 from meta_kernels.meta.mamlpp import LSLR_MAX, LSLR_MIN, msl_weights
 from meta_kernels.meta.task_model import TaskModel, as_task_model
@@ -59,7 +60,8 @@ def resolve_algo(algo: str | None, config: MAMLConfig) -> str:
 
 def meta_loss(params: dict[str, Tensor], task_batch, *, algo: str | None = None, config: MAMLConfig, model,
               lrs=None, track_curve: bool = True, msl_weights: Tensor | None = None, bn_mode: str = "transductive",
-              first_order: bool | None = None, update_stats: bool = False) -> MetaOutput:
+              first_order: bool | None = None, update_stats: bool = False, loss_fn=None,
+              adapt_params=None) -> MetaOutput:
     """Meta-objective over the tasks of `task_batch`: mean query loss after adaptation.
 
     MAML: differentiable through the inner loop (second order). FOMAML: gradient at the adapted
@@ -71,14 +73,19 @@ def meta_loss(params: dict[str, Tensor], task_batch, *, algo: str | None = None,
     MAML++: msl_weights [steps] makes the loss the weighted query loss after every inner step;
     bn_mode selects transductive / per_step / frozen BatchNorm; first_order overrides the
     algorithm's order (derivative-order annealing); update_stats folds the final query pass's
-    BN statistics into the model's running statistics (training passes only, never evaluation)."""
+    BN statistics into the model's running statistics (training passes only, never evaluation).
+
+    loss_fn(outputs, targets) -> scalar replaces config.loss (any callable, applied per task);
+    adapt_params (names or a predicate(name, tensor)) selects the adapted parameters (ANIL / BOIL),
+    see InnerLoopSettings."""
     algo = resolve_algo(algo, config)
     if config.recompute_inner:
         raise ValueError("config.recompute_inner rebuilds the inner graph during the backward, so meta_loss cannot "
                          "return a loss to call .backward() on: use meta_backward or MetaLearner.step, or set "
                          "recompute_inner=False")
     settings = InnerLoopSettings.from_config(config, bn_mode=bn_mode, no_graph=algo == "reptile",
-                                             first_order=config.first_order if first_order is None else first_order)
+                                             first_order=config.first_order if first_order is None else first_order,
+                                             loss=loss_fn or config.loss, adapt_params=adapt_params)
     return _meta_loss(params, task_batch, settings, as_task_model(model), lrs=config.inner_lr if lrs is None else lrs,
                       track_curve=track_curve, msl_weights=msl_weights if algo != "reptile" else None,
                       update_stats=update_stats)
@@ -86,7 +93,7 @@ def meta_loss(params: dict[str, Tensor], task_batch, *, algo: str | None = None,
 
 def meta_backward(params: dict[str, Tensor], task_batch, *, algo: str | None = None, config: MAMLConfig, model,
                   lrs=None, track_curve: bool = False, first_order: bool | None = None,
-                  scale: float = 1.0) -> dict[str, float]:
+                  scale: float = 1.0, loss_fn=None, adapt_params=None) -> dict[str, float]:
     """Back-propagates `scale * meta_loss(...).loss` (MAML / FOMAML, transductive BN, no MSL) and
     returns its metrics, with less memory: the query pass runs config.query_chunk tasks at a time,
     each chunk back-propagated to the adapted weights and its graph freed, before one backward
@@ -97,7 +104,8 @@ def meta_backward(params: dict[str, Tensor], task_batch, *, algo: str | None = N
         raise ValueError("meta_backward is for MAML and FOMAML; Reptile's update needs no meta-gradient")
     first_order = config.first_order if first_order is None else first_order
     settings = InnerLoopSettings.from_config(config, first_order=first_order,
-                                             recompute=config.recompute_inner and not first_order)
+                                             recompute=config.recompute_inner and not first_order,
+                                             loss=loss_fn or config.loss, adapt_params=adapt_params)
     return _meta_backward(params, task_batch, settings, as_task_model(model), lrs=config.inner_lr if lrs is None else lrs,
                           track_curve=track_curve, query_chunk=config.query_chunk, scale=scale)
 
@@ -126,14 +134,14 @@ def _meta_backward(params, task_batch, settings: InnerLoopSettings, task_model: 
                                      msl_weights=None)
     # Recomputed, the adapted weights carry no graph: every weight that the base gives a gradient needs its own.
     names = [k for k, v in result.adapted.items() if (params[k].requires_grad if recompute else v.requires_grad)]
-    T = xq.shape[0]
+    T = lead_tensor(xq).shape[0]
     chunk = query_chunk or T
     ok_parts, grad_parts, loss_sum, acc_sum = [], [], 0.0, 0.0
     for start in range(0, T, chunk):
         part = slice(start, start + chunk)
         # Leaves per chunk (not slices of one leaf, whose backward would fill a whole-batch buffer per chunk).
         leaves = {k: v[part].detach().requires_grad_(k in names) for k, v in result.adapted.items()}
-        loss_t, acc_t, ok = _query_losses(task_model, leaves, xq[part], yq[part], result.task_ok[part], settings,
+        loss_t, acc_t, ok = _query_losses(task_model, leaves, map_inputs(lambda t: t[part], xq), yq[part], result.task_ok[part], settings,
                                           first_task=start)
         kept = torch.where(ok, loss_t, torch.zeros_like(loss_t)).sum()
         if kept.requires_grad:
@@ -160,8 +168,9 @@ def _adapt_for_meta(params, task_batch, settings: InnerLoopSettings, task_model:
     xs, ys, xq, yq = batch_parts(task_batch)
     xs, ys = as_task_batch(xs, ys, "support", settings.loss)
     xq, yq = as_task_batch(xq, yq, "query", settings.loss)
-    if xs.shape[0] != xq.shape[0]:
-        raise ValueError(f"support has {xs.shape[0]} tasks but query has {xq.shape[0]}; they must match")
+    if lead_tensor(xs).shape[0] != lead_tensor(xq).shape[0]:
+        raise ValueError(f"support has {lead_tensor(xs).shape[0]} tasks but query has {lead_tensor(xq).shape[0]}; "
+                         "they must match")
     result = adapt_tasks(params, (xs, ys), model=task_model, settings=settings, lrs=lrs,
                          query_batch=(xq, yq) if with_query else None, msl_weights=msl_weights)
     return result, xq, yq
@@ -182,8 +191,24 @@ def _query_losses(task_model, adapted, xq, yq, ok, settings: InnerLoopSettings, 
                 raise NonFiniteLossError(f"non-finite query loss after adaptation for task(s) {tasks}; check the query "
                                          "inputs, lower the inner lr, or set skip_nonfinite_tasks=True")
             ok = ok & ~bad
-            loss_t, acc_t = final(torch.where(task_view(bad, xq), torch.zeros_like(xq), xq))
+            loss_t, acc_t = final(map_inputs(lambda t: torch.where(task_view(bad, t), torch.zeros_like(t), t), xq))
     return loss_t, acc_t, ok
+
+
+def _cat_inputs(a, b):
+    """Support and query inputs side by side in the sample dim (one tensor, or several)."""
+    if isinstance(a, Tensor):
+        return torch.cat([a, b], 1)
+    if isinstance(a, dict):
+        return {k: _cat_inputs(a[k], b[k]) for k in a}
+    return type(a)(_cat_inputs(u, v) for u, v in zip(a, b))
+
+
+def _detached(lrs):
+    """The rates without their graph (evaluation): a float, a table, or per-element rates."""
+    if isinstance(lrs, dict):
+        return {k: v.detach() for k, v in lrs.items()}
+    return lrs.detach() if isinstance(lrs, Tensor) else lrs
 
 
 def _meta_metrics(result: AdaptResult, loss: Tensor | float, post: float, ok: Tensor) -> dict[str, float]:
@@ -199,11 +224,18 @@ class MetaLearner(Learner):
     `mamlpp` (learned per-step rates, multi-step loss, derivative-order annealing, BN modes).
 
     The meta-batch adapts together; `config.task_chunk` bounds memory by adapting that many tasks
-    at a time and accumulating the meta-gradient."""
+    at a time and accumulating the meta-gradient. `loss_fn(outputs, targets) -> scalar` replaces
+    config.loss; `adapt_params` (names or a predicate(name, tensor)) adapts a subset (ANIL: the
+    head, BOIL: the body); parameters with requires_grad=False are neither adapted nor trained.
+    meta_sgd: learned per-element inner rates (Meta-SGD), one rate tensor of each adapted
+    parameter's shape, starting at config.inner_lr and trained by the outer optimiser.
+    debug_batching: on the first step, check that the model's forward does not mix tasks when they
+    are batched (meta_kernels.meta.batching.check_task_independence)."""
 
     def __init__(self, model: nn.Module, config: MAMLConfig, *, mamlpp: MAMLPlusPlusConfig | None = None,
                  optimizer: torch.optim.Optimizer | None = None, task_batching: str = "auto",
-                 compile: bool | str = False):
+                 compile: bool | str = False, loss_fn=None, adapt_params=None, meta_sgd: bool = False,
+                 debug_batching: bool = False):
         self.model, self.config = model, config
         self.mamlpp = mamlpp or MAMLPlusPlusConfig(bn_mode="transductive")
         if compile and config.engine == "torch_func":
@@ -215,19 +247,26 @@ class MetaLearner(Learner):
         if config.recompute_inner and (self.mamlpp.use_msl or self.mamlpp.bn_mode != "transductive"):
             raise ValueError("recompute_inner supports transductive BatchNorm without the multi-step loss; turn off "
                              "use_msl / use bn_mode='transductive', or set recompute_inner=False")
-        self.settings = InnerLoopSettings.from_config(config, bn_mode=self.mamlpp.bn_mode)
+        self.settings = InnerLoopSettings.from_config(config, bn_mode=self.mamlpp.bn_mode, loss=loss_fn or config.loss,
+                                                      adapt_params=adapt_params)
         device = next(model.parameters()).device
         # LSLR: one learned rate per parameter tensor and inner step, trained by the outer optimiser.
         self.lslr = (nn.Parameter(torch.full((K, len(names)), float(config.inner_lr), device=device))
                      if self.mamlpp.use_lslr else None)
         self.msl_logits = (nn.Parameter(torch.zeros(K, device=device))
                            if self.mamlpp.use_msl and self.mamlpp.msl_weights == "learned" else None)
-        extra = [p for p in (self.lslr, self.msl_logits) if p is not None]
+        if meta_sgd and self.lslr is not None:
+            raise ValueError("meta_sgd (per-element rates) and use_lslr (per-layer, per-step rates) exclude each other")
+        self.meta_sgd_rates = ({k: nn.Parameter(torch.full_like(p.detach(), float(config.inner_lr)))
+                                for k, p in model.named_parameters() if k in self.settings.adapted_names(
+                                    dict(model.named_parameters()))} if meta_sgd else None)
+        extra = [p for p in (self.lslr, self.msl_logits) if p is not None] + list((self.meta_sgd_rates or {}).values())
         outer = torch.optim.Adam if config.meta_optimizer == "adam" else torch.optim.SGD
         self.optimizer = optimizer or outer(list(model.parameters()) + extra, lr=config.meta_lr)
         if optimizer is not None and extra:
             self.optimizer.add_param_group({"params": extra})
         self.outer_steps = 0
+        self.debug_batching = debug_batching and self.task_model.mode == "batched"
 
     def _check_bn_mode(self) -> None:
         mode = self.mamlpp.bn_mode
@@ -235,7 +274,7 @@ class MetaLearner(Learner):
             return
         if self.task_model.mode != "native":
             raise ValueError(f"bn_mode {mode!r} needs a model with forward_tasks (meta_kernels.models.Conv4); "
-                             f"{type(self.model).__name__} supports only 'transductive'")
+                             f"{type(self.model).__name__} supports only 'transductive' (set mamlpp.bn_mode=transductive)")
         if mode == "per_step":
             bn = [p for n, p in self.model.named_parameters() if n.endswith("bn.weight")]
             need = self.config.inner_steps + 1
@@ -245,7 +284,10 @@ class MetaLearner(Learner):
 
     # ---- MAML++ state ------------------------------------------------------------------------
     def inner_lrs(self):
-        """The inner rates used now: the clamped LSLR table, or config.inner_lr."""
+        """The inner rates used now: the per-element rates (Meta-SGD), the clamped LSLR table, or
+        config.inner_lr."""
+        if self.meta_sgd_rates is not None:
+            return self.meta_sgd_rates
         if self.lslr is None:
             return self.config.inner_lr
         return self.lslr.clamp(LSLR_MIN, LSLR_MAX)
@@ -266,7 +308,9 @@ class MetaLearner(Learner):
     def state_dict(self) -> dict:
         return {"outer_steps": self.outer_steps, "optimizer": self.optimizer.state_dict(),
                 "lslr": None if self.lslr is None else self.lslr.detach().clone(),
-                "msl_logits": None if self.msl_logits is None else self.msl_logits.detach().clone()}
+                "msl_logits": None if self.msl_logits is None else self.msl_logits.detach().clone(),
+                "meta_sgd_rates": None if self.meta_sgd_rates is None else
+                {k: v.detach().clone() for k, v in self.meta_sgd_rates.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         for name in ("lslr", "msl_logits"):
@@ -278,6 +322,12 @@ class MetaLearner(Learner):
             if mine is not None:
                 with torch.no_grad():
                     mine.copy_(saved)
+        saved = state.get("meta_sgd_rates")
+        if (self.meta_sgd_rates is None) != (saved is None) or (saved is not None and set(saved) != set(self.meta_sgd_rates)):
+            raise ValueError("checkpoint meta_sgd_rates do not match this learner's: meta_sgd or the model differ")
+        for k, v in (saved or {}).items():
+            with torch.no_grad():
+                self.meta_sgd_rates[k].copy_(v)
         self.optimizer.load_state_dict(state["optimizer"])
         self.outer_steps = state["outer_steps"]
 
@@ -293,7 +343,7 @@ class MetaLearner(Learner):
         settings = self.settings.replace(first_order=True, no_graph=True, engine="custom", on_nonfinite="raise")
         with torch.no_grad():
             result = adapt_tasks(dict(self.model.named_parameters()), (xs, ys), model=self.task_model,
-                                 settings=settings, lrs=lrs.detach() if isinstance(lrs, Tensor) else lrs,
+                                 settings=settings, lrs=_detached(lrs),
                                  query_batch=(xq, yq))
         return TaskScores(result.curve_accuracy_per_task, result.curve_loss_per_task[:, -1])
 
@@ -307,8 +357,11 @@ class MetaLearner(Learner):
         every rank takes the step the unsharded meta-batch would give."""
         parts = batch_parts(task_batch)
         single = self.config.loss == "cross_entropy" and parts[1].dim() == 1
-        local = 1 if single else parts[0].shape[0]
+        local = 1 if single else lead_tensor(parts[0]).shape[0]
         total = total_tasks or local
+        if self.debug_batching and local >= 2:
+            check_task_independence(self.model, parts[0])
+            self.debug_batching = False
         self.optimizer.zero_grad(set_to_none=True)
         totals, adapted = self._accumulate(parts, single, local, total, epoch, track_curve)
         if distributed.world()[1] > 1:
@@ -332,7 +385,7 @@ class MetaLearner(Learner):
         adapted_chunks = []
         for start in range(0, local, chunk):
             lrs, msl = self.inner_lrs(), self.current_msl_weights(epoch)  # per chunk: each graph is freed
-            sub = parts if single else tuple(p[start:start + chunk] for p in parts)
+            sub = parts if single else tuple(map_inputs(lambda t: t[start:start + chunk], p) for p in parts)
             n = 1 if single else sub[1].shape[0]
             if reptile and not track_curve:
                 # Reptile's update needs only the adapted weights: no query pass on the hot path.
@@ -360,7 +413,8 @@ class MetaLearner(Learner):
         # data of a meta-training task), as in Nichol et al. 2018; evaluation adapts on support only.
         xs, ys, xq, yq = batch_parts(sub)
         if ys.dim() == yq.dim() and ys.dim() >= 2:
-            xs, ys = torch.cat([xs, xq], 1), torch.cat([ys, yq], 1)
+            xs = _cat_inputs(xs, xq)
+            ys = torch.cat([ys, yq], 1)
         result = adapt_tasks(params, (xs, ys), model=self.task_model,
                              settings=self.settings.replace(first_order=True, no_graph=True), lrs=lrs)
         nan = math.nan

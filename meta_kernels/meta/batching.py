@@ -181,11 +181,13 @@ class _TaskBatchNorm:
             h = F.batch_norm(x, self.running_mean, self.running_var, None, None, False, 0.0, self.eps)
             return _affine(h, self.weight, self.bias, T, channel_dim=1)
         momentum = self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+        # Inside a torch.func transform (the torch_func engine's inner gradients) the running
+        # statistics, captured buffers, cannot be updated in place: those passes leave them alone.
+        running = self.training and self.track_running_stats and not torch._C._functorch.is_functorch_wrapped_tensor(x)
+        if running and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             if momentum is None:  # cumulative moving average, as torch
                 momentum = 1.0 / float(self.num_batches_tracked)
-        running = self.training and self.track_running_stats
         xt = x.reshape(T, x.shape[0] // T, *x.shape[1:])
         if xt.dim() == 3:  # BatchNorm1d on [N, C]: a trailing spatial dim of 1 for the op
             xt = xt.unsqueeze(-1)
@@ -533,3 +535,38 @@ def _task_count(args, kwargs) -> int:
 def explain(model: nn.Module) -> str:
     """How each layer of `model` runs when its tasks are batched: batched, fused op, vmap or loop."""
     return "\n".join(str(p) for p in BatchedModel(model).explain())
+
+
+class TaskMixingError(ValueError):
+    """The model's forward mixes samples across the batch outside the layers the engine knows."""
+
+
+def check_task_independence(model: nn.Module, inputs, params: dict[str, Tensor] | None = None, *,
+                            atol: float = 1e-5, rtol: float = 1e-4) -> None:
+    """Raises TaskMixingError when the batched forward of `inputs` ([T, N, ...] tensors, T >= 2)
+    gives task 0 other outputs than task 0 run alone -- the sign of a forward that mixes samples
+    outside the known layers (`x.mean(0)`, a hand-written batch norm). A debug check: it costs
+    one more forward (MetaLearner(debug_batching=True) runs it on the first step)."""
+    from meta_kernels.meta.task_model import model_inputs  # the same input forms as the inner loop
+    args, kwargs = model_inputs(inputs)
+    T = _task_count(args, kwargs)
+    if T < 2:
+        raise ValueError("check_task_independence needs at least 2 tasks in the inputs")
+    engine = BatchedModel(model)
+    base = dict(model.named_parameters()) if params is None else params
+    stacked = {k: v if v.dim() > dict(model.named_parameters())[k].dim() else v.expand(T, *v.shape)
+               for k, v in base.items()}
+    first = lambda tree: pytree.tree_map(lambda v: v[:1] if isinstance(v, Tensor) else v, tree)
+    with torch.no_grad():
+        state = torch.get_rng_state()
+        together = engine(stacked, args, kwargs)
+        torch.set_rng_state(state)
+        alone = engine(first(stacked), first(args), first(kwargs))
+    for a, b in zip(pytree.tree_leaves(first(together)), pytree.tree_leaves(alone)):
+        if isinstance(a, Tensor) and not torch.allclose(a, b, atol=atol, rtol=rtol, equal_nan=True):
+            raise TaskMixingError(
+                f"{type(model).__name__}'s forward mixes samples across the batch outside the layers the engine knows "
+                f"(task 0 differs by {(a - b).abs().max().item():.3e} when run with other tasks): the tasks are folded into "
+                "one batch, so an operation over the batch dim (x.mean(0), a hand-written norm over samples) sees "
+                "every task. Write it as a module the engine knows (nn.BatchNorm*), or run this model with "
+                "task_batching='loop'")

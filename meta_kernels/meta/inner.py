@@ -17,7 +17,7 @@ from torch import Tensor
 import meta_kernels.ops as ops
 from meta_kernels.meta.higher_engine import adapt_with_higher
 from meta_kernels.meta.inner_common import (AdaptResult, InnerLoopSettings, NonFiniteLossError, StepLog, as_task_batch,
-                                            lr_table, masked_mean, per_task_loss, query_pass)
+                                            lead_tensor, lr_table, map_inputs, masked_mean, per_task_loss, query_pass)
 from meta_kernels.meta.task_model import TaskModel, as_task_model
 from meta_kernels.tensor_utils import compute_dtype, task_view, to_compute
 
@@ -25,8 +25,8 @@ from meta_kernels.tensor_utils import compute_dtype, task_view, to_compute
 def adapt(params: dict[str, Tensor], support_batch, *, model, steps: int, lrs, first_order: bool,
           bn_mode: str = "transductive", rng: torch.Generator | None = None, inner_clip: float | None = None,
           engine: str = "custom", backend: str | None = None, no_graph: bool = False, query_batch=None,
-          on_nonfinite: str = "raise", loss: str = "cross_entropy",
-          msl_weights: Tensor | None = None) -> tuple[dict[str, Tensor], list[StepLog]]:
+          on_nonfinite: str = "raise", loss="cross_entropy", msl_weights: Tensor | None = None,
+          adapt_params=None) -> tuple[dict[str, Tensor], list[StepLog]]:
     """Adapts `params` on the support set of every task; returns (adapted_params, inner_logs).
 
     first_order=False keeps the second-order graph (MAML): adapted params keep grad_fn.
@@ -38,9 +38,13 @@ def adapt(params: dict[str, Tensor], support_batch, *, model, steps: int, lrs, f
     bn_mode: 'transductive' (statistics of the current set), 'per_step' (the same, with the BN
     affine row of the current step), 'frozen' (running statistics; BN affine not adapted).
     msl_weights [steps]: with a query batch, the multi-step loss sum_k w_k L_query(after k+1
-    updates) is returned in AdaptResult.msl_loss_per_task (adapt_tasks)."""
+    updates) is returned in AdaptResult.msl_loss_per_task (adapt_tasks).
+    loss: 'cross_entropy', 'mse' or a callable loss_fn(outputs, targets) -> scalar (per task);
+    adapt_params: names or a predicate(name, tensor) of the adapted parameters (default: every one
+    that requires grad); the others come back as [T, *shape] views of the base."""
     settings = InnerLoopSettings(steps=steps, first_order=first_order, bn_mode=bn_mode, inner_clip=inner_clip,
-                                 engine=engine, backend=backend, no_graph=no_graph, on_nonfinite=on_nonfinite, loss=loss)
+                                 engine=engine, backend=backend, no_graph=no_graph, on_nonfinite=on_nonfinite, loss=loss,
+                                 adapt_params=adapt_params)
     result = adapt_tasks(params, support_batch, model=model, settings=settings, lrs=lrs, query_batch=query_batch,
                          msl_weights=msl_weights, rng=rng)
     return result.adapted, result.logs
@@ -75,16 +79,21 @@ def adapt_tasks(params: dict[str, Tensor], support_batch, *, model, settings: In
     query = None
     if query_batch is not None:
         query = as_task_batch(*query_batch, "query", settings.loss)
-        if query[0].shape[0] != x.shape[0]:
-            raise ValueError(f"support has {x.shape[0]} tasks but query has {query[0].shape[0]}; they must match")
-    T = x.shape[0]
+        if lead_tensor(query[0]).shape[0] != lead_tensor(x).shape[0]:
+            raise ValueError(f"support has {lead_tensor(x).shape[0]} tasks but query has "
+                             f"{lead_tensor(query[0]).shape[0]}; they must match")
+    T = lead_tensor(x).shape[0]
     names = list(params)
+    adapted = settings.adapted_names(params)
     first = next(iter(params.values()))
     device = first.device
-    table = lr_table(lrs, steps, names, device, compute_dtype(first.dtype))
+    table = lr_table(1.0 if isinstance(lrs, dict) else lrs, steps, names, device, compute_dtype(first.dtype))
     if settings.bn_mode == "frozen":  # statistics and affine stay fixed during the inner loop
         keep = torch.tensor([0.0 if ".bn." in n else 1.0 for n in names], dtype=table.dtype, device=device)
         table = table * keep
+    if len(adapted) < len(names):  # the rates of the adapted parameters only
+        table = table[:, torch.tensor([names.index(k) for k in adapted], device=device)]
+    elementwise = _elementwise_rates(lrs, adapted, params)
     fork = torch.random.fork_rng(devices=[]) if rng is not None else contextlib.nullcontext()
     # Called under torch.no_grad() (evaluation): adapt without a graph; the inner gradients
     # themselves still need autograd, hence enable_grad below.
@@ -95,17 +104,54 @@ def adapt_tasks(params: dict[str, Tensor], support_batch, *, model, settings: In
             ops.use_backend(settings.backend or ops.current_backend()):
         if rng is not None:  # stochastic layers (dropout) draw from the caller's stream
             torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=rng)))
-        x = to_compute(x)
-        base = {k: to_compute(v) for k, v in params.items()}
+        x = map_inputs(to_compute, x)
+        base = {k: to_compute(params[k]) for k in adapted}
+        # Weights the inner loop does not adapt: every task keeps the base, and the meta-gradient
+        # reaches it through the expand.
+        fixed = {k: to_compute(v).expand(T, *v.shape) for k, v in params.items() if k not in base}
+        stepped = task_model.with_fixed(fixed) if fixed else task_model
         skipped = torch.zeros(T, dtype=torch.bool, device=device)
         while True:
             try:
-                return _run_steps(task_model, base, x, y, query, table, skipped, settings, msl_weights)
+                result = _run_steps(stepped, base, x, y, query, table, skipped, settings, msl_weights, elementwise)
+                return _with_fixed_weights(result, fixed, names) if fixed else result
             except _SkipTasks as skip:
                 # Rerun with those tasks' inputs zeroed: their graph must hold no inf/NaN, or the
                 # masked-out gradient (0 * NaN) would still poison the shared meta-gradient.
                 skipped = skipped | skip.bad
-                x = torch.where(task_view(skipped, x), torch.zeros_like(x), x)
+                x = map_inputs(lambda t: torch.where(task_view(skipped, t), torch.zeros_like(t), t), x)
+
+
+def _elementwise_rates(lrs, adapted: list[str], params: dict[str, Tensor]) -> list[Tensor] | None:
+    """Meta-SGD: `lrs` as {name: rates of that parameter's shape}, per element; None otherwise."""
+    if not isinstance(lrs, dict):
+        return None
+    missing = [k for k in adapted if k not in lrs]
+    if missing:
+        raise ValueError(f"per-element rates (Meta-SGD) need one rate tensor per adapted parameter; missing {missing}")
+    for k in adapted:
+        if lrs[k].shape != params[k].shape:
+            raise ValueError(f"the rates of {k} must have its shape {list(params[k].shape)}, got {list(lrs[k].shape)}")
+    return [lrs[k] for k in adapted]
+
+
+def _with_fixed_weights(result: AdaptResult, fixed: dict[str, Tensor], names: list[str]) -> AdaptResult:
+    """The result with the weights that were not adapted ([T, *shape] views of the base) among the
+    adapted ones, in the order of the model's parameters; its recompute backward takes adjoints
+    for all of them."""
+    adapted = result.adapted
+    result.adapted = {k: adapted[k] if k in adapted else fixed[k] for k in names}
+    if result.backward is not None:
+        inner_backward = result.backward
+
+        def backward(adjoint: list[Tensor]) -> None:
+            by_name = dict(zip(names, adjoint))
+            inner_backward([by_name[k] for k in adapted])
+            pairs = [(fixed[k], by_name[k]) for k in fixed if fixed[k].requires_grad]
+            if pairs:
+                torch.autograd.backward([w for w, _ in pairs], [a for _, a in pairs])
+        result.backward = backward
+    return result
 
 
 class _SkipTasks(Exception):
@@ -114,8 +160,9 @@ class _SkipTasks(Exception):
 
 
 def _run_steps(task_model: TaskModel, base: dict[str, Tensor], x: Tensor, y: Tensor, query, table: Tensor,
-               skipped: Tensor, settings: InnerLoopSettings, msl_weights: Tensor | None) -> AdaptResult:
-    T = x.shape[0]
+               skipped: Tensor, settings: InnerLoopSettings, msl_weights: Tensor | None,
+               elementwise: list[Tensor] | None = None) -> AdaptResult:
+    T = lead_tensor(x).shape[0]
     names = list(base)
     recompute = settings.recompute
     no_graph = settings.no_graph or recompute
@@ -143,7 +190,7 @@ def _run_steps(task_model: TaskModel, base: dict[str, Tensor], x: Tensor, y: Ten
         q_loss, q_acc = query_point(step)
         if recompute:
             starts.append(None if step == 0 else {k: v.detach().clone() for k, v in fast.items()})
-            rng_states.append(_rng_state(x.device))
+            rng_states.append(_rng_state(lead_tensor(x).device))
         grads, loss_t, acc_t = _task_gradients(task_model, fast, x, y, settings, step,
                                                create_graph=not settings.first_order and not no_graph)
         if settings.inner_clip is not None:
@@ -163,6 +210,8 @@ def _run_steps(task_model: TaskModel, base: dict[str, Tensor], x: Tensor, y: Ten
         if bool(skipped.any()):
             grads = _zero_skipped(grads, task_ok)
         lr_step = table[step]
+        if elementwise is not None:  # Meta-SGD: the per-element rates scale the step; lr_step is 1
+            grads = [to_compute(a) * g for a, g in zip(elementwise, grads)]
         logs.append(_step_log(step, loss_t, acc_t, norm, factor, grads, lr_step, task_ok, q_loss, q_acc))
         values = list(fast.values())
         if no_graph:
@@ -180,7 +229,8 @@ def _run_steps(task_model: TaskModel, base: dict[str, Tensor], x: Tensor, y: Ten
         fast = {k: v.detach() for k, v in fast.items()}
 
     def backward(adjoint: list[Tensor]) -> None:
-        _backward_by_recompute(task_model, base, x, y, table, task_ok, starts, rng_states, adjoint, settings)
+        _backward_by_recompute(task_model, base, x, y, table, task_ok, starts, rng_states, adjoint, settings,
+                               elementwise)
     per_task = [torch.stack(v, 1) for v in zip(*curve_per_task)] if query is not None else [None, None]
     return AdaptResult(fast, logs, curve_loss, curve_acc, task_ok, msl_total, backward if recompute else None,
                        *per_task)
@@ -203,18 +253,19 @@ def _set_rng_state(device: torch.device, state) -> None:
 
 
 def _backward_by_recompute(task_model, base, x, y, table, task_ok, starts, rng_states, adjoint,
-                           settings: InnerLoopSettings) -> None:
+                           settings: InnerLoopSettings, elementwise: list[Tensor] | None = None) -> None:
     """Back-propagates `adjoint` (d objective / d weights after the last step) through the inner
     loop, last step first: each step's second-order graph is rebuilt from its starting weights
     (with the RNG state it ran with), used for one vector-Jacobian product and freed. Gradients
     reach the base weights (through step 0) and the learning-rate table, as backward through the
     whole graph would."""
-    T, steps = x.shape[0], len(starts)
+    device = lead_tensor(x).device
+    T, steps = lead_tensor(x).shape[0], len(starts)
     lr_leaf = table.detach().requires_grad_(table.requires_grad)
-    fork = torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else [])
-    with fork, torch.enable_grad(), torch.autocast(device_type=x.device.type, enabled=False):
+    fork = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+    with fork, torch.enable_grad(), torch.autocast(device_type=device.type, enabled=False):
         for step in reversed(range(steps)):
-            _set_rng_state(x.device, rng_states[step])
+            _set_rng_state(device, rng_states[step])
             if step == 0:
                 theta = {k: v.expand(T, *v.shape) for k, v in base.items()}
             else:
@@ -224,10 +275,13 @@ def _backward_by_recompute(task_model, base, x, y, table, task_ok, starts, rng_s
             factor = ops.clip_grad_norm(grads, settings.inner_clip)[1] if settings.inner_clip is not None else None
             if not bool(task_ok.all()):  # as in the forward pass
                 grads = _zero_skipped(grads, task_ok)
+            if elementwise is not None:
+                grads = [to_compute(a) * g for a, g in zip(elementwise, grads)]
             new = ops.sgd_step(list(theta.values()), grads, lr_leaf[step], factor)
             # Step 0 reaches the base weights (leaves of the caller's graph); later steps stop at
             # their starting weights, whose gradient is the next adjoint.
-            wanted = None if step == 0 else list(theta.values()) + ([lr_leaf] if lr_leaf.requires_grad else [])
+            wanted = None if step == 0 else list(theta.values()) + ([lr_leaf] if lr_leaf.requires_grad else []) + \
+                [a for a in elementwise or [] if a.requires_grad]
             torch.autograd.backward(new, adjoint, inputs=wanted)
             if step > 0:
                 adjoint = [v.grad for v in theta.values()]

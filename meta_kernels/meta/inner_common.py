@@ -33,7 +33,13 @@ class InnerLoopSettings:
     the second-order graph one step at a time in the backward (see inner.adapt_tasks).
     bn_mode: 'transductive' (statistics of the current set), 'per_step' (the same, with the BN
     affine row of the current step), 'frozen' (running statistics; BN affine not adapted).
-    on_nonfinite: 'raise' on a NaN/inf inner loss, or 'skip' the task (it keeps the base weights)."""
+    on_nonfinite: 'raise' on a NaN/inf inner loss, or 'skip' the task (it keeps the base weights).
+    loss: 'cross_entropy', 'mse', or any callable loss_fn(outputs, targets) -> scalar, applied to
+    each task's outputs and targets (soft or one-hot targets, regression, any output shape).
+    adapt_params: which parameters the inner loop adapts -- None (every one that requires grad), a
+    collection of names, or a predicate(name, tensor) (ANIL: the head; BOIL: the body). The others
+    keep their base weights in every task, and still get the meta-gradient (frozen ones,
+    requires_grad=False, never do)."""
     steps: int
     first_order: bool
     bn_mode: str = "transductive"
@@ -42,8 +48,9 @@ class InnerLoopSettings:
     backend: str | None = None  # None: the op backend in effect where the inner loop runs
     no_graph: bool = False
     on_nonfinite: str = "raise"
-    loss: str = "cross_entropy"
+    loss: str | Callable = "cross_entropy"
     recompute: bool = False
+    adapt_params: tuple[str, ...] | Callable[[str, Tensor], bool] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.steps, int) or self.steps < 1:
@@ -54,6 +61,32 @@ class InnerLoopSettings:
             raise ValueError(f"unknown bn_mode {self.bn_mode!r}; choose one of {', '.join(BN_MODES)}")
         if self.on_nonfinite not in NONFINITE:
             raise ValueError(f"on_nonfinite must be one of {NONFINITE}, got {self.on_nonfinite!r}")
+        if not callable(self.loss) and self.loss not in LOSSES:
+            raise ValueError(f"unknown loss {self.loss!r}; choose one of {', '.join(LOSSES)} or pass a callable "
+                             "loss_fn(outputs, targets) -> scalar")
+        if isinstance(self.adapt_params, str):
+            raise ValueError(f"adapt_params must be a collection of parameter names or a predicate(name, tensor), "
+                             f"got the string {self.adapt_params!r}; write adapt_params=[{self.adapt_params!r}]")
+        if self.adapt_params is not None and not callable(self.adapt_params):
+            object.__setattr__(self, "adapt_params", tuple(self.adapt_params))
+
+    def adapted_names(self, params: dict[str, Tensor]) -> list[str]:
+        """The parameters the inner loop adapts (see adapt_params), in the order of `params`."""
+        rule = self.adapt_params
+        if rule is not None and not callable(rule):
+            unknown = sorted(set(rule) - set(params))
+            if unknown:
+                raise ValueError(f"adapt_params names {unknown}, which are not parameters of the model; "
+                                 f"it has {list(params)[:8]}{' ...' if len(params) > 8 else ''}")
+        # Weights that carry no graph at all (evaluation, detached copies) are all adaptable;
+        # among ones that do, requires_grad=False marks the frozen.
+        any_grad = any(v.requires_grad for v in params.values())
+        chosen = [k for k, v in params.items() if (v.requires_grad or not any_grad) and
+                  (rule is None or (rule(k, v) if callable(rule) else k in rule))]
+        if not chosen:
+            raise ValueError("no parameter is adapted: every parameter is frozen (requires_grad=False) or left out by "
+                             "adapt_params; adapt at least one")
+        return chosen
 
     @classmethod
     def from_config(cls, config: MAMLConfig, **changes) -> "InnerLoopSettings":
@@ -103,6 +136,31 @@ class AdaptResult:
     curve_accuracy_per_task: Tensor | None = None
 
 
+def map_inputs(fn: Callable[[Tensor], Tensor], x):
+    """fn on every tensor of a model input: one tensor, or a tuple / list / dict of them (several
+    inputs, keyword inputs), each [T, N, ...]."""
+    if isinstance(x, Tensor):
+        return fn(x)
+    if isinstance(x, (tuple, list)):
+        return type(x)(map_inputs(fn, v) for v in x)
+    if isinstance(x, dict):
+        return {k: map_inputs(fn, v) for k, v in x.items()}
+    return x
+
+
+def lead_tensor(x) -> Tensor:
+    """The first tensor of a model input (its task and sample dims are those of every other)."""
+    if isinstance(x, Tensor):
+        return x
+    for v in (x.values() if isinstance(x, dict) else x if isinstance(x, (tuple, list)) else ()):
+        try:
+            return lead_tensor(v)
+        except ValueError:
+            continue
+    raise ValueError(f"the model inputs hold no tensor (got {type(x).__name__}); pass a tensor, or a tuple or dict of "
+                     "tensors, each [T, N, ...]")
+
+
 def batch_parts(task_batch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(x_support, y_support, x_query, y_query) of a TaskBatch or a 4-tuple."""
     if hasattr(task_batch, "x_support"):
@@ -112,11 +170,28 @@ def batch_parts(task_batch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     raise ValueError("task_batch must be a TaskBatch or (x_support, y_support, x_query, y_query)")
 
 
-def as_task_batch(x: Tensor, y: Tensor, name: str, loss: str = "cross_entropy") -> tuple[Tensor, Tensor]:
+def as_task_batch(x: Tensor, y: Tensor, name: str, loss: str | Callable = "cross_entropy") -> tuple[Tensor, Tensor]:
     """Adds the task dim to a single classification task; checks shapes and label types.
 
     cross_entropy: x [T, N, ...], y [T, N] integer classes (or one task: x [N, ...], y [N]).
-    mse: x [T, N, ...], y [T, N, ...] float targets."""
+    mse and a loss callable: x [T, N, ...], y [T, N, ...] targets. x may be several inputs (a
+    tuple or dict of tensors, each [T, N, ...]); every one must hold the same T and N."""
+    if not isinstance(x, Tensor):
+        lead = lead_tensor(x)
+        shapes = []
+        map_inputs(lambda t: shapes.append(tuple(t.shape[:2])), x)
+        if any(s != tuple(lead.shape[:2]) for s in shapes):
+            raise ValueError(f"{name}: every input must share the task and sample dims [T, N]; got {shapes}")
+        if lead.dim() == y.dim() + 1 - (0 if loss == "cross_entropy" else 1) and y.dim() == 1:
+            raise ValueError(f"{name}: several inputs need the task dim: each [T, N, ...] with y [T, N]")
+        as_task_batch(lead, y, name, loss)
+        return x, y
+    if callable(loss):
+        if y.dim() < 2 or x.dim() < 2 or x.shape[:2] != y.shape[:2]:
+            raise ValueError(f"{name}: x must be [T, N, ...] and y [T, N, ...]; got x {list(x.shape)} and y {list(y.shape)}")
+        if y.shape[1] == 0:
+            raise ValueError(f"{name} set is empty: it needs at least one example per task")
+        return x, y
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
     if loss == "cross_entropy" and y.dim() == 1:
@@ -154,9 +229,11 @@ def lr_table(lrs, steps: int, names: list[str], device, dtype=torch.float32) -> 
                      f"(per step and parameter), got shape {list(lrs.shape)}")
 
 
-def per_task_loss(outputs: Tensor, y: Tensor, loss: str = "cross_entropy", name: str = "support"):
+def per_task_loss(outputs: Tensor, y: Tensor, loss: str | Callable = "cross_entropy", name: str = "support"):
     """(loss [T], accuracy [T]) of each task; accuracy is NaN for regression."""
     T, N = y.shape[:2]
+    if callable(loss):
+        return _callable_loss(loss, outputs, y, name), _accuracy(outputs, y)
     if loss == "mse":
         if outputs.shape != y.shape:
             raise ValueError(f"{name}: model outputs {list(outputs.shape)} do not match targets {list(y.shape)}")
@@ -167,12 +244,38 @@ def per_task_loss(outputs: Tensor, y: Tensor, loss: str = "cross_entropy", name:
     return per, (outputs.detach().argmax(-1) == y).float().mean(1)
 
 
+def _callable_loss(loss_fn: Callable, outputs: Tensor, y: Tensor, name: str) -> Tensor:
+    """loss_fn on each task's outputs and targets: one batched call under vmap, or a loop over the
+    tasks when the callable cannot run under vmap."""
+    try:
+        per = torch.func.vmap(loss_fn)(outputs, y)
+    except Exception:  # noqa: BLE001 - e.g. .item() or data-dependent control flow inside loss_fn
+        per = torch.stack([torch.as_tensor(loss_fn(outputs[t], y[t])) for t in range(outputs.shape[0])])
+    if not isinstance(per, Tensor) or per.shape != (outputs.shape[0],):
+        got = list(per.shape[1:]) if isinstance(per, Tensor) else type(per).__name__
+        raise ValueError(f"{name}: loss_fn(outputs, targets) must return a scalar for one task's outputs "
+                         f"{list(outputs.shape[1:])} and targets {list(y.shape[1:])}, i.e. shape [], got {got}; "
+                         "reduce it (e.g. .mean())")
+    return per
+
+
+def _accuracy(outputs: Tensor, y: Tensor) -> Tensor:
+    """Per-task accuracy for class scores [T, N, K] against class indices [T, N] or soft / one-hot
+    targets [T, N, K]; NaN for anything else (regression)."""
+    with torch.no_grad():
+        if outputs.dim() == 3 and y.dim() == 2 and not y.is_floating_point():
+            return (outputs.argmax(-1) == y).float().mean(1)
+        if outputs.dim() == 3 and y.shape == outputs.shape and y.is_floating_point():
+            return (outputs.argmax(-1) == y.argmax(-1)).float().mean(1)
+        return torch.full((outputs.shape[0],), math.nan, device=outputs.device)
+
+
 def query_pass(task_model, weights: dict[str, Tensor], xq: Tensor, yq: Tensor, *, step: int,
                settings: InnerLoopSettings, update_stats: bool = False) -> tuple[Tensor, Tensor]:
     """Per-task query loss and accuracy ([T] each) under `weights`, the weights after `step` inner
     updates: the points of the adaptation curve, the multi-step loss terms and the meta-objective
     all come from here. update_stats folds the pass's BN statistics into the running ones."""
-    out = task_model(weights, to_compute(xq), step=step, bn_mode=settings.bn_mode, update_stats=update_stats)
+    out = task_model(weights, map_inputs(to_compute, xq), step=step, bn_mode=settings.bn_mode, update_stats=update_stats)
     return per_task_loss(out, yq, settings.loss, "query")
 
 

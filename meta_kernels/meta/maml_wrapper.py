@@ -16,10 +16,14 @@ from meta_kernels.meta.task_model import TaskModel
 
 class MAML(nn.Module):
     def __init__(self, model: nn.Module, lr: float, first_order: bool = False, *, inner_clip: float | None = None,
-                 engine: str = "custom", loss: str = "cross_entropy", task_batching: str = "auto"):
+                 engine: str = "custom", loss="cross_entropy", task_batching: str = "auto", adapt_params=None):
+        """loss: 'cross_entropy', 'mse' or a callable loss_fn(outputs, targets) -> scalar;
+        adapt_params: names or a predicate(name, tensor) of the parameters to adapt (default: every
+        one that requires grad)."""
         super().__init__()
         self.module = model
         self.lr, self.first_order, self.inner_clip, self.engine, self.loss = lr, first_order, inner_clip, engine, loss
+        self.adapt_params = adapt_params
         self.task_model = TaskModel(model, task_batching)
 
     def adapt(self, x: Tensor, y: Tensor, steps: int = 1) -> dict[str, Tensor]:
@@ -27,7 +31,8 @@ class MAML(nn.Module):
         single = self.loss == "cross_entropy" and y.dim() == 1
         adapted, self.inner_logs = adapt(dict(self.module.named_parameters()), (x, y), model=self.task_model,
                                          steps=steps, lrs=self.lr, first_order=self.first_order,
-                                         inner_clip=self.inner_clip, engine=self.engine, loss=self.loss)
+                                         inner_clip=self.inner_clip, engine=self.engine, loss=self.loss,
+                                         adapt_params=self.adapt_params)
         return {k: v[0] for k, v in adapted.items()} if single else adapted
 
     def forward(self, x: Tensor, params: dict[str, Tensor] | None = None) -> Tensor:

@@ -1,10 +1,12 @@
 """Runs a model on T tasks at once, each with its own parameters (every tensor [T, *shape])."""
 from __future__ import annotations
 
+import copy
 import inspect
 
 import torch
 from torch import Tensor, nn
+import torch.utils._pytree as pytree
 from torch.func import functional_call
 
 from meta_kernels.meta.batching import BatchedModel
@@ -48,6 +50,15 @@ class TaskModel:
             backend = compile if isinstance(compile, str) else "inductor"
             self.compiled = torch.compile(self.forward, backend=backend, fullgraph=self.mode != "loop", dynamic=False)
 
+    def with_fixed(self, fixed: dict[str, Tensor]) -> "TaskModel":
+        """This view with `fixed` (weights the inner loop does not adapt, [T, *shape]) added to the
+        weights of every call."""
+        view = copy.copy(self)
+        view.fixed = fixed
+        return view
+
+    fixed: dict[str, Tensor] = {}
+
     def parameters(self) -> dict[str, Tensor]:
         return dict(self.model.named_parameters())
 
@@ -56,26 +67,47 @@ class TaskModel:
         """Outputs [T, N, ...] for inputs x [T, N, ...]; `double_backward` marks a pass whose
         gradient is itself differentiated (it then never runs compiled). step / bn_mode /
         update_stats reach models with per-step BatchNorm (Conv4)."""
+        if self.fixed:
+            params = {**self.fixed, **params}
         if self.compiled is not None and not double_backward and not update_stats:
             return self.compiled(params, x, step, bn_mode)
         return self.forward(params, x, step, bn_mode, update_stats, double_backward)
 
     def forward(self, params: dict[str, Tensor], x: Tensor, step: int = 0, bn_mode: str = "transductive",
                 update_stats: bool = False, double_backward: bool = False) -> Tensor:
+        if self.fixed:
+            params = {**self.fixed, **params}
         if self.mode == "native":
+            if not isinstance(x, Tensor):
+                raise ValueError(f"{type(self.model).__name__}.forward_tasks takes one input tensor, got {type(x).__name__}")
             extra = {"double_backward": double_backward} if self.takes_double_backward else {}
             return type(self.model).forward_tasks(params, x, step=step, bn_mode=bn_mode, buffers=self.buffers,
                                                   update_stats=update_stats, **extra)
         if bn_mode != "transductive":
             raise ValueError(f"bn_mode {bn_mode!r} needs a model with forward_tasks (e.g. meta_kernels.models.Conv4); "
                              f"{type(self.model).__name__} runs with its own BatchNorm behaviour ('transductive')")
+        args, kwargs = model_inputs(x)
         if self.mode == "batched":
-            return self.engine(params, (x,), double_backward=double_backward)
+            return self.engine(params, args, kwargs, double_backward=double_backward)
         if self.mode == "vmap":
-            call = lambda p, xt: functional_call(self.model, (p, self.buffers), (xt,))
-            return torch.func.vmap(call)(params, x)
-        return torch.stack([functional_call(self.model, ({k: v[t] for k, v in params.items()}, self.buffers), (x[t],))
-                            for t in range(x.shape[0])])
+            call = lambda p, a, kw: functional_call(self.model, (p, self.buffers), a, kw)
+            return torch.func.vmap(call)(params, args, kwargs)
+        T = next(iter(params.values())).shape[0]
+        pick = lambda t: pytree.tree_map(lambda v: v[t] if isinstance(v, Tensor) else v, (args, kwargs))
+        return torch.stack([functional_call(self.model, ({k: v[t] for k, v in params.items()}, self.buffers), *pick(t))
+                            for t in range(T)])
+
+
+def model_inputs(x) -> tuple[tuple, dict]:
+    """(args, kwargs) of the model from a task batch's inputs: one tensor, a tuple of positional
+    inputs, a dict of keyword inputs, or a pair (tuple, dict) of both."""
+    if isinstance(x, Tensor):
+        return (x,), {}
+    if isinstance(x, dict):
+        return (), x
+    if isinstance(x, (tuple, list)) and len(x) == 2 and isinstance(x[0], (tuple, list)) and isinstance(x[1], dict):
+        return tuple(x[0]), x[1]
+    return tuple(x), {}
 
 
 def as_task_model(model) -> TaskModel:
