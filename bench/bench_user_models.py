@@ -1,0 +1,236 @@
+"""Users' own models (no forward_tasks) on the task-batching engine: one outer step of ours against
+a plain per-task functional_call loop and higher with the same model, in the same run and in
+alternation (shared-machine noise hits all alike).
+
+Cases (inner lr 0.4 classification / 0.01 regression, Adam 1e-3, no inner clipping):
+  seq_conv4     the peers' Conv4 written as a plain nn.Sequential (Conv2d 3x3 -> BatchNorm2d(
+                track_running_stats=False) -> ReLU -> MaxPool2d(2), x4, Flatten, Linear), Omniglot
+                28x28 5-way 1-shot 15-query, meta-batch 32, 5 inner steps; also mk.Conv4 (hand path)
+  resnet12      MetaOptNet's ResNet-12 (64-160-320-640), 32x32 RGB (CIFAR-FS shape), 5-way 1-shot
+                15-query, meta-batch 4, 5 inner steps
+  mlp_dropout   a 40-40 MLP with Dropout(0.1) on sinusoid regression (10 support, 10 query points),
+                meta-batch 25, 5 inner steps
+Implementations: ours (MetaLearner, defaults), ours-lowmem (task_chunk / query_chunk, and
+recompute_inner for MAML), plain-loop, higher (where installed).
+
+Time:   pytest bench/bench_user_models.py --benchmark-json=bench/results/user_models.json
+        python bench/summarize.py bench/results/user_models.json
+Memory: python bench/bench_user_models.py --memory   (each implementation in a fresh process:
+        RSS growth of one step and the peak of tensor memory allocated during a second)
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+import meta_kernels as mk
+from _common import interleaved_medians, machine
+
+HERE = Path(__file__).resolve().parent
+META_LR = 1e-3
+if torch.cuda.is_available():
+    DEVICE = "cuda"
+else:
+    DEVICE = "cpu"
+    mk.keep_freed_cpu_memory()  # as the trainer does on CPUs
+
+
+def seq_conv4(n_way=5, channels=1, filters=64):
+    layers = []
+    for i in range(4):
+        layers += [nn.Conv2d(channels if i == 0 else filters, filters, 3, padding=1),
+                   nn.BatchNorm2d(filters, track_running_stats=False), nn.ReLU(), nn.MaxPool2d(2)]
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(filters, n_way))
+
+
+class ResBlock(nn.Module):
+    def __init__(self, c_in, c_out):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out)
+        self.c2, self.b2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out)
+        self.c3, self.b3 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out))
+        self.pool = nn.MaxPool2d(2)
+
+    def forward(self, x):
+        h = F.leaky_relu(self.b1(self.c1(x)), 0.1)
+        h = F.leaky_relu(self.b2(self.c2(h)), 0.1)
+        h = self.b3(self.c3(h))
+        return self.pool(F.leaky_relu(h + self.shortcut(x), 0.1))
+
+
+class ResNet12(nn.Module):
+    def __init__(self, n_way=5, widths=(64, 160, 320, 640)):
+        super().__init__()
+        chans = (3, *widths)
+        self.blocks = nn.Sequential(*[ResBlock(a, b) for a, b in zip(chans[:-1], chans[1:])])
+        self.head = nn.Linear(widths[-1], n_way)
+
+    def forward(self, x):
+        return self.head(F.adaptive_avg_pool2d(self.blocks(x), 1).flatten(1))
+
+
+def mlp_dropout():
+    return nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Dropout(0.1), nn.Linear(40, 40), nn.ReLU(), nn.Dropout(0.1),
+                         nn.Linear(40, 1))
+
+
+# case -> (model factory, T, batch maker, inner lr, loss name, low-memory settings)
+def _classification(T, shape, n_way=5, k=1, q=15, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    xs, xq = torch.rand(T, n_way * k, *shape, generator=g), torch.rand(T, n_way * q, *shape, generator=g)
+    ys = torch.arange(n_way).repeat_interleave(k).repeat(T, 1)
+    yq = torch.arange(n_way).repeat_interleave(q).repeat(T, 1)
+    return tuple(t.to(DEVICE) for t in (xs, ys, xq, yq))
+
+
+def _sinusoid(T, k=10, q=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    amp, phase = torch.rand(T, 1, 1, generator=g) * 4.9 + 0.1, torch.rand(T, 1, 1, generator=g) * torch.pi
+    xs, xq = torch.rand(T, k, 1, generator=g) * 10 - 5, torch.rand(T, q, 1, generator=g) * 10 - 5
+    return tuple(t.to(DEVICE) for t in (xs, amp * torch.sin(xs - phase), xq, amp * torch.sin(xq - phase)))
+
+
+CASES = {
+    "seq_conv4": (seq_conv4, lambda: _classification(32, (1, 28, 28)), 0.4, "cross_entropy",
+                  {"task_chunk": 8, "query_chunk": 1}),
+    "resnet12": (ResNet12, lambda: _classification(4, (3, 32, 32)), 0.4, "cross_entropy",
+                 {"task_chunk": 1, "query_chunk": 1}),
+    "mlp_dropout": (mlp_dropout, lambda: _sinusoid(25), 0.01, "mse", {}),
+}
+
+
+def _model(case):
+    torch.manual_seed(0)
+    return CASES[case][0]().to(DEVICE)
+
+
+def ours(case, algo, lowmem=False, model=None):
+    _, _, lr, loss, low = CASES[case]
+    settings = dict(low, recompute_inner=algo == "maml" and bool(low)) if lowmem else {}
+    cfg = mk.MAMLConfig(algo=algo, inner_steps=5, inner_lr=lr, inner_clip=None, engine="custom", meta_lr=META_LR,
+                        loss=loss, **settings)
+    learner = mk.MetaLearner(model or _model(case), cfg)
+    return lambda batch: learner.step(batch)
+
+
+def ours_conv4(case, algo):
+    return ours(case, algo, model=mk.Conv4.omniglot(5).to(DEVICE))
+
+
+def _loss(case):
+    return F.cross_entropy if CASES[case][3] == "cross_entropy" else F.mse_loss
+
+
+def plain_loop(case, algo):
+    model, lr, loss = _model(case), CASES[case][2], _loss(case)
+    opt = torch.optim.Adam(model.parameters(), lr=META_LR)
+
+    def step(batch):
+        xs, ys, xq, yq = batch
+        T = xs.shape[0]
+        opt.zero_grad()
+        params = dict(model.named_parameters())
+        for t in range(T):
+            fast = params
+            for _ in range(5):
+                grads = torch.autograd.grad(loss(functional_call(model, fast, (xs[t],)), ys[t]), list(fast.values()),
+                                            create_graph=algo == "maml")
+                fast = {k: v - lr * g for (k, v), g in zip(fast.items(), grads)}
+            (loss(functional_call(model, fast, (xq[t],)), yq[t]) / T).backward()
+        opt.step()
+    return step
+
+
+def with_higher(case, algo):
+    import higher
+    model, lr, loss = _model(case), CASES[case][2], _loss(case)
+    opt = torch.optim.Adam(model.parameters(), lr=META_LR)
+    inner = torch.optim.SGD(model.parameters(), lr=lr)
+    detach = (lambda grads: [g.detach() for g in grads]) if algo == "fomaml" else None
+
+    def step(batch):
+        xs, ys, xq, yq = batch
+        T = xs.shape[0]
+        opt.zero_grad()
+        for t in range(T):
+            with higher.innerloop_ctx(model, inner, copy_initial_weights=False) as (fmodel, diffopt):
+                for _ in range(5):
+                    diffopt.step(loss(fmodel(xs[t]), ys[t]), grad_callback=detach)
+                (loss(fmodel(xq[t]), yq[t]) / T).backward()
+        opt.step()
+    return step
+
+
+def implementations(case, algo) -> dict:
+    impls = {"ours": ours(case, algo)}
+    if CASES[case][4]:
+        impls["ours-lowmem"] = ours(case, algo, lowmem=True)
+    if case == "seq_conv4":
+        impls["mk.Conv4"] = ours_conv4(case, algo)
+    impls["plain-loop"] = plain_loop(case, algo)
+    if importlib.util.find_spec("higher") is not None:
+        impls["higher"] = with_higher(case, algo)
+    return impls
+
+
+PARAMS = [(c, a) for c in CASES for a in ("maml", "fomaml")]
+
+
+@pytest.mark.parametrize("case,algo", PARAMS, ids=[f"{c}-{a}" for c, a in PARAMS])
+def test_outer_step(benchmark, case, algo):
+    benchmark.group = f"{case} {algo}"
+    batch = CASES[case][1]()
+    impls = {k: (lambda fn=fn: fn(batch)) for k, fn in implementations(case, algo).items()}
+    heavy = case == "resnet12"
+    medians = interleaved_medians(impls, rounds=2 if heavy else 3, inner=1, warmup=1)
+    benchmark.extra_info.update({"machine": machine(), "median_s": medians,
+                                 "speedup_vs": {k: v / medians["ours"] for k, v in medians.items() if k != "ours"}})
+    benchmark.pedantic(impls["ours"], rounds=1, iterations=1)
+
+
+def _child(case, algo, impl) -> None:
+    sys.path.insert(0, str(HERE))
+    from peak_memory import peak_allocated_cpu
+    batch = CASES[case][1]()
+    fn = implementations(case, algo)[impl]
+    with open("/proc/self/status") as f:
+        before = next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) * 1024
+    fn(batch)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    print(json.dumps({"rss_gb": rss / 1e9, "allocated_gb": peak_allocated_cpu(lambda: fn(batch)) / 1e9}))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--memory", action="store_true")
+    parser.add_argument("--cases", nargs="+", default=list(CASES))
+    parser.add_argument("--child", nargs=3, metavar=("CASE", "ALGO", "IMPL"))
+    args = parser.parse_args()
+    if args.child:
+        _child(*args.child)
+        return 0
+    print("| case | algorithm | implementation | RSS growth, GB | peak allocated, GB |\n|---|---|---|---:|---:|")
+    for case in args.cases:
+        for algo in ("maml", "fomaml"):
+            for impl in implementations(case, algo):
+                out = subprocess.run([sys.executable, __file__, "--child", case, algo, impl], capture_output=True,
+                                     text=True, check=True, cwd=HERE)
+                row = json.loads(out.stdout.strip().splitlines()[-1])
+                print(f"| {case} | {algo} | {impl} | {row['rss_gb']:.3f} | {row['allocated_gb']:.3f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
