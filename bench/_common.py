@@ -74,3 +74,24 @@ def machine() -> dict:
     except ImportError:
         pass
     return info
+
+
+def higher_outer_step(model, loss, inner_lr: float, meta_lr: float, algo: str, steps: int):
+    """One outer step of MAML / FOMAML written with higher.innerloop_ctx, task by task (the peer):
+    step(batch) for a batch (x_support, y_support, x_query, y_query), each [T, N, ...]."""
+    import higher
+    opt = torch.optim.Adam(model.parameters(), lr=meta_lr)
+    inner = torch.optim.SGD(model.parameters(), lr=inner_lr)
+    detach = (lambda grads: [g.detach() for g in grads]) if algo == "fomaml" else None
+
+    def step(batch):
+        xs, ys, xq, yq = batch
+        T = xs.shape[0]
+        opt.zero_grad()
+        for t in range(T):
+            with higher.innerloop_ctx(model, inner, copy_initial_weights=False) as (fmodel, diffopt):
+                for _ in range(steps):
+                    diffopt.step(loss(fmodel(xs[t]), ys[t]), grad_callback=detach)
+                (loss(fmodel(xq[t]), yq[t]) / T).backward()
+        opt.step()
+    return step

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 import meta_kernels as mk
-from _common import machine, peak_rss_gb, reset_peak_rss
+from _common import higher_outer_step, machine, peak_rss_gb, reset_peak_rss
 
 N_WAY, K_SHOT, Q_QUERY, INNER_LR, META_LR = 5, 1, 15, 0.4, 1e-3
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -120,23 +120,7 @@ def plain_vmap(algo, steps):
 
 
 def with_higher(algo, steps):
-    import higher
-    model = _model()
-    opt = torch.optim.Adam(model.parameters(), lr=META_LR)
-    inner = torch.optim.SGD(model.parameters(), lr=INNER_LR)
-    detach = (lambda grads: [g.detach() for g in grads]) if algo == "fomaml" else None
-
-    def step(batch):
-        xs, ys, xq, yq = batch
-        T = xs.shape[0]
-        opt.zero_grad()
-        for t in range(T):
-            with higher.innerloop_ctx(model, inner, copy_initial_weights=False) as (fmodel, diffopt):
-                for _ in range(steps):
-                    diffopt.step(F.cross_entropy(fmodel(xs[t]), ys[t]), grad_callback=detach)
-                (F.cross_entropy(fmodel(xq[t]), yq[t]) / T).backward()
-        opt.step()
-    return step
+    return higher_outer_step(_model(), F.cross_entropy, INNER_LR, META_LR, algo, steps)
 
 
 def _sync():

@@ -35,7 +35,8 @@ from torch import nn
 from torch.func import functional_call
 
 import meta_kernels as mk
-from _common import interleaved_medians, machine
+from meta_kernels.models import ResNet12, sequential_conv4
+from _common import higher_outer_step, interleaved_medians, machine
 
 HERE = Path(__file__).resolve().parent
 META_LR = 1e-3
@@ -44,41 +45,6 @@ if torch.cuda.is_available():
 else:
     DEVICE = "cpu"
     mk.keep_freed_cpu_memory()  # as the trainer does on CPUs
-
-
-def seq_conv4(n_way=5, channels=1, filters=64):
-    layers = []
-    for i in range(4):
-        layers += [nn.Conv2d(channels if i == 0 else filters, filters, 3, padding=1),
-                   nn.BatchNorm2d(filters, track_running_stats=False), nn.ReLU(), nn.MaxPool2d(2)]
-    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(filters, n_way))
-
-
-class ResBlock(nn.Module):
-    def __init__(self, c_in, c_out):
-        super().__init__()
-        self.c1, self.b1 = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out)
-        self.c2, self.b2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out)
-        self.c3, self.b3 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out)
-        self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out))
-        self.pool = nn.MaxPool2d(2)
-
-    def forward(self, x):
-        h = F.leaky_relu(self.b1(self.c1(x)), 0.1)
-        h = F.leaky_relu(self.b2(self.c2(h)), 0.1)
-        h = self.b3(self.c3(h))
-        return self.pool(F.leaky_relu(h + self.shortcut(x), 0.1))
-
-
-class ResNet12(nn.Module):
-    def __init__(self, n_way=5, widths=(64, 160, 320, 640)):
-        super().__init__()
-        chans = (3, *widths)
-        self.blocks = nn.Sequential(*[ResBlock(a, b) for a, b in zip(chans[:-1], chans[1:])])
-        self.head = nn.Linear(widths[-1], n_way)
-
-    def forward(self, x):
-        return self.head(F.adaptive_avg_pool2d(self.blocks(x), 1).flatten(1))
 
 
 def mlp_dropout():
@@ -103,7 +69,7 @@ def _sinusoid(T, k=10, q=10, seed=0):
 
 
 CASES = {
-    "seq_conv4": (seq_conv4, lambda: _classification(32, (1, 28, 28)), 0.4, "cross_entropy",
+    "seq_conv4": (sequential_conv4, lambda: _classification(32, (1, 28, 28)), 0.4, "cross_entropy",
                   {"task_chunk": 8, "query_chunk": 1}),
     "resnet12": (ResNet12, lambda: _classification(4, (3, 32, 32)), 0.4, "cross_entropy",
                  {"task_chunk": 1, "query_chunk": 1}),
@@ -154,23 +120,7 @@ def plain_loop(case, algo):
 
 
 def with_higher(case, algo):
-    import higher
-    model, lr, loss = _model(case), CASES[case][2], _loss(case)
-    opt = torch.optim.Adam(model.parameters(), lr=META_LR)
-    inner = torch.optim.SGD(model.parameters(), lr=lr)
-    detach = (lambda grads: [g.detach() for g in grads]) if algo == "fomaml" else None
-
-    def step(batch):
-        xs, ys, xq, yq = batch
-        T = xs.shape[0]
-        opt.zero_grad()
-        for t in range(T):
-            with higher.innerloop_ctx(model, inner, copy_initial_weights=False) as (fmodel, diffopt):
-                for _ in range(5):
-                    diffopt.step(loss(fmodel(xs[t]), ys[t]), grad_callback=detach)
-                (loss(fmodel(xq[t]), yq[t]) / T).backward()
-        opt.step()
-    return step
+    return higher_outer_step(_model(case), _loss(case), CASES[case][2], META_LR, algo, 5)
 
 
 def implementations(case, algo) -> dict:

@@ -55,3 +55,29 @@ def check_grad_and_gradgrad(fn, inputs):
     every backward formula."""
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-4)
     assert torch.autograd.gradgradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+# Per-task parameter shapes of the list ops: numel 1, odd sizes, a conv weight, one crossing the
+# CPU chunk (16384).
+SHAPE_SETS = {
+    "numel1": [(1,)],
+    "mixed": [(1027,), (3, 5, 7), (64, 1, 3, 3), (1,), (16411,)],
+}
+
+
+def tensor_lists(shapes, T, dtype, device, seed):
+    """Two lists (params, grads) of random tensors of `shapes`, with a leading task dim T unless None."""
+    g = gen(seed)
+    lead = () if T is None else (T,)
+    make = lambda s: torch.randn(lead + s, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+    return [make(s) for s in shapes], [make(s) for s in shapes]
+
+
+def as_float64(ts):
+    return [t.double() for t in ts]
+
+
+def small_lists(device, T=3):
+    """Two small lists (params, grads) of 2 tensors with T tasks, for the bad-input tests."""
+    p = [torch.randn(T, 4, device=device), torch.randn(T, 2, 3, device=device)]
+    return p, [torch.randn_like(t) for t in p]

@@ -10,46 +10,17 @@ from torch import nn
 from torch.func import functional_call
 
 from meta_kernels.meta.batching import BatchedModel, explain
+from meta_kernels.models import ResNet12, sequential_conv4
 
 F64 = dict(dtype=torch.float64)
 
 
 def seq_conv4(channels=1, filters=8, n_way=5):
-    layers = []
-    for i in range(4):
-        layers += [nn.Conv2d(channels if i == 0 else filters, filters, 3, padding=1),
-                   nn.BatchNorm2d(filters, track_running_stats=False), nn.ReLU(), nn.MaxPool2d(2)]
-    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(filters, n_way))
+    return sequential_conv4(n_way, channels, filters)
 
 
-class ResBlock(nn.Module):
-    """MetaOptNet's ResNet-12 block: three 3x3 conv-BN(-LeakyReLU) layers, a 1x1 conv-BN shortcut,
-    LeakyReLU after the sum, 2x2 max-pool."""
-
-    def __init__(self, c_in, c_out):
-        super().__init__()
-        self.c1, self.b1 = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out)
-        self.c2, self.b2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out)
-        self.c3, self.b3 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out)
-        self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out))
-        self.pool = nn.MaxPool2d(2)
-
-    def forward(self, x):
-        h = F.leaky_relu(self.b1(self.c1(x)), 0.1)
-        h = F.leaky_relu(self.b2(self.c2(h)), 0.1)
-        h = self.b3(self.c3(h))
-        return self.pool(F.leaky_relu(h + self.shortcut(x), 0.1))
-
-
-class ResNet12(nn.Module):
-    def __init__(self, widths=(4, 6, 8, 10), n_way=5):
-        super().__init__()
-        chans = (3,) + tuple(widths)
-        self.blocks = nn.Sequential(*[ResBlock(a, b) for a, b in zip(chans[:-1], chans[1:])])
-        self.head = nn.Linear(widths[-1], n_way)
-
-    def forward(self, x):
-        return self.head(F.adaptive_avg_pool2d(self.blocks(x), 1).flatten(1))
+def small_resnet12(widths=(4, 6, 8, 10), n_way=5):
+    return ResNet12(n_way, widths)
 
 
 class NormNet(nn.Module):
@@ -132,7 +103,7 @@ def _frozen_body():
 # (model factory, inputs of one task: (args, kwargs), classes)
 CASES = {
     "seq_conv4": (seq_conv4, lambda g: ((torch.rand(6, 1, 28, 28, generator=g, **F64),), {}), 5),
-    "resnet12": (ResNet12, lambda g: ((torch.randn(5, 3, 16, 16, generator=g, **F64),), {}), 5),
+    "resnet12": (small_resnet12, lambda g: ((torch.randn(5, 3, 16, 16, generator=g, **F64),), {}), 5),
     "mlp_dropout": (lambda: nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3)),
                     lambda g: ((torch.randn(7, 4, generator=g, **F64),), {}), 3),
     "layer_group_norm": (NormNet, lambda g: ((torch.randn(6, 3, 11, generator=g, **F64),), {}), 3),

@@ -322,8 +322,10 @@ def test_recomputed_inner_loop_gives_the_full_graph_gradients(engine, steps):
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-13)
 
 
-def test_recomputed_inner_loop_replays_dropout():
-    """Each rebuilt step draws the dropout masks it drew in the forward pass."""
+@pytest.mark.parametrize("task_batching", ["loop", "batched"])
+def test_recomputed_inner_loop_replays_dropout(task_batching):
+    """Each rebuilt step draws the dropout masks it drew in the forward pass (the tasks in a loop,
+    or folded into one batch by the engine)."""
     batch = _linear_tasks(T=3, n=8, d=6, seed=5)
     results = []
     for recompute in (False, True):
@@ -332,7 +334,7 @@ def test_recomputed_inner_loop_replays_dropout():
         cfg = MAMLConfig(algo="maml", inner_steps=3, inner_lr=0.1, inner_clip=None, engine="custom", loss="mse",
                          recompute_inner=recompute, task_chunk=2)
         learner = MetaLearner(model, cfg, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-                              task_batching="loop")
+                              task_batching=task_batching)
         torch.manual_seed(41)
         learner.step(batch)
         results.append([p.detach().clone() for p in model.parameters()])

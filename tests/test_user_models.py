@@ -9,7 +9,8 @@ from torch import nn
 from torch.func import functional_call
 
 import meta_kernels as mk
-from tests.test_batching import ResNet12, seq_conv4
+from meta_kernels.models import ResNet12
+from tests.test_batching import seq_conv4
 
 F64 = dict(dtype=torch.float64)
 T, STEPS, LR = 3, 2, 0.1
@@ -191,3 +192,21 @@ def test_several_inputs_one_a_keyword_through_meta_loss_and_metalearner():
     _assert_equal(got, torch.autograd.grad(total, list(params.values())), "two inputs")
     cfg = mk.MAMLConfig(algo="fomaml", inner_steps=2, inner_lr=LR, task_chunk=2, query_chunk=1)
     mk.MetaLearner(model, cfg).step((xs, ys, xq, yq))  # chunked tasks and query passes slice every input
+
+
+@pytest.mark.parametrize("name", ["seq_conv4", "resnet12"])
+def test_low_memory_settings_give_the_same_meta_gradient_for_a_user_model(name):
+    """task_chunk, query_chunk and recompute_inner (MAML's graph rebuilt one step at a time) on the
+    engine: the gradients of meta_loss(...).loss.backward()."""
+    factory, shape = MODELS[name]
+    torch.manual_seed(0)
+    model = factory().double()
+    batch = _batch(shape)
+    params = dict(model.named_parameters())
+    base = mk.MAMLConfig(algo="maml", inner_steps=STEPS, inner_lr=LR, inner_clip=None, engine="custom")
+    want = torch.autograd.grad(mk.meta_loss(params, batch, config=base, model=model, track_curve=False).loss,
+                               list(params.values()))
+    for settings in ({"query_chunk": 1}, {"query_chunk": 2, "recompute_inner": True}):
+        mk.meta_backward(params, batch, config=base.replace(**settings), model=model)
+        _assert_equal([p.grad for p in params.values()], want, f"{name} {settings}")
+        model.zero_grad(set_to_none=True)

@@ -29,6 +29,9 @@ class TaskModel:
       gradients through F.batch_norm on torch 2.13: for models without BatchNorm);
     - loop: a Python loop over tasks, the "batching off" baseline of the benchmarks."""
 
+    # Weights added to every call (see with_fixed): those the inner loop does not adapt.
+    fixed: dict[str, Tensor] = {}
+
     def __init__(self, model: nn.Module, task_batching: str = "auto", compile: bool | str = False):
         if task_batching not in TASK_BATCHING:
             raise ValueError(f"unknown task_batching {task_batching!r}; choose one of {', '.join(TASK_BATCHING)}")
@@ -44,11 +47,13 @@ class TaskModel:
         self.engine = BatchedModel(model) if task_batching == "batched" else None
         # torch.compile'd forward for every pass that is differentiated at most once (query passes,
         # first-order inner steps): AOTAutograd cannot double-backward, so MAML's inner steps
-        # stay eager. `compile` may name a torch.compile backend.
+        # stay eager. `compile` may name a torch.compile backend. The engine's per-layer fallbacks
+        # (vmap, loops) may split the graph, so it is not traced as one.
         self.compiled = None
         if compile:
             backend = compile if isinstance(compile, str) else "inductor"
-            self.compiled = torch.compile(self.forward, backend=backend, fullgraph=self.mode != "loop", dynamic=False)
+            self.compiled = torch.compile(self.forward, backend=backend, fullgraph=self.mode not in ("loop", "batched"),
+                                          dynamic=False)
 
     def with_fixed(self, fixed: dict[str, Tensor]) -> "TaskModel":
         """This view with `fixed` (weights the inner loop does not adapt, [T, *shape]) added to the
@@ -56,8 +61,6 @@ class TaskModel:
         view = copy.copy(self)
         view.fixed = fixed
         return view
-
-    fixed: dict[str, Tensor] = {}
 
     def parameters(self) -> dict[str, Tensor]:
         return dict(self.model.named_parameters())

@@ -5,29 +5,17 @@ import torch
 
 import meta_kernels as mk
 from meta_kernels.ops import reference
-from tests.conftest import DTYPES, F64, assert_no_worse_than_torch, backend_devices, check_grad_and_gradgrad, gen
-
-SHAPE_SETS = {
-    "numel1": [(1,)],
-    "mixed": [(1027,), (3, 5, 7), (64, 1, 3, 3), (1,), (16411,)],
-}
-
-
-def _lists(shapes, T, dtype, device, seed):
-    g = gen(seed)
-    lead = () if T is None else (T,)
-    make = lambda s: torch.randn(lead + s, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
-    return [make(s) for s in shapes], [make(s) for s in shapes]
-
-
-def _truth(ts):
-    return [t.double() for t in ts]
-
-
-def _small_lists(device, T=3):
-    p = [torch.randn(T, 4, device=device), torch.randn(T, 2, 3, device=device)]
-    g = [torch.randn_like(t) for t in p]
-    return p, g
+from tests.conftest import (
+    DTYPES,
+    F64,
+    SHAPE_SETS,
+    as_float64,
+    assert_no_worse_than_torch,
+    backend_devices,
+    check_grad_and_gradgrad,
+    small_lists,
+    tensor_lists,
+)
 
 
 @pytest.mark.parametrize("backend,device", backend_devices())
@@ -35,13 +23,13 @@ def _small_lists(device, T=3):
 @pytest.mark.parametrize("T", [1, 32])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_clip_grad_norm_matches_reference(backend, device, shapes, T, dtype):
-    _, grads = _lists(SHAPE_SETS[shapes], T, dtype, device, seed=7)
+    _, grads = tensor_lists(SHAPE_SETS[shapes], T, dtype, device, seed=7)
     max_norm = 2.0
     norm, factor = mk.clip_grad_norm(grads, max_norm, backend=backend)
     assert norm.shape == (T,) and factor.shape == (T,)
     assert norm.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     torch_norm, torch_factor = reference.clip_grad_norm(grads, max_norm, 1e-6)
-    true_norm, true_factor = reference.clip_grad_norm(_truth(grads), max_norm, 1e-6)
+    true_norm, true_factor = reference.clip_grad_norm(as_float64(grads), max_norm, 1e-6)
     # The reference sums in the storage dtype; ours accumulates in fp32 at least.
     assert_no_worse_than_torch(norm, torch_norm, true_norm, torch.float32 if dtype == torch.bfloat16 else dtype,
                                what="norm")
@@ -52,7 +40,7 @@ def test_clip_grad_norm_matches_reference(backend, device, shapes, T, dtype):
 @pytest.mark.parametrize("backend,device", backend_devices())
 def test_clip_grad_norm_against_torch_clip(backend, device):
     """Per task, the factor equals what torch.nn.utils.clip_grad_norm_ applies."""
-    _, grads = _lists(SHAPE_SETS["mixed"], 4, torch.float64, device, seed=8)
+    _, grads = tensor_lists(SHAPE_SETS["mixed"], 4, torch.float64, device, seed=8)
     norm, factor = mk.clip_grad_norm(grads, 3.0, backend=backend)
     for t in range(4):
         task = [torch.zeros_like(g[t], requires_grad=True) for g in grads]
@@ -67,7 +55,7 @@ def test_clip_grad_norm_against_torch_clip(backend, device):
 def test_clip_grad_norm_non_finite(backend, device):
     """Documented behaviour: a non-finite norm is returned as is and its factor is NaN; other
     tasks are unaffected."""
-    _, grads = _lists(SHAPE_SETS["mixed"], 3, torch.float32, device, seed=9)
+    _, grads = tensor_lists(SHAPE_SETS["mixed"], 3, torch.float32, device, seed=9)
     grads[0][0, 5] = float("inf")
     grads[2][2, 0, 0] = float("nan")
     norm, factor = mk.clip_grad_norm(grads, 1.0, backend=backend)
@@ -108,7 +96,7 @@ def test_clip_then_step_gradients(backend, device):
 
 @pytest.mark.parametrize("backend,device", backend_devices())
 def test_clip_grad_norm_bad_input(backend, device):
-    _, g = _small_lists(device)
+    _, g = small_lists(device)
     with pytest.raises(ValueError, match=r"grads is empty"):
         mk.clip_grad_norm([], 1.0, backend=backend)
     with pytest.raises(ValueError, match=r"max_norm must be > 0"):

@@ -4,12 +4,13 @@ import torch
 
 import meta_kernels as mk
 from meta_kernels.ops import reference
-from tests.conftest import DTYPES, assert_no_worse_than_torch, backend_devices, gen
-
-SHAPE_SETS = {
-    "numel1": [(1,)],
-    "mixed": [(1027,), (3, 5, 7), (64, 1, 3, 3), (1,), (16411,)],
-}
+from tests.conftest import (
+    DTYPES,
+    SHAPE_SETS,
+    assert_no_worse_than_torch,
+    backend_devices,
+    gen,
+)
 
 
 @pytest.mark.parametrize("backend,device", backend_devices())

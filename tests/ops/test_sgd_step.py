@@ -6,29 +6,18 @@ import torch
 
 import meta_kernels as mk
 from meta_kernels.ops import reference
-from tests.conftest import DTYPES, F64, assert_no_worse_than_torch, backend_devices, check_grad_and_gradgrad, gen
-
-SHAPE_SETS = {
-    "numel1": [(1,)],
-    "mixed": [(1027,), (3, 5, 7), (64, 1, 3, 3), (1,), (16411,)],
-}
-
-
-def _lists(shapes, T, dtype, device, seed):
-    g = gen(seed)
-    lead = () if T is None else (T,)
-    make = lambda s: torch.randn(lead + s, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
-    return [make(s) for s in shapes], [make(s) for s in shapes]
-
-
-def _truth(ts):
-    return [t.double() for t in ts]
-
-
-def _small_lists(device, T=3):
-    p = [torch.randn(T, 4, device=device), torch.randn(T, 2, 3, device=device)]
-    g = [torch.randn_like(t) for t in p]
-    return p, g
+from tests.conftest import (
+    DTYPES,
+    F64,
+    SHAPE_SETS,
+    as_float64,
+    assert_no_worse_than_torch,
+    backend_devices,
+    check_grad_and_gradgrad,
+    gen,
+    small_lists,
+    tensor_lists,
+)
 
 
 @pytest.mark.parametrize("backend,device", backend_devices())
@@ -36,12 +25,12 @@ def _small_lists(device, T=3):
 @pytest.mark.parametrize("T", [None, 1, 32])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_sgd_step_matches_reference(backend, device, shapes, T, dtype):
-    params, grads = _lists(SHAPE_SETS[shapes], T, dtype, device, seed=hash((shapes, T)) % 2**31)
+    params, grads = tensor_lists(SHAPE_SETS[shapes], T, dtype, device, seed=hash((shapes, T)) % 2**31)
     lrs = torch.rand(len(params), generator=gen(1), dtype=torch.float64).to(device=device, dtype=torch.float32)
     scale = None if T is None else torch.rand(T, generator=gen(2)).to(device)
     ours = mk.sgd_step(params, grads, lrs, scale, backend=backend)
     torch_same = reference.sgd_step(params, grads, lrs, scale)
-    truth = reference.sgd_step(_truth(params), _truth(grads), lrs.double(), None if scale is None else scale.double())
+    truth = reference.sgd_step(as_float64(params), as_float64(grads), lrs.double(), None if scale is None else scale.double())
     for i, (o, r, t) in enumerate(zip(ours, torch_same, truth)):
         assert o.shape == params[i].shape and o.dtype == dtype
         assert_no_worse_than_torch(o, r, t, dtype, what=f"sgd_step[{i}]")
@@ -51,7 +40,7 @@ def test_sgd_step_matches_reference(backend, device, shapes, T, dtype):
 @pytest.mark.parametrize("T", [None, 32])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_sgd_step_inplace_matches_out_of_place(backend, device, T, dtype):
-    params, grads = _lists(SHAPE_SETS["mixed"], T, dtype, device, seed=3)
+    params, grads = tensor_lists(SHAPE_SETS["mixed"], T, dtype, device, seed=3)
     lrs = torch.rand(len(params), generator=gen(4)).to(device)
     scale = None if T is None else torch.rand(T, generator=gen(5)).to(device)
     expected = mk.sgd_step(params, grads, lrs, scale, backend=backend)
@@ -98,7 +87,7 @@ def test_sgd_step_gradients(backend, device, with_scale):
 
 @pytest.mark.parametrize("backend,device", backend_devices())
 def test_sgd_step_bad_input(backend, device):
-    p, g = _small_lists(device)
+    p, g = small_lists(device)
     lrs = torch.tensor([0.1, 0.2], device=device)
     cases = [
         ((p, g[:1], lrs, None), r"grads has 1 tensors but params has 2"),
@@ -121,7 +110,7 @@ def test_sgd_step_bad_input(backend, device):
 
 @pytest.mark.parametrize("backend,device", backend_devices())
 def test_sgd_step_device_mismatch(backend, device):
-    p, g = _small_lists(device)
+    p, g = small_lists(device)
     other = "meta" if device == "cpu" else "cpu"
     with pytest.raises((ValueError, RuntimeError), match=r"(lrs is on|on meta|on cpu)"):
         mk.sgd_step(p, g, torch.tensor([0.1, 0.2], device=other), backend=backend)
@@ -129,7 +118,7 @@ def test_sgd_step_device_mismatch(backend, device):
 
 @pytest.mark.parametrize("backend,device", backend_devices())
 def test_inplace_ops_refuse_tensors_that_require_grad(backend, device):
-    p, g = _small_lists(device)
+    p, g = small_lists(device)
     p = [t.requires_grad_() for t in p]
     with pytest.raises(RuntimeError, match=r"sgd_step_ updates tensors in place"):
         mk.sgd_step_(p, g, 0.1, backend=backend)
