@@ -517,6 +517,13 @@ class BatchedModel:
             _DOUBLE_BACKWARD[0] = False
         return unfold(out, T)
 
+    def one_task(self, params: dict[str, Tensor], args: tuple, kwargs: dict | None = None):
+        """The model's forward for a single task, inputs and outputs as the model takes and gives
+        them: `params` hold each weight as [1, *shape] (task-aware on the fused ops) or [*shape]."""
+        for view, original in self._pairs:
+            view.training = original.training
+        return functional_call(self.view, params, args, kwargs or {}, strict=False)
+
     def explain(self) -> list[LayerPlan]:
         return list(self.plans)
 

@@ -3,15 +3,18 @@
 // thread of a block is an OS thread; blocks run one after the other; __syncthreads is a block-wide
 // std::barrier and warp shuffles go through a per-warp buffer and barrier. Timing, memory
 // coalescing and the real compiler are not emulated: this checks logic, not speed.
+// The barriers block on a condition variable: std::barrier spins and yields while it waits, which
+// with a block's 256 threads on a few cores spent most of the run in sched_yield.
 // Used by run.sh, which rewrites the .cu sources (launch syntax, CUDA includes) to include it.
 #pragma once
 #include <c10/core/Device.h>
 
-#include <barrier>
 #include <cmath>
+#include <condition_variable>
 #include <cstdint>
 #include <limits>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -49,12 +52,37 @@ inline cudaStream_t getCurrentCUDAStream() { return nullptr; }
 }  // namespace at
 
 namespace mk_emu {
+// A reusable barrier for `count` threads (std::barrier's arrive_and_wait, without the spinning).
+class Barrier {
+ public:
+  explicit Barrier(unsigned count) : count_(count) {}
+  void arrive_and_wait() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    const uint64_t phase = phase_;
+    if (++arrived_ == count_) {
+      arrived_ = 0;
+      ++phase_;
+      lock.unlock();
+      cv_.notify_all();
+      return;
+    }
+    cv_.wait(lock, [&] { return phase_ != phase; });
+  }
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  const unsigned count_;
+  unsigned arrived_ = 0;
+  uint64_t phase_ = 0;
+};
+
 struct Block {
   explicit Block(unsigned threads) : bar(threads), buf(threads) {
-    for (unsigned w = 0; w < (threads + 31) / 32; ++w) warp_bar.emplace_back(std::make_unique<std::barrier<>>(32));
+    for (unsigned w = 0; w < (threads + 31) / 32; ++w) warp_bar.emplace_back(std::make_unique<Barrier>(32));
   }
-  std::barrier<> bar;
-  std::vector<std::unique_ptr<std::barrier<>>> warp_bar;
+  Barrier bar;
+  std::vector<std::unique_ptr<Barrier>> warp_bar;
   std::vector<double> buf;
 };
 inline thread_local Block* cur = nullptr;

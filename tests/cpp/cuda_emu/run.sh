@@ -17,10 +17,12 @@ abi=$("$PYTHON" -c 'import torch; print(int(torch._C._GLIBCXX_USE_CXX11_ABI))')
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/mk-cuda-emu.XXXXXX")
 trap 'rm -rf "$work"' EXIT
+# The emulated ops: csrc/cuda/<op>.cu, compared with csrc/cpu/<op>.cpp.
+ops=(sgd_step clip_grad_norm batch_norm reptile_update max_pool2x2_relu)
 
-"$PYTHON" - "$repo" "$work" <<'EOF'
+"$PYTHON" - "$repo" "$work" "${ops[@]}" <<'EOF'
 import re, sys, pathlib
-repo, work = map(pathlib.Path, sys.argv[1:])
+repo, work = map(pathlib.Path, sys.argv[1:3])
 src = repo / "csrc" / "cuda"
 
 def sub(text, old, new, count=1, regex=False):
@@ -38,7 +40,7 @@ common = sub(common, "constexpr int64_t kChunk = 4096;", "constexpr int64_t kChu
 common = sub(common, "constexpr int64_t kMaxGrid = int64_t(1) << 20;", "constexpr int64_t kMaxGrid = 3;")
 (work / "cuda_common.cuh").write_text(common)
 
-for name in ("sgd_step", "clip_grad_norm", "batch_norm", "reptile_update", "max_pool2x2_relu"):
+for name in sys.argv[3:]:
     text = (src / f"{name}.cu").read_text()
     text = text.replace("#include <math_constants.h>", "")
     text = sub(text, r"(\b\w+_kernel<[\w, ]+>)<<<(.+?)>>>\(", r"mk_emulate_launch(\1, \2, ", regex=True)
@@ -52,12 +54,29 @@ for name in ("sgd_step", "clip_grad_norm", "batch_norm", "reptile_update", "max_
     (work / f"{name}.cpp").write_text(text)
 EOF
 
-echo "cuda_emu: building (torch $("$PYTHON" -c 'import torch; print(torch.__version__)'))"
-g++ -std=c++20 -O1 -g0 -pthread -fopenmp -D_GLIBCXX_USE_CXX11_ABI="$abi" \
-  -I"$here" -I"$torch_dir/include" -I"$torch_dir/include/torch/csrc/api/include" \
-  -DMK_EMU_SGD="\"$work/sgd_step.cpp\"" -DMK_EMU_CLIP="\"$work/clip_grad_norm.cpp\"" \
-  -DMK_EMU_BN="\"$work/batch_norm.cpp\"" -DMK_EMU_REPTILE="\"$work/reptile_update.cpp\"" -DMK_EMU_POOL="\"$work/max_pool2x2_relu.cpp\"" \
-  "$here/harness.cpp" "$repo/csrc/ops.cpp" "$repo"/csrc/cpu/*.cpp \
+echo "cuda_emu: building (torch $("$PYTHON" -c 'import torch; print(torch.__version__)'), ${MAX_JOBS:-2} jobs)"
+flags=(-std=c++20 -O1 -g0 -pthread -fopenmp -D_GLIBCXX_USE_CXX11_ABI="$abi"
+  -I"$here" -I"$torch_dir/include" -I"$torch_dir/include/torch/csrc/api/include"
+  -DMK_EMU_SGD="\"$work/sgd_step.cpp\"" -DMK_EMU_CLIP="\"$work/clip_grad_norm.cpp\""
+  -DMK_EMU_BN="\"$work/batch_norm.cpp\"" -DMK_EMU_REPTILE="\"$work/reptile_update.cpp\"" -DMK_EMU_POOL="\"$work/max_pool2x2_relu.cpp\"")
+# One object per source, MAX_JOBS at a time (each source spends most of its time in the torch
+# headers), the harness (the largest) first; then one link. The CPU kernels are those of the
+# emulated ops only: the others have no CUDA kernel to compare with.
+sources=("$here/harness.cpp" "$repo/csrc/ops.cpp")
+for op in "${ops[@]}"; do sources+=("$repo/csrc/cpu/$op.cpp"); done
+mkdir "$work/obj"
+objects=()
+running=0
+for src in "${sources[@]}"; do
+  obj="$work/obj/$(basename "$(dirname "$src")")_$(basename "${src%.cpp}").o"
+  objects+=("$obj")
+  if [ "$running" -ge "${MAX_JOBS:-2}" ]; then wait -n; running=$((running - 1)); fi
+  { g++ "${flags[@]}" -c "$src" -o "$obj" || touch "$work/failed"; } &
+  running=$((running + 1))
+done
+wait
+[ ! -e "$work/failed" ] || { echo "cuda_emu: FAILED to build" >&2; exit 1; }
+g++ -pthread -fopenmp "${objects[@]}" \
   -L"$torch_dir/lib" -Wl,--no-as-needed -ltorch -ltorch_cpu -lc10 -Wl,-rpath,"$torch_dir/lib" \
   -o "$work/cuda_emu"
 OMP_NUM_THREADS=1 "$work/cuda_emu"

@@ -1,0 +1,356 @@
+"""meta_kernels.compat.learn2learn: learn2learn 0.2's documented MAML / MetaSGD contract, and the
+batched form `clone(tasks=T)` against our meta_loss and a per-task loop."""
+import gc
+import weakref
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from meta_kernels.compat import learn2learn as l2l
+from meta_kernels.compat import task_sum
+from meta_kernels.config import MAMLConfig
+from meta_kernels.meta import meta_loss
+
+WAYS = 3
+
+
+def cnn():
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU(),
+                         nn.MaxPool2d(2), nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4, track_running_stats=False),
+                         nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 2 * 2, WAYS))
+
+
+def mlp():
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, WAYS))
+
+
+def tasks(T=3, n=6, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    x = lambda: torch.randn(T, n, 1, 8, 8, generator=g, dtype=dtype)
+    y = lambda: torch.randint(0, WAYS, (T, n), generator=g)
+    return x(), y(), x(), y()
+
+
+def grads_of(model):
+    out = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    return out
+
+
+def assert_all_close(a, b, tol=1e-10):
+    assert len(a) == len(b)
+    for u, v in zip(a, b):
+        torch.testing.assert_close(u, v, rtol=tol, atol=tol)
+
+
+def test_clone_outputs_equal_the_module_and_buffers_are_shared():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).double()
+    x = torch.randn(7, 5, dtype=torch.float64)
+    maml = l2l.algorithms.MAML(model, lr=0.1)
+    learner = maml.clone()
+    before = model[1].running_mean.clone()
+    torch.testing.assert_close(learner(x), model(x), rtol=1e-12, atol=1e-12)
+    assert all(not p.is_leaf and p.grad_fn is not None for p in learner.parameters())
+    # As in learn2learn, buffers are the original's: a clone's training forward moves its statistics.
+    assert learner.module[1].running_mean is model[1].running_mean
+    assert not torch.equal(model[1].running_mean, before)
+    assert learner.module is not model and learner.module[0] is not model[0]
+
+
+def test_first_order_adapt_equals_the_hand_computed_update():
+    torch.manual_seed(1)
+    model = cnn().double()
+    xs, ys, _, _ = tasks(T=1)
+    grads = torch.autograd.grad(F.cross_entropy(model(xs[0]), ys[0]), list(model.parameters()))
+    learner = l2l.algorithms.MAML(model, lr=0.3, first_order=True).clone()
+    learner.adapt(F.cross_entropy(learner(xs[0]), ys[0]))
+    for new, p, g in zip(learner.parameters(), model.parameters(), grads):
+        torch.testing.assert_close(new, p - 0.3 * g, rtol=1e-12, atol=1e-12)
+    # The update stays connected to the original weights (first order: d new / d p = identity).
+    new = list(learner.parameters())
+    sum(t.sum() for t in new).backward()
+    assert all(torch.equal(p.grad, torch.ones_like(p)) for p in model.parameters())
+
+
+def test_second_order_graph_reaches_the_original_weights():
+    torch.manual_seed(2)
+    model = mlp().double()
+    xs, ys, xq, yq = tasks(T=1)
+    meta = {}
+    for first_order in (False, True):
+        learner = l2l.algorithms.MAML(model, lr=0.5, first_order=first_order).clone()
+        for _ in range(2):
+            learner.adapt(F.cross_entropy(learner(xs[0]), ys[0]))
+        F.cross_entropy(learner(xq[0]), yq[0]).backward()
+        meta[first_order] = grads_of(model)
+    # by hand: the same two steps with torch.autograd, second order
+    w = dict(model.named_parameters())
+    fast = dict(w)
+    for _ in range(2):
+        g = torch.autograd.grad(F.cross_entropy(functional_call(model, fast, xs[0]), ys[0]), list(fast.values()),
+                                create_graph=True)
+        fast = {k: v - 0.5 * gi for (k, v), gi in zip(fast.items(), g)}
+    expected = torch.autograd.grad(F.cross_entropy(functional_call(model, fast, xq[0]), yq[0]), list(w.values()))
+    assert_all_close(meta[False], list(expected))
+    assert any((a - b).abs().max() > 1e-6 for a, b in zip(meta[False], meta[True]))
+
+
+class HalfUsed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.used, self.unused = nn.Linear(4, 2), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.used(x)
+
+
+def test_allow_nograd_and_allow_unused():
+    torch.manual_seed(3)
+    model = mlp().double()
+    model[1].weight.requires_grad_(False)  # a frozen layer
+    x, y = torch.randn(5, 1, 8, 8, dtype=torch.float64), torch.randint(0, WAYS, (5,))
+    learner = l2l.algorithms.MAML(model, lr=0.1).clone()
+    with pytest.raises(ValueError, match=r"1\.weight.*allow_nograd=True"):
+        learner.adapt(F.cross_entropy(learner(x), y))
+    learner = l2l.algorithms.MAML(model, lr=0.1, allow_nograd=True).clone()
+    learner.adapt(F.cross_entropy(learner(x), y))
+    assert torch.equal(learner.module[1].weight, model[1].weight)
+    assert not torch.equal(learner.module[3].weight, model[3].weight)
+
+    model = HalfUsed().double()
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 2, (5,))
+    learner = l2l.algorithms.MAML(model, lr=0.1).clone()
+    with pytest.raises(ValueError, match=r"unused\.weight.*allow_unused=True"):
+        learner.adapt(F.cross_entropy(learner(x), y))
+    learner.adapt(F.cross_entropy(learner(x), y), allow_unused=True)
+    assert torch.equal(learner.module.unused.weight, model.unused.weight)
+    assert not torch.equal(learner.module.used.weight, model.used.weight)
+
+
+class Tied(nn.Module):
+    """An encoder and a decoder sharing one weight, and one module under two names."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Linear(6, 4, bias=False)
+        self.dec = nn.Linear(6, 4, bias=False)
+        self.dec.weight = self.enc.weight
+        self.out = nn.Linear(6, 2)
+        self.head = self.out
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.enc(x)) @ self.dec.weight)
+
+
+def test_shared_parameters_stay_shared_and_adapt_once():
+    torch.manual_seed(4)
+    model = Tied().double()
+    x, y = torch.randn(5, 6, dtype=torch.float64), torch.randint(0, 2, (5,))
+    learner = l2l.algorithms.MAML(model, lr=0.2).clone()
+    assert learner.module.dec.weight is learner.module.enc.weight and learner.module.head is learner.module.out
+    grads = dict(zip([n for n, _ in model.named_parameters()],
+                     torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))))
+    learner.adapt(F.cross_entropy(learner(x), y))
+    assert learner.module.dec.weight is learner.module.enc.weight
+    torch.testing.assert_close(learner.module.enc.weight, model.enc.weight - 0.2 * grads["enc.weight"])
+    torch.testing.assert_close(learner.module.head.bias, model.out.bias - 0.2 * grads["out.bias"])
+
+
+def test_memory_stays_flat_across_clone_adapt_cycles():
+    torch.manual_seed(5)
+    model = cnn()
+    maml = l2l.algorithms.MAML(model, lr=0.1)
+    xs, ys, xq, yq = tasks(T=1, dtype=torch.float32)
+    refs, live = [], []
+    for cycle in range(12):
+        learner = maml.clone()
+        for _ in range(2):
+            learner.adapt(F.cross_entropy(learner(xs[0]), ys[0]))
+        F.cross_entropy(learner(xq[0]), yq[0]).backward()
+        refs.append(weakref.ref(next(learner.parameters())))
+        del learner
+        gc.collect()
+        live.append(sum(type(o) in (torch.Tensor, nn.Parameter) for o in gc.get_objects()))
+    assert all(r() is None for r in refs)  # every learner's weights were freed
+    assert live[-1] <= live[2]
+
+
+def test_meta_sgd_rates_get_gradients_and_update_per_element():
+    torch.manual_seed(6)
+    model = mlp().double()
+    xs, ys, xq, yq = tasks(T=1)
+    meta_sgd = l2l.algorithms.MetaSGD(model, lr=0.1)
+    with torch.no_grad():
+        for rate in meta_sgd.lrs:
+            rate.uniform_(0.05, 0.2)
+    assert len(list(meta_sgd.parameters())) == 2 * len(list(model.parameters()))
+    learner = meta_sgd.clone()
+    support = F.cross_entropy(learner(xs[0]), ys[0])
+    grads = torch.autograd.grad(support, list(learner.parameters()), retain_graph=True)
+    learner.adapt(support)
+    for new, p, rate, g in zip(learner.parameters(), model.parameters(), meta_sgd.lrs, grads):
+        torch.testing.assert_close(new, p - rate * g, rtol=1e-12, atol=1e-12)
+    F.cross_entropy(learner(xq[0]), yq[0]).backward()
+    assert all(r.grad is not None and r.grad.abs().sum() > 0 for r in meta_sgd.lrs)
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_clone_of_a_clone_keeps_the_graph():
+    torch.manual_seed(7)
+    model = mlp().double()
+    xs, ys, xq, yq = tasks(T=1)
+    learner = l2l.algorithms.MAML(model, lr=0.2).clone()
+    learner.adapt(F.cross_entropy(learner(xs[0]), ys[0]))
+    inner = learner.clone()
+    inner.adapt(F.cross_entropy(inner(xs[0]), ys[0]))
+    F.cross_entropy(inner(xq[0]), yq[0]).backward()
+    twice = grads_of(model)
+    learner = l2l.algorithms.MAML(model, lr=0.2).clone()
+    for _ in range(2):
+        learner.adapt(F.cross_entropy(learner(xs[0]), ys[0]))
+    F.cross_entropy(learner(xq[0]), yq[0]).backward()
+    assert_all_close(twice, grads_of(model))
+
+
+# ---- the batched form: float64 meta-gradients against meta_loss and a per-task loop ------------
+
+@pytest.mark.parametrize("make_model", [cnn, mlp], ids=["cnn_bn", "mlp"])
+@pytest.mark.parametrize("first_order", [False, True], ids=["maml", "fomaml"])
+def test_batched_and_per_task_meta_gradients_equal_meta_loss(make_model, first_order):
+    torch.manual_seed(8)
+    model, T, steps, lr = make_model().double(), 3, 2, 0.4
+    xs, ys, xq, yq = tasks(T=T)
+    maml = l2l.algorithms.MAML(model, lr=lr, first_order=first_order)
+
+    for t in range(T):  # learn2learn's loop, one clone per task
+        learner = maml.clone()
+        for _ in range(steps):
+            learner.adapt(F.cross_entropy(learner(xs[t]), ys[t]))
+        (F.cross_entropy(learner(xq[t]), yq[t]) / T).backward()
+    loop = grads_of(model)
+
+    learner = maml.clone(tasks=T)  # the batched form
+    loss_fn = task_sum(F.cross_entropy)
+    for _ in range(steps):
+        learner.adapt(loss_fn(learner(xs), ys))
+    (loss_fn(learner(xq), yq) / T).backward()
+    batched = grads_of(model)
+
+    cfg = MAMLConfig(algo="fomaml" if first_order else "maml", inner_steps=steps, inner_lr=lr, inner_clip=None,
+                     engine="custom")
+    out = meta_loss(dict(model.named_parameters()), (xs, ys, xq, yq), config=cfg, model=model, track_curve=False)
+    reference = list(torch.autograd.grad(out.loss, list(model.parameters())))
+    assert_all_close(loop, reference)
+    assert_all_close(batched, reference)
+
+
+def test_batched_meta_sgd_equals_the_per_task_loop():
+    torch.manual_seed(9)
+    model, T = cnn().double(), 2
+    xs, ys, xq, yq = tasks(T=T)
+    meta_sgd = l2l.algorithms.MetaSGD(model, lr=0.3)
+    results = []
+    for batched in (False, True):
+        if batched:
+            learner = meta_sgd.clone(tasks=T)
+            learner.adapt(task_sum(F.cross_entropy)(learner(xs), ys))
+            task_sum(F.cross_entropy)(learner(xq), yq).backward()
+        else:
+            for t in range(T):
+                learner = meta_sgd.clone()
+                learner.adapt(F.cross_entropy(learner(xs[t]), ys[t]))
+                F.cross_entropy(learner(xq[t]), yq[t]).backward()
+        results.append(grads_of(meta_sgd))
+    assert_all_close(*results)
+
+
+def test_batched_learner_with_a_frozen_backbone_and_bad_inputs():
+    torch.manual_seed(10)
+    model, T = cnn().double(), 2
+    for p in list(model.parameters())[:-2]:
+        p.requires_grad_(False)
+    xs, ys, xq, yq = tasks(T=T)
+    maml = l2l.algorithms.MAML(model, lr=0.3)
+    with pytest.raises(ValueError, match="allow_nograd=True"):
+        maml.clone(tasks=T).adapt(task_sum(F.cross_entropy)(maml.clone(tasks=T)(xs), ys))
+    learner = maml.clone(tasks=T, allow_nograd=True)
+    learner.adapt(task_sum(F.cross_entropy)(learner(xs), ys))
+    weights = dict(learner.named_parameters())
+    assert weights["9.weight"].shape == (T, WAYS, 16)
+    assert torch.equal(weights["0.weight"][1], model[0].weight)
+    task_sum(F.cross_entropy)(learner(xq), yq).backward()
+    assert model[9].weight.grad is not None and model[0].weight.grad is None
+    with pytest.raises(ValueError, match=r"adapts 2 tasks at once.*\[2, N, \.\.\.\]"):
+        learner(xs[:1])
+    with pytest.raises(ValueError, match="task_sum"):
+        learner.adapt(learner(xs).logsumexp(-1))  # [T, N]: per-sample losses
+    with pytest.raises(ValueError, match="positive int"):
+        maml.clone(tasks=0)
+
+
+# ---- the same script through the original learn2learn 0.2 ---------------------------------------
+
+@pytest.fixture(scope="module")
+def original_l2l():
+    from meta_kernels.compat import original_learn2learn
+    try:
+        return original_learn2learn.load()
+    except original_learn2learn.Unavailable as e:
+        pytest.skip(str(e))
+
+
+def l2l_script(lib, model, xs, ys, xq, yq, meta_sgd=False):
+    """A learn2learn user's meta-training step, written once for either library."""
+    wrapper = lib.algorithms.MetaSGD(model, lr=0.3) if meta_sgd else lib.algorithms.MAML(model, lr=0.3)
+    for t in range(xs.shape[0]):
+        learner = wrapper.clone()
+        for _ in range(2):
+            learner.adapt(F.cross_entropy(learner(xs[t]), ys[t]))
+        F.cross_entropy(learner(xq[t]), yq[t]).backward()
+    return [p.grad.clone() for p in wrapper.parameters()]
+
+
+@pytest.mark.parametrize("make_model", [cnn, mlp], ids=["cnn_bn", "mlp"])
+@pytest.mark.parametrize("meta_sgd", [False, True], ids=["maml", "meta_sgd"])
+def test_the_same_script_through_the_original_learn2learn(original_l2l, make_model, meta_sgd):
+    batch = tasks(T=2)
+    results = []
+    for lib in (original_l2l, l2l):
+        torch.manual_seed(11)
+        results.append(l2l_script(lib, make_model().double(), *batch, meta_sgd=meta_sgd))
+    assert_all_close(*results)
+
+
+class ReadsConvWeight(nn.Module):
+    """A forward that reads a conv's weight itself: the task-aware view cannot run it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.fc = nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Linear(2 * 36, WAYS)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.bn(F.conv2d(x, self.conv.weight, self.conv.bias))).flatten(1))
+
+
+def test_single_task_forwards_run_on_the_fused_ops_where_the_model_allows(monkeypatch):
+    from meta_kernels import ops
+    calls = []
+    for name in ("batch_norm", "conv3x3_bn_pool_relu", "max_pool2x2_relu"):
+        monkeypatch.setattr(ops, name, lambda *a, real=getattr(ops, name), **k: calls.append(1) or real(*a, **k))
+    x = torch.randn(6, 1, 8, 8, dtype=torch.float64)
+    for make, fused in ((cnn, True), (mlp, False)):
+        model = make().double()
+        learner = l2l.algorithms.MAML(model, lr=0.1).clone()
+        calls.clear()
+        torch.testing.assert_close(learner(x), model(x), rtol=1e-12, atol=1e-12)
+        assert bool(calls) == fused
+    model = ReadsConvWeight().double()
+    learner = l2l.algorithms.MAML(model, lr=0.1).clone()
+    with pytest.warns(UserWarning, match="cannot run on the fused ops"):
+        out = learner(x)
+    torch.testing.assert_close(out, model(x), rtol=1e-12, atol=1e-12)
+    learner.adapt(F.cross_entropy(learner(x), torch.zeros(6, dtype=torch.long)))  # and adapts as it is
