@@ -42,7 +42,9 @@ from _common import interleaved_medians, machine
 
 HERE = Path(__file__).resolve().parent
 T, WAYS, SHOTS, QUERY, STEPS, INNER_LR, META_LR = 32, 5, 1, 15, 5, 0.4, 1e-3
-mk.keep_freed_cpu_memory()  # as the trainer does on CPUs
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu":
+    mk.keep_freed_cpu_memory()  # as the trainer does on CPUs
 
 
 def batch(seed=0):
@@ -50,7 +52,7 @@ def batch(seed=0):
     xs, xq = torch.rand(T, WAYS * SHOTS, 1, 28, 28, generator=g), torch.rand(T, WAYS * QUERY, 1, 28, 28, generator=g)
     ys = torch.arange(WAYS).repeat_interleave(SHOTS).repeat(T, 1)
     yq = torch.arange(WAYS).repeat_interleave(QUERY).repeat(T, 1)
-    return xs, ys, xq, yq
+    return tuple(t.to(DEVICE) for t in (xs, ys, xq, yq))
 
 
 def fast_adapt(learner, loss, xs, ys, xq, yq):
@@ -62,7 +64,7 @@ def fast_adapt(learner, loss, xs, ys, xq, yq):
 def l2l_loop(l2l, batched=False):
     """learn2learn's example loop; `batched` is the same script with its 3 lines changed."""
     torch.manual_seed(0)
-    maml = l2l.algorithms.MAML(sequential_conv4(WAYS), lr=INNER_LR)
+    maml = l2l.algorithms.MAML(sequential_conv4(WAYS).to(DEVICE), lr=INNER_LR)
     opt = torch.optim.Adam(maml.parameters(), META_LR)
     loss = nn.CrossEntropyLoss()
     if batched:
@@ -87,7 +89,7 @@ def l2l_loop(l2l, batched=False):
 def higher_loop(higher, batched=False):
     """higher's example loop; `batched` passes tasks=T instead of looping and sums the task losses."""
     torch.manual_seed(0)
-    net = sequential_conv4(WAYS)
+    net = sequential_conv4(WAYS).to(DEVICE)
     meta_opt, inner_opt = torch.optim.Adam(net.parameters(), META_LR), torch.optim.SGD(net.parameters(), INNER_LR)
     loss = task_sum(F.cross_entropy) if batched else F.cross_entropy
 

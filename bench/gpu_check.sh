@@ -35,6 +35,8 @@ t0=$(date +%s)
   (cd bench && timeout 120 "$py" -m pytest -q -p no:cacheprovider bench_user_models.py -k "seq_conv4 or mlp_dropout" \
     --benchmark-json="$out/user_models_gpu.json" >/dev/null) && "$py" bench/summarize.py "$out/user_models_gpu.json"
   "$py" -m pytest -q -p no:cacheprovider tests/test_batching.py tests/test_user_models.py -x || status=1
+  echo "== learn2learn / higher scripts: original, drop-in, batched ($(( $(date +%s) - t0 )) s)"
+  (cd bench && timeout 90 "$py" -m pytest -q -s -p no:cacheprovider bench_compat.py | grep -A16 '"median_s"')
   echo "== sharded FOMAML, production_1b ViT on 1 GPU ($(( $(date +%s) - t0 )) s)"
   timeout 90 "$py" -m torch.distributed.run --standalone --nproc_per_node=1 bench/bench_sharded_gpu.py --steps 3 \
     || status=1

@@ -33,8 +33,8 @@ def load(cache_dir: Path | None = None, timeout: float = 120):
     sdist = root / SDIST
     if not sdist.exists():
         root.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-               "learn2learn==0.2.0", "-d", str(root)]
+        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--retries", "0", "--timeout", "15", "--no-deps",
+               "--no-binary", ":all:", "learn2learn==0.2.0", "-d", str(root)]
         try:
             subprocess.run(cmd, check=True, capture_output=True, timeout=timeout)
         except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as e:
