@@ -128,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        from meta_kernels.config import check_cli_count  # counts < 1 would run nothing or divide by zero
+        for flag in ("max_steps", "episodes", "steps"):  # train --max-steps, eval --episodes, demo --steps
+            check_cli_count("--" + flag.replace("_", "-"), getattr(args, flag, None))
         return args.func(args)
     except (ValueError, OSError, FloatingPointError, RuntimeError) as exc:
         print(f"meta-kernels {args.command}: error: {exc}", file=sys.stderr)

@@ -3,6 +3,8 @@ fails at construction with the field named, not deep inside training."""
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass
 
 KNOWN_DATASETS = ("omniglot", "mini_imagenet", "custom", "sinusoid")
@@ -25,6 +27,77 @@ def _require(cond: bool, cls: str, field: str, msg: str) -> None:
         raise ConfigError(f"{cls}.{field}: {msg}")
 
 
+_ALLOWED = {"bool": "true or false", "int": "an integer", "float": "a finite number", "str": "a string"}
+
+
+def _kinds(field: dataclasses.Field) -> set[str]:
+    """The annotation's type names: 'float | None' -> {'float', 'None'} (annotations are strings here)."""
+    return {part.strip() for part in str(field.type).split("|")}
+
+
+def _typed(cls: str, field: str, kinds: set[str], value):
+    """`value` as the field's type, or a ConfigError naming the field, the value and what is allowed.
+    Strict on purpose: a bool is not a number, 1.5 is not an integer, 'banana' is not a bool, and
+    inf / NaN are refused (they only fail later, inside training). A string counts as a number only
+    if it spells one of the right kind: PyYAML reads 1e-4 as the string '1e-4'."""
+    if value is None and "None" in kinds:
+        return None
+    kind = next(k for k in ("bool", "int", "float", "str") if k in kinds)
+    if kind == "bool" and isinstance(value, bool) or kind == "str" and isinstance(value, str):
+        return value
+    if kind in ("int", "float") and not isinstance(value, bool):
+        number = _parse_number(value) if isinstance(value, str) else value
+        if kind == "int" and isinstance(number, float) and number.is_integer():  # 1e3, 2.0: a whole number
+            number = int(number)
+        if kind == "int" and isinstance(number, numbers.Integral):
+            return int(number)
+        if kind == "float" and isinstance(number, numbers.Real) and math.isfinite(_as_float(number)):
+            return float(number)
+    nullable = " or null" if "None" in kinds else ""
+    raise ConfigError(f"{cls}.{field}: must be {_ALLOWED[kind]}{nullable}, got {value!r}")
+
+
+def _parse_number(text: str):
+    """'3' -> 3, '1e-4' -> 0.0001; anything else stays the string (and is refused)."""
+    for parse in (int, float):
+        try:
+            return parse(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _as_float(number) -> float:
+    try:
+        return float(number)
+    except OverflowError:  # an integer too large for a float
+        return math.inf
+
+
+def _check_types(config) -> None:
+    """Convert or refuse every field of a config section, before its range checks run."""
+    for field in dataclasses.fields(config):
+        setattr(config, field.name, _typed(type(config).__name__, field.name, _kinds(field), getattr(config, field.name)))
+
+
+def _one_line(exc: Exception) -> str:
+    """A YAML / JSON parse error in one line (PyYAML's own message spans several)."""
+    problem, mark = getattr(exc, "problem", None), getattr(exc, "problem_mark", None)
+    if problem is None or mark is None:
+        return " ".join(str(exc).split())
+    context = f"{exc.context}: " if getattr(exc, "context", None) else ""
+    return f"{context}{problem} at line {mark.line + 1}, column {mark.column + 1}"
+
+
+def check_cli_count(flag: str, value: int | None, minimum: int = 1) -> int | None:
+    """A count given on the command line (--max-steps, --episodes, --steps): unset (None) or an
+    integer >= minimum. Checked when the arguments are parsed: 0 or a negative count would
+    otherwise run nothing, fall back to a default, or divide by zero at the end of a run."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+        raise ConfigError(f"{flag}: must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
 @dataclass
 class EpisodeConfig:
     n_way: int = 5
@@ -34,6 +107,7 @@ class EpisodeConfig:
     dataset: str = "omniglot"
 
     def __post_init__(self) -> None:
+        _check_types(self)
         name = type(self).__name__
         for field in ("n_way", "k_shot", "q_query", "episodes_per_epoch"):
             value = getattr(self, field)
@@ -75,6 +149,7 @@ class MAMLConfig:
     loss: str = "cross_entropy"  # or "mse" (regression, e.g. the sinusoid demo)
 
     def __post_init__(self) -> None:
+        _check_types(self)
         name = type(self).__name__
         _require(self.algo in ALGORITHMS, name, "algo", f"unknown algorithm {self.algo!r}; choose one of {', '.join(ALGORITHMS)}")
         implied = self.algo == "maml"
@@ -128,6 +203,7 @@ class MAMLPlusPlusConfig:
     cosine_meta_lr: bool = False  # cosine annealing of the outer learning rate over the run
 
     def __post_init__(self) -> None:
+        _check_types(self)
         name = type(self).__name__
         _require(self.msl_weights in MSL_WEIGHTS, name, "msl_weights",
                  f"unknown weighting {self.msl_weights!r}; choose one of {', '.join(MSL_WEIGHTS)}")
@@ -147,6 +223,7 @@ class MetaCheckpointConfig:
     every_steps: int = 100
 
     def __post_init__(self) -> None:
+        _check_types(self)
         name = type(self).__name__
         _require(self.keep_last >= 1, name, "keep_last", f"must be >= 1, got {self.keep_last}")
         _require(self.every_steps >= 1, name, "every_steps", f"must be >= 1, got {self.every_steps}")
@@ -168,6 +245,7 @@ class ModelConfig:
     mlp_ratio: int = 4
 
     def __post_init__(self) -> None:
+        _check_types(self)
         name = type(self).__name__
         _require(self.arch in ARCHS, name, "arch", f"unknown architecture {self.arch!r}; choose one of {', '.join(ARCHS)}")
         for field in ("filters", "dim", "depth", "heads", "patch_size", "mlp_ratio"):
@@ -201,6 +279,7 @@ class RunConfig:
     keep_freed_cpu_memory: bool = True
 
     def __post_init__(self) -> None:
+        _check_types(self)
         name = type(self).__name__
         for field in ("epochs", "val_every", "val_episodes", "test_episodes"):
             _require(getattr(self, field) >= 1, name, field, f"must be >= 1, got {getattr(self, field)}")
@@ -215,6 +294,7 @@ class RunConfig:
 
 SECTIONS = {"maml": MAMLConfig, "mamlpp": MAMLPlusPlusConfig, "episodes": EpisodeConfig,
             "checkpoint": MetaCheckpointConfig, "model": ModelConfig, "run": RunConfig}
+_FIELDS = {section: {f.name: f for f in dataclasses.fields(klass)} for section, klass in SECTIONS.items()}
 
 
 @dataclass
@@ -302,19 +382,24 @@ class MetaLearningFullConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "MetaLearningFullConfig":
-        if "model_filters" in data.get("run", {}):  # configs written before the model section existed
-            data = {**data, "run": dict(data["run"]), "model": dict(data.get("model", {}))}
-            data["model"].setdefault("filters", data["run"].pop("model_filters"))
+        if not isinstance(data, dict):
+            raise ConfigError(f"a config must be a mapping of sections ({', '.join(SECTIONS)}), got {data!r}")
         unknown = set(data) - set(SECTIONS)
         if unknown:
-            raise ConfigError(f"unknown config section(s) {sorted(unknown)}; sections are {', '.join(SECTIONS)}")
+            raise ConfigError(f"unknown config section(s) {sorted(unknown, key=str)}; sections are {', '.join(SECTIONS)}")
+        for section, values in data.items():  # `maml: 3` would otherwise fail as a TypeError inside dict()
+            if values is not None and not isinstance(values, dict):
+                raise ConfigError(f"config section {section!r} must be a mapping of key: value, got {values!r}")
+        if "model_filters" in (data.get("run") or {}):  # configs written before the model section existed
+            data = {**data, "run": dict(data["run"]), "model": dict(data.get("model") or {})}
+            data["model"].setdefault("filters", data["run"].pop("model_filters"))
         built = {}
         for section, klass in SECTIONS.items():
-            values = dict(data.get(section, {}))
+            values = dict(data.get(section) or {})  # an empty YAML section reads as null
             fields = {f.name for f in dataclasses.fields(klass)}
             bad = set(values) - fields
             if bad:
-                raise ConfigError(f"unknown key(s) {sorted(bad)} in section {section!r}; known: {', '.join(sorted(fields))}")
+                raise ConfigError(f"unknown key(s) {sorted(bad, key=str)} in section {section!r}; known: {', '.join(sorted(fields))}")
             built[section] = klass(**values)
         return cls(**built)
 
@@ -332,8 +417,12 @@ class MetaLearningFullConfig:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        text = path.read_text()
-        data = json.loads(text) if path.suffix == ".json" else _yaml().safe_load(text)
+        try:
+            text = path.read_text()
+            data = json.loads(text) if path.suffix == ".json" else _yaml().safe_load(text)
+        except (ValueError, _yaml().YAMLError) as exc:  # JSON and decoding errors are ValueErrors
+            raise ConfigError(f"config file {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: "
+                              f"{_one_line(exc)}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections")
         return cls.from_dict(data)
@@ -350,7 +439,13 @@ class MetaLearningFullConfig:
                 raise ConfigError(f"unknown config section {section!r} in override {item!r}; sections are {', '.join(SECTIONS)}")
             if field not in data[section]:
                 raise ConfigError(f"unknown key {field!r} in section {section!r}; known: {', '.join(sorted(data[section]))}")
-            data[section][field] = _yaml().safe_load(raw)
+            try:
+                value = _yaml().safe_load(raw)
+            except _yaml().YAMLError as exc:
+                raise ConfigError(f"override {item!r}: the value is not valid YAML: {_one_line(exc)}") from None
+            if "str" in _kinds(_FIELDS[section][field]) and not isinstance(value, str) and value is not None:
+                value = raw  # a text field keeps the text as written: run.data_root=2024 is the folder '2024'
+            data[section][field] = value
         if "algo" in {o.partition("=")[0].partition(".")[2] for o in overrides} and not any(
                 o.startswith("maml.second_order=") for o in overrides):
             data["maml"]["second_order"] = None  # follows the new algorithm
