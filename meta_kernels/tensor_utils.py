@@ -8,17 +8,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-_HALF_TYPES = (torch.float16, torch.bfloat16)
+HALF_TYPES = (torch.float16, torch.bfloat16)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float16 / bfloat16 -> float32; every other dtype unchanged."""
-    return torch.float32 if dtype in _HALF_TYPES else dtype
+    return torch.float32 if dtype in HALF_TYPES else dtype
 
 
 def to_compute(t: Tensor) -> Tensor:
     """`t` in its compute dtype (a copy only for half and bfloat16)."""
-    return t.float() if t.dtype in _HALF_TYPES else t
+    return t.float() if t.dtype in HALF_TYPES else t
 
 
 def task_view(v: Tensor, like: Tensor) -> Tensor:

@@ -453,9 +453,10 @@ class MetaLearner(Learner):
     def _apply_update(self, adapted) -> None:
         """Reptile: theta += eps * (mean adapted - theta); MAML / FOMAML: the optimiser's step."""
         if self.config.algo == "reptile":
-            with torch.no_grad():
-                ops.reptile_update_(list(self.model.parameters()), adapted, self.reptile_epsilon(),
-                                    backend=self.config.backend)
+            epsilon = self.reptile_epsilon()
+            if epsilon > 0:  # decayed to 0: no update (the op takes epsilon in (0, 1])
+                with torch.no_grad():
+                    ops.reptile_update_(list(self.model.parameters()), adapted, epsilon, backend=self.config.backend)
             return
         self.optimizer.step()
         if self.lslr is not None:

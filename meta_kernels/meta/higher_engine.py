@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from meta_kernels.meta.inner_common import AdaptResult, InnerLoopSettings, StepLog, as_task_batch, lr_table, per_task_loss
+from meta_kernels.meta.inner_common import (AdaptResult, InnerLoopSettings, StepLog, as_task_batch, compute_inputs, lr_table,
+                                            per_task_loss)
 
 
 def adapt_with_higher(params, support_batch, *, task_model, settings: InnerLoopSettings, lrs,
@@ -24,6 +25,7 @@ def adapt_with_higher(params, support_batch, *, task_model, settings: InnerLoopS
     if any(p is not q for p, q in zip(params.values(), dict(model.named_parameters()).values())):
         raise ValueError("engine='higher' adapts the model's own parameters: pass dict(model.named_parameters())")
     x, y = as_task_batch(*support_batch, "support", settings.loss)
+    x = compute_inputs(x, next(iter(params.values())).dtype)  # half inputs meet the module's own weights
     table = lr_table(lrs, steps, names, x.device, next(iter(params.values())).dtype)
     adapted = {k: [] for k in names}
     logs = []

@@ -17,7 +17,8 @@ from torch import Tensor
 import meta_kernels.ops as ops
 from meta_kernels.meta.higher_engine import adapt_with_higher
 from meta_kernels.meta.inner_common import (AdaptResult, InnerLoopSettings, NonFiniteLossError, StepLog, as_task_batch,
-                                            lead_tensor, lr_table, map_inputs, masked_mean, per_task_loss, query_pass)
+                                            check_rates, compute_inputs, lead_tensor, lr_table, map_inputs, masked_mean,
+                                            per_task_loss, query_pass)
 from meta_kernels.meta.task_model import TaskModel, as_task_model
 from meta_kernels.tensor_utils import compute_dtype, task_view, to_compute
 
@@ -104,7 +105,7 @@ def adapt_tasks(params: dict[str, Tensor], support_batch, *, model, settings: In
             ops.use_backend(settings.backend or ops.current_backend()):
         if rng is not None:  # stochastic layers (dropout) draw from the caller's stream
             torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=rng)))
-        x = map_inputs(to_compute, x)
+        x = compute_inputs(x, compute_dtype(first.dtype))
         base = {k: to_compute(params[k]) for k in adapted}
         # Weights the inner loop does not adapt: every task keeps the base, and the meta-gradient
         # reaches it through the expand.
@@ -132,7 +133,14 @@ def _elementwise_rates(lrs, adapted: list[str], params: dict[str, Tensor]) -> li
     for k in adapted:
         if lrs[k].shape != params[k].shape:
             raise ValueError(f"the rates of {k} must have its shape {list(params[k].shape)}, got {list(lrs[k].shape)}")
-    return [lrs[k] for k in adapted]
+    rates = [lrs[k] for k in adapted]
+    # Finite only: Meta-SGD learns each rate's sign as well (the update direction), so a learned
+    # rate may legitimately cross zero. One host sync for all of them.
+    finite = torch.stack([torch.isfinite(r.detach()).all() for r in rates])
+    if not bool(finite.all()):
+        k = adapted[finite.tolist().index(False)]
+        check_rates(lrs[k], f"the per-element rates (Meta-SGD) of {k}", allow_negative=True)
+    return rates
 
 
 def _with_fixed_weights(result: AdaptResult, fixed: dict[str, Tensor], names: list[str]) -> AdaptResult:

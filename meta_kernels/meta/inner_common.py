@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from meta_kernels.config import BN_MODES, ENGINES, MAMLConfig
-from meta_kernels.tensor_utils import to_compute
+from meta_kernels.tensor_utils import HALF_TYPES, compute_dtype
 
 NONFINITE = ("raise", "skip")
 LOSSES = ("cross_entropy", "mse")
@@ -148,6 +148,12 @@ def map_inputs(fn: Callable[[Tensor], Tensor], x):
     return x
 
 
+def compute_inputs(x, dtype: torch.dtype):
+    """Half and bfloat16 model inputs in `dtype`, the dtype of the weights they meet (the inner
+    loop's and the query pass's compute dtype); other inputs unchanged."""
+    return map_inputs(lambda t: t.to(dtype) if t.dtype in HALF_TYPES else t, x)
+
+
 def lead_tensor(x) -> Tensor:
     """The first tensor of a model input (its task and sample dims are those of every other)."""
     if isinstance(x, Tensor):
@@ -184,7 +190,7 @@ def as_task_batch(x: Tensor, y: Tensor, name: str, loss: str | Callable = "cross
             raise ValueError(f"{name}: every input must share the task and sample dims [T, N]; got {shapes}")
         if lead.dim() == y.dim() + 1 - (0 if loss == "cross_entropy" else 1) and y.dim() == 1:
             raise ValueError(f"{name}: several inputs need the task dim: each [T, N, ...] with y [T, N]")
-        as_task_batch(lead, y, name, loss)
+        _, y = as_task_batch(lead, y, name, loss)
         return x, y
     if callable(loss):
         if y.dim() < 2 or x.dim() < 2 or x.shape[:2] != y.shape[:2]:
@@ -201,8 +207,10 @@ def as_task_batch(x: Tensor, y: Tensor, name: str, loss: str | Callable = "cross
         raise ValueError(f"{name}: x must be [T, N, ...] and {want}; got x {list(x.shape)} and y {list(y.shape)}")
     if y.shape[1] == 0:
         raise ValueError(f"{name} set is empty: it needs at least one example per task")
-    if loss == "cross_entropy" and y.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"{name} labels must be integer class indices for cross_entropy, got {y.dtype}")
+    if loss == "cross_entropy":
+        if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+            raise ValueError(f"{name} labels must be integer class indices for cross_entropy, got {y.dtype}")
+        y = y.long()  # cross_entropy takes int64 targets only; any integer width is accepted here
     return x, y
 
 
@@ -217,16 +225,32 @@ def lr_table(lrs, steps: int, names: list[str], device, dtype=torch.float32) -> 
     """[steps, n_params] learning rates from a float, a per-parameter vector, or a full table
     (a float becomes a tensor of the params' precision, so float64 runs keep exact rates)."""
     if isinstance(lrs, (int, float)):
-        if not lrs > 0:
-            raise ValueError(f"inner lr must be > 0, got {lrs}")
+        if not 0 < lrs < math.inf:
+            raise ValueError(f"inner lr must be > 0 and finite, got {lrs}")
         return torch.full((steps, len(names)), float(lrs), device=device, dtype=dtype)
     lrs = torch.as_tensor(lrs, device=device)
+    if not lrs.is_floating_point():  # integer rates: a list of ints, or an integer tensor
+        lrs = lrs.to(dtype)
     if lrs.dim() == 1 and lrs.numel() == len(names):
-        return lrs.unsqueeze(0).expand(steps, -1)
-    if lrs.dim() == 2 and tuple(lrs.shape) == (steps, len(names)):
-        return lrs
-    raise ValueError(f"lrs must be a float, [{len(names)}] (one per parameter) or [{steps}, {len(names)}] "
-                     f"(per step and parameter), got shape {list(lrs.shape)}")
+        table = lrs.unsqueeze(0).expand(steps, -1)
+    elif lrs.dim() == 2 and tuple(lrs.shape) == (steps, len(names)):
+        table = lrs
+    else:
+        raise ValueError(f"lrs must be a float, [{len(names)}] (one per parameter) or [{steps}, {len(names)}] "
+                         f"(per step and parameter), got shape {list(lrs.shape)}")
+    check_rates(lrs, "lrs", allow_negative=False)
+    return table
+
+
+def check_rates(rates: Tensor, name: str, *, allow_negative: bool) -> None:
+    """Refuses NaN / inf rates (and negative ones unless allowed), as a float rate is refused: once
+    per adapt call, on the values only (learned rates keep their graph), with one host sync."""
+    r = rates.detach()
+    bad = ~torch.isfinite(r) if allow_negative else ~torch.isfinite(r) | (r < 0)
+    if bool(bad.any()):
+        allowed = "finite" if allow_negative else "finite and >= 0"
+        raise ValueError(f"{name} must be {allowed}, got {r[bad].flatten()[:4].tolist()} among them "
+                         f"(shape {list(r.shape)}): check the rates, or lower the outer lr if they are learned")
 
 
 def per_task_loss(outputs: Tensor, y: Tensor, loss: str | Callable = "cross_entropy", name: str = "support"):
@@ -275,7 +299,9 @@ def query_pass(task_model, weights: dict[str, Tensor], xq: Tensor, yq: Tensor, *
     """Per-task query loss and accuracy ([T] each) under `weights`, the weights after `step` inner
     updates: the points of the adaptation curve, the multi-step loss terms and the meta-objective
     all come from here. update_stats folds the pass's BN statistics into the running ones."""
-    out = task_model(weights, map_inputs(to_compute, xq), step=step, bn_mode=settings.bn_mode, update_stats=update_stats)
+    # The inner loop's input conversion: half inputs meet the weights in their compute dtype.
+    xq = compute_inputs(xq, compute_dtype(next(iter(weights.values())).dtype))
+    out = task_model(weights, xq, step=step, bn_mode=settings.bn_mode, update_stats=update_stats)
     return per_task_loss(out, yq, settings.loss, "query")
 
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from meta_kernels.meta.inner import adapt
+from meta_kernels.meta.inner_common import compute_inputs
 from meta_kernels.meta.task_model import TaskModel
+from meta_kernels.tensor_utils import compute_dtype
 
 
 class MAML(nn.Module):
@@ -36,9 +38,11 @@ class MAML(nn.Module):
         return {k: v[0] for k, v in adapted.items()} if single else adapted
 
     def forward(self, x: Tensor, params: dict[str, Tensor] | None = None) -> Tensor:
-        """The model under `params` (adapted weights) or its own weights when None."""
+        """The model under `params` (adapted weights) or its own weights when None. Under adapted
+        weights, half-precision inputs are converted as in `adapt`'s inner loop."""
         if params is None:
             return self.module(x)
+        x = compute_inputs(x, compute_dtype(next(iter(params.values())).dtype))
         single = next(iter(params.values())).dim() == dict(self.module.named_parameters())[next(iter(params))].dim()
         if single:
             return self.task_model({k: v.unsqueeze(0) for k, v in params.items()}, x.unsqueeze(0))[0]

@@ -182,9 +182,11 @@ class ShardedMetaLearner(Learner):
                 torch._foreach_copy_(local, base)
         if reptile:
             keep = [i for i, w in enumerate(local) if w.numel()]
-            with torch.no_grad():
-                ops.reptile_update_([local[i] for i in keep], [(total[i] / T).unsqueeze(0) for i in keep],
-                                    reptile_epsilon(self.config, self.outer_steps), backend=self.config.backend)
+            epsilon = reptile_epsilon(self.config, self.outer_steps)
+            if epsilon > 0:  # decayed to 0: no update (the op takes epsilon in (0, 1])
+                with torch.no_grad():
+                    ops.reptile_update_([local[i] for i in keep], [(total[i] / T).unsqueeze(0) for i in keep],
+                                        epsilon, backend=self.config.backend)
         else:
             for p, g in zip(self.params, total):
                 if p.grad is None:

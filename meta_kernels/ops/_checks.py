@@ -60,6 +60,18 @@ def no_graph_for_in_place(params: Sequence[Tensor], op: str) -> None:
                            "call it under torch.no_grad() or use the differentiable out-of-place op")
 
 
+def scalar(value, name: str, allowed: str, ok) -> float:
+    """`value` as a float, refused unless ok(value): the scalar arguments of the ops (eps,
+    momentum, epsilon), checked in Python on every backend -- the kernels take any double."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number {allowed}, got {value!r}") from None
+    if not ok(v):  # NaN fails every comparison, so it is refused too
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    return v
+
+
 def non_empty(tensors: Sequence[Tensor], name: str) -> list[Tensor]:
     tensors = list(tensors)
     if not tensors:

@@ -4,6 +4,8 @@ Checks, fake kernels, autograd and the front-end; kernels in csrc/cpu/batch_norm
 csrc/cuda/batch_norm.cu and meta_kernels/triton/batch_norm.py."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -167,26 +169,55 @@ def batch_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = No
 
     weight/bias are [T, C] (per task, e.g. adapted per task in the inner loop) or [C] (shared);
     None means no affine. If running_mean/running_var ([C], or [T, C] per task) are given they
-    are updated in place with the batch statistics (unbiased variance), without a graph."""
+    are updated in place with the batch statistics (unbiased variance), without a graph.
+
+    As torch's F.batch_norm in training mode: a single value per channel and task (N times the
+    spatial size equal to 1) is refused, and an empty batch gives an empty output and leaves the
+    running statistics as they are."""
     if x.dim() < 3:
         raise ValueError(f"x must be [T, N, C, *spatial], got shape {list(x.shape)}")
+    check_scalars(eps, momentum)
     T, C = x.shape[0], x.shape[2]
+    if x.shape[1] * math.prod(x.shape[3:]) == 1:
+        raise ValueError(f"batch_norm needs more than 1 value per channel in training mode (N * spatial size, "
+                         f"as torch's F.batch_norm), got x of shape {list(x.shape)} [T, N, C, *spatial]")
     weight = x.new_ones((T, C)) if weight is None else weight
     bias = x.new_zeros((T, C)) if bias is None else bias
     # Shared [C] affine: expand so autograd sums the per-task gradients back onto it.
     weight = weight.expand(T, C) if weight.dim() == 1 else weight
     bias = bias.expand(T, C) if bias.dim() == 1 else bias
+    if x.numel() == 0:
+        # No values: the kernels' statistics of nothing (NaN on some backends) must not reach the
+        # running statistics. An empty output tied to weight and bias gives them zero gradients.
+        check_args(x, weight, bias)
+        shape = bn_stat_shape(x)
+        out = torch.addcmul(bias.reshape(shape), x, weight.reshape(shape)).to(x.dtype)
+        _update_running_stats(x, None, None, eps, running_mean, running_var, momentum)
+        return out
     name = _backend.resolve(backend, x.device)
     op = reference.batch_norm if name == "reference" else _registry.namespace(name).batch_norm
     out, mean, rstd = _checks.checked_call(name, lambda: check_args(x, weight, bias),
                                            lambda: op(x, weight.contiguous(), bias.contiguous(), float(eps)))
-    if running_mean is not None or running_var is not None:
-        _update_running_stats(x, mean, rstd, eps, running_mean, running_var, momentum)
+    _update_running_stats(x, mean, rstd, eps, running_mean, running_var, momentum)
     return out
 
 
+def check_scalars(eps, momentum) -> None:
+    # eps <= 0 divides by a zero variance (NaN out); momentum outside [0, 1] extrapolates.
+    _checks.scalar(eps, "eps", "finite and > 0", lambda v: 0 < v < math.inf)
+    _checks.scalar(momentum, "momentum", "in [0, 1]", lambda v: 0 <= v <= 1)
+
+
 def _update_running_stats(x, mean, rstd, eps, running_mean, running_var, momentum) -> None:
-    count = x.numel() // (x.shape[0] * x.shape[2])
+    """Folds the batch statistics into the running ones; mean None (an empty batch) only checks
+    their shapes, leaving them unchanged as torch does."""
+    T, C = x.shape[0], x.shape[2]
+    for running in (running_mean, running_var):
+        if running is not None and tuple(running.shape) not in ((C,), (T, C)):
+            raise ValueError(f"running statistics must be [C] or [T, C] = {[T, C]}, got {list(running.shape)}")
+    if mean is None:
+        return
+    count = x.numel() // (T * C)
     with torch.no_grad():
         var = (rstd.detach().pow(-2) - eps) * (count / max(count - 1, 1))
         for running, batch in ((running_mean, mean.detach()), (running_var, var)):
@@ -194,9 +225,6 @@ def _update_running_stats(x, mean, rstd, eps, running_mean, running_var, momentu
                 continue
             if running.shape == batch.shape[1:]:
                 batch = batch.mean(0)  # one running statistic shared by all tasks
-            elif running.shape != batch.shape:
-                raise ValueError(f"running statistics must be [C] or [T, C] = {list(batch.shape)}, "
-                                 f"got {list(running.shape)}")
             running.mul_(1 - momentum).add_(batch.to(running.dtype), alpha=momentum)
 
 

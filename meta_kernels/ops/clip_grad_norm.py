@@ -3,6 +3,7 @@ min(1, max_norm / (norm + eps)). Checks, fake kernel, autograd and the front-end
 csrc/cpu/clip_grad_norm.cpp, csrc/cuda/clip_grad_norm.cu and meta_kernels/triton/clip_grad_norm.py."""
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -49,11 +50,13 @@ def clip_grad_norm(grads: Sequence[Tensor], max_norm: float, eps: float = 1e-6, 
     returned as is and its factor is NaN, so a blown-up task never updates silently; check the
     norm to report it. Differentiable in grads."""
     grads = _checks.non_empty(grads, "grads")
-    if not max_norm > 0:
-        raise ValueError(f"max_norm must be > 0, got {max_norm}")
+    # max_norm = inf is allowed: the inner loop asks for the norms alone that way.
+    max_norm = _checks.scalar(max_norm, "max_norm", "> 0 (inf: no clipping)", lambda v: v > 0)
+    # eps <= 0 makes the factor negative or infinite for small norms.
+    eps = _checks.scalar(eps, "eps", "finite and > 0", lambda v: 0 < v < math.inf)
     name = _backend.resolve(backend, grads[0].device)
     op = reference.clip_grad_norm if name == "reference" else _registry.namespace(name).clip_grad_norm
-    return _checks.checked_call(name, lambda: check_args(grads), lambda: op(grads, float(max_norm), float(eps)))
+    return _checks.checked_call(name, lambda: check_args(grads), lambda: op(grads, max_norm, eps))
 
 
 def _opcheck_cases(device):

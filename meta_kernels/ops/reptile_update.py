@@ -37,9 +37,11 @@ def reptile_update_(params: Sequence[Tensor], adapted: Sequence[Tensor], epsilon
     adapted_i is [T, *params_i.shape] (the adapted weights of T tasks)."""
     params, adapted = _checks.non_empty(params, "params"), list(adapted)
     _checks.no_graph_for_in_place(params, "reptile_update_")
+    # Outside (0, 1] the step moves away from the tasks' mean or past it.
+    epsilon = _checks.scalar(epsilon, "epsilon", "finite and in (0, 1]", lambda v: 0 < v <= 1)
     name = _backend.resolve(backend, params[0].device)
     op = reference.reptile_update_ if name == "reference" else _registry.namespace(name).reptile_update_
-    _checks.checked_call(name, lambda: check_args(params, adapted), lambda: op(params, adapted, float(epsilon)))
+    _checks.checked_call(name, lambda: check_args(params, adapted), lambda: op(params, adapted, epsilon))
 
 
 def _opcheck_cases(device):

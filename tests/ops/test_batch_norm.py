@@ -8,7 +8,7 @@ import meta_kernels as mk
 from meta_kernels.ops import _registry, reference
 from tests.conftest import DTYPES, F64, assert_no_worse_than_torch, backend_devices, check_grad_and_gradgrad, gen
 
-BN_SHAPES = [(1, 5, 3, 7, 7), (32, 5, 2, 3, 3), (3, 1, 4, 1, 1), (2, 7, 3, 33, 17), (4, 6, 5)]
+BN_SHAPES = [(1, 5, 3, 7, 7), (32, 5, 2, 3, 3), (3, 2, 4, 1, 1), (2, 7, 3, 33, 17), (4, 6, 5)]
 
 
 @pytest.mark.parametrize("backend,device", backend_devices())
@@ -139,3 +139,73 @@ def test_batch_norm_bad_input(backend, device):
         mk.batch_norm(x, torch.ones(2, 4, device=device), torch.zeros(3, 4, device=device), backend=backend)
     with pytest.raises(ValueError, match=r"running statistics must be \[C\] or \[T, C\]"):
         mk.batch_norm(x, running_mean=torch.zeros(7, device=device), backend=backend)
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(eps=0.0), r"eps must be finite and > 0, got 0.0"),
+    (dict(eps=-1e-5), r"eps must be finite and > 0, got -1e-05"),
+    (dict(eps=float("nan")), r"eps must be finite and > 0, got nan"),
+    (dict(eps=float("inf")), r"eps must be finite and > 0, got inf"),
+    (dict(momentum=5.0), r"momentum must be in \[0, 1\], got 5.0"),
+    (dict(momentum=-0.1), r"momentum must be in \[0, 1\], got -0.1"),
+    (dict(momentum=float("nan")), r"momentum must be in \[0, 1\], got nan"),
+], ids=str)
+def test_batch_norm_scalar_checks(backend, device, kwargs, match):
+    x = torch.randn(2, 3, 4, 5, 5, device=device)
+    rm, rv = torch.zeros(4, device=device), torch.ones(4, device=device)
+    with pytest.raises(ValueError, match=match):
+        mk.batch_norm(x, running_mean=rm, running_var=rv, backend=backend, **kwargs)
+    assert bool((rm == 0).all()) and bool((rv == 1).all())
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+@pytest.mark.parametrize("shape", [(2, 1, 3), (2, 1, 3, 1, 1), (1, 1, 4, 1)], ids=str)
+def test_batch_norm_one_value_per_channel_raises_as_torch(backend, device, shape):
+    """N = 1 with no spatial extent: one value per (task, channel). torch's F.batch_norm refuses it
+    in training mode; so does every backend (no silent output of the bias)."""
+    x = torch.randn(shape, device=device)
+    per_task = x[0].reshape(x.shape[1], x.shape[2], -1)
+    with pytest.raises(ValueError, match=r"Expected more than 1 value per channel"):
+        torch.nn.functional.batch_norm(per_task, None, None, training=True)
+    with pytest.raises(ValueError, match=r"more than 1 value per channel in training mode"):
+        mk.batch_norm(x, backend=backend)
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+def test_batch_norm_one_sample_with_spatial_extent_matches_torch(backend, device):
+    """N = 1 with a spatial extent holds several values per channel: normalised as torch does."""
+    x = torch.randn(3, 1, 2, 3, 3, dtype=torch.float64, device=device)
+    w, b = torch.randn(3, 2, dtype=torch.float64, device=device), torch.randn(3, 2, dtype=torch.float64, device=device)
+    expected = torch.stack([torch.nn.functional.batch_norm(x[t], None, None, w[t], b[t], True, 0.0, 1e-5)
+                            for t in range(3)])
+    torch.testing.assert_close(mk.batch_norm(x, w, b, backend=backend), expected)
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+@pytest.mark.parametrize("shape", [(2, 0, 3, 4, 4), (2, 0, 3), (2, 4, 3, 0, 5)], ids=str)
+@pytest.mark.parametrize("shared", [False, True], ids=["per_task_stats", "shared_stats"])
+def test_batch_norm_empty_batch_matches_torch(backend, device, shape, shared):
+    """N = 0 (or an empty spatial extent), as torch's F.batch_norm in training mode: an empty
+    output, running statistics left as they are (no decay, no NaN), zero gradients for the
+    affine -- the same on every backend."""
+    T, C = shape[0], shape[2]
+    x = torch.randn(shape, dtype=torch.float64, device=device, requires_grad=True)
+    w = torch.randn(T, C, dtype=torch.float64, device=device, requires_grad=True)
+    b = torch.randn(T, C, dtype=torch.float64, device=device, requires_grad=True)
+    stat_shape = (C,) if shared else (T, C)
+    rm = torch.full(stat_shape, 0.5, dtype=torch.float64, device=device)
+    rv = torch.full(stat_shape, 2.0, dtype=torch.float64, device=device)
+    out = mk.batch_norm(x, w, b, running_mean=rm, running_var=rv, momentum=0.1, backend=backend)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert bool((rm == 0.5).all()) and bool((rv == 2.0).all())
+    gx, gw, gb = torch.autograd.grad(out.sum(), (x, w, b))
+    assert gx.shape == x.shape
+    assert bool((gw == 0).all()) and bool((gb == 0).all())
+    # torch itself, task by task
+    trm, trv = torch.full((C,), 0.5, dtype=torch.float64), torch.full((C,), 2.0, dtype=torch.float64)
+    wt, bt = w[0].detach().cpu().requires_grad_(), b[0].detach().cpu().requires_grad_()
+    ref = torch.nn.functional.batch_norm(x[0].detach().cpu(), trm, trv, wt, bt, True, 0.1, 1e-5)
+    assert ref.shape == out.shape[1:]
+    assert bool((trm == 0.5).all()) and bool((trv == 2.0).all())
+    torch.testing.assert_close(torch.autograd.grad(ref.sum(), (wt, bt)), (gw[0].cpu(), gb[0].cpu()))

@@ -105,3 +105,27 @@ def test_clip_grad_norm_bad_input(backend, device):
         mk.clip_grad_norm([g[0], torch.randn(4, 2, device=device)], 1.0, backend=backend)
     with pytest.raises(ValueError, match=r"grads\[0\] is 0-dim"):
         mk.clip_grad_norm([torch.tensor(1.0, device=device)], 1.0, backend=backend)
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+@pytest.mark.parametrize("max_norm,eps,match", [
+    (1.0, -1e-6, r"eps must be finite and > 0, got -1e-06"),
+    (1.0, 0.0, r"eps must be finite and > 0, got 0.0"),
+    (1.0, float("nan"), r"eps must be finite and > 0, got nan"),
+    (1.0, float("inf"), r"eps must be finite and > 0, got inf"),
+    (float("nan"), 1e-6, r"max_norm must be > 0 \(inf: no clipping\), got nan"),
+    (-1.0, 1e-6, r"max_norm must be > 0 \(inf: no clipping\), got -1.0"),
+])
+def test_clip_grad_norm_scalar_checks(backend, device, max_norm, eps, match):
+    _, g = small_lists(device)
+    with pytest.raises(ValueError, match=match):
+        mk.clip_grad_norm(g, max_norm, eps, backend=backend)
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+def test_clip_grad_norm_infinite_max_norm_gives_the_norm_alone(backend, device):
+    """max_norm = inf stays allowed: the inner loop asks for the norms that way (factor 1)."""
+    _, g = small_lists(device)
+    norm, factor = mk.clip_grad_norm(g, float("inf"), backend=backend)
+    torch.testing.assert_close(norm, torch.stack([torch.cat([t[i].flatten() for t in g]).norm() for i in range(3)]))
+    assert bool((factor == 1).all())

@@ -41,3 +41,20 @@ def test_reptile_update_bad_input(backend, device):
         mk.reptile_update_(theta, [phi[0], torch.randn(5, 3, 2, device=device)], 0.1, backend=backend)
     with pytest.raises(ValueError, match=r"adapted\[1\] has 4 tasks in dim 0 but adapted\[0\] has 5"):
         mk.reptile_update_(theta, [phi[0], torch.randn(4, 2, 3, device=device)], 0.1, backend=backend)
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+@pytest.mark.parametrize("epsilon", [float("nan"), -1.0, 0.0, 5.0, 1.0 + 1e-9, float("inf"), -float("inf")], ids=str)
+def test_reptile_update_epsilon_checked(backend, device, epsilon):
+    theta = [torch.randn(4, device=device)]
+    before = theta[0].clone()
+    with pytest.raises(ValueError, match=r"epsilon must be finite and in \(0, 1\], got "):
+        mk.reptile_update_(theta, [torch.randn(3, 4, device=device)], epsilon, backend=backend)
+    assert torch.equal(theta[0], before)  # refused before anything is written
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+def test_reptile_update_epsilon_one_is_the_mean(backend, device):
+    theta, phi = [torch.randn(4, device=device)], [torch.randn(3, 4, device=device)]
+    mk.reptile_update_(theta, phi, 1.0, backend=backend)
+    torch.testing.assert_close(theta[0], phi[0].mean(0))
