@@ -40,7 +40,8 @@ def worker(out: str, steps: int, overrides: list[str]) -> None:
     from meta_kernels.config import MetaLearningFullConfig
     from meta_kernels.train import Trainer
     torch.set_num_threads(max(1, os.cpu_count() // int(os.environ.get("WORLD_SIZE", "1"))))
-    trainer = Trainer(MetaLearningFullConfig.minimal().with_overrides(COMMON + overrides), out, progress=False)
+    trainer = Trainer(MetaLearningFullConfig.minimal().with_overrides(COMMON + overrides), out, overwrite=True,
+                      progress=False)
     step, times = trainer.learner.step, []
 
     def timed(*a, **k):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -37,19 +38,28 @@ def _load_config(args):
 
 
 def _cmd_train(args) -> int:
-    from meta_kernels.train import Trainer, evaluate_checkpoint
+    from meta_kernels.train import Trainer, TrainingInterrupted, evaluate_checkpoint
     import os
     config = _load_config(args)
     # After a torchrun restart (--max-restarts), continue from the last checkpoint when there is one.
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-    resume = args.resume or (restarted and (Path(args.out) / "checkpoints" / "last.pt").is_file())
-    trainer = Trainer(config, args.out, resume=resume, progress=not args.no_progress)
+    resume = args.resume or (restarted and any((Path(args.out) / "checkpoints").glob("*.pt")))
+    preempt = None if args.preempt_signal == "none" else signal.Signals["SIG" + args.preempt_signal.upper()]
+    trainer = Trainer(config, args.out, resume=resume, overwrite=args.overwrite, progress=not args.no_progress,
+                      preempt_signal=preempt)
     if trainer.rank == 0:
         config.save(trainer.out / "config.yaml")
-    summary = trainer.fit(max_steps=args.max_steps)
+    try:
+        summary = trainer.fit(max_steps=args.max_steps)
+    except TrainingInterrupted as stopped:
+        print(f"meta-kernels train: {stopped}", file=sys.stderr)
+        return stopped.exit_code
     print(json.dumps(summary, indent=2))
     best = trainer.ckpt_dir / "best.pt"
-    if args.test and best.is_file() and trainer.rank == 0:
+    if args.test and trainer.rank == 0 and not best.is_file():
+        print(f"meta-kernels train: --test: no {best} (no validation ran: see run.val_every); not evaluated",
+              file=sys.stderr)
+    elif args.test and trainer.rank == 0:
         result = evaluate_checkpoint(best, trainer.out / "test", split="test")
         print(f"test: {result['accuracy']:.4f} +- {result['ci95']:.4f} over {result['episodes']} episodes; "
               f"adaptation curve {[round(a, 3) for a in result['curve_accuracy']]}")
@@ -100,8 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--model", metavar="PACKAGE.MODULE:FACTORY",
                        help="your own model: FACTORY(n_way, image_shape) returns an nn.Module (sets model.factory)")
     train.add_argument("--out", default="runs/train", help="output folder (default runs/train)")
-    train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
-    train.add_argument("--max-steps", type=int, help="stop after this many outer steps")
+    train.add_argument("--resume", action="store_true",
+                       help="continue from OUT's newest intact checkpoint (last.pt, else the newest step-*.pt)")
+    train.add_argument("--overwrite", action="store_true", help="replace the run already in OUT")
+    train.add_argument("--max-steps", type=int, help="stop at this global step (counting the steps before a resume) "
+                       "and save it")
+    train.add_argument("--preempt-signal", default="usr1", choices=("usr1", "usr2", "hup", "none"),
+                       help="besides SIGTERM and SIGINT, the signal that saves the current step and stops "
+                            "(default usr1, as SLURM sends); exit code 128 + the signal's number")
     train.add_argument("--test", action="store_true", help="evaluate the best checkpoint on the test split at the end")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(func=_cmd_train)
@@ -135,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, FloatingPointError, RuntimeError) as exc:
         print(f"meta-kernels {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C while train saves, or Ctrl-C elsewhere
+        print(f"meta-kernels {args.command}: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":

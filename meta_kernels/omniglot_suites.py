@@ -49,7 +49,7 @@ def run(name: str, overrides: list[str], steps: int, out: Path, test_episodes: i
                             f"run.val_every={max(1, steps // 4)}", "run.val_episodes=100",
                             f"checkpoint.every_steps={steps}"])
     trainer = Trainer(config, out / name.replace(" ", "_").replace("+", "plus_").replace("(", "").replace(")", ""),
-                      progress=False)
+                      overwrite=True, progress=False)
     start = time.perf_counter()
     summary = trainer.fit()
     seconds = time.perf_counter() - start

@@ -2,9 +2,14 @@
 resume, metrics (JSON lines + a final JSON) and plots."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
 import os
+import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -13,8 +18,9 @@ import torch
 from tqdm import tqdm
 
 from meta_kernels import distributed
-from meta_kernels.checkpoint import (CheckpointError, config_differences, load_checkpoint, rng_state, save_checkpoint,
-                                     set_rng_state)
+from meta_kernels.checkpoint import (CheckpointError, config_differences, load_checkpoint, load_latest_intact,
+                                     remove_orphan_temp_files, rng_state, save_checkpoint, set_rng_state,
+                                     step_checkpoints)
 from meta_kernels.config import MetaLearningFullConfig
 from meta_kernels.malloc_tuning import keep_freed_cpu_memory
 from meta_kernels.data import EpisodeSampler, load_dataset
@@ -22,6 +28,57 @@ from meta_kernels.meta import Learner, MetaLearner, ShardedMetaLearner
 from meta_kernels.models import Conv4, ViT
 
 SPLIT_SEEDS = {"train": 0, "val": 1, "test": 2}  # offsets of each split's episode stream
+# Signals that stop a single-process run cleanly (save the current step, then exit 128 + signal).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+DEFAULT_PREEMPT_SIGNAL = signal.SIGUSR1  # what SLURM sends before preempting a job
+RUN_FILES = ("metrics.jsonl", "metrics.json", "training_curves.png", "config.yaml")
+
+
+class TrainingInterrupted(Exception):
+    """fit() stopped on a signal after saving its current step; `exit_code` is 128 + the signal."""
+
+    def __init__(self, signum: int, step: int, path: Path | None):
+        self.signum, self.step, self.path = signum, step, path
+        self.exit_code = 128 + signum
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; saved {path}; continue with --resume")
+
+
+def strict_json(value):
+    """`value` with every non-finite float (NaN, inf) as None: strict JSON has no NaN."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    if isinstance(value, (np.floating, np.integer)):
+        return strict_json(value.item())
+    return value
+
+
+def json_line(record: dict) -> str:
+    return json.dumps(strict_json(record), allow_nan=False) + "\n"
+
+
+@contextlib.contextmanager
+def run_folder_lock(folder: Path):
+    """An exclusive lock on a run folder while a run writes to it; a second run is refused."""
+    f = (folder / ".lock").open("a+")
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise CheckpointError(f"{folder} is in use by another run ({holder}); wait for it to finish or choose "
+                                  "another --out") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}")
+        f.flush()
+        yield
+    finally:
+        f.close()  # closing releases the lock
 
 
 def _writable_dir(path: Path) -> Path:
@@ -94,11 +151,19 @@ def evaluation_batches(sampler: EpisodeSampler, episodes: int, batch_size: int, 
 
 class Trainer:
     def __init__(self, config: MetaLearningFullConfig, out_dir: str | os.PathLike, *, resume: bool = False,
-                 progress: bool = True):
+                 overwrite: bool = False, progress: bool = True, preempt_signal: int | None = DEFAULT_PREEMPT_SIGNAL):
+        """resume: continue the run in out_dir from its newest intact checkpoint; overwrite: replace
+        the run in out_dir (a fresh run into a folder holding one is refused otherwise).
+        preempt_signal: besides SIGTERM and SIGINT, the signal that saves and stops a
+        single-process run (SIGUSR1 by default; None for none)."""
         # Under torchrun: join the process group; rank 0 alone writes metrics, plots, checkpoints.
         self.rank, self.world_size = distributed.init_from_env(config.run.device, config.run.dist_timeout_s)
         self.config, self.progress = config, progress and self.rank == 0
+        self.preempt_signal = preempt_signal
         self.out = _writable_dir(Path(out_dir)) if self.rank == 0 else Path(out_dir)
+        if self.rank == 0:
+            with run_folder_lock(self.out):  # refused here already when another run holds the folder
+                self._prepare_folder(resume, overwrite)
         if config.run.num_threads:
             torch.set_num_threads(config.run.num_threads)
         if config.run.keep_freed_cpu_memory and config.run.device == "cpu":
@@ -122,6 +187,22 @@ class Trainer:
     def ckpt_dir(self) -> Path:
         return self.out / "checkpoints"
 
+    def _prepare_folder(self, resume: bool, overwrite: bool) -> None:
+        held = [p for p in [self.out / "metrics.jsonl", *self.ckpt_dir.glob("*.pt")] if p.is_file()]
+        if held and not resume and not overwrite:
+            raise CheckpointError(f"{self.out} holds a run ({', '.join(p.name for p in held[:4])}); pass --resume to "
+                                  "continue it or --overwrite to replace it, or choose another --out")
+        if overwrite and not resume:
+            shutil.rmtree(self.ckpt_dir, ignore_errors=True)
+            for name in RUN_FILES:
+                (self.out / name).unlink(missing_ok=True)
+        if self.ckpt_dir.is_dir():
+            remove_orphan_temp_files(self.ckpt_dir)
+
+    def data_fingerprint(self) -> dict:
+        """Provenance of the training and validation data (sources, checksums, transform)."""
+        return {split: strict_json(dict(d.info)) for split, d in self.data.items()}
+
     def _payload(self) -> dict:
         cfg = self.config.checkpoint
         payload = {"model": self.model_state(), "learner": self.learner.state_dict(),
@@ -130,7 +211,7 @@ class Trainer:
                    "inner_steps": self.config.maml.inner_steps,
                    "counters": {"epoch": self.epoch, "step": self.step, "global_step": self.global_step,
                                 "best_val": self.best_val},
-                   "history": self.history}
+                   "history": strict_json(self.history), "data": self.data_fingerprint()}
         if cfg.save_inner_lrs:  # the LSLR table when learned, else the fixed rate
             lrs = self.learner.inner_lrs()
             payload["inner_lrs"] = lrs.detach().cpu() if isinstance(lrs, torch.Tensor) else lrs
@@ -152,21 +233,20 @@ class Trainer:
             return None
         path = save_checkpoint(self.ckpt_dir / name, payload)
         if name.startswith("step-"):
-            steps = sorted(self.ckpt_dir.glob("step-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
-            for old in steps[:-self.config.checkpoint.keep_last]:
+            for old in step_checkpoints(self.ckpt_dir)[self.config.checkpoint.keep_last:]:
                 old.unlink(missing_ok=True)
         save_checkpoint(self.ckpt_dir / "last.pt", payload) if name != "last.pt" else None
         return path
 
     def _resume(self) -> None:
-        path = self.ckpt_dir / "last.pt"
-        if not path.is_file():
-            raise CheckpointError(f"--resume: no checkpoint in {self.ckpt_dir}; train without --resume first")
-        data = load_checkpoint(path)
+        data, path = load_latest_intact(self.ckpt_dir)
         diffs = config_differences(data["config"], self.config.to_dict())
         if diffs:
             raise CheckpointError("cannot resume: the config differs from the checkpoint's in fields that shape "
                                   "training:\n  " + "\n  ".join(diffs))
+        if data.get("data") != self.data_fingerprint():
+            raise CheckpointError(f"cannot resume from {path}: it was trained on other data\n  checkpoint: "
+                                  f"{data.get('data')}\n  now:        {self.data_fingerprint()}")
         self.learner.load_model_state_dict(data["model"])
         self.learner.load_state_dict(data["learner"])
         if self.scheduler is not None:
@@ -176,24 +256,37 @@ class Trainer:
         self.history = data.get("history", [])
         if "rng" in data:
             set_rng_state(data["rng"])
+        if self.rank == 0:  # the log continues from the checkpoint: lines written after it are dropped
+            tmp = self.out / ".metrics.jsonl.tmp"
+            tmp.write_text("".join(json_line(record) for record in self.history))
+            os.replace(tmp, self.out / "metrics.jsonl")
 
     # ---- training ----------------------------------------------------------------------------
     def fit(self, max_steps: int | None = None) -> dict:
-        """Trains to the configured number of epochs (or `max_steps` more outer steps)."""
+        """Trains to the configured number of epochs, or until global step `max_steps` (a resumed
+        run counts the steps before it), and saves the step it stops at. On SIGTERM, SIGINT or
+        the preemption signal (single-process runs) it saves the current step and raises
+        TrainingInterrupted."""
+        lock = run_folder_lock(self.out) if self.rank == 0 else contextlib.nullcontext()
+        with lock, self._stop_signals() as stop:
+            return self._fit(max_steps, stop)
+
+    def _fit(self, max_steps: int | None, stop: dict) -> dict:
         cfg = self.config
         B = cfg.maml.meta_batch_size
         sampler = self.samplers["train"]
         steps_per_epoch = sampler.steps_per_epoch(B)
-        done = 0
+        done, saved_step = 0, None
         log = (self.out / "metrics.jsonl").open("a") if self.rank == 0 else open(os.devnull, "w")
         start = time.perf_counter()
+        finished = lambda: (max_steps is not None and self.global_step >= max_steps) or stop["signal"] is not None
         try:
-            while self.epoch < cfg.run.epochs:
+            while self.epoch < cfg.run.epochs and not finished():
                 bar = tqdm(range(self.step, steps_per_epoch), desc=f"epoch {self.epoch}", disable=not self.progress,
                            unit="step", mininterval=1.0)
                 for step in bar:
-                    if max_steps is not None and done >= max_steps:
-                        return self._summary(time.perf_counter() - start)
+                    if finished():
+                        break
                     batch = sampler.meta_batch(self.epoch, step, B, *self.learner.task_share()).to(cfg.run.device)
                     metrics = self.learner.step(batch, epoch=self.epoch, total_tasks=B)
                     if self.scheduler is not None:
@@ -201,26 +294,54 @@ class Trainer:
                     self.step, self.global_step, done = step + 1, self.global_step + 1, done + 1
                     record = {"split": "train", "epoch": self.epoch, "step": step, "global_step": self.global_step,
                               **metrics, "tasks_per_s": done * B / (time.perf_counter() - start)}
-                    self.history.append(record)
-                    log.write(json.dumps(record) + "\n")
+                    self.history.append(strict_json(record))
+                    log.write(json_line(record))
                     bar.set_postfix(loss=f"{metrics[self.loss_key]:.3f}", acc=f"{metrics['post_adapt_acc']:.3f}",
                                     tasks_s=f"{record['tasks_per_s']:.0f}")
                     if self.global_step % cfg.run.val_every == 0 and (self.rank == 0 or self.learner.collective):
                         val = self.evaluate("val", cfg.run.val_episodes)
-                        val_record = {"split": "val", "global_step": self.global_step, **val}
+                        val_record = strict_json({"split": "val", "global_step": self.global_step, **val})
                         self.history.append(val_record)
-                        log.write(json.dumps(val_record) + "\n")
+                        log.write(json_line(val_record))
                         if val["accuracy"] > self.best_val:
                             self.best_val = val["accuracy"]
                             self.save("best.pt")
+                    log.flush()  # before the checkpoint: every checkpointed step is in the log
                     if self.global_step % cfg.checkpoint.every_steps == 0:
                         self.save(f"step-{self.global_step}.pt")
-                    log.flush()
-                self.epoch, self.step = self.epoch + 1, 0
-            self.save(f"step-{self.global_step}.pt")
-            return self._summary(time.perf_counter() - start)
+                        saved_step = self.global_step
+                if self.step == steps_per_epoch:
+                    self.epoch, self.step = self.epoch + 1, 0
+            if done and saved_step != self.global_step:
+                self.save(f"step-{self.global_step}.pt")
         finally:
             log.close()
+        if stop["signal"] is not None:
+            raise TrainingInterrupted(stop["signal"], self.global_step, self.ckpt_dir / "last.pt")
+        return self._summary(time.perf_counter() - start)
+
+    @contextlib.contextmanager
+    def _stop_signals(self):
+        """A stop request by signal, honoured at the next step boundary. Single-process runs only:
+        under torchrun a rank that waits for a step boundary would hang its peers' collectives,
+        and torchrun restarts from the checkpoints instead."""
+        stop = {"signal": None}
+        signals = STOP_SIGNALS + ((self.preempt_signal,) if self.preempt_signal is not None else ())
+        if self.world_size > 1 or threading.current_thread() is not threading.main_thread():
+            yield stop
+            return
+
+        def request(signum, frame):
+            if stop["signal"] is not None:  # a second signal: stop now, without saving
+                raise KeyboardInterrupt(f"second {signal.Signals(signum).name}")
+            stop["signal"] = signum
+
+        previous = {s: signal.signal(s, request) for s in signals}
+        try:
+            yield stop
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
 
     def _summary(self, seconds: float) -> dict:
         train = [h for h in self.history if h["split"] == "train"]
@@ -233,7 +354,7 @@ class Trainer:
                    "best_val_accuracy": self.best_val if vals else None,
                    "last_val": vals[-1] if vals else None}
         if self.rank == 0:
-            (self.out / "metrics.json").write_text(json.dumps(summary, indent=2))
+            (self.out / "metrics.json").write_text(json.dumps(strict_json(summary), indent=2, allow_nan=False))
             self.plot_training()
         return summary
 
@@ -310,7 +431,7 @@ def evaluate_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike, epi
     result = learner.evaluate(evaluation_batches(sampler, episodes or config.run.test_episodes,
                                                  config.maml.meta_batch_size, next(model.parameters()).device))
     result.update({"checkpoint": str(path), "split": split, "algo": config.maml.algo})
-    (out / "eval.json").write_text(json.dumps(result, indent=2))
+    (out / "eval.json").write_text(json.dumps(strict_json(result), indent=2, allow_nan=False))
     plot_adaptation_curve(result["curve_accuracy"], out / "adaptation_curve.png",
                           f"{config.maml.algo} {config.episodes.n_way}-way {config.episodes.k_shot}-shot ({split})")
     return result

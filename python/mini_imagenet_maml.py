@@ -22,7 +22,7 @@ def main():
                  f"episodes.episodes_per_epoch={4 * args.steps}", "model.filters=32", f"run.device={args.device}"]
     if args.data_root:
         overrides.append(f"run.data_root={args.data_root}")
-    trainer = Trainer(MetaLearningFullConfig.dev().with_overrides(overrides), args.out)
+    trainer = Trainer(MetaLearningFullConfig.dev().with_overrides(overrides), args.out, overwrite=True)
     print(trainer.fit())
 
 

@@ -31,7 +31,7 @@ def main():
     if args.data_root:
         overrides.append(f"run.data_root={args.data_root}")
     config = MetaLearningFullConfig.dev().with_overrides(overrides)
-    trainer = Trainer(config, args.out)
+    trainer = Trainer(config, args.out, overwrite=True)  # a rerun replaces the previous one
     print(trainer.fit())
     result = evaluate_checkpoint(trainer.ckpt_dir / "best.pt", f"{args.out}/test", episodes=args.test_episodes)
     print(f"test accuracy {result['accuracy']:.3f} +- {result['ci95']:.3f}, adaptation curve {result['curve_accuracy']}")

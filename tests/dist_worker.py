@@ -32,7 +32,7 @@ if trainer.rank == args.die_rank and not restarted:
         return step(*a, **k)
 
     trainer.learner.step = step_then_die
-trainer.fit(max_steps=args.steps - trainer.global_step)
+trainer.fit(max_steps=args.steps)  # the global step to stop at
 state = trainer.model_state()  # a collective under FSDP: every rank takes part
 if trainer.rank == 0:
     torch.save({k: v.detach() for k, v in state.items()}, os.path.join(args.out, "final.pt"))
