@@ -110,6 +110,8 @@ def load_latest_intact(folder: Path) -> tuple[dict, Path]:
             continue
         if failures:
             warnings.warn("resuming from " + str(path) + " because " + "; ".join(failures), stacklevel=2)
+        elif path.name != "last.pt":
+            warnings.warn(f"no last.pt in {folder}; resuming from {path}, the newest step checkpoint", stacklevel=2)
         return data, path
     raise CheckpointError(f"no intact checkpoint in {folder}:\n  " + "\n  ".join(failures))
 

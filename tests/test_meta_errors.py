@@ -105,3 +105,47 @@ def test_non_finite_query_loss(model):
     loss, metrics, _ = meta_loss(dict(model.named_parameters()), (xs, ys, xq, yq), config=cfg, model=model)
     loss.backward()
     assert metrics["skipped_tasks"] == 1 and all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def _infinite_grad_on(param):
+    param.register_hook(lambda g: g * math.inf)  # finite losses, an infinite meta-gradient
+
+
+def test_a_non_finite_meta_gradient_raises_naming_the_step_or_skips_it(model):
+    batch = _batch(T=2)
+    before = [p.detach().clone() for p in model.parameters()]
+    _infinite_grad_on(model.head.bias)
+    learner = MetaLearner(model, MAMLConfig(inner_steps=1, inner_lr=0.1, engine="custom"))
+    with pytest.raises(NonFiniteLossError, match=r"non-finite meta-gradient at outer step 1 in head\.bias"):
+        learner.step(batch)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    learner = MetaLearner(model, MAMLConfig(inner_steps=1, inner_lr=0.1, engine="custom", skip_nonfinite_tasks=True))
+    metrics = learner.step(batch)
+    assert metrics["skipped_step"] == 1.0 and learner.outer_steps == 1
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert not learner.optimizer.state  # Adam did not move either
+
+
+def test_a_step_with_every_task_skipped_makes_no_update_and_reports_nan(model):
+    xs, ys, xq, yq = _batch(T=2)
+    before = [p.detach().clone() for p in model.parameters()]
+    learner = MetaLearner(model, MAMLConfig(inner_steps=1, inner_lr=0.1, skip_nonfinite_tasks=True, engine="custom"))
+    metrics = learner.step((xs * math.nan, ys, xq, yq))
+    assert metrics["skipped_tasks"] == 2 and metrics["skipped_step"] == 1.0
+    assert math.isnan(metrics["query_loss"]) and math.isnan(metrics["post_adapt_acc"])
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters())) and not learner.optimizer.state
+
+
+def test_reptile_averages_only_the_kept_tasks():
+    xs, ys, xq, yq = _batch(T=3)
+    xs = xs.clone()
+    xs[1, 0, 0, 0, 0] = math.nan
+    cfg = MAMLConfig(algo="reptile", inner_steps=2, inner_lr=0.1, skip_nonfinite_tasks=True, engine="custom")
+    results = []
+    for tasks in ([0, 1, 2], [0, 2]):
+        torch.manual_seed(0)
+        model = Conv4(in_channels=1, n_way=3, filters=4, image_size=16)
+        MetaLearner(model, cfg).step((xs[tasks], ys[tasks], xq[tasks], yq[tasks]))
+        results.append([p.detach() for p in model.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

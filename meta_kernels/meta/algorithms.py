@@ -33,6 +33,7 @@ class MetaLogs:
     curve_loss: list[float]      # query loss after 0..K inner steps (empty when not tracked)
     curve_accuracy: list[float]  # query accuracy after 0..K inner steps
     skipped_tasks: int
+    task_ok: Tensor | None = None  # [T] False for the tasks skipped as non-finite
 
 
 class MetaOutput(NamedTuple):
@@ -122,7 +123,8 @@ def _meta_loss(params, task_batch, settings: InnerLoopSettings, task_model: Task
     weights = ok.to(loss_t.dtype) / ok.sum().clamp(min=1)
     loss = (torch.where(ok, loss_t, torch.zeros_like(loss_t)) * weights).sum()
     metrics = _meta_metrics(result, loss.detach(), float((acc_t * weights.to(acc_t.dtype)).sum()), ok)
-    logs = MetaLogs(result.logs, result.adapted, result.curve_loss, result.curve_accuracy, metrics["skipped_tasks"])
+    logs = MetaLogs(result.logs, result.adapted, result.curve_loss, result.curve_accuracy, metrics["skipped_tasks"],
+                    result.task_ok)
     return MetaOutput(loss, metrics, logs)
 
 
@@ -193,6 +195,13 @@ def _query_losses(task_model, adapted, xq, yq, ok, settings: InnerLoopSettings, 
             ok = ok & ~bad
             loss_t, acc_t = final(map_inputs(lambda t: torch.where(task_view(bad, t), torch.zeros_like(t), t), xq))
     return loss_t, acc_t, ok
+
+
+def _kept(adapted: dict[str, Tensor], task_ok: Tensor | None) -> dict[str, Tensor]:
+    """The adapted weights of the tasks that were not skipped (Reptile averages only those)."""
+    if task_ok is None or bool(task_ok.all()):
+        return adapted
+    return {k: v[task_ok] for k, v in adapted.items()}
 
 
 def _cat_inputs(a, b):
@@ -366,9 +375,37 @@ class MetaLearner(Learner):
         totals, adapted = self._accumulate(parts, single, local, total, epoch, track_curve)
         if distributed.world()[1] > 1:
             totals, adapted = self._sum_over_ranks(totals, adapted, local, total)
-        self._apply_update(adapted)
+        all_skipped = totals.get("skipped_tasks", 0) >= total
+        if self.config.algo == "reptile":
+            update = adapted[0].shape[0] > 0  # the mean of the kept tasks only
+        else:
+            update = not all_skipped and self._finite_meta_gradient()
+        if update:
+            self._apply_update(adapted)
+        else:  # no step, and no gradient left behind for the next one
+            self.optimizer.zero_grad(set_to_none=True)
         self.outer_steps += 1
-        return {k: (v / total if k != "skipped_tasks" else v) for k, v in totals.items()}
+        metrics = {k: (v / total if k != "skipped_tasks" else v) for k, v in totals.items()}
+        if all_skipped:  # nothing was measured: NaN (null in metrics.jsonl), not 0.0
+            metrics = {k: (v if k == "skipped_tasks" else math.nan) for k, v in metrics.items()}
+        return {**metrics, "skipped_step": float(not update)}
+
+    def _finite_meta_gradient(self) -> bool:
+        """Whether every meta-gradient is finite; a non-finite one raises, naming the outer step
+        and the parameters, unless non-finite tasks are skipped (then the step is skipped)."""
+        named = {id(p): n for n, p in self.model.named_parameters()}
+        named.update({id(p): n for n, p in (("lslr", self.lslr), ("msl_logits", self.msl_logits)) if p is not None})
+        named.update({id(p): f"meta_sgd_rates.{n}" for n, p in (self.meta_sgd_rates or {}).items()})
+        grads = [(p, p.grad) for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if not grads or bool(torch.stack([torch.isfinite(g).all() for _, g in grads]).all()):
+            return True
+        if self.settings.on_nonfinite == "raise":
+            bad = [named.get(id(p), "?") for p, g in grads if not bool(torch.isfinite(g).all())]
+            raise NonFiniteLossError(f"non-finite meta-gradient at outer step {self.outer_steps + 1} in "
+                                     f"{', '.join(bad[:6])}{' ...' if len(bad) > 6 else ''}; it was not applied. Lower "
+                                     "the inner or meta lr, set inner_clip, or set skip_nonfinite_tasks=True to skip "
+                                     "such steps")
+        return False
 
     def _accumulate(self, parts, single: bool, local: int, total: int, epoch: int, track_curve: bool):
         """Adapts this process's `local` tasks config.task_chunk at a time. MAML / FOMAML
@@ -400,7 +437,7 @@ class MetaLearner(Learner):
                                  msl_weights=msl, update_stats=settings.bn_mode != "transductive")
                 metrics = out.metrics
                 if reptile:
-                    adapted_chunks.append(out.logs.adapted_params)
+                    adapted_chunks.append(_kept(out.logs.adapted_params, out.logs.task_ok))
                 else:
                     (out.loss * (n / total)).backward()
             for k, v in metrics.items():
@@ -421,7 +458,7 @@ class MetaLearner(Learner):
         metrics = {"pre_adapt_acc": nan, "post_adapt_acc": nan, "fast_gain": nan, "auac": nan,
                    "query_loss": nan, "support_loss": result.logs[-1].loss,
                    "skipped_tasks": int((~result.task_ok).sum())}
-        return result.adapted, metrics
+        return _kept(result.adapted, result.task_ok), metrics
 
     def _sum_over_ranks(self, totals: dict[str, float], adapted, local: int, total: int):
         """Turns what this rank accumulated over its tasks into sums over all ranks' tasks, so every
@@ -429,10 +466,12 @@ class MetaLearner(Learner):
         weights, passed on as one "task", their mean), the running BN statistics folded from the
         rank's tasks (weighted by its share of the tasks: the sum then equals folding the statistics
         of the whole meta-batch), and the metric sums."""
-        if adapted is not None:
-            sums = [a.sum(0) for a in adapted]
+        if adapted is not None:  # Reptile: the mean over the tasks kept on every rank
+            sums = [a.sum(0) for a in adapted] + [torch.tensor([float(adapted[0].shape[0])], device=adapted[0].device)]
             distributed.all_reduce_sum_(sums)
-            adapted = [(s / total).unsqueeze(0) for s in sums]
+            kept = int(sums.pop()[0])
+            # passed on as one "task", their mean; as none when every task was skipped
+            adapted = [(s / kept).unsqueeze(0) if kept else s.unsqueeze(0)[:0] for s in sums]
         else:
             trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
             for p in trainable:
