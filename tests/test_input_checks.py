@@ -146,7 +146,8 @@ def test_integer_labels_in_adapt_and_meta_loss(dtype):
     for k in want:
         assert torch.equal(got[k], want[k])
     single, _ = adapt(params, (xs[0], ys[0].to(dtype)), model=model, steps=STEPS, lrs=0.3, first_order=True)
-    assert torch.equal(single["head.bias"][0], want["head.bias"][0])
+    # one task alone runs other kernels than two batched (and other thread splits): equal to rounding
+    torch.testing.assert_close(single["head.bias"][0], want["head.bias"][0], rtol=1e-5, atol=1e-6)
     loss64 = meta_loss(params, (xs, ys, xq, yq), config=_config(), model=model).loss
     loss = meta_loss(params, (xs, ys.to(dtype), xq, yq.to(dtype)), config=_config(), model=model).loss
     assert torch.equal(loss, loss64)
