@@ -8,6 +8,7 @@ checks the checksum (a flipped byte is reported, never trained on) and unpickles
 and never executed. RNG states are stored as tensors and plain values for that reason."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import os
@@ -18,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from meta_kernels.config import SECTIONS
 
 FORMAT_VERSION = 2
 MAGIC = b"meta_kernels checkpoint\n"
@@ -123,14 +126,16 @@ def remove_orphan_temp_files(folder: Path) -> None:
 
 
 # Fields that shape training: resuming with any of them changed would not continue the same run.
-TRAINING_FIELDS = {"maml": None, "mamlpp": None, "episodes": None, "model": None,
+TRAINING_FIELDS = {"maml": None, "mamlpp": None, "episodes": None, "data": None, "model": None,
                    "run": ("seed", "omniglot_variant", "data_root")}
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:
     diffs = []
     for section, fields in TRAINING_FIELDS.items():
-        old, new = saved.get(section, {}), current.get(section, {})
+        old, new = saved.get(section), current.get(section, {})
+        if old is None:  # a checkpoint from before the section existed was trained with its defaults
+            old = dataclasses.asdict(SECTIONS[section]())
         for key in sorted(set(old) | set(new)):
             if fields is not None and key not in fields:
                 continue

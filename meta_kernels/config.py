@@ -123,6 +123,25 @@ class EpisodeConfig:
 
 
 @dataclass
+class DataConfig:
+    """How image datasets are decoded (None: as the dataset gives). image_size: every image resized
+    to this square size; channels: 1 (grayscale) or 3 (RGB); class_depth: for folder datasets
+    (custom), the depth of the class folders under the root (2: root/alphabet/character/*.png,
+    the class named 'alphabet/character')."""
+    image_size: int | None = None
+    channels: int | None = None
+    class_depth: int = 1
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        name = type(self).__name__
+        _require(self.image_size is None or self.image_size >= 1, name, "image_size",
+                 f"must be >= 1 or null (the dataset's size), got {self.image_size}")
+        _require(self.channels in (None, 1, 3), name, "channels", f"must be 1, 3 or null, got {self.channels}")
+        _require(self.class_depth >= 1, name, "class_depth", f"must be >= 1, got {self.class_depth}")
+
+
+@dataclass
 class MAMLConfig:
     """The inner loop and the outer update. `second_order` follows `algo` (MAML: True; FOMAML and
     Reptile: False); setting it against the algorithm is an error, never silently overridden."""
@@ -292,7 +311,7 @@ class RunConfig:
         _require(self.autocast in AUTOCAST, name, "autocast", f"must be one of {', '.join(AUTOCAST)}, got {self.autocast!r}")
 
 
-SECTIONS = {"maml": MAMLConfig, "mamlpp": MAMLPlusPlusConfig, "episodes": EpisodeConfig,
+SECTIONS = {"maml": MAMLConfig, "mamlpp": MAMLPlusPlusConfig, "episodes": EpisodeConfig, "data": DataConfig,
             "checkpoint": MetaCheckpointConfig, "model": ModelConfig, "run": RunConfig}
 _FIELDS = {section: {f.name: f for f in dataclasses.fields(klass)} for section, klass in SECTIONS.items()}
 
@@ -302,6 +321,7 @@ class MetaLearningFullConfig:
     maml: MAMLConfig = dataclasses.field(default_factory=MAMLConfig)
     mamlpp: MAMLPlusPlusConfig = dataclasses.field(default_factory=MAMLPlusPlusConfig)
     episodes: EpisodeConfig = dataclasses.field(default_factory=EpisodeConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
     checkpoint: MetaCheckpointConfig = dataclasses.field(default_factory=MetaCheckpointConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
@@ -321,6 +341,9 @@ class MetaLearningFullConfig:
             p = self.mamlpp
             _require(not (p.use_lslr or p.use_msl or p.use_annealing), name, "run.sharding",
                      "'fsdp' does not support the MAML++ options use_lslr / use_msl / use_annealing; switch them off")
+        _require(self.data.class_depth == 1 or self.episodes.dataset == "custom", name, "data.class_depth",
+                 f"nested class folders are for folder datasets (episodes.dataset=custom), not "
+                 f"{self.episodes.dataset!r}; leave data.class_depth=1")
         if self.run.autocast != "none":
             _require(self.run.sharding == "fsdp", name, "run.autocast",
                      "bf16 autocast of the outer passes is built for run.sharding=fsdp; set run.autocast=none")

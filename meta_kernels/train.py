@@ -99,7 +99,16 @@ def load_split(config: MetaLearningFullConfig, split: str):
         options = {"variant": run.omniglot_variant}
         if run.omniglot_variant == "small":
             options["split_by"] = "character"  # 8 alphabets are too few to split by alphabet
-    return load_dataset(ep.dataset, run.data_root, split, **options)
+    data = config.data
+    if data.image_size is not None:
+        options["image_size"] = data.image_size
+    if ep.dataset == "custom":
+        options["class_depth"] = data.class_depth
+        if data.channels is not None:
+            options["mode"] = "L" if data.channels == 1 else "RGB"
+    dataset = load_dataset(ep.dataset, run.data_root, split, **options)
+    # Other datasets decode to their own channels (Omniglot 1, mini-ImageNet 3): converted here.
+    return dataset.with_channels(data.channels) if data.channels is not None else dataset
 
 
 def build_model(config: MetaLearningFullConfig, image_shape) -> torch.nn.Module:

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 
 SPLITS = ("train", "val", "test")
+SAME_SHAPE_HELP = ("set data.image_size (and data.channels: 1 or 3) in the config, e.g. --set data.image_size=28, "
+                   "or pass image_size=... to resize all images to one size")
 
 
 class DataError(ValueError):
@@ -57,6 +59,50 @@ class ClassImages:
             images = images[order]
         return cls(images.contiguous(), offsets, tuple(class_names), dict(info or {}))
 
+    @classmethod
+    def from_dataset(cls, dataset, *, image_size: int | tuple[int, int] | None = None, channels: int | None = None,
+                     info: dict | None = None) -> "ClassImages":
+        """Any map-style dataset of (image, label) pairs (len(ds) and ds[i], e.g. torchvision's
+        Omniglot or ImageFolder) as ClassImages: images are PIL images, numpy arrays [H, W] or
+        [H, W, C], or tensors [H, W] or [C, H, W], uint8 or float in [0, 1]; labels are integers.
+        Classes are the labels present, in increasing order, named from `dataset.classes` when it
+        has them. image_size / channels (1 or 3) resize and convert as the folder loader does."""
+        size = (image_size, image_size) if isinstance(image_size, int) else image_size
+        arrays, labels = [], []
+        for i in range(len(dataset)):
+            image, label = dataset[i]
+            arrays.append(_as_chw_uint8(image, size, channels, f"item {i} of {type(dataset).__name__}"))
+            labels.append(_as_label(label, i))
+        if not arrays:
+            raise DataError(f"{type(dataset).__name__} is empty")
+        shapes = {a.shape for a in arrays}
+        if len(shapes) > 1:
+            first = next(i for i, a in enumerate(arrays) if a.shape != arrays[0].shape)
+            raise DataError(f"item {first} of {type(dataset).__name__} has shape {arrays[first].shape} (C, H, W) but "
+                            f"item 0 has {arrays[0].shape}; pass image_size=... (and channels=...) to from_dataset")
+        present = sorted(set(labels))
+        names = getattr(dataset, "classes", None)
+        named = isinstance(names, Sequence) and len(names) > present[-1] and present[0] >= 0
+        class_of = {lab: c for c, lab in enumerate(present)}
+        info = {"dataset": type(dataset).__name__, "image_size": size, "channels": channels, **(info or {})}
+        return cls.from_labels(torch.from_numpy(np.stack(arrays)), [class_of[lab] for lab in labels],
+                               [str(names[lab]) if named else str(lab) for lab in present], info)
+
+    def with_channels(self, channels: int) -> "ClassImages":
+        """Grayscale as RGB (the channel repeated) or RGB as grayscale (Pillow's 'L' weights);
+        itself when it has them already."""
+        have = self.images.shape[1]
+        if have == channels:
+            return self
+        if (have, channels) == (1, 3):
+            images = self.images.expand(-1, 3, -1, -1).contiguous()
+        elif (have, channels) == (3, 1):
+            weights = torch.tensor([299, 587, 114], dtype=torch.int32).view(1, 3, 1, 1)
+            images = ((self.images.int() * weights).sum(1, keepdim=True) / 1000).round().to(torch.uint8)
+        else:
+            raise DataError(f"cannot convert {have}-channel images to {channels} channels; choose 1 or 3")
+        return ClassImages(images, self.offsets, self.class_names, {**self.info, "channels": channels})
+
     @property
     def n_classes(self) -> int:
         return len(self.class_names)
@@ -95,6 +141,49 @@ class ClassImages:
         names = [f"{n}/rot{a}" for n in self.class_names for a in angles]
         return ClassImages.from_labels(rotated.flatten(0, 1), labels, names,
                                        {**self.info, "rotations": list(angles)})
+
+
+def _as_label(label, i: int) -> int:
+    if isinstance(label, torch.Tensor) and label.numel() == 1:
+        label = label.item()
+    if isinstance(label, (bool, np.bool_)) or not isinstance(label, (int, np.integer)):
+        raise DataError(f"item {i}: the label must be an integer class index, got {label!r}")
+    return int(label)
+
+
+def _as_chw_uint8(image, size: tuple[int, int] | None, channels: int | None, what: str) -> np.ndarray:
+    """One image of a user's dataset as uint8 [C, H, W]; resized / converted through Pillow
+    (as decode_image does) only when asked."""
+    from PIL import Image
+    if isinstance(image, Image.Image):
+        image = image.convert("L" if image.mode in ("1", "L", "I", "F", "I;16") else "RGB")
+        arr = np.asarray(image)
+    elif isinstance(image, (torch.Tensor, np.ndarray)):
+        arr = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+        if isinstance(image, torch.Tensor) and arr.ndim == 3:
+            arr = arr.transpose(1, 2, 0)  # tensors are [C, H, W], numpy images [H, W, C]
+        if arr.ndim == 3 and arr.shape[2] == 1:
+            arr = arr[:, :, 0]
+        if arr.ndim not in (2, 3) or arr.ndim == 3 and arr.shape[2] not in (3, 4):
+            raise DataError(f"{what}: expected an image [H, W], [H, W, C] (numpy) or [C, H, W] (tensor) with 1, 3 "
+                            f"or 4 channels, got shape {tuple(image.shape)}")
+        if arr.dtype.kind == "f":  # torchvision's ToTensor gives floats in [0, 1]
+            arr = np.clip(np.rint(arr * 255), 0, 255)
+        elif arr.dtype == np.bool_:
+            arr = arr * 255
+        elif arr.dtype != np.uint8 and (arr.min() < 0 or arr.max() > 255):
+            raise DataError(f"{what}: integer pixel values must be in [0, 255], got {arr.min()}..{arr.max()}")
+        arr = arr.astype(np.uint8)
+        if arr.ndim == 3 and arr.shape[2] == 4:
+            arr = arr[:, :, :3]  # alpha is not part of the image
+    else:
+        raise DataError(f"{what}: expected a PIL image, numpy array or tensor, got {type(image).__name__}")
+    if size is not None and arr.shape[:2] != tuple(size) or channels is not None and (arr.ndim == 2) != (channels == 1):
+        im = Image.fromarray(arr).convert({1: "L", 3: "RGB"}.get(channels, "L" if arr.ndim == 2 else "RGB"))
+        if size is not None and im.size != (size[1], size[0]):
+            im = im.resize((size[1], size[0]), Image.Resampling.LANCZOS)
+        arr = np.array(im, dtype=np.uint8)
+    return np.ascontiguousarray(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
 
 
 def check_split(split: str) -> str:
@@ -165,7 +254,7 @@ def decode_many(items: Sequence[tuple[str, Callable[[], bytes | Path]]], size: t
             out = torch.empty((len(items), *arr.shape), dtype=torch.uint8)
         elif tuple(arr.shape) != tuple(out.shape[1:]):
             raise DataError(f"{what} has shape {tuple(arr.shape)} (C, H, W) but {items[0][0]} has "
-                            f"{tuple(out.shape[1:])}; pass image_size=... to resize all images to one size")
+                            f"{tuple(out.shape[1:])}; {SAME_SHAPE_HELP}")
         out[i] = torch.from_numpy(arr)
     if out is None:
         raise DataError("no images to decode")

@@ -7,6 +7,7 @@ else has drawn random numbers before.
 """
 from __future__ import annotations
 
+import inspect
 import queue
 import threading
 from dataclasses import dataclass, fields
@@ -111,6 +112,8 @@ class RandomCropFlip:
             raise DataError(f"padding must be >= 0, got {padding}")
         self.padding, self.flip = padding, flip
 
+    takes_rngs = True  # called as augment(x, rngs) on a whole batch
+
     def __repr__(self) -> str:  # recorded in EpisodeSampler.state_dict
         return f"RandomCropFlip(padding={self.padding}, flip={self.flip})"
 
@@ -127,7 +130,43 @@ class RandomCropFlip:
         return out.permute(0, 3, 1, 2).reshape(T, n, C, H, W)
 
 
-Augment = Callable[[torch.Tensor, Sequence[np.random.Generator]], torch.Tensor]
+# Either a batch augmentation (uint8 [T, n, C, H, W], one generator per episode) -> the same,
+# like RandomCropFlip, or any one-argument callable on one image, f(uint8 [C, H, W]) -> [C, H, W]
+# (uint8, or float already scaled), such as a torchvision v2 transform.
+Augment = Callable[[torch.Tensor, Sequence[np.random.Generator]], torch.Tensor] | Callable[[torch.Tensor], torch.Tensor]
+
+
+def takes_rngs(augment: Callable) -> bool:
+    """Whether `augment` is a batch augmentation called as augment(x, rngs): it says so with a
+    `takes_rngs` attribute, else by two required positional parameters. A callable taking
+    *args (torchvision transforms, nn.Modules) is a one-image transform."""
+    flag = getattr(augment, "takes_rngs", None)
+    if flag is not None:
+        return bool(flag)
+    try:
+        params = inspect.signature(augment).parameters.values()
+    except (TypeError, ValueError):  # builtins without a signature take one image
+        return False
+    required = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
+    return len(required) >= 2
+
+
+def transform_images(transform: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                     rng: np.random.Generator) -> torch.Tensor:
+    """`transform` applied to each image of x [n, C, H, W] with torch's random numbers drawn
+    from a generator seeded by the episode's augmentation stream (and the global state left
+    as it was), so that a random transform gives the same episode in any process or resume."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(rng.integers(2**63)))
+        out = [transform(image) for image in x]
+    bad = next((o for o in out if not isinstance(o, torch.Tensor) or o.dim() != 3), None)
+    if bad is not None:
+        raise DataError(f"a transform must return an image tensor [C, H, W], got "
+                        f"{tuple(bad.shape) if isinstance(bad, torch.Tensor) else type(bad).__name__}")
+    if len({(o.shape, o.dtype) for o in out}) > 1:
+        raise DataError(f"a transform must return images of one shape and dtype, got "
+                        f"{sorted({(tuple(o.shape), str(o.dtype)) for o in out})}")
+    return torch.stack(out)
 
 
 class EpisodeSampler:
@@ -140,6 +179,8 @@ class EpisodeSampler:
     """
 
     def __init__(self, dataset: ClassImages, config: EpisodeConfig, seed: int = 0, augment: Augment | None = None):
+        """augment: applied to every episode's support and query images, after the decode cache
+        (a RandomCropFlip, or any transform of one image tensor, see `Augment`)."""
         n, k, q = config.n_way, config.k_shot, config.q_query
         split = dataset.info.get("split", "?")
         if n > dataset.n_classes:
@@ -155,6 +196,7 @@ class EpisodeSampler:
         if seed < 0:
             raise DataError(f"seed must be >= 0, got {seed}")
         self.dataset, self.config, self.seed, self.augment = dataset, config, seed, augment
+        self._batch_augment = augment is not None and takes_rngs(augment)
         self._counts = dataset.counts.numpy()
         self._starts = dataset.offsets[:-1].numpy()
         self._max_count = int(self._counts.max())
@@ -203,10 +245,16 @@ class EpisodeSampler:
         x_s, x_q = x[: T * n * k].unflatten(0, (T, n * k)), x[T * n * k:].unflatten(0, (T, n * q))
         if self.augment is not None:
             rngs = [episode_rng(self.seed, epoch, i, AUGMENT_STREAM) for i in episode_ids]
-            x_s, x_q = self.augment(x_s, rngs), self.augment(x_q, rngs)
-        # Convert then scale in place: measured faster than a mixed-dtype mul on this CPU.
-        return TaskBatch(x_s.float().mul_(1.0 / 255), self._y_support.expand(T, -1).contiguous(),
-                         x_q.float().mul_(1.0 / 255), self._y_query.expand(T, -1).contiguous(),
+            if self._batch_augment:
+                x_s, x_q = self.augment(x_s, rngs), self.augment(x_q, rngs)
+            else:  # one image at a time; an episode's support and query share its generator
+                both = [transform_images(self.augment, torch.cat([s, q]), r) for s, q, r in zip(x_s, x_q, rngs)]
+                x_s, x_q = torch.stack([b[: n * k] for b in both]), torch.stack([b[n * k:] for b in both])
+        # Convert then scale in place: measured faster than a mixed-dtype mul on this CPU. A
+        # transform that returns floats has scaled them itself.
+        scale = lambda t: t.float().mul_(1.0 / 255) if t.dtype == torch.uint8 else t.float()
+        return TaskBatch(scale(x_s), self._y_support.expand(T, -1).contiguous(),
+                         scale(x_q), self._y_query.expand(T, -1).contiguous(),
                          torch.from_numpy(classes))
 
     def episode(self, epoch: int, episode_idx: int) -> TaskBatch:
