@@ -38,9 +38,11 @@ def _load_config(args):
 
 
 def _cmd_train(args) -> int:
-    from meta_kernels.train import Trainer, TrainingInterrupted, evaluate_checkpoint
+    from meta_kernels.train import Trainer
     import os
     config = _load_config(args)
+    if config.run.keep_freed_cpu_memory is None:  # unset: on for the command (a library Trainer leaves it off)
+        config = config.with_overrides(["run.keep_freed_cpu_memory=true"])
     # After a torchrun restart (--max-restarts), continue from the last checkpoint when there is one.
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     resume = args.resume or (restarted and any((Path(args.out) / "checkpoints").glob("*.pt")))
@@ -49,6 +51,14 @@ def _cmd_train(args) -> int:
                       preempt_signal=preempt)
     if trainer.rank == 0:
         config.save(trainer.out / "config.yaml")
+    try:
+        return _fit_and_test(trainer, args)
+    finally:
+        trainer.close()  # the loggers: TensorBoard's writer, the W&B run
+
+
+def _fit_and_test(trainer, args) -> int:
+    from meta_kernels.train import TrainingInterrupted, evaluate_checkpoint
     try:
         summary = trainer.fit(max_steps=args.max_steps)
     except TrainingInterrupted as stopped:
@@ -59,8 +69,8 @@ def _cmd_train(args) -> int:
     if args.test and trainer.rank == 0 and not best.is_file():
         print(f"meta-kernels train: --test: no {best} (no validation ran: see run.val_every); not evaluated",
               file=sys.stderr)
-    elif args.test and trainer.rank == 0:
-        result = evaluate_checkpoint(best, trainer.out / "test", split="test")
+    elif args.test and trainer.rank == 0:  # the result goes to the run's loggers too, as a 'test' record
+        result = evaluate_checkpoint(best, trainer.out / "test", split="test", loggers=trainer.loggers)
         print(f"test: {result['accuracy']:.4f} +- {result['ci95']:.4f} over {result['episodes']} episodes; "
               f"adaptation curve {[round(a, 3) for a in result['curve_accuracy']]}")
     return 0
@@ -148,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         for flag in ("max_steps", "episodes", "steps"):  # train --max-steps, eval --episodes, demo --steps
             check_cli_count("--" + flag.replace("_", "-"), getattr(args, flag, None))
         return args.func(args)
-    except (ValueError, OSError, FloatingPointError, RuntimeError) as exc:
+    except (ValueError, OSError, FloatingPointError, RuntimeError, ImportError) as exc:  # ImportError: a logger's package
         print(f"meta-kernels {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # a second Ctrl-C while train saves, or Ctrl-C elsewhere

@@ -16,6 +16,7 @@ MSL_WEIGHTS = ("uniform", "linear_increase", "learned")
 ARCHS = ("conv4", "vit")
 SHARDING = ("none", "fsdp")
 AUTOCAST = ("none", "bf16")
+LOGGERS = ("jsonl", "csv", "tensorboard", "wandb")  # run.loggers (meta_kernels.loggers)
 
 
 class ConfigError(ValueError):
@@ -27,7 +28,8 @@ def _require(cond: bool, cls: str, field: str, msg: str) -> None:
         raise ConfigError(f"{cls}.{field}: {msg}")
 
 
-_ALLOWED = {"bool": "true or false", "int": "an integer", "float": "a finite number", "str": "a string"}
+_ALLOWED = {"bool": "true or false", "int": "an integer", "float": "a finite number", "str": "a string",
+            "list[str]": "a list of strings"}
 
 
 def _kinds(field: dataclasses.Field) -> set[str]:
@@ -42,7 +44,11 @@ def _typed(cls: str, field: str, kinds: set[str], value):
     if it spells one of the right kind: PyYAML reads 1e-4 as the string '1e-4'."""
     if value is None and "None" in kinds:
         return None
-    kind = next(k for k in ("bool", "int", "float", "str") if k in kinds)
+    kind = next(k for k in ("bool", "int", "float", "str", "list[str]") if k in kinds)
+    if kind == "list[str]" and isinstance(value, str):  # a single name: run.loggers=csv
+        value = [value]
+    if kind == "list[str]" and isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return list(value)
     if kind == "bool" and isinstance(value, bool) or kind == "str" and isinstance(value, str):
         return value
     if kind in ("int", "float") and not isinstance(value, bool):
@@ -294,8 +300,13 @@ class RunConfig:
     sharding: str = "none"
     autocast: str = "none"  # 'bf16': outer (query) passes under bf16 autocast; the inner loop stays fp32
     # On the CPU, let glibc reuse the memory of large freed tensors (meta_kernels.malloc_tuning): a
-    # faster step; the process keeps its peak memory.
-    keep_freed_cpu_memory: bool = True
+    # faster step; the process keeps its peak memory. Process-wide, so opt-in: null (unset) is off
+    # in a Trainer a library user embeds and on in `meta-kernels train`; true / false decide for both.
+    keep_freed_cpu_memory: bool | None = None
+    # Where a run's records go (meta_kernels.loggers): any of LOGGERS; [] for none.
+    loggers: list[str] = dataclasses.field(default_factory=lambda: ["jsonl"])
+    # Also log each inner step's support loss, accuracy, gradient norm, ... with every train step.
+    log_inner_steps: bool = False
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -309,6 +320,9 @@ class RunConfig:
         _require(self.dist_timeout_s >= 1, name, "dist_timeout_s", f"must be >= 1, got {self.dist_timeout_s}")
         _require(self.sharding in SHARDING, name, "sharding", f"must be one of {', '.join(SHARDING)}, got {self.sharding!r}")
         _require(self.autocast in AUTOCAST, name, "autocast", f"must be one of {', '.join(AUTOCAST)}, got {self.autocast!r}")
+        unknown = [n for n in self.loggers if n not in LOGGERS]
+        _require(not unknown, name, "loggers", f"unknown logger(s) {unknown}; choose from {', '.join(LOGGERS)}")
+        _require(len(set(self.loggers)) == len(self.loggers), name, "loggers", f"lists a logger twice: {self.loggers}")
 
 
 SECTIONS = {"maml": MAMLConfig, "mamlpp": MAMLPlusPlusConfig, "episodes": EpisodeConfig, "data": DataConfig,
@@ -341,6 +355,8 @@ class MetaLearningFullConfig:
             p = self.mamlpp
             _require(not (p.use_lslr or p.use_msl or p.use_annealing), name, "run.sharding",
                      "'fsdp' does not support the MAML++ options use_lslr / use_msl / use_annealing; switch them off")
+            _require(not self.run.log_inner_steps, name, "run.log_inner_steps",
+                     "is not supported with run.sharding=fsdp; set it to false")
         _require(self.data.class_depth == 1 or self.episodes.dataset == "custom", name, "data.class_depth",
                  f"nested class folders are for folder datasets (episodes.dataset=custom), not "
                  f"{self.episodes.dataset!r}; leave data.class_depth=1")

@@ -22,6 +22,7 @@ from meta_kernels.checkpoint import (CheckpointError, config_differences, load_c
                                      remove_orphan_temp_files, rng_state, save_checkpoint, set_rng_state,
                                      step_checkpoints)
 from meta_kernels.config import MetaLearningFullConfig
+from meta_kernels.loggers import Logger, build_loggers, strict_json
 from meta_kernels.malloc_tuning import keep_freed_cpu_memory
 from meta_kernels.data import EpisodeSampler, load_dataset
 from meta_kernels.meta import Learner, MetaLearner, ShardedMetaLearner
@@ -41,23 +42,6 @@ class TrainingInterrupted(Exception):
         self.signum, self.step, self.path = signum, step, path
         self.exit_code = 128 + signum
         super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; saved {path}; continue with --resume")
-
-
-def strict_json(value):
-    """`value` with every non-finite float (NaN, inf) as None: strict JSON has no NaN."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: strict_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [strict_json(v) for v in value]
-    if isinstance(value, (np.floating, np.integer)):
-        return strict_json(value.item())
-    return value
-
-
-def json_line(record: dict) -> str:
-    return json.dumps(strict_json(record), allow_nan=False) + "\n"
 
 
 @contextlib.contextmanager
@@ -160,13 +144,18 @@ def evaluation_batches(sampler: EpisodeSampler, episodes: int, batch_size: int, 
 
 class Trainer:
     def __init__(self, config: MetaLearningFullConfig, out_dir: str | os.PathLike, *, resume: bool = False,
-                 overwrite: bool = False, progress: bool = True, preempt_signal: int | None = DEFAULT_PREEMPT_SIGNAL):
+                 overwrite: bool = False, progress: bool = True, preempt_signal: int | None = DEFAULT_PREEMPT_SIGNAL,
+                 loggers: list[Logger] = ()):
         """resume: continue the run in out_dir from its newest intact checkpoint; overwrite: replace
         the run in out_dir (a fresh run into a folder holding one is refused otherwise).
         preempt_signal: besides SIGTERM and SIGINT, the signal that saves and stops a
-        single-process run (SIGUSR1 by default; None for none)."""
+        single-process run (SIGUSR1 by default; None for none). loggers: your own
+        meta_kernels.loggers.Logger objects, besides those of run.loggers; call close() at the end."""
         # Under torchrun: join the process group; rank 0 alone writes metrics, plots, checkpoints.
         self.rank, self.world_size = distributed.init_from_env(config.run.device, config.run.dist_timeout_s)
+        # Built on every rank, so a missing package fails on all of them; rank 0 alone logs.
+        built = [*build_loggers(config.run.loggers), *loggers]
+        self.loggers = built if self.rank == 0 else []
         self.config, self.progress = config, progress and self.rank == 0
         self.preempt_signal = preempt_signal
         self.out = _writable_dir(Path(out_dir)) if self.rank == 0 else Path(out_dir)
@@ -190,6 +179,8 @@ class Trainer:
         self.history: list[dict] = []
         if resume:
             self._resume()
+        for logger in self.loggers:  # after a resume: the loggers continue from the checkpoint's history
+            logger.start(self.out, config.to_dict(), self.history)
 
     # ---- checkpoints -----------------------------------------------------------------------
     @property
@@ -265,10 +256,6 @@ class Trainer:
         self.history = data.get("history", [])
         if "rng" in data:
             set_rng_state(data["rng"])
-        if self.rank == 0:  # the log continues from the checkpoint: lines written after it are dropped
-            tmp = self.out / ".metrics.jsonl.tmp"
-            tmp.write_text("".join(json_line(record) for record in self.history))
-            os.replace(tmp, self.out / "metrics.jsonl")
 
     # ---- training ----------------------------------------------------------------------------
     def fit(self, max_steps: int | None = None) -> dict:
@@ -286,7 +273,6 @@ class Trainer:
         sampler = self.samplers["train"]
         steps_per_epoch = sampler.steps_per_epoch(B)
         done, saved_step = 0, None
-        log = (self.out / "metrics.jsonl").open("a") if self.rank == 0 else open(os.devnull, "w")
         start = time.perf_counter()
         finished = lambda: (max_steps is not None and self.global_step >= max_steps) or stop["signal"] is not None
         try:
@@ -297,25 +283,28 @@ class Trainer:
                     if finished():
                         break
                     batch = sampler.meta_batch(self.epoch, step, B, *self.learner.task_share()).to(cfg.run.device)
-                    metrics = self.learner.step(batch, epoch=self.epoch, total_tasks=B)
+                    # Inner-step logs are opt-in (MetaLearner only; the config refuses them under FSDP).
+                    inner = {"log_inner_steps": True} if cfg.run.log_inner_steps else {}
+                    metrics = self.learner.step(batch, epoch=self.epoch, total_tasks=B, **inner)
                     if self.scheduler is not None:
                         self.scheduler.step()
                     self.step, self.global_step, done = step + 1, self.global_step + 1, done + 1
-                    record = {"split": "train", "epoch": self.epoch, "step": step, "global_step": self.global_step,
-                              **metrics, "tasks_per_s": done * B / (time.perf_counter() - start)}
-                    self.history.append(strict_json(record))
-                    log.write(json_line(record))
+                    record = strict_json({"split": "train", "epoch": self.epoch, "step": step,
+                                          "global_step": self.global_step, **metrics,
+                                          "tasks_per_s": done * B / (time.perf_counter() - start)})
+                    self.history.append(record)
+                    self.log(record)
                     bar.set_postfix(loss=f"{metrics[self.loss_key]:.3f}", acc=f"{metrics['post_adapt_acc']:.3f}",
                                     tasks_s=f"{record['tasks_per_s']:.0f}")
                     if self.global_step % cfg.run.val_every == 0 and (self.rank == 0 or self.learner.collective):
                         val = self.evaluate("val", cfg.run.val_episodes)
                         val_record = strict_json({"split": "val", "global_step": self.global_step, **val})
                         self.history.append(val_record)
-                        log.write(json_line(val_record))
+                        self.log(val_record)
                         if val["accuracy"] > self.best_val:
                             self.best_val = val["accuracy"]
                             self.save("best.pt")
-                    log.flush()  # before the checkpoint: every checkpointed step is in the log
+                    self.flush_loggers()  # before the checkpoint: every checkpointed step is in the logs
                     if self.global_step % cfg.checkpoint.every_steps == 0:
                         self.save(f"step-{self.global_step}.pt")
                         saved_step = self.global_step
@@ -324,10 +313,27 @@ class Trainer:
             if done and saved_step != self.global_step:
                 self.save(f"step-{self.global_step}.pt")
         finally:
-            log.close()
+            self.flush_loggers()
         if stop["signal"] is not None:
             raise TrainingInterrupted(stop["signal"], self.global_step, self.ckpt_dir / "last.pt")
         return self._summary(time.perf_counter() - start)
+
+    # ---- loggers -------------------------------------------------------------------------------
+    def log(self, record: dict) -> None:
+        """Sends a record (with "split" and "global_step") to every logger; on rank 0 only."""
+        record = strict_json(record)
+        for logger in self.loggers:
+            logger.log(record)
+
+    def flush_loggers(self) -> None:
+        for logger in self.loggers:
+            logger.flush()
+
+    def close(self) -> None:
+        """Closes the loggers (TensorBoard's writer, the W&B run); call it when done with the run."""
+        for logger in self.loggers:
+            logger.close()
+        self.loggers = []
 
     @contextlib.contextmanager
     def _stop_signals(self):
@@ -422,8 +428,9 @@ def plot_adaptation_curve(curve: list[float], path: Path, title: str) -> None:
 
 
 def evaluate_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike, episodes: int | None = None,
-                        split: str = "test") -> dict:
-    """Loads a checkpoint and evaluates it on `split` episodes; writes eval.json and a plot."""
+                        split: str = "test", loggers: list[Logger] = ()) -> dict:
+    """Loads a checkpoint and evaluates it on `split` episodes; writes eval.json and a plot, and
+    sends the result to `loggers` (started ones, e.g. Trainer.loggers) at the checkpoint's step."""
     data = load_checkpoint(path)
     config = MetaLearningFullConfig.from_dict(data["config"])
     out = _writable_dir(Path(out_dir))
@@ -441,6 +448,9 @@ def evaluate_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike, epi
                                                  config.maml.meta_batch_size, next(model.parameters()).device))
     result.update({"checkpoint": str(path), "split": split, "algo": config.maml.algo})
     (out / "eval.json").write_text(json.dumps(strict_json(result), indent=2, allow_nan=False))
+    record = strict_json({"split": split, "global_step": data.get("counters", {}).get("global_step"), **result})
+    for logger in loggers:
+        logger.log(record)
     plot_adaptation_curve(result["curve_accuracy"], out / "adaptation_curve.png",
                           f"{config.maml.algo} {config.episodes.n_way}-way {config.episodes.k_shot}-shot ({split})")
     return result

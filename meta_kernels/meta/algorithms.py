@@ -129,7 +129,7 @@ def _meta_loss(params, task_batch, settings: InnerLoopSettings, task_model: Task
 
 
 def _meta_backward(params, task_batch, settings: InnerLoopSettings, task_model: TaskModel, *, lrs, track_curve: bool,
-                   query_chunk: int, scale: float) -> dict[str, float]:
+                   query_chunk: int, scale: float, log_inner_steps: bool = False) -> dict[str, float]:
     """meta_backward with the inner loop's settings given."""
     recompute = settings.recompute
     result, xq, yq = _adapt_for_meta(params, task_batch, settings, task_model, lrs=lrs, with_query=track_curve,
@@ -160,7 +160,8 @@ def _meta_backward(params, task_batch, settings: InnerLoopSettings, task_model: 
         result.backward([adjoint[k] if k in adjoint else torch.zeros_like(v) for k, v in result.adapted.items()])
     elif names:
         torch.autograd.backward([result.adapted[k] for k in names], list(adjoint.values()))
-    return _meta_metrics(result, loss_sum / n_ok, acc_sum / n_ok, ok)
+    metrics = _meta_metrics(result, loss_sum / n_ok, acc_sum / n_ok, ok)
+    return {**metrics, **inner_step_metrics(result.logs)} if log_inner_steps else metrics
 
 
 def _adapt_for_meta(params, task_batch, settings: InnerLoopSettings, task_model: TaskModel, *, lrs, with_query: bool,
@@ -218,6 +219,15 @@ def _detached(lrs):
     if isinstance(lrs, dict):
         return {k: v.detach() for k, v in lrs.items()}
     return lrs.detach() if isinstance(lrs, Tensor) else lrs
+
+
+INNER_STEP_FIELDS = ("loss", "accuracy", "grad_norm", "update_norm", "lr_mean", "clip_factor")
+
+
+def inner_step_metrics(logs: list[StepLog]) -> dict[str, float]:
+    """The inner loop's StepLogs as flat metrics, inner{k}_{field} for inner step k (0-based): flat
+    so that they average over task chunks and ranks like the other metrics of a step."""
+    return {f"inner{log.step}_{name}": float(getattr(log, name)) for log in logs for name in INNER_STEP_FIELDS}
 
 
 def _meta_metrics(result: AdaptResult, loss: Tensor | float, post: float, ok: Tensor) -> dict[str, float]:
@@ -358,8 +368,10 @@ class MetaLearner(Learner):
 
     # ---- the outer step ----------------------------------------------------------------------
     def step(self, task_batch, *, epoch: int = 0, track_curve: bool = False,
-             total_tasks: int | None = None) -> dict[str, float]:
-        """One outer step on a meta-batch; returns metrics averaged over its tasks.
+             total_tasks: int | None = None, log_inner_steps: bool = False) -> dict[str, float]:
+        """One outer step on a meta-batch; returns metrics averaged over its tasks (log_inner_steps:
+        also each inner step's support loss, accuracy, gradient and update norms, rate and clip
+        factor, as inner{k}_{field}; see inner_step_metrics).
 
         Under torch.distributed, `task_batch` is this rank's shard and `total_tasks` the size of
         the whole meta-batch: gradients (or Reptile's adapted weights) are summed over ranks, so
@@ -372,7 +384,7 @@ class MetaLearner(Learner):
             check_task_independence(self.model, parts[0])
             self.debug_batching = False
         self.optimizer.zero_grad(set_to_none=True)
-        totals, adapted = self._accumulate(parts, single, local, total, epoch, track_curve)
+        totals, adapted = self._accumulate(parts, single, local, total, epoch, track_curve, log_inner_steps)
         if distributed.world()[1] > 1:
             totals, adapted = self._sum_over_ranks(totals, adapted, local, total)
         all_skipped = totals.get("skipped_tasks", 0) >= total
@@ -407,7 +419,8 @@ class MetaLearner(Learner):
                                      "such steps")
         return False
 
-    def _accumulate(self, parts, single: bool, local: int, total: int, epoch: int, track_curve: bool):
+    def _accumulate(self, parts, single: bool, local: int, total: int, epoch: int, track_curve: bool,
+                    log_inner_steps: bool = False):
         """Adapts this process's `local` tasks config.task_chunk at a time. MAML / FOMAML
         back-propagate each chunk's share (of `total` tasks) of the meta-objective into .grad;
         Reptile collects the adapted weights. Returns the metric sums (each metric weighted by its
@@ -426,16 +439,17 @@ class MetaLearner(Learner):
             n = 1 if single else sub[1].shape[0]
             if reptile and not track_curve:
                 # Reptile's update needs only the adapted weights: no query pass on the hot path.
-                adapted, metrics = self._reptile_adapt(params, sub, lrs)
+                adapted, metrics = self._reptile_adapt(params, sub, lrs, log_inner_steps)
                 adapted_chunks.append(adapted)
             elif not reptile and msl is None and settings.bn_mode == "transductive":
                 # The query graph a chunk of tasks at a time (config.query_chunk), not all at once.
                 metrics = _meta_backward(params, sub, settings, self.task_model, lrs=lrs, track_curve=track_curve,
-                                         query_chunk=self.config.query_chunk, scale=n / total)
+                                         query_chunk=self.config.query_chunk, scale=n / total,
+                                         log_inner_steps=log_inner_steps)
             else:
                 out = _meta_loss(params, sub, settings, self.task_model, lrs=lrs, track_curve=track_curve,
                                  msl_weights=msl, update_stats=settings.bn_mode != "transductive")
-                metrics = out.metrics
+                metrics = {**out.metrics, **inner_step_metrics(out.logs.inner)} if log_inner_steps else out.metrics
                 if reptile:
                     adapted_chunks.append(_kept(out.logs.adapted_params, out.logs.task_ok))
                 else:
@@ -445,7 +459,7 @@ class MetaLearner(Learner):
         adapted = [torch.cat([c[k] for c in adapted_chunks]) for k in params] if reptile else None
         return totals, adapted
 
-    def _reptile_adapt(self, params, sub, lrs):
+    def _reptile_adapt(self, params, sub, lrs, log_inner_steps: bool = False):
         # Reptile trains each task on all of its examples (support and query alike are training
         # data of a meta-training task), as in Nichol et al. 2018; evaluation adapts on support only.
         xs, ys, xq, yq = batch_parts(sub)
@@ -458,6 +472,8 @@ class MetaLearner(Learner):
         metrics = {"pre_adapt_acc": nan, "post_adapt_acc": nan, "fast_gain": nan, "auac": nan,
                    "query_loss": nan, "support_loss": result.logs[-1].loss,
                    "skipped_tasks": int((~result.task_ok).sum())}
+        if log_inner_steps:
+            metrics.update(inner_step_metrics(result.logs))
         return _kept(result.adapted, result.task_ok), metrics
 
     def _sum_over_ranks(self, totals: dict[str, float], adapted, local: int, total: int):
