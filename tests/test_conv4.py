@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import meta_kernels as mk
+from meta_kernels.meta import TaskModel
 from meta_kernels.models.conv4 import Conv4
 from tests.conftest import F64, check_grad_and_gradgrad
 
@@ -52,7 +53,7 @@ def test_conv4_fused_input_layer_matches_the_composed_one(T):
     results = []
     for backend in ("cpp", "reference"):
         with mk.use_backend(backend):
-            logits = Conv4.forward_tasks(params, x, double_backward=True)
+            logits = TaskModel(model)(params, x, double_backward=True)
             loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
             grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
             second = torch.autograd.grad(sum((g * g).sum() for g in grads), list(params.values()), allow_unused=True)

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from meta_kernels.config import ConfigError, MAMLConfig, MAMLPlusPlusConfig, MetaLearningFullConfig
-from meta_kernels.meta import InnerLoopSettings, MetaLearner, adapt, adapt_tasks, meta_loss
+from meta_kernels.meta import InnerLoopSettings, MetaLearner, TaskModel, adapt, adapt_tasks, meta_loss
 from meta_kernels.meta.mamlpp import LSLR_MAX, LSLR_MIN, msl_weights
 from meta_kernels.models import Conv4
 
@@ -86,7 +86,7 @@ def test_msl_loss_is_the_weighted_per_step_query_loss():
     expected = 0
     for k in range(1, 4):
         adapted, _ = adapt(params, (xs, ys), model=model, steps=k, lrs=0.3, first_order=False)
-        q = F.cross_entropy(Conv4.forward_tasks(adapted, xq).reshape(-1, 3), yq.reshape(-1))
+        q = F.cross_entropy(TaskModel(model)(adapted, xq).reshape(-1, 3), yq.reshape(-1))
         expected = expected + w[k - 1] * q
     torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
 
@@ -152,7 +152,7 @@ def test_bn_modes_match_hand_written_reference(mode, bn_steps):
     params = {k: v + 0.1 * torch.randn_like(v) for k, v in params.items()}  # tasks with different weights
     buffers = dict(model.named_buffers())
     for step in range(bn_steps + 1):
-        got = Conv4.forward_tasks(params, xq, step=step, bn_mode=mode, buffers=buffers)
+        got = TaskModel(model)(params, xq, step=step, bn_mode=mode)
         torch.testing.assert_close(got, _reference_forward(params, xq, step, mode, buffers), rtol=1e-10, atol=1e-10)
 
 
@@ -211,7 +211,7 @@ def test_mamlpp_bad_input():
         MAMLPlusPlusConfig(annealing_start_epoch=-1)
     with pytest.raises(ValueError, match=r"Conv4\(\.\.\., bn_steps=3\)"):
         MetaLearner(_conv4(1), MAMLConfig(inner_steps=2), mamlpp=MAMLPlusPlusConfig(bn_mode="per_step"))
-    with pytest.raises(ValueError, match=r"needs a model with forward_tasks"):
+    with pytest.raises(ValueError, match=r"needs StepBatchNorm layers"):
         MetaLearner(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)), MAMLConfig(), mamlpp=MAMLPlusPlusConfig(bn_mode="frozen"))
     a = MetaLearner(_conv4(), MAMLConfig(inner_steps=2), mamlpp=MAMLPlusPlusConfig(use_lslr=True, bn_mode="transductive"))
     b = MetaLearner(_conv4(), MAMLConfig(inner_steps=3), mamlpp=MAMLPlusPlusConfig(use_lslr=True, bn_mode="transductive"))

@@ -149,13 +149,13 @@ def test_engines_and_batching_modes_agree():
     batch = _tasks(seed=3)
     params = dict(model.named_parameters())
     grads = {}
-    for engine, batching in [("custom", "native"), ("torch_func", "native"), ("higher", "native"),
+    for engine, batching in [("custom", "batched"), ("torch_func", "batched"), ("higher", "batched"),
                              ("custom", "loop"), ("torch_func", "loop")]:
         cfg = MAMLConfig(inner_steps=2, inner_lr=0.3, inner_clip=None, engine=engine)
         loss, _, _ = meta_loss(params, batch, config=cfg, model=TaskModel(model, batching),
                                track_curve=engine != "higher")
         grads[(engine, batching)] = torch.autograd.grad(loss, list(params.values()))
-    ref = grads[("custom", "native")]
+    ref = grads[("custom", "batched")]
     for key, got in grads.items():
         for name, a, b in zip(params, got, ref):
             assert (a - b).abs().max() <= 1e-10, (key, name)

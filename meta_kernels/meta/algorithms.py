@@ -291,9 +291,10 @@ class MetaLearner(Learner):
         mode = self.mamlpp.bn_mode
         if mode == "transductive":
             return
-        if self.task_model.mode != "native":
-            raise ValueError(f"bn_mode {mode!r} needs a model with forward_tasks (meta_kernels.models.Conv4); "
-                             f"{type(self.model).__name__} supports only 'transductive' (set mamlpp.bn_mode=transductive)")
+        if self.task_model.mode != "batched" or not self.task_model.engine.has_step_batch_norm():
+            raise ValueError(f"bn_mode {mode!r} needs StepBatchNorm layers (meta_kernels.models.Conv4) on the "
+                             f"task-batching engine; {type(self.model).__name__} supports only 'transductive' "
+                             "(set mamlpp.bn_mode=transductive)")
         if mode == "per_step":
             bn = [p for n, p in self.model.named_parameters() if n.endswith("bn.weight")]
             need = self.config.inner_steps + 1

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from meta_kernels import ops
-from meta_kernels.models.conv4 import _GroupedConv
+from meta_kernels.models.conv4 import StepBatchNorm, _GroupedConv
 from meta_kernels.ops.conv3x3_bn_pool_relu import MAX_IN_CHANNELS as MAX_FUSED_IN_CHANNELS
 
 # ---- folding the task dim into the batch dim -------------------------------------------------
@@ -81,8 +81,18 @@ def _to_folded(h: Tensor, T: int) -> Tensor:
     return h.reshape(N, T, -1, *h.shape[2:]).transpose(0, 1).reshape(T * N, -1, *h.shape[2:])
 
 
-# Set for a pass whose gradient is differentiated again (MAML's inner steps).
-_DOUBLE_BACKWARD = [False]
+@dataclass
+class _Pass:
+    """What the current pass is, for the layers that care: double_backward marks a pass whose
+    gradient is differentiated again (MAML's inner steps); step, bn_mode and update_stats reach
+    StepBatchNorm (MAML++ per-step and frozen BatchNorm)."""
+    double_backward: bool = False
+    step: int = 0
+    bn_mode: str = "transductive"
+    update_stats: bool = False
+
+
+_PASS = _Pass()
 
 
 def _per_task(value: Tensor | None, base_dims: int) -> bool:
@@ -130,7 +140,7 @@ class _TaskConv:
         if self.padding_mode != "zeros":
             h, padding = F.pad(h, self._reversed_padding_repeated_twice, mode=self.padding_mode), 0
         w_flat, b_flat = w.reshape(T * w.shape[1], *w.shape[2:]), None if b is None else b.reshape(-1)
-        if self._mk_plain_3x3 and _DOUBLE_BACKWARD[0] and padding != 0:
+        if self._mk_plain_3x3 and _PASS.double_backward and padding != 0:
             # MAML's inner steps: a grouped conv whose double backward avoids aten's per-group loop.
             return _GroupedConv.apply(h, w_flat, b_flat, T)
         conv = F.conv1d if h.dim() == 3 else F.conv2d
@@ -174,6 +184,10 @@ class _TaskBatchNorm:
         """Normalises with batch statistics and keeps no running ones in this pass."""
         return self.running_mean is None or (self.training and not self.track_running_stats)
 
+    def pass_affine(self):
+        """(weight, bias) of this pass: each [T, C] per task or [C] shared."""
+        return self.weight, self.bias
+
     def forward(self, x: Tensor) -> Tensor:
         T = _tasks_of(self, x.shape[0])
         use_batch_stats = self.training or self.running_mean is None
@@ -194,6 +208,39 @@ class _TaskBatchNorm:
         out = ops.batch_norm(xt, self.weight, self.bias, self.eps,
                              running_mean=self.running_mean if running else None,
                              running_var=self.running_var if running else None, momentum=momentum or 0.0)
+        return out.reshape(x.shape)
+
+
+class _TaskStepBatchNorm(_TaskBatchNorm):
+    """StepBatchNorm (Conv4's): the affine row of the current inner step; per-task batch
+    statistics (bn_mode transductive / per_step) or the running statistics of that row (frozen);
+    update_stats folds this pass's per-task statistics, averaged over tasks, into the row first."""
+
+    def pass_affine(self):
+        w, b = self.weight, self.bias
+        if self._mk_base_dims["weight"] == 2:  # a row per step: [steps, C], [T, steps, C] per task
+            row = min(_PASS.step, w.shape[-2] - 1)
+            w, b = w[..., row, :], b[..., row, :]
+        return w, b
+
+    def batch_stats_only(self) -> bool:
+        return _PASS.bn_mode != "frozen" and not _PASS.update_stats
+
+    def forward(self, x: Tensor) -> Tensor:
+        T = _tasks_of(self, x.shape[0])
+        row = min(_PASS.step, self.running_mean.shape[0] - 1)
+        if _PASS.update_stats:
+            with torch.no_grad():
+                v = x.detach().reshape(T, x.shape[0] // T, x.shape[1], -1)
+                mean, var = v.mean(dim=(1, 3)), v.var(dim=(1, 3), unbiased=v.shape[1] * v.shape[3] > 1)
+                self.running_mean[row].mul_(1 - self.momentum).add_(mean.mean(0), alpha=self.momentum)
+                self.running_var[row].mul_(1 - self.momentum).add_(var.mean(0), alpha=self.momentum)
+        w, b = self.pass_affine()
+        if _PASS.bn_mode == "frozen":
+            shape = (1, -1) + (1,) * (x.dim() - 2)
+            h = (x - self.running_mean[row].view(shape)) * torch.rsqrt(self.running_var[row] + self.eps).view(shape)
+            return _affine(h, w, b, T, channel_dim=1)
+        out = ops.batch_norm(x.reshape(T, x.shape[0] // T, *x.shape[1:]), w, b, self.eps)
         return out.reshape(x.shape)
 
 
@@ -261,7 +308,7 @@ class _TaskSequential:
     conv3x3_bn_pool_relu, BN or ReLU followed by the pool as max_pool2x2_relu."""
 
     def forward(self, x):
-        mods = list(self._modules.values())
+        mods = [m for _, m in _flat_sequential(self)]
         h, T, i = x, None, 0  # T is set while h is laid out [N, T*C, *s]
         while i < len(mods):
             m = mods[i]
@@ -278,8 +325,8 @@ class _TaskSequential:
                     b = b.expand(T, *b.shape)
                 h = m.channels_forward(h, m.weight, b, T)
             elif T is not None and isinstance(m, _TaskBatchNorm) and m.batch_stats_only() and h.dim() == 4:
-                h = ops.batch_norm(h.unsqueeze(0), _channels_affine(m.weight, T), _channels_affine(m.bias, T),
-                                   m.eps).squeeze(0)
+                w, b = m.pass_affine()
+                h = ops.batch_norm(h.unsqueeze(0), _channels_affine(w, T), _channels_affine(b, T), m.eps).squeeze(0)
                 if _relu_pool(mods, i + 1):
                     h, i = ops.max_pool2x2_relu(h), i + 2
             elif T is not None and _relu_pool(mods, i):
@@ -292,6 +339,22 @@ class _TaskSequential:
                 h = m(h)
             i += 1
         return h if T is None else _to_folded(h, T)
+
+
+def _is_sequential(m: nn.Module) -> bool:
+    """An nn.Sequential, or a subclass that keeps its forward (Conv4): children run in order."""
+    return isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
+
+
+def _flat_sequential(seq: nn.Module, name: str = "") -> list[tuple[str, nn.Module]]:
+    """(full name, module) of a Sequential's children in the order they run, nested Sequentials
+    opened up, so that the tasks stay side by side in the channels across them."""
+    out = []
+    for child_name, m in seq._modules.items():
+        full = f"{name}.{child_name}" if name else child_name
+        opens = m is not None and (_is_sequential(m) or isinstance(m, _TaskSequential))  # an original or its view
+        out += _flat_sequential(m, full) if opens else [(full, m)]
+    return out
 
 
 def _channels_affine(v: Tensor | None, T: int) -> Tensor | None:
@@ -314,9 +377,10 @@ def _fused_input_block(mods: list, i: int, h: Tensor, T: int):
     w, b = conv.weight, conv.bias
     if b is not None and not _per_task(b, 1):
         b = b.expand(T, *b.shape)
-    gamma = _channels_affine(bn.weight, T)
+    bn_weight, bn_bias = bn.pass_affine()
+    gamma = _channels_affine(bn_weight, T)
     gamma = h.new_ones(w.shape[0] * w.shape[1]) if gamma is None else gamma.reshape(-1)
-    beta = _channels_affine(bn.bias, T)
+    beta = _channels_affine(bn_bias, T)
     beta = h.new_zeros(gamma.shape) if beta is None else beta.reshape(-1)
     out = ops.conv3x3_bn_pool_relu(h, w.reshape(T * w.shape[1], *w.shape[2:]), None if b is None else b.reshape(-1),
                                    gamma, beta, groups=T, eps=bn.eps)
@@ -327,6 +391,7 @@ def _fused_input_block(mods: list, i: int, h: Tensor, T: int):
 # (their forward may differ) and go through the fallback.
 KNOWN = {nn.Conv1d: _TaskConv, nn.Conv2d: _TaskConv, nn.Linear: _TaskLinear, nn.Embedding: _TaskEmbedding,
          nn.BatchNorm1d: _TaskBatchNorm, nn.BatchNorm2d: _TaskBatchNorm, nn.BatchNorm3d: _TaskBatchNorm,
+         StepBatchNorm: _TaskStepBatchNorm,
          nn.LayerNorm: _TaskLayerNorm, nn.GroupNorm: _TaskGroupNorm}
 
 
@@ -427,20 +492,24 @@ def _is_plain_3x3(m: nn.Module) -> bool:
             and m.dilation == (1, 1) and m.groups == 1)
 
 
+_BN2D = (nn.BatchNorm2d, StepBatchNorm)
+
+
 def _sequential_plans(seq: nn.Sequential, name: str) -> dict[str, str]:
     """How the fused patterns of a Sequential run (see _TaskSequential), by child name."""
-    names, mods = list(seq._modules), list(seq._modules.values())
-    full = lambda k: f"{name}.{names[k]}" if name else names[k]
+    flat = _flat_sequential(seq, name)
+    names, mods = [n for n, _ in flat], [m for _, m in flat]
+    full = lambda k: names[k]
     plans, i = {}, 0
     while i < len(mods):
         m = mods[i]
         if _is_plain_3x3(m) and m.in_channels <= MAX_FUSED_IN_CHANNELS and i + 1 < len(mods) and \
-                type(mods[i + 1]) in (nn.BatchNorm2d,) and _relu_pool(mods, i + 2):
+                type(mods[i + 1]) in _BN2D and _relu_pool(mods, i + 2):
             for k in range(i, i + 4):
                 plans[full(k)] = "fused op conv3x3_bn_pool_relu (on the cpp / reference backends; else composed ops)"
             i += 4
             continue
-        if type(m) is nn.BatchNorm2d and _relu_pool(mods, i + 1):
+        if type(m) in _BN2D and _relu_pool(mods, i + 1):
             plans[full(i)] = "fused op batch_norm"
             plans[full(i + 1)] = plans[full(i + 2)] = "fused op max_pool2x2_relu"
             i += 3
@@ -481,8 +550,8 @@ def build_view(model: nn.Module) -> tuple[nn.Module, list[LayerPlan], list[tuple
             view._mk_mode = ["vmap"]
             plans.append(LayerPlan(name, type(m).__name__, "vmap over tasks (this layer only)"))
         else:  # a container or a layer without parameters
-            if type(m) is nn.Sequential:
-                view.__class__ = _view_class(nn.Sequential, _TaskSequential)
+            if _is_sequential(m):
+                view.__class__ = _view_class(type(m), _TaskSequential)
                 fused.update(_sequential_plans(m, name))
             if not m._modules:
                 plans.append(LayerPlan(name, type(m).__name__, fused.get(name, "as is (runs on the folded batch)")))
@@ -503,19 +572,25 @@ class BatchedModel:
         self.view, self.plans, self._pairs = build_view(model)
 
     def __call__(self, params: dict[str, Tensor], args: tuple, kwargs: dict | None = None, *,
-                 double_backward: bool = False):
+                 double_backward: bool = False, step: int = 0, bn_mode: str = "transductive",
+                 update_stats: bool = False):
         """`double_backward` marks a pass whose gradient is differentiated again (MAML's inner
-        steps): convs then take a grouped double backward without aten's per-group loop."""
+        steps): convs then take a grouped double backward without aten's per-group loop.
+        step / bn_mode / update_stats reach StepBatchNorm layers (MAML++)."""
         kwargs = kwargs or {}
         T = _task_count(args, kwargs)
         for view, original in self._pairs:  # train / eval as the model is now
             view.training = original.training
-        _DOUBLE_BACKWARD[0] = double_backward
+        _PASS.double_backward, _PASS.step, _PASS.bn_mode, _PASS.update_stats = \
+            double_backward, step, bn_mode, update_stats
         try:
             out = functional_call(self.view, params, fold(args, T), fold(kwargs, T), strict=False)
         finally:
-            _DOUBLE_BACKWARD[0] = False
+            _PASS.double_backward, _PASS.step, _PASS.bn_mode, _PASS.update_stats = False, 0, "transductive", False
         return unfold(out, T)
+
+    def has_step_batch_norm(self) -> bool:
+        return any(isinstance(m, StepBatchNorm) for _, m in self._pairs)
 
     def one_task(self, params: dict[str, Tensor], args: tuple, kwargs: dict | None = None):
         """The model's forward for a single task, inputs and outputs as the model takes and gives

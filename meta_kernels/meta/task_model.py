@@ -10,19 +10,20 @@ import torch.utils._pytree as pytree
 from torch.func import functional_call
 
 from meta_kernels.meta.batching import BatchedModel
+from meta_kernels.models.conv4 import StepBatchNorm
 
 TASK_BATCHING = ("auto", "native", "batched", "vmap", "loop")
 
 
 def _has_batch_norm(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    return any(isinstance(m, (nn.modules.batchnorm._BatchNorm, StepBatchNorm)) for m in model.modules())
 
 
 class TaskModel:
     """Task-batched functional view of an nn.Module.
 
-    - native: the model's own `forward_tasks(params, x)` (Conv4: grouped conv, per-task BN);
-    - batched (the default for every other model): the task-batching engine (meta/batching.py) runs
+    - native: the model's own `forward_tasks(params, x)` (the sinusoid MLP);
+    - batched (the default for every other model, Conv4 included): the task-batching engine (meta/batching.py) runs
       the model's own forward on the tasks folded into one batch, its convs, linears and norms
       task-aware and on the fused ops, any layer it does not know under vmap or a loop alone;
     - vmap: torch.func.vmap over `functional_call` of the whole model (wrong second-order
@@ -40,7 +41,7 @@ class TaskModel:
         if task_batching == "native" and not hasattr(type(model), "forward_tasks"):
             raise ValueError(f"task_batching='native' needs {type(model).__name__}.forward_tasks(params, x)")
         self.model, self.mode = model, task_batching
-        # forward_tasks may take double_backward (Conv4: a grouped conv double backward); user models need not.
+        # forward_tasks may take double_backward (a grouped conv double backward); user models need not.
         self.takes_double_backward = (task_batching == "native" and "double_backward" in
                                       inspect.signature(type(model).forward_tasks).parameters)
         self.buffers = dict(model.named_buffers())
@@ -86,12 +87,13 @@ class TaskModel:
             extra = {"double_backward": double_backward} if self.takes_double_backward else {}
             return type(self.model).forward_tasks(params, x, step=step, bn_mode=bn_mode, buffers=self.buffers,
                                                   update_stats=update_stats, **extra)
-        if bn_mode != "transductive":
-            raise ValueError(f"bn_mode {bn_mode!r} needs a model with forward_tasks (e.g. meta_kernels.models.Conv4); "
-                             f"{type(self.model).__name__} runs with its own BatchNorm behaviour ('transductive')")
         args, kwargs = model_inputs(x)
         if self.mode == "batched":
-            return self.engine(params, args, kwargs, double_backward=double_backward)
+            return self.engine(params, args, kwargs, double_backward=double_backward, step=step, bn_mode=bn_mode,
+                               update_stats=update_stats)
+        if bn_mode != "transductive":
+            raise ValueError(f"bn_mode {bn_mode!r} needs the task-batching engine (task_batching='batched') and "
+                             "StepBatchNorm layers (meta_kernels.models.Conv4)")
         if self.mode == "vmap":
             call = lambda p, a, kw: functional_call(self.model, (p, self.buffers), a, kw)
             return torch.func.vmap(call)(params, args, kwargs)
