@@ -33,6 +33,7 @@ export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
 export PATH="$CUDA_HOME/bin:$venv/bin:$PATH"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 export META_KERNELS_CUDA=1
+export META_KERNELS_OPT="${META_KERNELS_OPT:-0}"  # a compile-and-link check: host code unoptimised, twice as fast to build
 export MAX_JOBS="${MAX_JOBS:-2}"
 echo "build_cuda: $("$CUDA_HOME/bin/nvcc" --version | tail -1); archs $TORCH_CUDA_ARCH_LIST; $MAX_JOBS jobs"
 
