@@ -52,6 +52,18 @@ def peak_rss_gb() -> float:
     return kb / 1e6
 
 
+def step_memory(step) -> dict:
+    """Memory of one outer step, in a fresh process: the RSS growth of a first call of `step()`
+    and the peak of tensor memory allocated during a second (peak_memory.py says why both)."""
+    import resource
+    from peak_memory import peak_allocated_cpu
+    with open("/proc/self/status") as f:
+        before = next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) * 1024
+    step()
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    return {"rss_gb": rss / 1e9, "allocated_gb": peak_allocated_cpu(step) / 1e9}
+
+
 def machine() -> dict:
     cpu = platform.processor()
     try:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -38,7 +37,7 @@ from meta_kernels.compat import higher as compat_higher
 from meta_kernels.compat import learn2learn as compat_l2l
 from meta_kernels.compat import original_learn2learn, task_sum
 from meta_kernels.models import sequential_conv4
-from _common import interleaved_medians, machine
+from _common import interleaved_medians, machine, step_memory
 
 HERE = Path(__file__).resolve().parent
 T, WAYS, SHOTS, QUERY, STEPS, INNER_LR, META_LR = 32, 5, 1, 15, 5, 0.4, 1e-3
@@ -144,15 +143,9 @@ def test_compat_outer_step(benchmark):
 
 
 def _child(impl: str) -> None:
-    sys.path.insert(0, str(HERE))
-    from peak_memory import peak_allocated_cpu
     b = batch()
     fn = implementations()[impl]()
-    with open("/proc/self/status") as f:
-        before = next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) * 1024
-    fn(b)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
-    print(json.dumps({"rss_gb": rss / 1e9, "allocated_gb": peak_allocated_cpu(lambda: fn(b)) / 1e9}))
+    print(json.dumps(step_memory(lambda: fn(b))))
 
 
 def main() -> int:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -36,7 +35,7 @@ from torch.func import functional_call
 
 import meta_kernels as mk
 from meta_kernels.models import ResNet12, sequential_conv4
-from _common import higher_outer_step, interleaved_medians, machine
+from _common import higher_outer_step, interleaved_medians, machine, step_memory
 
 HERE = Path(__file__).resolve().parent
 META_LR = 1e-3
@@ -151,15 +150,9 @@ def test_outer_step(benchmark, case, algo):
 
 
 def _child(case, algo, impl) -> None:
-    sys.path.insert(0, str(HERE))
-    from peak_memory import peak_allocated_cpu
     batch = CASES[case][1]()
     fn = implementations(case, algo)[impl]
-    with open("/proc/self/status") as f:
-        before = next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) * 1024
-    fn(batch)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
-    print(json.dumps({"rss_gb": rss / 1e9, "allocated_gb": peak_allocated_cpu(lambda: fn(batch)) / 1e9}))
+    print(json.dumps(step_memory(lambda: fn(batch))))
 
 
 def main() -> int:
