@@ -155,8 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         from meta_kernels.config import check_cli_count  # counts < 1 would run nothing or divide by zero
-        for flag in ("max_steps", "episodes", "steps"):  # train --max-steps, eval --episodes, demo --steps
+        for flag in ("max_steps", "episodes", "steps", "meta_batch"):  # train / eval / demo counts
             check_cli_count("--" + flag.replace("_", "-"), getattr(args, flag, None))
+        for gpus in getattr(args, "gpus", None) or []:  # memory --gpus
+            check_cli_count("--gpus", gpus)
+        check_cli_count("--seed", getattr(args, "seed", None), minimum=0)  # demo: numpy seeds are >= 0
         return args.func(args)
     except (ValueError, OSError, FloatingPointError, RuntimeError, ImportError) as exc:  # ImportError: a logger's package
         print(f"meta-kernels {args.command}: error: {exc}", file=sys.stderr)

@@ -136,11 +136,19 @@ def test_from_dict_refuses_a_non_mapping():
     (["eval", "--checkpoint", "missing.pt", "--episodes", "0"], "--episodes"),
     (["eval", "--checkpoint", "missing.pt", "--episodes", "-5"], "--episodes"),
     (["demo", "--steps", "0"], "--steps"),
-], ids=["max-steps-negative", "episodes-zero", "episodes-negative", "demo-steps-zero"])
+    (["demo", "--meta-batch", "0"], "--meta-batch"),
+    (["demo", "--seed", "-1"], "--seed"),
+], ids=["max-steps-negative", "episodes-zero", "episodes-negative", "demo-steps-zero", "demo-meta-batch-zero",
+        "demo-seed-negative"])
 def test_cli_counts_are_checked(tmp_path, capsys, argv, flag):
     code = main(argv + ["--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code != 0
-    assert f"error: {flag}: must be an integer >= 1, got" in err and "Traceback" not in err
+    assert f"error: {flag}: must be an integer >= " in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out").exists()  # refused before anything ran
+
+
+def test_memory_gpus_are_checked(capsys):
+    assert main(["memory", "--gpus", "8", "0"]) == 2
+    assert "error: --gpus: must be an integer >= 1, got 0" in capsys.readouterr().err
