@@ -5,14 +5,24 @@ version. Written atomically (temp file + rename), so a crash mid-write keeps the
 Safety: a file is `MAGIC`, the SHA-256 of the rest, a newline, then torch.save's bytes. Loading
 checks the checksum (a flipped byte is reported, never trained on) and unpickles with
 `weights_only=True`, so a file holding anything but tensors and plain Python values is refused
-and never executed. RNG states are stored as tensors and plain values for that reason."""
+and never executed. RNG states are stored as tensors and plain values for that reason.
+
+Sharded (FSDP) runs write each checkpoint as a folder `step-N.dcp/` (and `best.dcp/`) through
+torch.distributed.checkpoint: every rank writes its own shard of the weights and optimiser state,
+nothing is gathered to one rank, and loading reshards to any number of ranks. Beside the shards
+rank 0 writes `meta.pt` in the safe single-file format above: step, RNG, sampler, config,
+counters, history, data fingerprint, and a manifest with the SHA-256 of every other file of the
+folder. DCP's `.metadata` is a pickle, so loading checks the manifest before DCP reads anything.
+The folder is written under a temp name and renamed by rank 0 once every rank has written."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
 import os
 import random
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -94,35 +104,143 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 
 
 def step_checkpoints(folder: Path) -> list[Path]:
-    """The step-*.pt files of a checkpoint folder, newest first."""
-    return sorted(Path(folder).glob("step-*.pt"), key=lambda p: int(p.stem.split("-")[1]), reverse=True)
+    """The step checkpoints of a checkpoint folder (step-*.pt files and step-*.dcp folders), newest first."""
+    found = [p for p in Path(folder).glob("step-*") if p.suffix in (".pt", SHARDED_SUFFIX)
+             and p.stem.split("-")[1].isdigit()]
+    return sorted(found, key=lambda p: int(p.stem.split("-")[1]), reverse=True)
+
+
+def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
+    return Path(path).is_dir()
+
+
+def load_any_checkpoint(path: str | os.PathLike) -> dict:
+    """A single-file checkpoint, or a sharded folder's meta.pt after checking every file of the
+    folder against its manifest (the shards themselves are then read with load_sharded)."""
+    return verify_sharded(path) if is_sharded_checkpoint(path) else load_checkpoint(path)
 
 
 def load_latest_intact(folder: Path) -> tuple[dict, Path]:
-    """The newest checkpoint of `folder` that loads: last.pt, else the newest intact step-*.pt,
-    with a warning naming the files passed over."""
-    candidates = [p for p in [Path(folder) / "last.pt"] + step_checkpoints(folder) if p.is_file()]
+    """The newest checkpoint of `folder` that loads: last.pt, else the newest intact step-*.pt
+    file or step-*.dcp folder, with a warning naming the checkpoints passed over."""
+    candidates = [p for p in [Path(folder) / "last.pt"] + step_checkpoints(folder) if p.exists()]
     if not candidates:
         raise CheckpointError(f"--resume: no checkpoint in {folder}; train without --resume first")
     failures = []
     for path in candidates:
         try:
-            data = load_checkpoint(path)
+            data = load_any_checkpoint(path)
         except CheckpointError as exc:
             failures.append(str(exc))
             continue
         if failures:
             warnings.warn("resuming from " + str(path) + " because " + "; ".join(failures), stacklevel=2)
-        elif path.name != "last.pt":
+        elif path.name != "last.pt" and path.suffix != SHARDED_SUFFIX:
             warnings.warn(f"no last.pt in {folder}; resuming from {path}, the newest step checkpoint", stacklevel=2)
         return data, path
     raise CheckpointError(f"no intact checkpoint in {folder}:\n  " + "\n  ".join(failures))
 
 
+def remove_checkpoint(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def remove_orphan_temp_files(folder: Path) -> None:
-    """Temp files of writes that a kill interrupted (the file they were to replace is intact)."""
+    """Temp files and folders of writes that a kill interrupted (what they were to replace is intact)."""
     for tmp in Path(folder).glob(".*.tmp"):
-        tmp.unlink(missing_ok=True)
+        remove_checkpoint(tmp)
+
+
+# ---- sharded (DCP) checkpoints ------------------------------------------------------------------
+SHARDED_SUFFIX = ".dcp"
+SHARDED_META = "meta.pt"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def save_sharded(path: str | os.PathLike, state: dict, payload: dict) -> Path:
+    """A collective: every rank writes its shards of `state` (DTensors, as get_state_dict gives
+    them) into the folder `path` through torch.distributed.checkpoint; rank 0 writes `payload`
+    and the manifest of checksums as meta.pt, then renames the finished folder into place."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    path = Path(path)
+    rank = dist.get_rank()
+    tmp = path.parent / f".{path.name}.tmp"
+    if rank == 0:
+        remove_checkpoint(tmp)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True))  # returns once all ranks wrote
+    if rank == 0:
+        manifest = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        save_checkpoint(tmp / SHARDED_META, {**payload, "sharded": {"manifest": manifest,
+                                                                      "world_size": dist.get_world_size()}})
+        old = path.parent / f".{path.name}.old.tmp"
+        if path.exists():
+            remove_checkpoint(old)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+        remove_checkpoint(old)
+    dist.barrier()
+    return path
+
+
+def verify_sharded(path: str | os.PathLike) -> dict:
+    """meta.pt of the sharded checkpoint folder `path`, after checking that the folder holds
+    exactly the files of its manifest, each with its SHA-256. Raises CheckpointError naming the
+    folder otherwise."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"no sharded checkpoint folder at {path}")
+    if not (path / SHARDED_META).is_file():
+        raise CheckpointError(f"sharded checkpoint {path} is incomplete or not a meta_kernels checkpoint: it has no "
+                              f"{SHARDED_META}")
+    data = load_checkpoint(path / SHARDED_META)
+    manifest = (data.get("sharded") or {}).get("manifest")
+    if not isinstance(manifest, dict) or not manifest:
+        raise CheckpointError(f"sharded checkpoint {path}: {SHARDED_META} has no manifest of its files")
+    present = {p.name for p in path.iterdir()} - {SHARDED_META}
+    if present != set(manifest):
+        missing, extra = sorted(set(manifest) - present), sorted(present - set(manifest))
+        raise CheckpointError(f"sharded checkpoint {path} is corrupt: files missing {missing}, unexpected {extra}")
+    for name, digest in manifest.items():
+        if not (path / name).is_file() or _sha256(path / name) != digest:
+            raise CheckpointError(f"sharded checkpoint {path} is corrupt: {name} does not match its checksum "
+                                  "(changed or truncated after it was written)")
+    return data
+
+
+def load_sharded(path: str | os.PathLike, state: dict, *, collective: bool = True) -> None:
+    """Reads the shards of the folder `path` into `state` in place: with `collective`, a
+    collective of the running process group (DTensors are resharded to its ranks); otherwise in
+    this process alone, into plain tensors that receive the full values. The caller checked the
+    folder with verify_sharded first: DCP's metadata file is a pickle."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    no_dist = not (collective and dist.is_available() and dist.is_initialized())
+    with warnings.catch_warnings():  # "... assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, storage_reader=dcp.FileSystemReader(path), no_dist=no_dist)
 
 
 # Fields that shape training: resuming with any of them changed would not continue the same run.

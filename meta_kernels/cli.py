@@ -45,7 +45,8 @@ def _cmd_train(args) -> int:
         config = config.with_overrides(["run.keep_freed_cpu_memory=true"])
     # After a torchrun restart (--max-restarts), continue from the last checkpoint when there is one.
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-    resume = args.resume or (restarted and any((Path(args.out) / "checkpoints").glob("*.pt")))
+    ckpts = Path(args.out) / "checkpoints"
+    resume = args.resume or (restarted and (any(ckpts.glob("*.pt")) or any(ckpts.glob("step-*.dcp"))))
     preempt = None if args.preempt_signal == "none" else signal.Signals["SIG" + args.preempt_signal.upper()]
     trainer = Trainer(config, args.out, resume=resume, overwrite=args.overwrite, progress=not args.no_progress,
                       preempt_signal=preempt)
@@ -65,8 +66,8 @@ def _fit_and_test(trainer, args) -> int:
         print(f"meta-kernels train: {stopped}", file=sys.stderr)
         return stopped.exit_code
     print(json.dumps(summary, indent=2))
-    best = trainer.ckpt_dir / "best.pt"
-    if args.test and trainer.rank == 0 and not best.is_file():
+    best = trainer.checkpoint_path("best.pt")  # best.dcp/ for a sharded run
+    if args.test and trainer.rank == 0 and not best.exists():
         print(f"meta-kernels train: --test: no {best} (no validation ran: see run.val_every); not evaluated",
               file=sys.stderr)
     elif args.test and trainer.rank == 0:  # the result goes to the run's loggers too, as a 'test' record
@@ -121,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="your own model: FACTORY(n_way, image_shape) returns an nn.Module (sets model.factory)")
     train.add_argument("--out", default="runs/train", help="output folder (default runs/train)")
     train.add_argument("--resume", action="store_true",
-                       help="continue from OUT's newest intact checkpoint (last.pt, else the newest step-*.pt)")
+                       help="continue from OUT's newest intact checkpoint (last.pt, else the newest step-*.pt; "
+                            "a sharded run's newest intact step-*.dcp folder)")
     train.add_argument("--overwrite", action="store_true", help="replace the run already in OUT")
     train.add_argument("--max-steps", type=int, help="stop at this global step (counting the steps before a resume) "
                        "and save it")
@@ -133,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_cmd_train)
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint: accuracy +- 95%% CI, adaptation curve, AUAC")
-    ev.add_argument("--checkpoint", required=True)
+    ev.add_argument("--checkpoint", required=True, help="a checkpoint file, or a sharded run's step-N.dcp folder")
     ev.add_argument("--episodes", type=int, help="episodes (default: the config's test_episodes, 600)")
     ev.add_argument("--split", default="test", choices=("train", "val", "test"))
     ev.add_argument("--out", default="runs/eval")

@@ -18,9 +18,10 @@ import torch
 from tqdm import tqdm
 
 from meta_kernels import distributed
-from meta_kernels.checkpoint import (CheckpointError, config_differences, load_checkpoint, load_latest_intact,
-                                     remove_orphan_temp_files, rng_state, save_checkpoint, set_rng_state,
-                                     step_checkpoints)
+from meta_kernels.checkpoint import (SHARDED_SUFFIX, CheckpointError, config_differences, is_sharded_checkpoint,
+                                     load_any_checkpoint, load_checkpoint, load_latest_intact, load_sharded,
+                                     remove_checkpoint, remove_orphan_temp_files, rng_state, save_checkpoint,
+                                     save_sharded, set_rng_state, step_checkpoints)
 from meta_kernels.config import MetaLearningFullConfig
 from meta_kernels.loggers import Logger, build_loggers, strict_json
 from meta_kernels.malloc_tuning import keep_freed_cpu_memory
@@ -188,7 +189,8 @@ class Trainer:
         return self.out / "checkpoints"
 
     def _prepare_folder(self, resume: bool, overwrite: bool) -> None:
-        held = [p for p in [self.out / "metrics.jsonl", *self.ckpt_dir.glob("*.pt")] if p.is_file()]
+        held = [p for p in [self.out / "metrics.jsonl", *self.ckpt_dir.glob("*.pt"),
+                            *self.ckpt_dir.glob(f"*{SHARDED_SUFFIX}")] if p.exists()]
         if held and not resume and not overwrite:
             raise CheckpointError(f"{self.out} holds a run ({', '.join(p.name for p in held[:4])}); pass --resume to "
                                   "continue it or --overwrite to replace it, or choose another --out")
@@ -203,9 +205,22 @@ class Trainer:
         """Provenance of the training and validation data (sources, checksums, transform)."""
         return {split: strict_json(dict(d.info)) for split, d in self.data.items()}
 
-    def _payload(self) -> dict:
+    @property
+    def sharded_checkpoints(self) -> bool:
+        """FSDP runs save folders of shards through torch.distributed.checkpoint (checkpoint.py)."""
+        return hasattr(self.learner, "sharded_state_dict")
+
+    def checkpoint_path(self, name: str) -> Path:
+        """Where checkpoint `name` ("best.pt", "step-N.pt") lives: a step-N.dcp folder for a sharded run."""
+        path = self.ckpt_dir / name
+        return path.with_suffix(SHARDED_SUFFIX) if self.sharded_checkpoints else path
+
+    def _payload(self, sharded: bool = False) -> dict:
+        """Everything a checkpoint holds; `sharded`: all but the weights and optimiser state,
+        which DCP writes as shards."""
         cfg = self.config.checkpoint
-        payload = {"model": self.model_state(), "learner": self.learner.state_dict(),
+        payload = {"model": None if sharded else self.model_state(),
+                   "learner": {"outer_steps": self.learner.outer_steps} if sharded else self.learner.state_dict(),
                    "scheduler": self.scheduler.state_dict() if self.scheduler else None,
                    "config": self.config.to_dict(), "algo": self.config.maml.algo,
                    "inner_steps": self.config.maml.inner_steps,
@@ -228,6 +243,8 @@ class Trainer:
         return self.learner.model_state_dict()
 
     def save(self, name: str) -> Path | None:
+        if self.sharded_checkpoints:
+            return self._save_sharded(name)
         payload = self._payload() if self.learner.collective or self.rank == 0 else None
         if self.rank != 0:
             return None
@@ -238,8 +255,39 @@ class Trainer:
         save_checkpoint(self.ckpt_dir / "last.pt", payload) if name != "last.pt" else None
         return path
 
+    def _save_sharded(self, name: str) -> Path:
+        """A collective: every rank writes its shards into step-N.dcp/ (or best.dcp/); no last.pt,
+        the newest step folder is the resume point."""
+        payload = self._payload(sharded=True)
+        payload.pop("model")
+        path = save_sharded(self.checkpoint_path(name), self.learner.sharded_state_dict(), payload)
+        if self.rank == 0 and name.startswith("step-"):
+            for old in step_checkpoints(self.ckpt_dir)[self.config.checkpoint.keep_last:]:
+                remove_checkpoint(old)
+        return path
+
+    def _latest_intact(self) -> tuple[dict, Path]:
+        """load_latest_intact on rank 0 (which alone checks the checksums of a sharded folder);
+        the other ranks take its choice, so every rank resumes from the same checkpoint."""
+        if self.world_size == 1:
+            return load_latest_intact(self.ckpt_dir)
+        import torch.distributed as dist
+        choice = [None]
+        if self.rank == 0:
+            try:
+                data, path = load_latest_intact(self.ckpt_dir)
+                choice = [str(path)]
+            except CheckpointError as exc:
+                choice = [CheckpointError(str(exc))]
+        dist.broadcast_object_list(choice, src=0)
+        if isinstance(choice[0], Exception):
+            raise choice[0]
+        path = Path(choice[0])
+        if self.rank != 0:  # rank 0 checked the folder's files; the others read its checksummed meta.pt
+            data = load_checkpoint(path / "meta.pt" if is_sharded_checkpoint(path) else path)
+        return data, path
     def _resume(self) -> None:
-        data, path = load_latest_intact(self.ckpt_dir)
+        data, path = self._latest_intact()
         diffs = config_differences(data["config"], self.config.to_dict())
         if diffs:
             raise CheckpointError("cannot resume: the config differs from the checkpoint's in fields that shape "
@@ -247,8 +295,16 @@ class Trainer:
         if data.get("data") != self.data_fingerprint():
             raise CheckpointError(f"cannot resume from {path}: it was trained on other data\n  checkpoint: "
                                   f"{data.get('data')}\n  now:        {self.data_fingerprint()}")
-        self.learner.load_model_state_dict(data["model"])
-        self.learner.load_state_dict(data["learner"])
+        if is_sharded_checkpoint(path):
+            if not self.sharded_checkpoints:
+                raise CheckpointError(f"cannot resume from {path}: a sharded (FSDP) checkpoint resumes a run with "
+                                      "run.sharding=fsdp; evaluate it with meta-kernels eval")
+            state = self.learner.sharded_state_dict()
+            load_sharded(path, state)  # resharded to this run's ranks
+            self.learner.load_sharded_state_dict(state, data["learner"]["outer_steps"])
+        else:
+            self.learner.load_model_state_dict(data["model"])
+            self.learner.load_state_dict(data["learner"])
         if self.scheduler is not None:
             self.scheduler.load_state_dict(data["scheduler"])
         c = data["counters"]
@@ -315,7 +371,8 @@ class Trainer:
         finally:
             self.flush_loggers()
         if stop["signal"] is not None:
-            raise TrainingInterrupted(stop["signal"], self.global_step, self.ckpt_dir / "last.pt")
+            last = self.checkpoint_path(f"step-{self.global_step}.pt") if self.sharded_checkpoints else None
+            raise TrainingInterrupted(stop["signal"], self.global_step, last or self.ckpt_dir / "last.pt")
         return self._summary(time.perf_counter() - start)
 
     # ---- loggers -------------------------------------------------------------------------------
@@ -427,16 +484,30 @@ def plot_adaptation_curve(curve: list[float], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def load_checkpoint_model(path: str | os.PathLike, data: dict, config: MetaLearningFullConfig,
+                          image_shape) -> torch.nn.Module:
+    """The checkpoint's model, unsharded in this process (`data`: load_any_checkpoint(path)). A
+    sharded folder's shards are read into the plain model by DCP without a process group."""
+    model = build_model(config, image_shape)
+    if is_sharded_checkpoint(path):
+        state = {"model": model.state_dict()}
+        load_sharded(path, state, collective=False)
+        model.load_state_dict(state["model"])
+    else:
+        model.load_state_dict(data["model"])
+    return model
+
+
 def evaluate_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike, episodes: int | None = None,
                         split: str = "test", loggers: list[Logger] = ()) -> dict:
-    """Loads a checkpoint and evaluates it on `split` episodes; writes eval.json and a plot, and
-    sends the result to `loggers` (started ones, e.g. Trainer.loggers) at the checkpoint's step."""
-    data = load_checkpoint(path)
+    """Loads a checkpoint (a file, or a sharded run's step-N.dcp folder) and evaluates it on
+    `split` episodes; writes eval.json and a plot, and sends the result to `loggers` (started
+    ones, e.g. Trainer.loggers) at the checkpoint's step."""
+    data = load_any_checkpoint(path)
     config = MetaLearningFullConfig.from_dict(data["config"])
     out = _writable_dir(Path(out_dir))
     dataset = load_split(config, split)
-    model = build_model(config, dataset.image_shape)
-    model.load_state_dict(data["model"])
+    model = load_checkpoint_model(path, data, config, dataset.image_shape)
     # Evaluated unsharded whatever the run's sharding: it needs no process group.
     learner = MetaLearner(model, config.maml, mamlpp=config.mamlpp)
     saved_lrs = data.get("inner_lrs")

@@ -2,7 +2,9 @@
 with a scaled-down ViT give the parameters of one unsharded process; bf16 autocast reaches the
 query pass only; a killed rank restarts from the checkpoint; the presets' sizes and the memory
 model behind the README's table."""
+import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,8 @@ from meta_kernels.config import ConfigError, MAMLConfig, MetaLearningFullConfig
 from meta_kernels.fsdp_memory import memory_table, sharded_memory_per_gpu, vit_activation_bytes
 from meta_kernels.meta import ShardedMetaLearner
 from meta_kernels.models import Conv4, ViT, vit_param_count
-from meta_kernels.train import Trainer
+from meta_kernels.checkpoint import CheckpointError, load_any_checkpoint, load_latest_intact
+from meta_kernels.train import Trainer, evaluate_checkpoint, load_checkpoint_model
 from tests.test_distributed import COMMON, _assert_same_model, _single_process, _torchrun, env  # noqa: F401
 
 SMALL_VIT = ["model.arch=vit", "model.dim=32", "model.depth=2", "model.heads=2", "model.patch_size=7",
@@ -49,6 +52,101 @@ def test_scaled_down_production_preset_restarts_from_checkpoint(tmp_path, env):
     a, b = torch.load(tmp_path / "killed" / "final.pt"), torch.load(tmp_path / "straight" / "final.pt")
     for k in b:
         assert torch.equal(a[k], b[k]), k
+
+
+# ---- sharded checkpoints (torch.distributed.checkpoint) ------------------------------------------
+DCP_RUN = COMMON + SMALL_VIT + ["maml.algo=fomaml", "maml.meta_optimizer=adam", "maml.meta_lr=0.01",
+                                "run.sharding=fsdp"]
+
+
+def _assert_same_under_adam(got: dict, expected: dict) -> None:
+    """_assert_same_model, but for the attention's key bias: its gradient is exactly zero (softmax
+    ignores a shift shared by a query's scores), so Adam turns the float noise of another reduction
+    order (another number of ranks) into lr-sized steps there."""
+    for k, v in expected.items():
+        g = got[k]
+        if k.endswith("qkv.bias"):
+            third = v.shape[0] // 3
+            keep = torch.cat([torch.arange(third), torch.arange(2 * third, 3 * third)])
+            g, v = g[keep], v[keep]
+        torch.testing.assert_close(g, v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def _flip_byte(path: Path) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+def test_dcp_checkpoints_are_sharded_and_reshard_on_resume(tmp_path, env, monkeypatch):
+    """FSDP runs save step-N.dcp folders: each of 2 ranks writes its half of the Adam state; a
+    run stopped at step 2 resumes on 1 and on 3 ranks (the 3-rank one past a corrupted newest
+    folder) and ends where the uninterrupted 2-rank run ends; eval reads a folder unsharded."""
+    ref = _torchrun(tmp_path / "ref", DCP_RUN, env, steps=4, worker_args=["--record-shards"])
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    ckpts = tmp_path / "ref" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-2.dcp", "step-3.dcp", "step-4.dcp"]  # keep_last=3
+    step4 = ckpts / "step-4.dcp"
+    names = sorted(p.name for p in step4.iterdir())
+    assert ".metadata" in names and "meta.pt" in names and sum(n.endswith(".distcp") for n in names) == 2
+    records = [json.loads((tmp_path / "ref" / f"shards-rank{r}.json").read_text()) for r in (0, 1)]
+    assert len(records[0]) == len(records[1]) == 4  # one record per save, the full state never asked for
+    for r0, r1 in zip(*records):
+        assert r0["full"] > 0 and r0["local"] + r1["local"] == r0["full"]
+        assert max(r0["local"], r1["local"]) <= 0.55 * r0["full"], (r0, r1)
+    final = torch.load(tmp_path / "ref" / "final.pt")
+
+    # eval's path: the folder read into a plain model in this process, without a process group
+    monkeypatch.setenv("META_KERNELS_DATA", env["META_KERNELS_DATA"])
+    monkeypatch.setenv("META_KERNELS_CACHE", env["META_KERNELS_CACHE"])
+    data = load_any_checkpoint(step4)
+    assert data["counters"]["global_step"] == 4 and data["sharded"]["world_size"] == 2 and "model" not in data
+    config = MetaLearningFullConfig.from_dict(data["config"])
+    model = load_checkpoint_model(step4, data, config, (1, 28, 28))
+    for k, v in final.items():
+        assert torch.equal(model.state_dict()[k], v), k
+    result = evaluate_checkpoint(step4, tmp_path / "eval", episodes=4)
+    assert result["episodes"] == 4 and (tmp_path / "eval" / "eval.json").is_file()
+
+    part = _torchrun(tmp_path / "part", DCP_RUN, env, steps=2)
+    assert part.returncode == 0, part.stderr[-3000:]
+    for nproc in (1, 3):
+        run = tmp_path / f"resume{nproc}"
+        shutil.copytree(tmp_path / "part", run)
+        (run / "checkpoints" / ".step-3.dcp.tmp").mkdir()  # a save that a kill interrupted
+        if nproc == 3:  # the newest folder corrupted: resume falls back to step-1.dcp
+            _flip_byte(next((run / "checkpoints" / "step-2.dcp").glob("*.distcp")))
+        proc = _torchrun(run, DCP_RUN, env, steps=4, nproc=nproc, worker_args=["--resume"])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        if nproc == 3:
+            assert "step-2.dcp is corrupt" in proc.stderr and "does not match its checksum" in proc.stderr
+        assert not (run / "checkpoints" / ".step-3.dcp.tmp").exists()
+        assert load_any_checkpoint(run / "checkpoints" / "step-4.dcp")["sharded"]["world_size"] == nproc
+        _assert_same_under_adam(torch.load(run / "final.pt"), final)
+
+
+def test_corrupt_dcp_folder_is_named_and_passed_over(tmp_path):
+    """verify_sharded (no process group): a changed shard, a missing file, a missing meta.pt."""
+    from meta_kernels.checkpoint import save_checkpoint, verify_sharded, _sha256
+    ckpts = tmp_path / "checkpoints"
+    for step in (1, 2):
+        folder = ckpts / f"step-{step}.dcp"
+        folder.mkdir(parents=True)
+        for name in (".metadata", "__0_0.distcp", "__1_0.distcp"):
+            (folder / name).write_bytes(bytes(range(256)) * (step + 3))
+        manifest = {p.name: _sha256(p) for p in folder.iterdir()}
+        save_checkpoint(folder / "meta.pt", {"counters": {"global_step": step}, "sharded": {"manifest": manifest}})
+    assert verify_sharded(ckpts / "step-2.dcp")["counters"]["global_step"] == 2
+    _flip_byte(ckpts / "step-2.dcp" / "__1_0.distcp")
+    with pytest.warns(UserWarning, match=r"step-2\.dcp is corrupt: __1_0\.distcp does not match its checksum"):
+        data, path = load_latest_intact(ckpts)
+    assert path.name == "step-1.dcp" and data["counters"]["global_step"] == 1
+    (ckpts / "step-1.dcp" / ".metadata").unlink()
+    with pytest.raises(CheckpointError, match=r"step-1\.dcp is corrupt: files missing \['\.metadata'\]"):
+        verify_sharded(ckpts / "step-1.dcp")
+    (ckpts / "step-1.dcp" / "meta.pt").unlink()
+    with pytest.raises(CheckpointError, match="no intact checkpoint"):
+        load_latest_intact(ckpts)
 
 
 # ---- one rank, in this process: autocast placement, evaluation, errors --------------------------------

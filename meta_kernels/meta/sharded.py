@@ -239,3 +239,16 @@ class ShardedMetaLearner(Learner):
         set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"],
                                  options=StateDictOptions(full_state_dict=True))
         self.outer_steps = state["outer_steps"]
+
+    # ---- sharded checkpoints (torch.distributed.checkpoint): each rank keeps its own shards -------
+    def sharded_state_dict(self) -> dict:
+        """{"model", "optimizer"}: this rank's shards as DTensors, nothing gathered (for DCP)."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+        model, optim = get_state_dict(self.model, self.optimizer)
+        return {"model": model, "optimizer": optim}
+
+    def load_sharded_state_dict(self, state: dict, outer_steps: int) -> None:
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"])
+        self.outer_steps = outer_steps
