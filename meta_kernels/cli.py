@@ -79,8 +79,11 @@ def _fit_and_test(trainer, args) -> int:
 
 def _cmd_eval(args) -> int:
     from meta_kernels.train import evaluate_checkpoint
-    result = evaluate_checkpoint(args.checkpoint, args.out, episodes=args.episodes, split=args.split)
-    print(f"{result['split']}: accuracy {result['accuracy']:.4f} +- {result['ci95']:.4f} (95% CI) over "
+    result = evaluate_checkpoint(args.checkpoint, args.out, episodes=args.episodes, split=args.split,
+                                 inner_steps=args.inner_steps, q_query=args.query)
+    p = result["protocol"]
+    print(f"{result['split']}: {p['n_way']}-way {p['k_shot']}-shot, {p['q_query']} query, {p['inner_steps']} inner "
+          f"steps: accuracy {result['accuracy']:.4f} +- {result['ci95']:.4f} (95% CI) over "
           f"{result['episodes']} episodes; AUAC {result['auac']:.4f}; curve "
           f"{[round(a, 3) for a in result['curve_accuracy']]}; wrote {args.out}/eval.json and adaptation_curve.png")
     return 0
@@ -138,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--checkpoint", required=True, help="a checkpoint file, or a sharded run's step-N.dcp folder")
     ev.add_argument("--episodes", type=int, help="episodes (default: the config's test_episodes, 600)")
     ev.add_argument("--split", default="test", choices=("train", "val", "test"))
+    ev.add_argument("--inner-steps", type=int, help="test-time inner steps (default: the run's; MAML's "
+                    "papers test Omniglot with 3, mini-ImageNet with 10)")
+    ev.add_argument("--query", type=int, help="query images per class at test (default: the run's q_query)")
     ev.add_argument("--out", default="runs/eval")
     ev.set_defaults(func=_cmd_eval)
 
@@ -157,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         from meta_kernels.config import check_cli_count  # counts < 1 would run nothing or divide by zero
-        for flag in ("max_steps", "episodes", "steps", "meta_batch"):  # train / eval / demo counts
+        for flag in ("max_steps", "episodes", "steps", "meta_batch", "inner_steps", "query"):  # train / eval / demo
             check_cli_count("--" + flag.replace("_", "-"), getattr(args, flag, None))
         for gpus in getattr(args, "gpus", None) or []:  # memory --gpus
             check_cli_count("--gpus", gpus)

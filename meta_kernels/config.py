@@ -289,6 +289,9 @@ class RunConfig:
     epochs: int = 1
     data_root: str | None = None  # None: $META_KERNELS_DATA/<dataset>
     omniglot_variant: str = "small"  # 'full' (background/evaluation zips) or 'small' (the two small zips)
+    # 'default': background / evaluation alphabets (full), seeded by character (small); 'vinyals':
+    # the papers' 1200 / 423-character split of the full set (meta_kernels.data.omniglot).
+    omniglot_split: str = "default"
     val_every: int = 50  # outer steps between validations
     val_episodes: int = 100
     test_episodes: int = 600
@@ -316,6 +319,10 @@ class RunConfig:
         _require(self.seed >= 0, name, "seed", f"must be >= 0, got {self.seed}")
         _require(self.omniglot_variant in ("full", "small"), name, "omniglot_variant",
                  f"must be 'full' or 'small', got {self.omniglot_variant!r}")
+        _require(self.omniglot_split in ("default", "vinyals"), name, "omniglot_split",
+                 f"must be 'default' or 'vinyals', got {self.omniglot_split!r}")
+        _require(self.omniglot_split == "default" or self.omniglot_variant == "full", name, "omniglot_split",
+                 "'vinyals' splits the 1623 characters of the full set: set run.omniglot_variant=full")
         _require(self.num_threads >= 0, name, "num_threads", f"must be >= 0, got {self.num_threads}")
         _require(self.dist_timeout_s >= 1, name, "dist_timeout_s", f"must be >= 1, got {self.dist_timeout_s}")
         _require(self.sharding in SHARDING, name, "sharding", f"must be one of {', '.join(SHARDING)}, got {self.sharding!r}")

@@ -84,6 +84,8 @@ def load_split(config: MetaLearningFullConfig, split: str):
         options = {"variant": run.omniglot_variant}
         if run.omniglot_variant == "small":
             options["split_by"] = "character"  # 8 alphabets are too few to split by alphabet
+        if run.omniglot_split != "default":  # passed only when set: older configs load as before
+            options["scheme"] = run.omniglot_split
     data = config.data
     if data.image_size is not None:
         options["image_size"] = data.image_size
@@ -499,29 +501,55 @@ def load_checkpoint_model(path: str | os.PathLike, data: dict, config: MetaLearn
 
 
 def evaluate_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike, episodes: int | None = None,
-                        split: str = "test", loggers: list[Logger] = ()) -> dict:
+                        split: str = "test", loggers: list[Logger] = (), *, inner_steps: int | None = None,
+                        q_query: int | None = None, k_shot: int | None = None) -> dict:
     """Loads a checkpoint (a file, or a sharded run's step-N.dcp folder) and evaluates it on
     `split` episodes; writes eval.json and a plot, and sends the result to `loggers` (started
-    ones, e.g. Trainer.loggers) at the checkpoint's step."""
+    ones, e.g. Trainer.loggers) at the checkpoint's step. inner_steps / q_query: the test-time
+    inner steps and query images per class when a paper's protocol differs from training (MAML
+    trains Omniglot with 1 step and tests with 3); k_shot: test shots when training used others
+    (Reptile trains with 10 or 15); None: the run's. eval.json records the protocol used (episodes, n_way, k_shot, q_query, inner steps and rate, split)."""
     data = load_any_checkpoint(path)
     config = MetaLearningFullConfig.from_dict(data["config"])
+    trained = config.maml.inner_steps
+    steps = trained if inner_steps is None else inner_steps
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"inner_steps must be an integer >= 1, got {inner_steps!r}")
+    # Learned per-step state cannot be stretched to another number of steps: refuse, don't guess.
+    if steps != trained and config.mamlpp.use_lslr:
+        raise ValueError(f"inner_steps={steps}: this run learned one inner rate per step (LSLR) for {trained} steps; "
+                         f"evaluate it with {trained}")
+    if steps > trained and config.mamlpp.bn_mode == "per_step":
+        raise ValueError(f"inner_steps={steps}: this run learned per-step BatchNorm for {trained} steps; evaluate "
+                         f"it with at most {trained}")
     out = _writable_dir(Path(out_dir))
     dataset = load_split(config, split)
-    model = load_checkpoint_model(path, data, config, dataset.image_shape)
+    model = load_checkpoint_model(path, data, config, dataset.image_shape)  # built with the trained steps' BN rows
     # Evaluated unsharded whatever the run's sharding: it needs no process group.
-    learner = MetaLearner(model, config.maml, mamlpp=config.mamlpp)
+    learner = MetaLearner(model, config.maml.replace(inner_steps=steps), mamlpp=config.mamlpp)
     saved_lrs = data.get("inner_lrs")
     if isinstance(saved_lrs, torch.Tensor):  # the learned (LSLR) rates
         with torch.no_grad():
             learner.lslr.copy_(saved_lrs)
-    sampler = EpisodeSampler(dataset, config.episodes, seed=config.run.seed + SPLIT_SEEDS[split])
-    result = learner.evaluate(evaluation_batches(sampler, episodes or config.run.test_episodes,
-                                                 config.maml.meta_batch_size, next(model.parameters()).device))
+    changes = {k: v for k, v in (("q_query", q_query), ("k_shot", k_shot)) if v is not None}
+    episode_config = config.episodes.replace(**changes)  # validated like any EpisodeConfig
+    sampler = EpisodeSampler(dataset, episode_config, seed=config.run.seed + SPLIT_SEEDS[split])
+    count = episodes or config.run.test_episodes
+    result = learner.evaluate(evaluation_batches(sampler, count, config.maml.meta_batch_size,
+                                                 next(model.parameters()).device))
     result.update({"checkpoint": str(path), "split": split, "algo": config.maml.algo})
-    (out / "eval.json").write_text(json.dumps(strict_json(result), indent=2, allow_nan=False))
+    ep = episode_config
+    protocol = {"episodes": result["episodes"], "n_way": ep.n_way, "k_shot": ep.k_shot, "q_query": ep.q_query,
+                "inner_steps": steps, "trained_inner_steps": trained, "inner_lr": config.maml.inner_lr,
+                "inner_lr_learned": config.mamlpp.use_lslr, "split": split, "dataset": ep.dataset,
+                "bn_mode": config.mamlpp.bn_mode, "ci": "95% (1.96 standard errors over episodes)"}
+    if ep.dataset == "omniglot":
+        protocol.update(omniglot_variant=config.run.omniglot_variant, omniglot_split=config.run.omniglot_split)
+    (out / "eval.json").write_text(json.dumps(strict_json({**result, "protocol": protocol}), indent=2,
+                                              allow_nan=False))
     record = strict_json({"split": split, "global_step": data.get("counters", {}).get("global_step"), **result})
-    for logger in loggers:
+    for logger in loggers:  # the protocol stays in eval.json: loggers take flat scalar records
         logger.log(record)
     plot_adaptation_curve(result["curve_accuracy"], out / "adaptation_curve.png",
-                          f"{config.maml.algo} {config.episodes.n_way}-way {config.episodes.k_shot}-shot ({split})")
-    return result
+                          f"{config.maml.algo} {ep.n_way}-way {ep.k_shot}-shot ({split})")
+    return {**result, "protocol": protocol}

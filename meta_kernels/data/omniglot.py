@@ -8,6 +8,14 @@ Greek and Latin are in both, identical, and are counted once), split by alphabet
 Each source is a zip or its unpacked folder (`<name>/<Alphabet>/<character>/<drawing>.png`), in
 the dataset folder. It is decoded once to 28x28 uint8 (ink = 255) and cached; 90-degree
 rotations are added as new classes after the split, so a character's rotations share its split.
+
+`scheme="vinyals"` (full variant only): the split of Vinyals et al. 2016, used by MAML, Reptile
+and MAML++: the 1623 characters of both sets (964 + 659) in one fixed order, sorted by
+'Alphabet/character' name (alphabets A-Z across both sets, the order of the widely used split
+files of Snell et al.'s prototypical networks, whose test set starts inside Gurmukhi); the first
+1200 are for training, the other 423 for test. The library validates during training, so
+val_fraction of the 1200 (a seeded choice by split_seed; 240 at the default 0.2) is carved out
+as val: train + val = the 1200 (Vinyals et al. had no validation set).
 """
 from __future__ import annotations
 
@@ -27,6 +35,8 @@ from .cache import cache_key, cached, file_sha256, listing_fingerprint
 OMNIGLOT_URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/"
 VARIANTS = {"full": ("images_background", "images_evaluation"),
             "small": ("images_background_small1", "images_background_small2")}
+SCHEMES = ("default", "vinyals")  # how classes are split (module docstring)
+VINYALS_TRAIN_CHARACTERS = 1200  # of 1623; the other 423 are the test split
 
 # What a genuine file holds. Small zips: size and sha256 measured on the official copies in
 # ../shared/data. Full zips: no copy was at hand to measure, so they are checked by structure
@@ -153,14 +163,20 @@ def _decoded(root: Path, name: str, image_size: int, cache_dir) -> dict:
 def load_omniglot(root: str | os.PathLike | None = None, split: str = "train", *, variant: str = "full",
                   image_size: int = 28, rotations: bool = True, split_by: str = "alphabet",
                   val_fraction: float = 0.2, test_fraction: float | None = None, split_seed: int = 0,
-                  cache_dir: str | os.PathLike | None = None, download: bool = False) -> ClassImages:
+                  cache_dir: str | os.PathLike | None = None, download: bool = False,
+                  scheme: str = "default") -> ClassImages:
     """One split of Omniglot as ClassImages; classes are characters ('Alphabet/character', with
     '/rot<angle>' when rotations=True). split_by ('alphabet' or 'character') is the unit kept
     whole within a split; val_fraction of the units go to val (of the background set for
-    'full'); test_fraction (small variant only, default 0.2) to test."""
+    'full'); test_fraction (small variant only, default 0.2) to test. scheme='vinyals': the
+    1200 / 423-character split (module docstring; full variant, split by character)."""
     check_split(split)
     if variant not in VARIANTS:
         raise DataError(f"unknown Omniglot variant {variant!r}; choose 'full' or 'small'")
+    if scheme not in SCHEMES:
+        raise DataError(f"unknown Omniglot split scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
+    if scheme == "vinyals" and variant != "full":
+        raise DataError("scheme='vinyals' splits the 1623 characters of the full set: use variant='full'")
     if split_by not in ("alphabet", "character"):
         raise DataError(f"split_by must be 'alphabet' or 'character', got {split_by!r}")
     if variant == "full" and test_fraction is not None:
@@ -199,7 +215,15 @@ def load_omniglot(root: str | os.PathLike | None = None, split: str = "train", *
     class_of = {c: i for i, c in enumerate(class_names)}
     class_origin = dict(zip(chars, origin))
     unit = (lambda c: c.split("/")[0]) if split_by == "alphabet" else (lambda c: c)
-    if variant == "full":  # evaluation alphabets are the test split; val is carved from background
+    if scheme == "vinyals":
+        if len(class_names) != 964 + 659:  # the split is defined by counts: refuse a partial set
+            raise DataError(f"the Vinyals split needs the 1623 characters of the full Omniglot set (964 + 659), "
+                            f"found {len(class_names)} in {root}; use the official zips")
+        # class_names is sorted by 'Alphabet/character' across both sets: the fixed order.
+        first = class_names[:VINYALS_TRAIN_CHARACTERS]
+        units = assign_splits(first, val_fraction, 0.0, split_seed)
+        assignment = {c: units.get(c, "test") for c in class_names}
+    elif variant == "full":  # evaluation alphabets are the test split; val is carved from background
         background = [c for c in class_names if class_origin[c] == "images_background"]
         units = assign_splits([unit(c) for c in background], val_fraction, 0.0, split_seed)
         assignment = {c: units[unit(c)] if class_origin[c] == "images_background" else "test" for c in class_names}
@@ -214,6 +238,8 @@ def load_omniglot(root: str | os.PathLike | None = None, split: str = "train", *
     info = dict(dataset="omniglot", variant=variant, split=split, sources=checksums, image_size=image_size,
                 transform=TRANSFORM, split_by=split_by, val_fraction=val_fraction, test_fraction=test_fraction,
                 split_seed=split_seed)
+    if scheme != "default":  # only then: the default's info (a resume fingerprint) stays as it was
+        info["scheme"] = scheme
     data = ClassImages.from_labels(torch.cat(parts), [class_of[c] for c in chars], class_names, info)
     data = data.select(in_split)
     return data.with_rotations() if rotations else data

@@ -1,0 +1,13 @@
+"""Reproduce a published omniglot result (MAML / FOMAML, Reptile, MAML++): the papers'
+hyperparameters as named recipes (meta_kernels/recipes.py), trained with Trainer and tested
+with the paper's protocol (episodes, query size, test-time inner steps) into OUT/test/eval.json.
+Needs a GPU and the full data; not reproduced in this repository's CPU environment.
+
+    python python/reproduce_omniglot.py --recipe maml_omniglot_5w1s --data-root DATA/omniglot --dry-run
+"""
+import sys
+
+from meta_kernels.recipes import main
+
+if __name__ == "__main__":
+    sys.exit(main("omniglot"))
