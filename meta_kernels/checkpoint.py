@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from meta_kernels.config import SECTIONS
+from meta_kernels.data.cache import file_sha256
 
 FORMAT_VERSION = 2
 MAGIC = b"meta_kernels checkpoint\n"
@@ -159,14 +160,6 @@ SHARDED_SUFFIX = ".dcp"
 SHARDED_META = "meta.pt"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
@@ -191,7 +184,7 @@ def save_sharded(path: str | os.PathLike, state: dict, payload: dict) -> Path:
     dist.barrier()
     dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True))  # returns once all ranks wrote
     if rank == 0:
-        manifest = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        manifest = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         save_checkpoint(tmp / SHARDED_META, {**payload, "sharded": {"manifest": manifest,
                                                                       "world_size": dist.get_world_size()}})
         old = path.parent / f".{path.name}.old.tmp"
@@ -224,7 +217,7 @@ def verify_sharded(path: str | os.PathLike) -> dict:
         missing, extra = sorted(set(manifest) - present), sorted(present - set(manifest))
         raise CheckpointError(f"sharded checkpoint {path} is corrupt: files missing {missing}, unexpected {extra}")
     for name, digest in manifest.items():
-        if not (path / name).is_file() or _sha256(path / name) != digest:
+        if not (path / name).is_file() or file_sha256(path / name) != digest:
             raise CheckpointError(f"sharded checkpoint {path} is corrupt: {name} does not match its checksum "
                                   "(changed or truncated after it was written)")
     return data

@@ -221,14 +221,16 @@ class Trainer:
         """Everything a checkpoint holds; `sharded`: all but the weights and optimiser state,
         which DCP writes as shards."""
         cfg = self.config.checkpoint
-        payload = {"model": None if sharded else self.model_state(),
-                   "learner": {"outer_steps": self.learner.outer_steps} if sharded else self.learner.state_dict(),
+        # The history's records are strict JSON already (made so when appended): saved as they are.
+        payload = {"learner": {"outer_steps": self.learner.outer_steps} if sharded else self.learner.state_dict(),
                    "scheduler": self.scheduler.state_dict() if self.scheduler else None,
                    "config": self.config.to_dict(), "algo": self.config.maml.algo,
                    "inner_steps": self.config.maml.inner_steps,
                    "counters": {"epoch": self.epoch, "step": self.step, "global_step": self.global_step,
                                 "best_val": self.best_val},
-                   "history": strict_json(self.history), "data": self.data_fingerprint()}
+                   "history": self.history, "data": self.data_fingerprint()}
+        if not sharded:
+            payload["model"] = self.model_state()
         if cfg.save_inner_lrs:  # the LSLR table when learned, else the fixed rate
             lrs = self.learner.inner_lrs()
             payload["inner_lrs"] = lrs.detach().cpu() if isinstance(lrs, torch.Tensor) else lrs
@@ -261,7 +263,6 @@ class Trainer:
         """A collective: every rank writes its shards into step-N.dcp/ (or best.dcp/); no last.pt,
         the newest step folder is the resume point."""
         payload = self._payload(sharded=True)
-        payload.pop("model")
         path = save_sharded(self.checkpoint_path(name), self.learner.sharded_state_dict(), payload)
         if self.rank == 0 and name.startswith("step-"):
             for old in step_checkpoints(self.ckpt_dir)[self.config.checkpoint.keep_last:]:

@@ -127,14 +127,15 @@ def test_dcp_checkpoints_are_sharded_and_reshard_on_resume(tmp_path, env, monkey
 
 def test_corrupt_dcp_folder_is_named_and_passed_over(tmp_path):
     """verify_sharded (no process group): a changed shard, a missing file, a missing meta.pt."""
-    from meta_kernels.checkpoint import save_checkpoint, verify_sharded, _sha256
+    from meta_kernels.checkpoint import save_checkpoint, verify_sharded
+    from meta_kernels.data.cache import file_sha256
     ckpts = tmp_path / "checkpoints"
     for step in (1, 2):
         folder = ckpts / f"step-{step}.dcp"
         folder.mkdir(parents=True)
         for name in (".metadata", "__0_0.distcp", "__1_0.distcp"):
             (folder / name).write_bytes(bytes(range(256)) * (step + 3))
-        manifest = {p.name: _sha256(p) for p in folder.iterdir()}
+        manifest = {p.name: file_sha256(p) for p in folder.iterdir()}
         save_checkpoint(folder / "meta.pt", {"counters": {"global_step": step}, "sharded": {"manifest": manifest}})
     assert verify_sharded(ckpts / "step-2.dcp")["counters"]["global_step"] == 2
     _flip_byte(ckpts / "step-2.dcp" / "__1_0.distcp")
