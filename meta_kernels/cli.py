@@ -105,6 +105,7 @@ def _cmd_validate(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from meta_kernels.config import MetaLearningFullConfig
     parser = argparse.ArgumentParser(prog="meta-kernels", description="Meta-learning on fused inner-loop kernels")
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="what was built and which backend runs where")
@@ -117,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_cmd_demo)
 
     train = sub.add_parser("train", help="meta-train on Omniglot, mini-ImageNet or a class-folder dataset")
-    train.add_argument("--preset", default="dev", help="starting config: minimal, dev, production_1b, production_3b or production_7b (default dev)")
+    train.add_argument("--preset", default="dev", help=f"starting config: one of {', '.join(MetaLearningFullConfig.PRESETS)} "
+                       "(default dev; omniglot_*: the 30-minute CPU accuracy presets, README)")
     train.add_argument("--config", help="a YAML/JSON config file (instead of --preset)")
     train.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config field")
     train.add_argument("--data-root", help="dataset folder (default $META_KERNELS_DATA/<dataset>)")

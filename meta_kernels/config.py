@@ -287,6 +287,9 @@ class RunConfig:
     """Everything about a run that is not the algorithm or the episodes."""
     seed: int = 0
     epochs: int = 1
+    # Wall-clock budget of one fit() call, validations included: training stops at the first step
+    # boundary past it (and saves that step), even before `epochs` end. None: no budget.
+    max_minutes: float | None = None
     data_root: str | None = None  # None: $META_KERNELS_DATA/<dataset>
     omniglot_variant: str = "small"  # 'full' (background/evaluation zips) or 'small' (the two small zips)
     # 'default': background / evaluation alphabets (full), seeded by character (small); 'vinyals':
@@ -317,6 +320,8 @@ class RunConfig:
         for field in ("epochs", "val_every", "val_episodes", "test_episodes"):
             _require(getattr(self, field) >= 1, name, field, f"must be >= 1, got {getattr(self, field)}")
         _require(self.seed >= 0, name, "seed", f"must be >= 0, got {self.seed}")
+        _require(self.max_minutes is None or (math.isfinite(self.max_minutes) and self.max_minutes > 0), name,
+                 "max_minutes", f"must be > 0 (minutes) or null for no budget, got {self.max_minutes}")
         _require(self.omniglot_variant in ("full", "small"), name, "omniglot_variant",
                  f"must be 'full' or 'small', got {self.omniglot_variant!r}")
         _require(self.omniglot_split in ("default", "vinyals"), name, "omniglot_split",
@@ -335,6 +340,33 @@ class RunConfig:
 SECTIONS = {"maml": MAMLConfig, "mamlpp": MAMLPlusPlusConfig, "episodes": EpisodeConfig, "data": DataConfig,
             "checkpoint": MetaCheckpointConfig, "model": ModelConfig, "run": RunConfig}
 _FIELDS = {section: {f.name: f for f in dataclasses.fields(klass)} for section, klass in SECTIONS.items()}
+
+
+# The accuracy presets (issue 19): 30 minutes of training on a 2-core CPU with the Omniglot
+# "background small" sets, tested on held-out characters (bench/accuracy_runs.py, bench/RESULTS.md).
+OMNIGLOT_SMALL_BASE = ("episodes.dataset=omniglot", "run.omniglot_variant=small", "episodes.k_shot=1",
+                       "episodes.q_query=5", "maml.engine=custom", "maml.inner_clip=null", "maml.meta_lr=0.001",
+                       "model.filters=64", "mamlpp.bn_mode=transductive", "run.max_minutes=30", "run.val_every=100",
+                       "run.val_episodes=200", "run.test_episodes=600", "checkpoint.every_steps=500")
+# Each runs to its time budget: the epochs are sized to end near it on the 2-core CPU, so that the
+# epoch-based MAML++ schedules (multi-step loss, cosine meta-lr) complete. Per-step BatchNorm
+# (MAML++'s largest gain, bench/RESULTS.md) is the BN mode of every preset but Reptile's.
+_MAMLPP = ("mamlpp.use_lslr=true", "mamlpp.use_msl=true", "mamlpp.msl_decay_epochs=1", "mamlpp.cosine_meta_lr=true")
+_5W = ("episodes.n_way=5", "maml.meta_batch_size=16", "run.epochs=4")
+_20W = ("episodes.n_way=20", "maml.meta_batch_size=8", "run.epochs=4", "mamlpp.bn_mode=per_step",
+        "maml.algo=maml", "maml.inner_steps=3", "maml.inner_lr=0.2")
+OMNIGLOT_SMALL_PRESETS = {
+    "omniglot_5w1s": (*_5W, "maml.algo=maml", "maml.inner_steps=3", "maml.inner_lr=0.4", "mamlpp.bn_mode=per_step",
+                      "episodes.episodes_per_epoch=7200"),
+    "omniglot_5w1s_mamlpp": (*_5W, "maml.algo=maml", "maml.inner_steps=3", "maml.inner_lr=0.4",
+                             "mamlpp.bn_mode=per_step", *_MAMLPP, "episodes.episodes_per_epoch=5600"),
+    "omniglot_5w1s_fomaml": (*_5W, "maml.algo=fomaml", "maml.inner_steps=5", "maml.inner_lr=0.1",
+                             "mamlpp.bn_mode=per_step", "episodes.episodes_per_epoch=7200"),
+    "omniglot_5w1s_reptile": (*_5W, "maml.algo=reptile", "maml.inner_steps=5", "maml.inner_lr=0.1",
+                              "maml.reptile_decay_steps=1800", "episodes.episodes_per_epoch=7200"),
+    "omniglot_20w1s": (*_20W, "episodes.episodes_per_epoch=1600"),
+    "omniglot_20w1s_mamlpp": (*_20W, *_MAMLPP, "episodes.episodes_per_epoch=1200"),
+}
 
 
 @dataclass
@@ -414,12 +446,14 @@ class MetaLearningFullConfig:
     def production_7b(cls) -> "MetaLearningFullConfig":
         return cls._production(dim=4096, depth=35, heads=32)
 
-    PRESETS = ("minimal", "dev", "production_1b", "production_3b", "production_7b")
+    PRESETS = ("minimal", "dev", "production_1b", "production_3b", "production_7b", *OMNIGLOT_SMALL_PRESETS)
 
     @classmethod
     def preset(cls, name: str) -> "MetaLearningFullConfig":
         if name not in cls.PRESETS:
             raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(cls.PRESETS)}")
+        if name in OMNIGLOT_SMALL_PRESETS:
+            return cls().with_overrides([*OMNIGLOT_SMALL_BASE, *OMNIGLOT_SMALL_PRESETS[name]])
         return getattr(cls, name)()
 
     # ---- files and overrides -------------------------------------------------------------------

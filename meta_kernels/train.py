@@ -333,7 +333,9 @@ class Trainer:
         steps_per_epoch = sampler.steps_per_epoch(B)
         done, saved_step = 0, None
         start = time.perf_counter()
-        finished = lambda: (max_steps is not None and self.global_step >= max_steps) or stop["signal"] is not None
+        budget = math.inf if cfg.run.max_minutes is None else 60.0 * cfg.run.max_minutes
+        finished = lambda: ((max_steps is not None and self.global_step >= max_steps) or stop["signal"] is not None
+                            or self._out_of_time(time.perf_counter() - start, budget))
         try:
             while self.epoch < cfg.run.epochs and not finished():
                 bar = tqdm(range(self.step, steps_per_epoch), desc=f"epoch {self.epoch}", disable=not self.progress,
@@ -357,7 +359,8 @@ class Trainer:
                                     tasks_s=f"{record['tasks_per_s']:.0f}")
                     if self.global_step % cfg.run.val_every == 0 and (self.rank == 0 or self.learner.collective):
                         val = self.evaluate("val", cfg.run.val_episodes)
-                        val_record = strict_json({"split": "val", "global_step": self.global_step, **val})
+                        val_record = strict_json({"split": "val", "global_step": self.global_step,
+                                                  "elapsed_s": round(time.perf_counter() - start, 2), **val})
                         self.history.append(val_record)
                         self.log(val_record)
                         if val["accuracy"] > self.best_val:
@@ -377,6 +380,16 @@ class Trainer:
             last = self.checkpoint_path(f"step-{self.global_step}.pt") if self.sharded_checkpoints else None
             raise TrainingInterrupted(stop["signal"], self.global_step, last or self.ckpt_dir / "last.pt")
         return self._summary(time.perf_counter() - start)
+
+    def _out_of_time(self, elapsed: float, budget: float) -> bool:
+        """Past run.max_minutes; under torchrun rank 0's clock decides, so every rank stops at the same step."""
+        if budget == math.inf:
+            return False
+        if self.world_size == 1:
+            return elapsed >= budget
+        flag = torch.tensor([float(elapsed >= budget)], device=self.config.run.device)
+        distributed.broadcast_([flag])
+        return bool(flag.item())
 
     # ---- loggers -------------------------------------------------------------------------------
     def log(self, record: dict) -> None:
