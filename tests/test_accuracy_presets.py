@@ -95,7 +95,9 @@ def test_every_accuracy_preset_validates(name, tmp_path):
     assert cfg.episodes.n_way == (20 if "20w" in name else 5)
     if name.endswith("mamlpp"):
         assert cfg.mamlpp.bn_mode == "per_step" and cfg.mamlpp.use_lslr and cfg.mamlpp.use_msl
-    assert _bench_module("accuracy_runs").test_protocol(cfg) == {"q_query": 15, "inner_steps": cfg.maml.inner_steps}
+    runs = _bench_module("accuracy_runs")
+    assert runs.test_protocol(cfg) == {"q_query": 15, "inner_steps": cfg.maml.inner_steps}
+    assert 0.9 <= runs.BARS[name] < 1.0  # every preset is measured against its bar
     cfg.save(tmp_path / "c.yaml")
     assert MetaLearningFullConfig.load(tmp_path / "c.yaml") == cfg
 
