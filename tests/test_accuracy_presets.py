@@ -131,7 +131,9 @@ def test_time_budget_stops_training_and_saves_that_step(data_env, tmp_path):
 @pytest.mark.slow
 def test_ci_sized_run_of_the_5way_preset_clears_90_percent(data_env, tmp_path):
     from meta_kernels.train import Trainer, evaluate_checkpoint
-    cfg = MetaLearningFullConfig.preset("omniglot_5w1s").with_overrides(["run.val_every=100", "run.max_minutes=null"])
+    # CI-sized: 300 steps at half the preset's meta-batch, one validation at the end (about 3 minutes).
+    cfg = MetaLearningFullConfig.preset("omniglot_5w1s").with_overrides(
+        ["maml.meta_batch_size=8", "run.val_every=300", "run.val_episodes=100", "run.max_minutes=null"])
     trainer = Trainer(cfg, tmp_path / "run", progress=False)
     trainer.fit(max_steps=300)
     protocol = _bench_module("accuracy_runs").test_protocol(cfg)
