@@ -107,3 +107,25 @@ def higher_outer_step(model, loss, inner_lr: float, meta_lr: float, algo: str, s
                 (loss(fmodel(xq[t]), yq[t]) / T).backward()
         opt.step()
     return step
+
+
+def plot_curves(curves: dict, path, xlabel: str, ylabel: str, title: str, *, hlines=(), ylim=None) -> None:
+    """One line per entry of curves {label: (x, y)}, dashed horizontal lines at `hlines`, saved as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for label, (x, y) in curves.items():
+        ax.plot(x, y, marker=".", label=label)
+    for h in hlines:
+        ax.axhline(h, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -26,7 +26,7 @@ sys.path.insert(0, str(HERE))
 from meta_kernels import keep_freed_cpu_memory  # noqa: E402
 from meta_kernels.config import OMNIGLOT_SMALL_PRESETS, MetaLearningFullConfig  # noqa: E402
 from meta_kernels.train import Trainer, evaluate_checkpoint  # noqa: E402
-from _common import machine  # noqa: E402
+from _common import machine, plot_curves  # noqa: E402
 
 TEST_QUERY = 15
 # Issue 19's bars: test accuracy within the 30-minute budget (never lowered here to fit a result).
@@ -73,23 +73,6 @@ def run(name: str, out: Path, minutes: float | None, overrides: list[str]) -> di
             "slope_points_per_10min": end_slope(curve["minutes"], curve["accuracy"])}
 
 
-def plot(results: list[dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for r in results:
-        ax.plot(r["val_curve"]["minutes"], r["val_curve"]["accuracy"], marker=".", label=r["preset"])
-    ax.set_xlabel("training minutes (2-core CPU)")
-    ax.set_ylabel("validation accuracy (held-out characters)")
-    ax.set_title("Omniglot small, accuracy presets")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("presets", nargs="+", help=f"any of {', '.join(OMNIGLOT_SMALL_PRESETS)}, or all")
@@ -115,7 +98,9 @@ def main(argv=None) -> int:
         print(f"| {name} | {r['steps']} | {r['trained_minutes']} | {r['best_val']:.4f} | "
               f"**{r['test_accuracy'] * 100:.3f} +- {r['test_ci95'] * 100:.2f}** | {BARS[name] * 100:.1f} {met} | "
               f"{'' if slope is None else f'{slope:+.2f}'} |", flush=True)
-    plot(results, out / "accuracy.png")
+    plot_curves({r["preset"]: (r["val_curve"]["minutes"], r["val_curve"]["accuracy"]) for r in results},
+                out / "accuracy.png", "training minutes (2-core CPU)", "validation accuracy (held-out characters)",
+                "Omniglot small, accuracy presets")
     return 0
 
 

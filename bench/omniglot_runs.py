@@ -12,7 +12,10 @@ import json
 import sys
 from pathlib import Path
 
-from meta_kernels.omniglot_suites import ABLATION_BASE, SUITES, run
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from meta_kernels.omniglot_suites import ABLATION_BASE, SUITES, run  # noqa: E402
+from _common import machine, plot_curves  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -35,7 +38,7 @@ def main(argv=None) -> int:
         t = rows[-1]["test"]
         print(f"{name}: pre {t['pre_adapt_acc']:.3f} post {t['accuracy']:.3f} +- {t['ci95']:.3f} auac {t['auac']:.3f} "
               f"({rows[-1]['s_per_step']} s/step)", flush=True)
-    (out / f"{args.suite}.json").write_text(json.dumps({"machine": _machine(), "steps": args.steps, "epochs": args.epochs,
+    (out / f"{args.suite}.json").write_text(json.dumps({"machine": machine(), "steps": args.steps, "epochs": args.epochs,
                                                       "runs": rows}, indent=2))
     print("\n| run | steps | pre-adapt acc | post-adapt acc (95% CI) | step-1 acc | AUAC | s/step | NaN steps | LSLR range |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
@@ -45,32 +48,10 @@ def main(argv=None) -> int:
         lslr = "" if r["lslr_min"] is None else f"[{r['lslr_min']:.3g}, {r['lslr_max']:.3g}]"
         print(f"| {r['name']} | {r['steps']} | {t['pre_adapt_acc']:.3f} | {t['accuracy']:.3f} +- {t['ci95']:.3f} | "
               f"{curve[1]:.3f} | {t['auac']:.3f} | {r['s_per_step']} | {r['nan_steps']} | {lslr} |")
-    _plot(rows, out / f"{args.suite}.png", args.suite)
+    plot_curves({r["name"]: (range(len(r["test"]["curve_accuracy"])), r["test"]["curve_accuracy"]) for r in rows},
+                out / f"{args.suite}.png", "inner step", "test query accuracy (5-way 1-shot)",
+                f"Omniglot small, held-out characters: {args.suite}", ylim=(0, 1))
     return 0
-
-
-def _machine() -> dict:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from _common import machine
-    return machine()
-
-
-def _plot(rows, path: Path, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for r in rows:
-        curve = r["test"]["curve_accuracy"]
-        ax.plot(range(len(curve)), curve, "o-", label=r["name"])
-    ax.set_xlabel("inner step")
-    ax.set_ylabel("test query accuracy (5-way 1-shot)")
-    ax.set_title(f"Omniglot small, held-out characters: {title}")
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -10,14 +10,12 @@ for both. Each implementation stops at the last threshold or at --max-steps / --
 
     python bench/time_to_accuracy.py          # writes bench/results/time_to_accuracy.{json,png}
 
-Reads the data from $META_KERNELS_DATA (or --data-root). Run it on a quiet machine: it is a benchmark."""
+Reads the data from $META_KERNELS_DATA/omniglot (or --data-root, the omniglot folder). Run it on a quiet machine: it is a benchmark."""
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -30,10 +28,11 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import meta_kernels as mk  # noqa: E402
-from meta_kernels.config import EpisodeConfig  # noqa: E402
-from meta_kernels.data import EpisodeSampler, load_dataset  # noqa: E402
+from meta_kernels.config import EpisodeConfig, MetaLearningFullConfig, RunConfig  # noqa: E402
+from meta_kernels.data import EpisodeSampler  # noqa: E402
+from meta_kernels.train import evaluation_batches, load_split  # noqa: E402
 from meta_kernels.models import sequential_conv4  # noqa: E402
-from _common import higher_outer_step, machine  # noqa: E402
+from _common import higher_outer_step, machine, plot_curves  # noqa: E402
 
 THRESHOLDS = (0.90, 0.95)
 IMPLEMENTATIONS = ("ours", "higher")
@@ -90,13 +89,11 @@ def reached_goal(curve: Curve, thresholds=THRESHOLDS) -> bool:
 
 def samplers(s: Settings) -> tuple[EpisodeSampler, EpisodeSampler]:
     """The training stream and the validation episodes, the same for every implementation."""
-    options = {"variant": "small", "split_by": "character"}
-    root = Path(s.data_root) / "omniglot" if s.data_root else None  # None: $META_KERNELS_DATA/omniglot
-    train = load_dataset("omniglot", root, "train", **options)
-    val = load_dataset("omniglot", root, "val", **options)
+    config = MetaLearningFullConfig(run=RunConfig(omniglot_variant="small", data_root=s.data_root))
     train_cfg = EpisodeConfig(n_way=s.n_way, k_shot=s.k_shot, q_query=s.q_query, episodes_per_epoch=10**7)
     val_cfg = EpisodeConfig(n_way=s.n_way, k_shot=s.k_shot, q_query=s.val_query, episodes_per_epoch=s.val_episodes)
-    return EpisodeSampler(train, train_cfg, seed=s.seed), EpisodeSampler(val, val_cfg, seed=s.seed + 1)
+    return (EpisodeSampler(load_split(config, "train"), train_cfg, seed=s.seed),
+            EpisodeSampler(load_split(config, "val"), val_cfg, seed=s.seed + 1))
 
 
 def build_model(s: Settings) -> torch.nn.Module:
@@ -124,8 +121,7 @@ class Validator:
         cfg = mk.MAMLConfig(algo="maml", inner_steps=s.eval_inner_steps, inner_lr=s.inner_lr, inner_clip=None,
                             engine="custom", meta_batch_size=s.meta_batch)
         self.learner = mk.MetaLearner(self.model, cfg)
-        self.batches = [val.episodes(0, range(i, min(s.val_episodes, i + s.meta_batch)))
-                        for i in range(0, s.val_episodes, s.meta_batch)]
+        self.batches = list(evaluation_batches(val, s.val_episodes, s.meta_batch, "cpu"))
 
     def __call__(self, model: torch.nn.Module) -> float:
         self.model.load_state_dict(model.state_dict())
@@ -136,7 +132,6 @@ def train_curve(impl: str, s: Settings, train: EpisodeSampler, validate, thresho
                 progress: bool = True) -> Curve:
     """Trains a fresh model with `impl` until the stopping rule, --max-steps or --max-seconds."""
     from tqdm import tqdm
-    torch.manual_seed(s.seed)
     model = build_model(s)
     step_fn = outer_step(impl, model, s)
     curve, clock = Curve(impl), 0.0
@@ -183,25 +178,6 @@ def summary(curves: dict[str, Curve], thresholds=THRESHOLDS) -> dict:
     return out
 
 
-def plot(curves: dict[str, Curve], path: Path, s: Settings) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for impl, c in curves.items():
-        ax.plot(c.seconds, c.accuracy, marker=".", label=impl)
-    for t in THRESHOLDS:
-        ax.axhline(t, color="grey", lw=0.8, ls="--")
-    ax.set_xlabel("training wall-clock seconds (validation excluded)")
-    ax.set_ylabel(f"validation accuracy ({s.val_episodes} held-out episodes)")
-    ax.set_title(f"Omniglot small, {s.n_way}-way {s.k_shot}-shot, {s.algo.upper()}, meta-batch {s.meta_batch}")
-    ax.set_ylim(0.2, 1.0)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     for f in Settings.__dataclass_fields__.values():
@@ -212,7 +188,6 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(HERE / "results" / "time_to_accuracy"))
     args = parser.parse_args(argv)
     s = Settings(**{k: getattr(args, k) for k in Settings.__dataclass_fields__})
-    torch.set_num_threads(os.cpu_count() or 1)
     train, val = samplers(s)
     validate = Validator(s, val)
     curves = {impl: train_curve(impl, s, train, validate) for impl in args.impl}
@@ -222,7 +197,11 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    plot(curves, out.with_suffix(".png"), s)
+    plot_curves({k: (c.seconds, c.accuracy) for k, c in curves.items()}, out.with_suffix(".png"),
+                "training wall-clock seconds (validation excluded)",
+                f"validation accuracy ({s.val_episodes} held-out episodes)",
+                f"Omniglot small, {s.n_way}-way {s.k_shot}-shot, {s.algo.upper()}, meta-batch {s.meta_batch}",
+                hlines=THRESHOLDS, ylim=(0.2, 1.0))
     print(json.dumps(result["summary"], indent=2))
     print(f"same episodes in the same order: {result['same_episodes']}; written {out}.json / .png")
     return 0
