@@ -48,9 +48,17 @@ def init_from_env(device: str = "cpu", timeout_s: float = 120.0) -> tuple[int, i
 
 def _destroy_at_exit() -> None:
     # Left to the interpreter's teardown, gloo's threads were seen to abort a rank at exit
-    # ("terminate called without an active exception") after a finished run.
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    # ("terminate called without an active exception") after a finished run. The barrier keeps
+    # a rank from closing its connections while a peer still has an operation in flight to it;
+    # its short timeout bounds the wait when this rank leaves on an error and its peers do not.
+    if not dist.is_initialized():
+        return
+    try:
+        if dist.get_world_size() > 1 and dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=10))
+    except Exception:  # a peer gone or elsewhere: nothing more to wait for
+        pass
+    dist.destroy_process_group()
 
 
 def all_reduce_sum_(tensors: list[torch.Tensor]) -> None:

@@ -6,6 +6,7 @@ save, the numel of the optimiser state each rank holds (and checks that nothing 
 import argparse
 import json
 import os
+import sys
 
 import torch
 
@@ -63,3 +64,4 @@ if args.record_shards:
 state = trainer.model_state()  # a collective under FSDP: every rank takes part
 if trainer.rank == 0:
     torch.save({k: v.detach() for k, v in state.items()}, os.path.join(args.out, "final.pt"))
+print(f"rank {trainer.rank}: finished", file=sys.stderr, flush=True)  # an abort after this is teardown

@@ -38,6 +38,13 @@ def _torchrun(out, overrides, env, *extra, steps=3, nproc=2, timeout=300, worker
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def _why(proc) -> str:
+    """A failed launch's stderr: the ranks' own output first (where a crash says what it was),
+    then the launcher's traceback last."""
+    err = proc.stderr
+    return err if len(err) <= 8000 else err[:5000] + "\n[...]\n" + err[-3000:]
+
+
 def _single_process(out, overrides, env, steps=3):
     old = dict(os.environ)
     os.environ.update({k: env[k] for k in ("META_KERNELS_DATA", "META_KERNELS_CACHE")})
@@ -60,7 +67,7 @@ def _assert_same_model(got: dict, expected: dict) -> None:
 def test_two_ranks_match_one_process(tmp_path, env, algo):
     overrides = COMMON + [f"maml.algo={algo}"]
     proc = _torchrun(tmp_path / "dist", overrides, env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, _why(proc)
     sharded = torch.load(tmp_path / "dist" / "final.pt")
     single = _single_process(tmp_path / "single", overrides, env)
     _assert_same_model(sharded, single)
@@ -86,6 +93,6 @@ def test_restart_resumes_from_last_checkpoint_and_finishes(tmp_path, env):
                            "--max-restarts=1", str(WORKER), "--out", str(tmp_path / "run"), "--steps", "4",
                            "--die-rank", "1", "--die-at", "2"] + sum((["--set", o] for o in overrides), []),
                           env=env, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, _why(proc)
     restarted = torch.load(tmp_path / "run" / "final.pt")
     _assert_same_model(restarted, _single_process(tmp_path / "single", overrides, env, steps=4))

@@ -18,7 +18,7 @@ from meta_kernels.meta import ShardedMetaLearner
 from meta_kernels.models import Conv4, ViT, vit_param_count
 from meta_kernels.checkpoint import CheckpointError, load_any_checkpoint, load_latest_intact
 from meta_kernels.train import Trainer, evaluate_checkpoint, load_checkpoint_model
-from tests.test_distributed import COMMON, _assert_same_model, _single_process, _torchrun, env  # noqa: F401
+from tests.test_distributed import COMMON, _assert_same_model, _single_process, _torchrun, _why, env  # noqa: F401
 
 SMALL_VIT = ["model.arch=vit", "model.dim=32", "model.depth=2", "model.heads=2", "model.patch_size=7",
              "mamlpp.bn_mode=transductive"]
@@ -28,7 +28,7 @@ SMALL_VIT = ["model.arch=vit", "model.dim=32", "model.depth=2", "model.heads=2",
 def test_fsdp_two_ranks_match_one_unsharded_process(tmp_path, env, algo):
     overrides = COMMON + SMALL_VIT + [f"maml.algo={algo}"]
     proc = _torchrun(tmp_path / "fsdp", overrides + ["run.sharding=fsdp"], env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, _why(proc)
     sharded = torch.load(tmp_path / "fsdp" / "final.pt")
     single = _single_process(tmp_path / "single", overrides, env)
     _assert_same_model(sharded, single)
@@ -46,9 +46,9 @@ def test_scaled_down_production_preset_restarts_from_checkpoint(tmp_path, env):
     preset = ["--preset", "production_1b"]
     restarted = _torchrun(tmp_path / "killed", scaled, env, "--max-restarts=1", steps=4,
                           worker_args=preset + ["--die-rank", "1", "--die-at", "2"])
-    assert restarted.returncode == 0, restarted.stderr[-3000:]
+    assert restarted.returncode == 0, _why(restarted)
     straight = _torchrun(tmp_path / "straight", scaled, env, steps=4, worker_args=preset)
-    assert straight.returncode == 0, straight.stderr[-3000:]
+    assert straight.returncode == 0, _why(straight)
     a, b = torch.load(tmp_path / "killed" / "final.pt"), torch.load(tmp_path / "straight" / "final.pt")
     for k in b:
         assert torch.equal(a[k], b[k]), k
@@ -83,7 +83,7 @@ def test_dcp_checkpoints_are_sharded_and_reshard_on_resume(tmp_path, env, monkey
     run stopped at step 2 resumes on 1 and on 3 ranks (the 3-rank one past a corrupted newest
     folder) and ends where the uninterrupted 2-rank run ends; eval reads a folder unsharded."""
     ref = _torchrun(tmp_path / "ref", DCP_RUN, env, steps=4, worker_args=["--record-shards"])
-    assert ref.returncode == 0, ref.stderr[-3000:]
+    assert ref.returncode == 0, _why(ref)
     ckpts = tmp_path / "ref" / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-2.dcp", "step-3.dcp", "step-4.dcp"]  # keep_last=3
     step4 = ckpts / "step-4.dcp"
@@ -109,7 +109,7 @@ def test_dcp_checkpoints_are_sharded_and_reshard_on_resume(tmp_path, env, monkey
     assert result["episodes"] == 4 and (tmp_path / "eval" / "eval.json").is_file()
 
     part = _torchrun(tmp_path / "part", DCP_RUN, env, steps=2)
-    assert part.returncode == 0, part.stderr[-3000:]
+    assert part.returncode == 0, _why(part)
     for nproc in (1, 3):
         run = tmp_path / f"resume{nproc}"
         shutil.copytree(tmp_path / "part", run)
@@ -117,7 +117,7 @@ def test_dcp_checkpoints_are_sharded_and_reshard_on_resume(tmp_path, env, monkey
         if nproc == 3:  # the newest folder corrupted: resume falls back to step-1.dcp
             _flip_byte(next((run / "checkpoints" / "step-2.dcp").glob("*.distcp")))
         proc = _torchrun(run, DCP_RUN, env, steps=4, nproc=nproc, worker_args=["--resume"])
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.returncode == 0, _why(proc)
         if nproc == 3:
             assert "step-2.dcp is corrupt" in proc.stderr and "does not match its checksum" in proc.stderr
         assert not (run / "checkpoints" / ".step-3.dcp.tmp").exists()
