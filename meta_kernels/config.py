@@ -361,7 +361,7 @@ OMNIGLOT_SMALL_PRESETS = {
     "omniglot_5w1s_mamlpp": (*_5W, "maml.algo=maml", "maml.inner_steps=3", "maml.inner_lr=0.4",
                              "mamlpp.bn_mode=per_step", *_MAMLPP, "episodes.episodes_per_epoch=5600"),
     "omniglot_5w1s_fomaml": (*_5W, "maml.algo=fomaml", "maml.inner_steps=5", "maml.inner_lr=0.1",
-                             "mamlpp.bn_mode=per_step", "episodes.episodes_per_epoch=7200"),
+                             "mamlpp.bn_mode=per_step", "episodes.episodes_per_epoch=14400"),
     "omniglot_5w1s_reptile": (*_5W, "maml.algo=reptile", "maml.inner_steps=5", "maml.inner_lr=0.1",
                               "maml.reptile_decay_steps=1800", "episodes.episodes_per_epoch=7200"),
     "omniglot_20w1s": (*_20W, "episodes.episodes_per_epoch=1600"),
