@@ -357,7 +357,7 @@ _20W = ("episodes.n_way=20", "maml.meta_batch_size=8", "run.epochs=4", "mamlpp.b
         "maml.algo=maml", "maml.inner_steps=3", "maml.inner_lr=0.2")
 OMNIGLOT_SMALL_PRESETS = {
     "omniglot_5w1s": (*_5W, "maml.algo=maml", "maml.inner_steps=3", "maml.inner_lr=0.4", "mamlpp.bn_mode=per_step",
-                      "episodes.episodes_per_epoch=7200"),
+                      "episodes.episodes_per_epoch=8000"),
     "omniglot_5w1s_mamlpp": (*_5W, "maml.algo=maml", "maml.inner_steps=3", "maml.inner_lr=0.4",
                              "mamlpp.bn_mode=per_step", *_MAMLPP, "episodes.episodes_per_epoch=5600"),
     "omniglot_5w1s_fomaml": (*_5W, "maml.algo=fomaml", "maml.inner_steps=5", "maml.inner_lr=0.1",
