@@ -7,9 +7,9 @@ least 3 inner steps (test_protocol).
     python bench/accuracy_runs.py omniglot_5w1s --minutes 10              # a shorter budget
 
 Writes bench/results/accuracy/<preset>/ (the run), accuracy.json (appended per preset) and
-accuracy.png (validation accuracy against training minutes), and prints a markdown row per run (preset, steps, minutes, best validation accuracy, test
-accuracy +- 95% CI, the bar and whether it is met, the validation curve's slope at the end in
-points per 10 minutes).
+accuracy.png (validation accuracy against training minutes), and prints a markdown row per run
+(preset, steps, minutes, best validation accuracy, test accuracy +- 95% CI, the bar and whether it
+is met, the validation curve's slope at the end in points per 10 minutes).
 A benchmark: run it on a quiet machine (the budget is wall-clock)."""
 from __future__ import annotations
 

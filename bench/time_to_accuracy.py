@@ -10,7 +10,8 @@ for both. Each implementation stops at the last threshold or at --max-steps / --
 
     python bench/time_to_accuracy.py          # writes bench/results/time_to_accuracy.{json,png}
 
-Reads the data from $META_KERNELS_DATA/omniglot (or --data-root, the omniglot folder). Run it on a quiet machine: it is a benchmark."""
+Reads the data from $META_KERNELS_DATA/omniglot (or --data-root, the omniglot folder). Run it on a
+quiet machine: it is a benchmark."""
 from __future__ import annotations
 
 import argparse
