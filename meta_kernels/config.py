@@ -348,11 +348,11 @@ OMNIGLOT_SMALL_BASE = ("episodes.dataset=omniglot", "run.omniglot_variant=small"
                        "episodes.q_query=5", "maml.engine=custom", "maml.inner_clip=null", "maml.meta_lr=0.001",
                        "model.filters=64", "mamlpp.bn_mode=transductive", "run.max_minutes=30", "run.val_every=100",
                        "run.val_episodes=200", "run.test_episodes=600", "checkpoint.every_steps=500")
-# Each runs to its time budget. Where a schedule follows the epochs or steps (MAML++'s multi-step
-# loss and cosine meta-lr, Reptile's decay) the epochs are sized to end near the budget on the
-# 2-core CPU, so that it completes; the 5-way MAML and FOMAML presets have more epochs than fit, so
-# the budget ends them. Per-step BatchNorm (MAML++'s largest gain, bench/RESULTS.md) is the BN mode
-# of every preset but Reptile's.
+# Each runs to its time budget. Where a schedule follows the epochs or steps (the multi-step loss
+# and cosine meta-lr, Reptile's decay) the epochs are sized to end near the budget on the 2-core
+# CPU, so that it completes; the 5-way MAML preset has more epochs than fit, so the budget ends it.
+# Per-step BatchNorm (MAML++'s largest gain, bench/RESULTS.md) is the BN mode of every preset but
+# Reptile's.
 _MAMLPP = ("mamlpp.use_lslr=true", "mamlpp.use_msl=true", "mamlpp.msl_decay_epochs=1", "mamlpp.cosine_meta_lr=true")
 _5W = ("episodes.n_way=5", "maml.meta_batch_size=16", "run.epochs=4")
 _20W = ("episodes.n_way=20", "maml.meta_batch_size=8", "run.epochs=4", "mamlpp.bn_mode=per_step",
@@ -363,7 +363,8 @@ OMNIGLOT_SMALL_PRESETS = {
     "omniglot_5w1s_mamlpp": (*_5W, "maml.algo=maml", "maml.inner_steps=3", "maml.inner_lr=0.4",
                              "mamlpp.bn_mode=per_step", *_MAMLPP, "episodes.episodes_per_epoch=5600"),
     "omniglot_5w1s_fomaml": (*_5W, "maml.algo=fomaml", "maml.inner_steps=5", "maml.inner_lr=0.1",
-                             "mamlpp.bn_mode=per_step", "episodes.episodes_per_epoch=14400"),
+                             "mamlpp.bn_mode=per_step", "mamlpp.cosine_meta_lr=true",
+                             "episodes.episodes_per_epoch=8000"),
     "omniglot_5w1s_reptile": (*_5W, "maml.algo=reptile", "maml.inner_steps=5", "maml.inner_lr=0.1",
                               "maml.reptile_decay_steps=1800", "episodes.episodes_per_epoch=7200"),
     "omniglot_20w1s": (*_20W, "episodes.episodes_per_epoch=1600"),
