@@ -348,9 +348,10 @@ OMNIGLOT_SMALL_BASE = ("episodes.dataset=omniglot", "run.omniglot_variant=small"
                        "episodes.q_query=5", "maml.engine=custom", "maml.inner_clip=null", "maml.meta_lr=0.001",
                        "model.filters=64", "mamlpp.bn_mode=transductive", "run.max_minutes=30", "run.val_every=100",
                        "run.val_episodes=200", "run.test_episodes=600", "checkpoint.every_steps=500")
-# Each runs to its time budget. Where a schedule follows the epochs or steps (the multi-step loss
+# Each has a 30-minute budget. Where a schedule follows the epochs or steps (the multi-step loss
 # and cosine meta-lr, Reptile's decay) the epochs are sized to end near the budget on the 2-core
 # CPU, so that it completes; the 5-way MAML preset has more epochs than fit, so the budget ends it.
+# (Reptile's 1800 steps were sized for an earlier step time; its measured run stopped at 1363.)
 # Per-step BatchNorm (MAML++'s largest gain, bench/RESULTS.md) is the BN mode of every preset but
 # Reptile's.
 _MAMLPP = ("mamlpp.use_lslr=true", "mamlpp.use_msl=true", "mamlpp.msl_decay_epochs=1", "mamlpp.cosine_meta_lr=true")
