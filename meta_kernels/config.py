@@ -216,7 +216,7 @@ class MAMLConfig:
 class MAMLPlusPlusConfig:
     """MAML++ (Antoniou et al. 2019): learned per-layer-per-step inner rates (LSLR, clamped to
     [1e-6, 1]), multi-step loss (MSL) with uniform (and the paper's schedule over
-    msl_decay_epochs), linearly increasing or learned weights, derivative-order annealing (first
+    msl_decay_epochs, the last step's loss alone after them), linearly increasing or learned weights, derivative-order annealing (first
     order before annealing_start_epoch), and the BatchNorm mode of the inner loop."""
     use_lslr: bool = False
     use_msl: bool = False
@@ -362,14 +362,14 @@ OMNIGLOT_SMALL_PRESETS = {
     "omniglot_5w1s": (*_5W, "maml.algo=maml", "maml.inner_steps=3", "maml.inner_lr=0.4", "mamlpp.bn_mode=per_step",
                       "episodes.episodes_per_epoch=8000"),
     "omniglot_5w1s_mamlpp": (*_5W, "maml.algo=maml", "maml.inner_steps=3", "maml.inner_lr=0.4",
-                             "mamlpp.bn_mode=per_step", *_MAMLPP, "episodes.episodes_per_epoch=5600"),
+                             "mamlpp.bn_mode=per_step", *_MAMLPP, "episodes.episodes_per_epoch=7200"),
     "omniglot_5w1s_fomaml": (*_5W, "maml.algo=fomaml", "maml.inner_steps=5", "maml.inner_lr=0.1",
                              "mamlpp.bn_mode=per_step", "mamlpp.cosine_meta_lr=true",
                              "episodes.episodes_per_epoch=8000"),
     "omniglot_5w1s_reptile": (*_5W, "maml.algo=reptile", "maml.inner_steps=5", "maml.inner_lr=0.1",
                               "maml.reptile_decay_steps=1800", "episodes.episodes_per_epoch=7200"),
     "omniglot_20w1s": (*_20W, "episodes.episodes_per_epoch=1600"),
-    "omniglot_20w1s_mamlpp": (*_20W, *_MAMLPP, "episodes.episodes_per_epoch=1200"),
+    "omniglot_20w1s_mamlpp": (*_20W, *_MAMLPP, "episodes.episodes_per_epoch=1600"),
 }
 
 

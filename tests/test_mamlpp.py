@@ -76,6 +76,31 @@ def test_msl_weightings_and_schedule():
     assert logits.grad.abs().sum() > 0
 
 
+def test_msl_schedule_ends_with_the_last_step_loss_alone():
+    """After msl_decay_epochs the uniform schedule drops the intermediate query losses (the
+    paper's code): the step is then plain MAML's, with LSLR; learned weights stay on."""
+    cfg = MAMLConfig(inner_steps=2, inner_lr=0.3, inner_clip=None, engine="custom", meta_lr=0.01)
+
+    def learners():
+        return (MetaLearner(_conv4(), cfg, mamlpp=MAMLPlusPlusConfig(use_msl=True, use_lslr=True, msl_decay_epochs=2,
+                                                                    bn_mode="transductive")),
+                MetaLearner(_conv4(), cfg, mamlpp=MAMLPlusPlusConfig(use_lslr=True, bn_mode="transductive")))
+
+    def gap_after_one_step(epoch):
+        with_msl, without = learners()
+        for learner in (with_msl, without):
+            learner.step(_tasks(), epoch=epoch)
+        return max(float((a - b).abs().max()) for a, b in zip(with_msl.model.parameters(), without.model.parameters()))
+
+    with_msl, _ = learners()
+    assert with_msl.current_msl_weights(1) is not None and with_msl.current_msl_weights(2) is None
+    assert gap_after_one_step(1) > 1e-6
+    assert gap_after_one_step(2) < 1e-12
+    learned = MetaLearner(_conv4(), cfg, mamlpp=MAMLPlusPlusConfig(use_msl=True, msl_weights="learned",
+                                                                   msl_decay_epochs=1, bn_mode="transductive"))
+    assert learned.current_msl_weights(50) is not None
+
+
 def test_msl_loss_is_the_weighted_per_step_query_loss():
     model = _conv4()
     xs, ys, xq, yq = _tasks()
