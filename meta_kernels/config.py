@@ -216,8 +216,9 @@ class MAMLConfig:
 class MAMLPlusPlusConfig:
     """MAML++ (Antoniou et al. 2019): learned per-layer-per-step inner rates (LSLR, clamped to
     [1e-6, 1]), multi-step loss (MSL) with uniform (and the paper's schedule over
-    msl_decay_epochs, the last step's loss alone after them), linearly increasing or learned weights, derivative-order annealing (first
-    order before annealing_start_epoch), and the BatchNorm mode of the inner loop."""
+    msl_decay_epochs, the last step's loss alone after them), linearly increasing or learned
+    weights, derivative-order annealing (first order before annealing_start_epoch), and the
+    BatchNorm mode of the inner loop."""
     use_lslr: bool = False
     use_msl: bool = False
     msl_weights: str = "uniform"
