@@ -334,8 +334,9 @@ class Trainer:
         done, saved_step = 0, None
         start = time.perf_counter()
         budget = math.inf if cfg.run.max_minutes is None else 60.0 * cfg.run.max_minutes
+        # The budget is checked only after a step of this fit, so each fit (and resume) makes progress.
         finished = lambda: ((max_steps is not None and self.global_step >= max_steps) or stop["signal"] is not None
-                            or self._out_of_time(time.perf_counter() - start, budget))
+                            or (done > 0 and self._out_of_time(time.perf_counter() - start, budget)))
         try:
             while self.epoch < cfg.run.epochs and not finished():
                 bar = tqdm(range(self.step, steps_per_epoch), desc=f"epoch {self.epoch}", disable=not self.progress,
