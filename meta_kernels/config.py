@@ -224,7 +224,7 @@ class MAMLPlusPlusConfig:
     msl_weights: str = "uniform"
     use_annealing: bool = False
     annealing_start_epoch: int = 0
-    bn_mode: str = "per_step"
+    bn_mode: str = "per_step"  # MAML only: FOMAML and Reptile cannot train it (bn_mode_error)
     msl_decay_epochs: int = 10
     cosine_meta_lr: bool = False  # cosine annealing of the outer learning rate over the run
 
@@ -237,6 +237,17 @@ class MAMLPlusPlusConfig:
         _require(isinstance(self.annealing_start_epoch, int) and self.annealing_start_epoch >= 0, name,
                  "annealing_start_epoch", f"must be an integer >= 0, got {self.annealing_start_epoch!r}")
         _require(self.msl_decay_epochs >= 1, name, "msl_decay_epochs", f"must be >= 1, got {self.msl_decay_epochs}")
+
+
+def bn_mode_error(bn_mode: str, maml: MAMLConfig) -> str | None:
+    """Why `bn_mode` cannot train under `maml`'s algorithm, or None. Per-step BN's rows for the inner
+    steps reach the query loss only through the inner updates, so a first-order meta-gradient never
+    trains them: they would stay at their initial values while the query's row learns."""
+    if bn_mode == "per_step" and maml.first_order:
+        return (f"'per_step' learns a BatchNorm row per inner step through the second-order meta-gradient; under "
+                f"{maml.algo} (first order) the inner steps' rows get no meta-gradient and stay untrained. Use "
+                "bn_mode 'transductive' (or 'frozen'), or algo 'maml'")
+    return None
 
 
 @dataclass
@@ -365,7 +376,7 @@ OMNIGLOT_SMALL_PRESETS = {
     "omniglot_5w1s_mamlpp": (*_5W, "maml.algo=maml", "maml.inner_steps=3", "maml.inner_lr=0.4",
                              "mamlpp.bn_mode=per_step", *_MAMLPP, "episodes.episodes_per_epoch=7200"),
     "omniglot_5w1s_fomaml": (*_5W, "maml.algo=fomaml", "maml.inner_steps=5", "maml.inner_lr=0.1",
-                             "mamlpp.bn_mode=per_step", "mamlpp.cosine_meta_lr=true",
+                             "mamlpp.bn_mode=transductive", "mamlpp.cosine_meta_lr=true",
                              "episodes.episodes_per_epoch=8000"),
     "omniglot_5w1s_reptile": (*_5W, "maml.algo=reptile", "maml.inner_steps=5", "maml.inner_lr=0.1",
                               "maml.reptile_decay_steps=1800", "episodes.episodes_per_epoch=7200"),
@@ -401,6 +412,8 @@ class MetaLearningFullConfig:
                      "'fsdp' does not support the MAML++ options use_lslr / use_msl / use_annealing; switch them off")
             _require(not self.run.log_inner_steps, name, "run.log_inner_steps",
                      "is not supported with run.sharding=fsdp; set it to false")
+        bn_problem = bn_mode_error(self.mamlpp.bn_mode, self.maml)
+        _require(bn_problem is None, name, "mamlpp.bn_mode", bn_problem or "")
         _require(self.data.class_depth == 1 or self.episodes.dataset == "custom", name, "data.class_depth",
                  f"nested class folders are for folder datasets (episodes.dataset=custom), not "
                  f"{self.episodes.dataset!r}; leave data.class_depth=1")

@@ -28,6 +28,8 @@ def main():
     if args.algo == "reptile":
         overrides += ["maml.inner_steps=5", "maml.inner_lr=0.1", "maml.reptile_epsilon=0.5",
                       f"maml.reptile_decay_steps={args.steps}"]
+    if args.algo != "maml":  # per-step BatchNorm (dev's mode) trains only under MAML's second order
+        overrides.append("mamlpp.bn_mode=transductive")
     if args.data_root:
         overrides.append(f"run.data_root={args.data_root}")
     config = MetaLearningFullConfig.dev().with_overrides(overrides)

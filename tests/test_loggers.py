@@ -235,8 +235,8 @@ def test_memory_tuning_is_on_in_the_cli_only(data_env, tmp_path, monkeypatch):
     assert not any(k.startswith("inner") for k in records[0])  # inner-step logs are opt-in
 
 
-@pytest.mark.parametrize("algo, bn_mode, msl", [("maml", "transductive", False), ("fomaml", "per_step", True),
-                                                ("reptile", "per_step", False)])
+@pytest.mark.parametrize("algo, bn_mode, msl", [("maml", "transductive", False), ("fomaml", "transductive", True),
+                                                ("maml", "per_step", False), ("reptile", "transductive", False)])
 def test_inner_step_logs_change_nothing_else(algo, bn_mode, msl):
     """MetaLearner.step(log_inner_steps=True) on each of its paths (meta_backward, meta_loss, Reptile)."""
     import torch

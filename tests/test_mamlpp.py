@@ -227,6 +227,27 @@ def test_training_updates_and_evaluation_never_changes_running_statistics(tmp_pa
     assert torch.equal(resumed.learner.lslr.detach(), lslr) and torch.equal(resumed.learner.msl_logits.detach(), msl)
 
 
+def test_per_step_bn_trains_every_row_under_maml_and_is_refused_under_first_order():
+    """Each inner step's BN row reaches the query loss only through the inner updates: MAML's
+    second-order meta-gradient trains every row, a first-order one would leave the inner steps'
+    rows at their initial values (the query's row alone learning), so that combination is refused."""
+    batch = tuple(t.float() if t.is_floating_point() else t for t in _tasks())
+    model = _conv4(3).float()
+    learner = MetaLearner(model, MAMLConfig(inner_steps=2, inner_lr=0.4, inner_clip=None, engine="custom"),
+                          mamlpp=MAMLPlusPlusConfig(bn_mode="per_step"))
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if ".bn." in n}
+    learner.step(batch)
+    for n, p in model.named_parameters():
+        if ".bn." in n:
+            assert bool(((p.detach() - before[n]).abs().amax(dim=1) > 0).all()), n  # rows 0, 1 (inner), 2 (query)
+    for algo in ("fomaml", "reptile"):
+        with pytest.raises(ValueError, match=rf"under {algo} \(first order\) the inner steps' rows get no meta-gradient"):
+            MetaLearner(_conv4(3), MAMLConfig(algo=algo, inner_steps=2), mamlpp=MAMLPlusPlusConfig(bn_mode="per_step"))
+        with pytest.raises(ConfigError, match=r"mamlpp.bn_mode: 'per_step' learns a BatchNorm row per inner step"):
+            MetaLearningFullConfig().with_overrides([f"maml.algo={algo}", "mamlpp.bn_mode=per_step"])
+        MetaLearningFullConfig().with_overrides([f"maml.algo={algo}", "mamlpp.bn_mode=transductive"])
+
+
 def test_mamlpp_bad_input():
     with pytest.raises(ConfigError, match=r"msl_weights: unknown weighting 'cubic'"):
         MAMLPlusPlusConfig(msl_weights="cubic")

@@ -34,7 +34,8 @@ def test_presets_round_trip_and_overrides(tmp_path):
         for suffix in (".yaml", ".json"):
             cfg.save(tmp_path / f"c{suffix}")
             assert MetaLearningFullConfig.load(tmp_path / f"c{suffix}") == cfg
-    cfg = MetaLearningFullConfig.dev().with_overrides(["maml.algo=fomaml", "maml.inner_lr=0.2", "run.epochs=3"])
+    cfg = MetaLearningFullConfig.dev().with_overrides(["maml.algo=fomaml", "mamlpp.bn_mode=transductive", "maml.inner_lr=0.2",
+                                                       "run.epochs=3"])
     assert (cfg.maml.algo, cfg.maml.second_order, cfg.maml.inner_lr, cfg.run.epochs) == ("fomaml", False, 0.2, 3)
 
 

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 import meta_kernels.ops as ops
 from meta_kernels import distributed
-from meta_kernels.config import ALGORITHMS, MAMLConfig, MAMLPlusPlusConfig
+from meta_kernels.config import ALGORITHMS, MAMLConfig, MAMLPlusPlusConfig, bn_mode_error
 from meta_kernels.meta.inner import adapt_tasks
 from meta_kernels.meta.inner_common import (AdaptResult, InnerLoopSettings, NonFiniteLossError, StepLog, as_task_batch,
                                             batch_parts, lead_tensor, map_inputs, query_pass)
@@ -289,6 +289,9 @@ class MetaLearner(Learner):
 
     def _check_bn_mode(self) -> None:
         mode = self.mamlpp.bn_mode
+        problem = bn_mode_error(mode, self.config)
+        if problem:
+            raise ValueError(f"bn_mode {problem}")
         if mode == "transductive":
             return
         if self.task_model.mode != "batched" or not self.task_model.engine.has_step_batch_norm():
