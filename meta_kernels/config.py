@@ -364,8 +364,8 @@ OMNIGLOT_SMALL_BASE = ("episodes.dataset=omniglot", "run.omniglot_variant=small"
 # and cosine meta-lr, Reptile's decay) the epochs are sized to end near the budget on the 2-core
 # CPU, so that it completes; the 5-way MAML preset has more epochs than fit, so the budget ends it.
 # (Reptile's 1800 steps were sized for an earlier step time; its measured run stopped at 1363.)
-# Per-step BatchNorm (MAML++'s largest gain, bench/RESULTS.md) is the BN mode of every preset but
-# Reptile's.
+# Per-step BatchNorm (MAML++'s largest gain, bench/RESULTS.md) is the BN mode of the MAML presets;
+# FOMAML and Reptile cannot train it (bn_mode_error) and use transductive BN.
 _MAMLPP = ("mamlpp.use_lslr=true", "mamlpp.use_msl=true", "mamlpp.msl_decay_epochs=1", "mamlpp.cosine_meta_lr=true")
 _5W = ("episodes.n_way=5", "maml.meta_batch_size=16", "run.epochs=4")
 _20W = ("episodes.n_way=20", "maml.meta_batch_size=8", "run.epochs=4", "mamlpp.bn_mode=per_step",
