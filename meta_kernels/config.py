@@ -386,7 +386,7 @@ OMNIGLOT_SMALL_PRESETS = {
     "omniglot_5w1s_reptile": (*_5W, "maml.algo=reptile", "maml.inner_steps=5", "maml.inner_lr=0.1",
                               "maml.reptile_decay_steps=1800", "episodes.episodes_per_epoch=7200"),
     "omniglot_20w1s": (*_20W, "episodes.episodes_per_epoch=1600"),
-    "omniglot_20w1s_mamlpp": (*_20W, *_MAMLPP, "episodes.episodes_per_epoch=1600"),
+    "omniglot_20w1s_mamlpp": (*_20W, *_MAMLPP, "episodes.episodes_per_epoch=400", "run.epochs=13"),
 }
 
 
