@@ -365,7 +365,7 @@ OMNIGLOT_SMALL_BASE = ("episodes.dataset=omniglot", "run.omniglot_variant=small"
 # CPU, so that it completes; the 5-way MAML preset has more epochs than fit, so the budget ends it.
 # (Reptile's 1800 steps were sized for an earlier step time; its measured run stopped at 1363.)
 # Per-step BatchNorm (MAML++'s largest gain, bench/RESULTS.md) is the BN mode of the MAML presets;
-# FOMAML and Reptile cannot train it (bn_mode_error) and use transductive BN.
+# FOMAML and Reptile cannot train it (bn_mode_error) and keep the base's transductive BN.
 # The MAML++ presets run the multi-step loss (a query pass per inner step, 1.7x a plain step) in a
 # short first epoch only, then the plain steps of the rest fill the budget.
 _MAMLPP = ("mamlpp.use_lslr=true", "mamlpp.use_msl=true", "mamlpp.msl_decay_epochs=1", "mamlpp.cosine_meta_lr=true")
@@ -381,8 +381,7 @@ OMNIGLOT_SMALL_PRESETS = {
     # FOMAML: one step of lr 0.1 already reaches the adapted accuracy, so 2 inner steps (cheaper
     # outer steps) and a cosine schedule over the 3200 steps that fit in the budget.
     "omniglot_5w1s_fomaml": (*_5W, "maml.algo=fomaml", "maml.inner_steps=2", "maml.inner_lr=0.1",
-                             "mamlpp.bn_mode=transductive", "mamlpp.cosine_meta_lr=true",
-                             "episodes.episodes_per_epoch=12800"),
+                             "mamlpp.cosine_meta_lr=true", "episodes.episodes_per_epoch=12800"),
     "omniglot_5w1s_reptile": (*_5W, "maml.algo=reptile", "maml.inner_steps=5", "maml.inner_lr=0.1",
                               "maml.reptile_decay_steps=1800", "episodes.episodes_per_epoch=7200"),
     "omniglot_20w1s": (*_20W, "episodes.episodes_per_epoch=1600"),
