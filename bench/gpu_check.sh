@@ -31,8 +31,8 @@ t0=$(date +%s)
   echo "== meta-step benchmark, meta-batch 32 ($(( $(date +%s) - t0 )) s)"
   (cd bench && timeout 150 "$py" -m pytest -q -p no:cacheprovider bench_meta_step.py -k "T32" \
     --benchmark-json="$out/meta_step_gpu.json" >/dev/null) && "$py" bench/summarize.py "$out/meta_step_gpu.json"
-  echo "== users' own models on the engine: Sequential Conv4, MLP ($(( $(date +%s) - t0 )) s)"
-  (cd bench && timeout 120 "$py" -m pytest -q -p no:cacheprovider bench_user_models.py -k "seq_conv4 or mlp_dropout" \
+  echo "== users' own models on the engine: Sequential Conv4, ResNet-12, MLP ($(( $(date +%s) - t0 )) s)"
+  (cd bench && timeout 180 "$py" -m pytest -q -p no:cacheprovider bench_user_models.py \
     --benchmark-json="$out/user_models_gpu.json" >/dev/null) && "$py" bench/summarize.py "$out/user_models_gpu.json"
   "$py" -m pytest -q -p no:cacheprovider tests/test_batching.py tests/test_user_models.py -x || status=1
   echo "== learn2learn / higher scripts: original, drop-in, batched ($(( $(date +%s) - t0 )) s)"
