@@ -3,7 +3,7 @@
 # network): build the extension with the CUDA kernels, run the CUDA and Triton tests, the op,
 # meta-step and sharded-ViT benchmarks on the GPU, and the GPU bars (launch count, bandwidth,
 # batch norm). Writes everything under $OUT (or bench/results) and prints a short table. Sized to
-# finish in ~8 min, the sharded step last and capped at 90 s.
+# finish in ~9 min, the sharded step last and capped at 90 s.
 #   device run:  bash bench/gpu_check.sh        (timeout_s 540 leaves room for one rerun)
 set -uo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
