@@ -4,7 +4,7 @@
 # meta-step and sharded-ViT benchmarks on the GPU, and the GPU bars (launch count, bandwidth,
 # batch norm). Writes everything under $OUT (or bench/results) and prints a short table. Sized to
 # finish in ~9 min, the sharded step last and capped at 90 s.
-#   device run:  bash bench/gpu_check.sh        (timeout_s 540 leaves room for one rerun)
+#   device run:  bash bench/gpu_check.sh        (timeout_s 600; each step has its own cap)
 set -uo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
