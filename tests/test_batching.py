@@ -3,6 +3,7 @@ the model's unchanged forward give the same outputs and the same MAML / FOMAML m
 (float64, <= 1e-10) as a per-task loop written here, for a Sequential Conv4, a ResNet-12, an MLP
 with Dropout, a LayerNorm / GroupNorm model, a frozen body, two inputs (one a keyword) and a
 transformer encoder block; unknown layers fall back to vmap or a loop for that layer alone."""
+import copy
 import pytest
 import torch
 import torch.nn.functional as F
@@ -208,15 +209,20 @@ def test_batch_norm_statistics_never_mix_tasks():
     torch.testing.assert_close(out2[[0, 2]], out[[0, 2]], rtol=0, atol=1e-12)
 
 
-def test_running_statistics_are_the_mean_over_tasks_and_eval_uses_them():
+def test_running_statistics_follow_a_per_task_loop_and_eval_uses_them():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3, momentum=0.5)).double()
+    loop = copy.deepcopy(model)
     engine = BatchedModel(model)
     params = {k: v.detach().expand(2, *v.shape) for k, v in model.named_parameters()}
     x = torch.randn(2, 6, 1, 8, 8, **F64)
     engine(params, (x,))
+    for t in range(2):  # the tasks as successive batches, in task order
+        loop(x[t])
+    for a, b in zip(model.buffers(), loop.buffers()):
+        torch.testing.assert_close(a, b)
     h = torch.stack([F.conv2d(x[t], model[0].weight, model[0].bias) for t in range(2)])
-    torch.testing.assert_close(model[1].running_mean, 0.5 * h.mean((1, 3, 4)).mean(0))
+    torch.testing.assert_close(model[1].running_mean, 0.25 * h[0].mean((0, 2, 3)) + 0.5 * h[1].mean((0, 2, 3)))
     model.eval()
     before = model[1].running_mean.clone()
     out = engine(params, (x,))

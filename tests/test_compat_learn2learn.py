@@ -1,5 +1,6 @@
 """meta_kernels.compat.learn2learn: learn2learn 0.2's documented MAML / MetaSGD contract, and the
 batched form `clone(tasks=T)` against our meta_loss and a per-task loop."""
+import copy
 import gc
 import weakref
 
@@ -54,7 +55,8 @@ def test_clone_outputs_equal_the_module_and_buffers_are_shared():
     learner = maml.clone()
     before = model[1].running_mean.clone()
     torch.testing.assert_close(learner(x), model(x), rtol=1e-12, atol=1e-12)
-    assert all(not p.is_leaf and p.grad_fn is not None for p in learner.parameters())
+    # A clone starts from the model's own weights (learn2learn copies them: the same gradients).
+    assert all(a is b for a, b in zip(learner.parameters(), model.parameters()))
     # As in learn2learn, buffers are the original's: a clone's training forward moves its statistics.
     assert learner.module[1].running_mean is model[1].running_mean
     assert not torch.equal(model[1].running_mean, before)
@@ -336,21 +338,51 @@ class ReadsConvWeight(nn.Module):
         return self.fc(F.relu(self.bn(F.conv2d(x, self.conv.weight, self.conv.bias))).flatten(1))
 
 
-def test_single_task_forwards_run_on_the_fused_ops_where_the_model_allows(monkeypatch):
+@pytest.mark.parametrize("engine_faster", [True, False])
+def test_the_forward_path_is_chosen_by_measurement_once_per_model(monkeypatch, engine_faster):
+    """A model with fused-op layers times its own layers against the fused ops on its first
+    differentiated call and keeps the faster; the timing leaves the running statistics alone."""
     from meta_kernels import ops
+    from meta_kernels.compat import _common
+    clock = iter(range(10_000))  # a timed call takes 1 tick, the slower path 5 more
+    real_run = _common.ModelRunner.run
+
+    def run(self, path, *a, **k):
+        if path == ("plain" if engine_faster else "engine"):
+            for _ in range(5):
+                next(clock)
+        return real_run(self, path, *a, **k)
+
+    monkeypatch.setattr(_common.time, "perf_counter", lambda: next(clock) * 1e-3)
+    monkeypatch.setattr(_common.ModelRunner, "run", run)
     calls = []
-    for name in ("batch_norm", "conv3x3_bn_pool_relu", "max_pool2x2_relu"):
-        monkeypatch.setattr(ops, name, lambda *a, real=getattr(ops, name), **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(ops, "batch_norm", lambda *a, real=ops.batch_norm, **k: calls.append(1) or real(*a, **k))
+    model = cnn().double()
+    model[1] = nn.BatchNorm2d(4).double()  # running statistics, which the timing must not move
+    reference = copy.deepcopy(model)
     x = torch.randn(6, 1, 8, 8, dtype=torch.float64)
-    for make, fused in ((cnn, True), (mlp, False)):
-        model = make().double()
-        learner = l2l.algorithms.MAML(model, lr=0.1).clone()
-        calls.clear()
-        torch.testing.assert_close(learner(x), model(x), rtol=1e-12, atol=1e-12)
-        assert bool(calls) == fused
-    model = ReadsConvWeight().double()
     learner = l2l.algorithms.MAML(model, lr=0.1).clone()
-    with pytest.warns(UserWarning, match="cannot run on the fused ops"):
-        out = learner(x)
-    torch.testing.assert_close(out, model(x), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(learner(x), reference(x), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(model[1].running_mean, reference[1].running_mean, rtol=1e-12, atol=1e-12)
+    assert model[1].num_batches_tracked == reference[1].num_batches_tracked == 1
+    runner = _common.runner_for(model)
+    assert runner.plan.startswith("engine" if engine_faster else "plain") and "measured" in runner.plan
+    calls.clear()
+    learner.adapt(F.cross_entropy(learner(x), torch.zeros(6, dtype=torch.long)))
+    assert bool(calls) == engine_faster
+    before = next(clock)
+    l2l.algorithms.MAML(model, lr=0.1).clone()(x)  # another learner of the model: no new timing
+    assert next(clock) == before + 1
+
+
+def test_models_the_fused_view_cannot_run_keep_their_own_layers():
+    model = ReadsConvWeight().double()
+    x = torch.randn(6, 1, 8, 8, dtype=torch.float64)
+    learner = l2l.algorithms.MAML(model, lr=0.1).clone()
+    torch.testing.assert_close(learner(x), model(x), rtol=1e-12, atol=1e-12)
+    from meta_kernels.compat import _common
+    assert _common.runner_for(model).plan.startswith("plain (the fused-op view cannot run this model")
     learner.adapt(F.cross_entropy(learner(x), torch.zeros(6, dtype=torch.long)))  # and adapts as it is
+    mlp_model = mlp().double()
+    l2l.algorithms.MAML(mlp_model, lr=0.1).clone()(x)
+    assert _common.runner_for(mlp_model).plan == "plain (no layer with a fused op)"

@@ -3,10 +3,13 @@
     from meta_kernels.compat import learn2learn as l2l   # was: import learn2learn as l2l
     from meta_kernels.compat import higher               # was: import higher
 
-Both keep their library's documented behaviour and run the inner updates on our fused ops;
-`l2l.algorithms.MAML(...).clone(tasks=T)` adapts T tasks at once on the task-batching engine, with
-`task_sum(loss_fn)` as its loss. README, "Coming from learn2learn / higher", lists what is not supported."""
+Both keep their library's documented behaviour, faster (a learner is a list of weights run
+through the model's own modules, or the fused ops where that measured faster for the model; one
+multi-tensor call per update). The batched forms (`MAML(..., tasks=T)`, `innerloop_ctx(...,
+tasks=T)`) adapt T tasks at once on the task-batching engine; torch's loss functions on their
+outputs sum over tasks, `task_sum(loss_fn)` does it for any other. README, "Coming from
+learn2learn / higher", lists what is not supported."""
 from meta_kernels.compat import higher, learn2learn
-from meta_kernels.compat._common import task_sum
+from meta_kernels.compat._tasks import TaskOutputs, task_sum
 
-__all__ = ["higher", "learn2learn", "task_sum"]
+__all__ = ["TaskOutputs", "higher", "learn2learn", "task_sum"]

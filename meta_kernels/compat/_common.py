@@ -1,16 +1,322 @@
-"""What both compat layers share: the module tree with swappable weights, and the update of a
-list of weights as one fused `sgd_step` launch."""
+"""What both compat layers share: where a model keeps its weights (Slots), its forward run with
+other weights swapped into those places (ModelRunner, which also picks, by measurement once per
+model, between the model's own layers and the task-batching engine's fused ops), the inner
+update, and the copy of a module tree for code that reaches into a learner's modules.
+
+Why swap rather than copy: learn2learn copies the whole module tree at every clone() and walks
+it again at every update; a learner here is a list of weights, and the model's own modules run
+with them for the length of a call (restored after, also on an exception)."""
 from __future__ import annotations
 
-import warnings
+import math
+import time
+import weakref
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
 from meta_kernels import ops
 from meta_kernels.meta.batching import BatchedModel
+from meta_kernels.meta.inner_common import NonFiniteLossError
+from meta_kernels.meta.task_model import TaskModel
 
+
+# ---- where the weights live ------------------------------------------------------------------
+
+class Slots:
+    """The model's parameters and buffers, deduplicated in model.parameters() / model.buffers()
+    order, and every (module, key) place that holds one of them (a tied weight has several)."""
+
+    def __init__(self, model: nn.Module):
+        self.params, self.param_slots = _collect(model, "_parameters")
+        self.buffers, self.buffer_slots = _collect(model, "_buffers")
+        self.param_names = [name for name, _ in model.named_parameters()]
+        self.buffer_names = [name for name, _ in model.named_buffers()]
+        self.rnns = [m for m in model.modules() if isinstance(m, nn.RNNBase)]
+
+    def current(self) -> bool:
+        """Whether the model still holds the tensors these slots were built from."""
+        return all(m._parameters.get(k) is self.params[i] for m, k, i in self.param_slots) and \
+            all(m._buffers.get(k) is self.buffers[i] for m, k, i in self.buffer_slots)
+
+    def put(self, weights: Sequence[Tensor] | None, buffers: Sequence[Tensor] | None) -> None:
+        """Writes weights / buffers (aligned with self.params / self.buffers) into the model."""
+        if weights is not None:
+            for m, k, i in self.param_slots:
+                m._parameters[k] = weights[i]
+        if buffers is not None:
+            for m, k, i in self.buffer_slots:
+                m._buffers[k] = buffers[i]
+        for m in self.rnns:  # RNNs run from a list of their weights built at construction
+            m._init_flat_weights()
+
+    def call_with(self, weights: Sequence[Tensor] | None, buffers: Sequence[Tensor] | None, fn: Callable):
+        """fn() with weights / buffers (None: the model's own) in the model's places, restored after."""
+        if weights is None and buffers is None:
+            return fn()
+        self.put(weights, buffers)
+        try:
+            return fn()
+        finally:
+            self.put(self.params, self.buffers)
+
+
+def _collect(model: nn.Module, attr: str):
+    tensors, index, slots = [], {}, []
+    for m in model.modules():
+        for k, t in getattr(m, attr).items():
+            if t is None:
+                continue
+            if id(t) not in index:
+                index[id(t)] = len(tensors)
+                tensors.append(t)
+            slots.append((m, k, index[id(t)]))
+    return tensors, slots
+
+
+# ---- a forward with given weights, and the choice of path --------------------------------------
+
+# The layers whose task-aware forms run on the fused ops (batch_norm, conv3x3_bn_pool_relu,
+# max_pool2x2_relu): only models with one of them have an engine path worth measuring.
+_FUSED_LAYERS = (nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_ROUNDS = 3
+
+
+class ModelRunner:
+    """Runs a model's forward for one task with given weights and buffers (None: the model's own).
+
+    Two paths: `plain`, the model's own modules with the weights swapped in, and `engine`, the
+    task-batching engine's view with T = 1, whose convs and batch norms run on the fused ops.
+    Which is faster depends on the model (the fused ops save memory passes but cost a custom-op
+    call each: a win for a conv net with 64 channels, a loss for an MLP on 5 samples), so the
+    first differentiated call times both on its own inputs -- forward, gradient and, for second
+    order, the backward through that gradient, three alternating rounds, the fastest of each --
+    and keeps the faster for that model (`plan` says which and why). The timing leaves no trace:
+    buffers (running statistics) and the RNG state are restored after it."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.slots = Slots(model)
+        self.choice: dict[tuple, str] = {}
+        self.plan = "plain (not yet measured: no differentiated call so far)"
+        self._engine = None
+        fused = {f"{prefix}.{name}" if prefix else name
+                 for prefix, m in model.named_modules(remove_duplicate=False) if type(m) in _FUSED_LAYERS
+                 for name, p in m._parameters.items() if p is not None}
+        if fused:
+            engine = BatchedModel(model)
+            if not any(plan.how.startswith(("vmap", "loop")) for plan in engine.plans):
+                self._engine, self._fused = engine, fused
+
+    def refresh(self) -> None:
+        """Rebuilds the slots when the model's weights were replaced since (model.fc = nn.Linear(...))."""
+        if not self.slots.current():
+            self.__init__(self.model)
+
+    def __call__(self, weights: Sequence[Tensor] | None, buffers: Sequence[Tensor] | None, args: tuple, kwargs: dict,
+                 second_order: bool = True):
+        key = (second_order, self.slots.params[0].device.type if self.slots.params else "cpu")
+        path = self.choice.get(key)
+        if path is None:
+            if self._engine is None:
+                path = self.choice[key] = "plain"
+                self.plan = "plain (no layer with a fused op)"
+            elif torch.is_grad_enabled() and any(w.requires_grad for w in (weights or self.slots.params)):
+                path = self._choose(key, weights, buffers, args, kwargs, second_order)
+            else:
+                path = "plain"
+        return self.run(path, weights, buffers, args, kwargs)
+
+    def run(self, path: str, weights, buffers, args: tuple, kwargs: dict):
+        if path == "engine":
+            # The buffers go into the model's places, which the engine's view shares (functional_call
+            # would restore a module registered under two names to the wrong tensor).
+            params = {name: w.unsqueeze(0) if name in self._fused else w
+                      for name, w in zip(self.slots.param_names, self.slots.params if weights is None else weights)}
+            return self.slots.call_with(None, buffers, lambda: self._engine.one_task(params, args, kwargs))
+        return self.slots.call_with(weights, buffers, lambda: self.model(*args, **kwargs))
+
+    def _choose(self, key, weights, buffers, args, kwargs, second_order: bool) -> str:
+        saved = [b.detach().clone() for b in (buffers if buffers is not None else self.slots.buffers)]
+        rng = torch.get_rng_state()
+        cuda = torch.cuda.is_available() and any(w.is_cuda for w in self.slots.params)
+        times = {"plain": float("inf"), "engine": float("inf")}
+        failed = ""
+        try:
+            for _ in range(_ROUNDS):
+                for path in list(times):
+                    start = time.perf_counter()
+                    try:
+                        _exercise(lambda: self.run(path, weights, buffers, args, kwargs),
+                                  weights if weights is not None else self.slots.params, second_order)
+                    except Exception as exc:  # noqa: BLE001 - the engine view cannot run this model: plain it is
+                        if path == "plain":
+                            raise
+                        failed = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+                        del times["engine"]
+                        continue
+                    if cuda:
+                        torch.cuda.synchronize()
+                    times[path] = min(times[path], time.perf_counter() - start)
+        finally:
+            with torch.no_grad():
+                for b, s in zip(buffers if buffers is not None else self.slots.buffers, saved):
+                    b.copy_(s)
+            torch.set_rng_state(rng)
+        path = min(times, key=times.get)
+        self.choice[key] = path
+        order = "second" if second_order else "first"
+        if failed:
+            self.plan = f"plain (the fused-op view cannot run this model: {failed})"
+        else:
+            self.plan = (f"{path} ({order}-order step measured: model's own layers {times['plain'] * 1e3:.2f} ms, "
+                         f"fused ops {times['engine'] * 1e3:.2f} ms)")
+        return path
+
+
+def _exercise(forward: Callable, weights: Sequence[Tensor], second_order: bool) -> None:
+    """The work of an inner step: forward, gradient, and the backward through it for second order."""
+    out = forward()
+    leaves = [v for v in pytree.tree_leaves(out) if isinstance(v, Tensor) and v.requires_grad]
+    targets = [w for w in weights if w.requires_grad]
+    if not leaves or not targets:
+        return
+    loss = sum(v.float().square().mean() for v in leaves)
+    grads = torch.autograd.grad(loss, targets, create_graph=second_order, allow_unused=True)
+    if second_order:
+        total = sum((g * g).sum() for g in grads if g is not None and g.requires_grad)
+        if isinstance(total, Tensor):
+            torch.autograd.grad(total, targets, allow_unused=True)
+
+
+_RUNNERS: "weakref.WeakKeyDictionary[nn.Module, ModelRunner]" = weakref.WeakKeyDictionary()
+
+
+def runner_for(model: nn.Module) -> ModelRunner:
+    """The model's runner, shared by every learner of that model (so the path is measured once)."""
+    runner = _RUNNERS.get(model)
+    if runner is None:
+        runner = _RUNNERS[model] = ModelRunner(model)
+    else:
+        runner.refresh()
+    return runner
+
+
+class FastModel:
+    """A model run with a learner's own weights (aligned with runner.slots.params) and buffers
+    (None: the model's own). Code that reaches into the learner's modules (`learner.module.fc`,
+    `learner.eval()`) gets a copy of the tree holding these tensors (`tree()`); from then on this
+    learner runs that copy, kept in step with every update."""
+    __slots__ = ("runner", "weights", "buffers", "_tree", "_tree_slots")
+
+    def __init__(self, runner: ModelRunner, weights: Sequence[Tensor], buffers: Sequence[Tensor] | None = None):
+        self.runner, self.weights, self.buffers = runner, list(weights), buffers
+        self._tree = self._tree_slots = None
+
+    def __call__(self, args: tuple, kwargs: dict, second_order: bool):
+        if self._tree is not None:
+            return self._tree(*args, **kwargs)
+        return self.runner(self.weights, self.buffers, args, kwargs, second_order)
+
+    def set_weights(self, weights: Sequence[Tensor]) -> None:
+        self.weights = list(weights)
+        if self._tree is not None:
+            self._tree_slots.put(self.weights, None)
+
+    def tree(self) -> nn.Module:
+        if self._tree is None:
+            slots = self.runner.slots
+            weight_of = {id(p): w for p, w in zip(slots.params, self.weights)}
+            buffer_of = {} if self.buffers is None else {id(b): c for b, c in zip(slots.buffers, self.buffers)}
+            self._tree = clone_tree(self.runner.model, weight=lambda p: weight_of[id(p)],
+                                    buffer=lambda b: buffer_of.get(id(b), b))
+            self._tree_slots = Slots(self._tree)  # the same order as runner.slots: clone_tree keeps it
+        return self._tree
+
+
+_TASK_MODELS: "weakref.WeakKeyDictionary[nn.Module, TaskModel]" = weakref.WeakKeyDictionary()
+
+
+def task_model_for(model: nn.Module) -> TaskModel:
+    """The model's task-batched view (the batched forms' engine), built once per model."""
+    engine = _TASK_MODELS.get(model)
+    if engine is None:
+        engine = _TASK_MODELS[model] = TaskModel(model)
+    return engine
+
+
+# ---- argument checks shared by the learners ----------------------------------------------------
+
+def check_loss(loss, who: str) -> None:
+    if not isinstance(loss, Tensor):
+        raise TypeError(f"{who} takes the loss tensor computed from the learner's outputs, got {type(loss).__name__}")
+    if loss.dim() != 0:
+        raise ValueError(f"{who} takes a scalar loss, got one of shape {list(loss.shape)}; reduce it first, e.g. "
+                         "loss.mean() (torch's loss functions do with their default reduction='mean')")
+    if not loss.is_floating_point() and not loss.is_complex():
+        raise TypeError(f"{who} takes a floating-point loss, got {loss.dtype}")
+
+
+def check_finite(loss: Tensor, step: int, who: str, allow: bool) -> None:
+    """Refuses a NaN / inf inner loss (learn2learn and higher go on with NaN weights), unless allowed."""
+    if not allow and not bool(torch.isfinite(loss.detach()).all()):
+        raise NonFiniteLossError(f"{who}: the inner loss at step {step} is {loss.detach().item()}; the update would make "
+                                 "every weight NaN. Lower the inner learning rate or check the data; "
+                                 "allow_nonfinite=True keeps learn2learn's / higher's behaviour (NaN weights)")
+
+
+def checked_rate(lr, who: str, name: str):
+    """A learning rate: a finite number, or a one-element tensor (a learned rate)."""
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1 or not lr.is_floating_point():
+            raise ValueError(f"{who}: {name} must be a number or a one-element float tensor, got a {lr.dtype} tensor "
+                             f"of shape {list(lr.shape)}")
+        return lr
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr):
+        raise TypeError(f"{who}: {name} must be a finite number (the inner learning rate, e.g. {name}=0.4), "
+                        f"got {lr!r}")
+    return float(lr)
+
+
+def checked_tasks(tasks, task_dim) -> tuple[int | None, int]:
+    if tasks is not None and (not isinstance(tasks, int) or isinstance(tasks, bool) or tasks < 1):
+        raise ValueError(f"tasks must be a positive int (the number of tasks adapted at once), got {tasks!r}")
+    if task_dim not in (0, 1) or isinstance(task_dim, bool):
+        raise ValueError(f"task_dim must be 0 (inputs [T, N, ...]) or 1 ([N, T, ...]), got {task_dim!r}")
+    return tasks, task_dim
+
+
+# ---- the inner update --------------------------------------------------------------------------
+
+def sgd_update(params: Sequence[Tensor], directions: Sequence[Tensor], rates: Sequence[float | Tensor]) -> list[Tensor]:
+    """params[i] - rates[i] * directions[i] for every i, differentiable in all three.
+
+    Rates that are numbers: torch's multi-tensor add, one call per distinct rate (C++ autograd;
+    bench/RESULTS.md: at learn2learn's example sizes it costs half of our sgd_step op, whose
+    autograd runs in Python). Rates that are tensors (learned rates): one sgd_step launch per
+    dtype and device, differentiable in the rates."""
+    out: list[Tensor | None] = [None] * len(params)
+    numeric: dict[tuple, list[int]] = {}
+    learned: dict[tuple, list[int]] = {}
+    for i, (p, r) in enumerate(zip(params, rates)):
+        if isinstance(r, Tensor):
+            learned.setdefault((p.dtype, p.device), []).append(i)
+        else:
+            numeric.setdefault((float(r), p.dtype, p.device), []).append(i)
+    for (rate, _, _), idx in numeric.items():
+        for i, new in zip(idx, torch._foreach_add([params[i] for i in idx], [directions[i] for i in idx], alpha=-rate)):
+            out[i] = new
+    for (dtype, device), idx in learned.items():
+        rate_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        rate_vec = torch.stack([torch.as_tensor(rates[i], dtype=rate_dtype, device=device).reshape(()) for i in idx])
+        for i, new in zip(idx, ops.sgd_step([params[i] for i in idx], [directions[i] for i in idx], rate_vec)):
+            out[i] = new
+    return out
+
+
+# ---- a copy of the module tree -------------------------------------------------------------------
 
 def clone_tree(module: nn.Module, weight: Callable[[Tensor], Tensor], buffer: Callable[[Tensor], Tensor],
                memo: dict | None = None) -> nn.Module:
@@ -26,7 +332,8 @@ def clone_tree(module: nn.Module, weight: Callable[[Tensor], Tensor], buffer: Ca
     clone._parameters = {k: None if p is None else _memo(memo, p, weight) for k, p in module._parameters.items()}
     clone._buffers = {k: None if b is None else _memo(memo, b, buffer) for k, b in module._buffers.items()}
     clone._modules = {k: clone_tree(m, weight, buffer, memo) for k, m in module._modules.items()}
-    refresh_flat_weights(clone)
+    if isinstance(clone, nn.RNNBase):
+        clone._init_flat_weights()
     return clone
 
 
@@ -34,84 +341,3 @@ def _memo(memo: dict, t: Tensor, make: Callable[[Tensor], Tensor]) -> Tensor:
     if id(t) not in memo:
         memo[id(t)] = make(t)
     return memo[id(t)]
-
-
-def replace_weights(module: nn.Module, new: dict[int, Tensor]) -> None:
-    """Puts new[id(old)] in place of every weight `old` of the tree that has a replacement."""
-    for m in module.modules():
-        for k, p in m._parameters.items():
-            if p is not None and id(p) in new:
-                m._parameters[k] = new[id(p)]
-        refresh_flat_weights(m)
-
-
-def refresh_flat_weights(m: nn.Module) -> None:
-    # RNN / LSTM / GRU run from a list of their weights built at construction: point it at the new ones.
-    if isinstance(m, nn.RNNBase):
-        m._init_flat_weights()
-
-
-# The layers whose task-aware forms run on the fused ops (conv3x3_bn_pool_relu, batch_norm,
-# max_pool2x2_relu); a Linear or an MLP runs faster as it is.
-_FUSED_LAYERS = (nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-
-
-class OneTaskRunner:
-    """A module's own forward for one task through the batching engine's task-aware view (T = 1),
-    so that its convs and batch norms run on the fused ops. Forward plus MAML's double backward:
-    1.37x a plain call for a Conv4 with BatchNorm, 1.2x for a CNN without, 0.66x for an MLP
-    (measured with 5-way 1-shot Omniglot tasks). Used for models with such layers and no layer the
-    engine would vmap or loop; otherwise, or when the view cannot run the model (a forward that
-    reads a conv's weight itself), the module runs as it is."""
-
-    def __init__(self, module: nn.Module):
-        self.module, self.engine = module, None
-        per_task = {f"{prefix}.{name}" if prefix else name for prefix, m in module.named_modules(remove_duplicate=False)
-                    if type(m) in _FUSED_LAYERS for name, p in m._parameters.items() if p is not None}
-        if per_task:
-            engine = BatchedModel(module)
-            if not any(plan.how.startswith(("vmap", "loop")) for plan in engine.plans):
-                self.engine, self.per_task = engine, per_task
-
-    def __call__(self, args: tuple, kwargs: dict):
-        if self.engine is not None:
-            params = {k: v.unsqueeze(0) if k in self.per_task else v for k, v in self.module.named_parameters()}
-            try:
-                return self.engine.one_task(params, args, kwargs)
-            except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-                warnings.warn(f"meta_kernels.compat: {type(self.module).__name__} cannot run on the fused ops "
-                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); it runs as it is", stacklevel=3)
-                self.engine = None
-        return self.module(*args, **kwargs)
-
-
-def fused_sgd(params: Sequence[Tensor], directions: Sequence[Tensor], lrs: Sequence[float | Tensor]) -> list[Tensor]:
-    """params[i] - lrs[i] * directions[i] for every i, as one `sgd_step` launch per dtype and device
-    (one for a usual model). A rate may be a tensor that requires grad (a learned rate)."""
-    out: list[Tensor | None] = [None] * len(params)
-    groups: dict[tuple, list[int]] = {}
-    for i, p in enumerate(params):
-        groups.setdefault((p.dtype, p.device), []).append(i)
-    for (dtype, device), idx in groups.items():
-        rate_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-        rates = [lrs[i] for i in idx]
-        if any(isinstance(r, Tensor) for r in rates):
-            rate_vec = torch.stack([torch.as_tensor(r, dtype=rate_dtype, device=device).reshape(()) for r in rates])
-        else:
-            rate_vec = torch.tensor([float(r) for r in rates], dtype=rate_dtype, device=device)
-        new = ops.sgd_step([params[i] for i in idx], [directions[i] for i in idx], rate_vec)
-        for i, t in zip(idx, new):
-            out[i] = t
-    return out
-
-
-def task_sum(loss_fn: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
-    """loss_fn made task-batched: for outputs [T, N, ...] and targets [T, N, ...] it returns the
-    sum over tasks of loss_fn(outputs[t], targets[t]). Its gradient for weights that carry a task
-    dim is each task's own gradient, which is what a batched learner's `adapt` needs."""
-    def summed(outputs: Tensor, targets: Tensor) -> Tensor:
-        if outputs.shape[0] != targets.shape[0]:
-            raise ValueError(f"task_sum: outputs have {outputs.shape[0]} tasks in dim 0 but targets have "
-                             f"{targets.shape[0]}; pass both as [T, N, ...]")
-        return torch.stack([loss_fn(o, t) for o, t in zip(outputs, targets)]).sum()
-    return summed

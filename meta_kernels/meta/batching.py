@@ -11,8 +11,9 @@ classes) they are replaced by task-aware versions that take each parameter as [T
 - Conv1d / Conv2d: one grouped convolution over the tasks (groups = T * groups);
 - Linear: one batched matmul; Embedding: one lookup in the T stacked tables;
 - BatchNorm1d / 2d / 3d: per-task batch statistics through the fused `batch_norm` op (never mixed
-  between tasks, correct to second order), running statistics as torch keeps them (updated with
-  the mean over tasks), eval mode with the running statistics;
+  between tasks, correct to second order), running statistics updated as T successive batches in
+  task order (what a per-task loop over the same pass leaves), eval mode with the running
+  statistics;
 - LayerNorm / GroupNorm: per-sample statistics, per-task affine.
 
 A leaf module with parameters that the engine does not know runs under torch.func.vmap over the
@@ -38,6 +39,7 @@ from torch.func import functional_call
 
 from meta_kernels import ops
 from meta_kernels.models.conv4 import StepBatchNorm, _GroupedConv
+from meta_kernels.ops.batch_norm import fold_running_stats
 from meta_kernels.ops.conv3x3_bn_pool_relu import MAX_IN_CHANNELS as MAX_FUSED_IN_CHANNELS
 
 # ---- folding the task dim into the batch dim -------------------------------------------------
@@ -140,9 +142,9 @@ class _TaskConv:
         if self.padding_mode != "zeros":
             h, padding = F.pad(h, self._reversed_padding_repeated_twice, mode=self.padding_mode), 0
         w_flat, b_flat = w.reshape(T * w.shape[1], *w.shape[2:]), None if b is None else b.reshape(-1)
-        if self._mk_plain_3x3 and _PASS.double_backward and padding != 0:
+        if h.dim() == 4 and _PASS.double_backward and T * self.groups > 1 and not isinstance(padding, str):
             # MAML's inner steps: a grouped conv whose double backward avoids aten's per-group loop.
-            return _GroupedConv.apply(h, w_flat, b_flat, T)
+            return _GroupedConv.apply(h, w_flat, b_flat, T * self.groups, self.stride, padding, self.dilation)
         conv = F.conv1d if h.dim() == 3 else F.conv2d
         return conv(h, w_flat, b_flat, self.stride, padding, self.dilation, T * self.groups)
 
@@ -178,7 +180,9 @@ class _TaskEmbedding:
 
 class _TaskBatchNorm:
     """Per-task batch statistics through the fused batch_norm op; eval mode (or running statistics
-    in use) normalises with the running statistics and applies the per-task affine."""
+    in use) normalises with the running statistics and applies the per-task affine. A training
+    pass folds the T tasks' statistics into the running ones as T successive batches in task order
+    (ops.batch_norm.fold_running_stats): what a per-task loop over the same pass leaves."""
 
     def batch_stats_only(self) -> bool:
         """Normalises with batch statistics and keeps no running ones in this pass."""
@@ -188,27 +192,49 @@ class _TaskBatchNorm:
         """(weight, bias) of this pass: each [T, C] per task or [C] shared."""
         return self.weight, self.bias
 
-    def forward(self, x: Tensor) -> Tensor:
-        T = _tasks_of(self, x.shape[0])
-        use_batch_stats = self.training or self.running_mean is None
-        if not use_batch_stats:
-            h = F.batch_norm(x, self.running_mean, self.running_var, None, None, False, 0.0, self.eps)
-            return _affine(h, self.weight, self.bias, T, channel_dim=1)
-        momentum = self.momentum
+    def running_update(self, x: Tensor, T: int):
+        """(whether this pass updates the running statistics, its momentum: one value or one per
+        task); counts the T batches as torch counts one."""
         # Inside a torch.func transform (the torch_func engine's inner gradients) the running
         # statistics, captured buffers, cannot be updated in place: those passes leave them alone.
-        running = self.training and self.track_running_stats and not torch._C._functorch.is_functorch_wrapped_tensor(x)
-        if running and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if momentum is None:  # cumulative moving average, as torch
-                momentum = 1.0 / float(self.num_batches_tracked)
+        if not (self.training and self.track_running_stats and self.running_mean is not None) or \
+                torch._C._functorch.is_functorch_wrapped_tensor(x):
+            return False, 0.0
+        momentum = self.momentum
+        if self.num_batches_tracked is not None:
+            seen = int(self.num_batches_tracked)
+            self.num_batches_tracked.add_(T)
+            if momentum is None:  # cumulative moving average, as torch: 1 / batches seen, batch by batch
+                momentum = [1.0 / (seen + t + 1) for t in range(T)]
+        return True, 0.0 if momentum is None else momentum
+
+    def forward(self, x: Tensor) -> Tensor:
+        T = _tasks_of(self, x.shape[0])
+        if not (self.training or self.running_mean is None):
+            h = F.batch_norm(x, self.running_mean, self.running_var, None, None, False, 0.0, self.eps)
+            return _affine(h, self.weight, self.bias, T, channel_dim=1)
+        running, momentum = self.running_update(x, T)
         xt = x.reshape(T, x.shape[0] // T, *x.shape[1:])
         if xt.dim() == 3:  # BatchNorm1d on [N, C]: a trailing spatial dim of 1 for the op
             xt = xt.unsqueeze(-1)
         out = ops.batch_norm(xt, self.weight, self.bias, self.eps,
                              running_mean=self.running_mean if running else None,
-                             running_var=self.running_var if running else None, momentum=momentum or 0.0)
+                             running_var=self.running_var if running else None, momentum=momentum)
         return out.reshape(x.shape)
+
+    def channels_forward(self, h: Tensor, T: int) -> Tensor:
+        """This batch norm on activations laid out [N, T*C, *s] (tasks side by side in the channels)."""
+        w, b = self.pass_affine()
+        gamma, beta = _channels_affine(w, T), _channels_affine(b, T)
+        if not (self.training or self.running_mean is None):
+            return F.batch_norm(h, self.running_mean.repeat(T), self.running_var.repeat(T),
+                                None if gamma is None else gamma.reshape(-1), None if beta is None else beta.reshape(-1),
+                                False, 0.0, self.eps)
+        running, momentum = (False, 0.0) if self.batch_stats_only() else self.running_update(h, T)
+        out, mean, var = ops.batch_norm(h.unsqueeze(0), gamma, beta, self.eps, return_stats=True)
+        if running and mean is not None:  # the statistics of the T*C channels, as T tasks' C each
+            fold_running_stats(self.running_mean, self.running_var, mean.reshape(T, -1), var.reshape(T, -1), momentum)
+        return out.squeeze(0)
 
 
 class _TaskStepBatchNorm(_TaskBatchNorm):
@@ -324,9 +350,9 @@ class _TaskSequential:
                 if b is not None and not _per_task(b, 1):
                     b = b.expand(T, *b.shape)
                 h = m.channels_forward(h, m.weight, b, T)
-            elif T is not None and isinstance(m, _TaskBatchNorm) and m.batch_stats_only() and h.dim() == 4:
-                w, b = m.pass_affine()
-                h = ops.batch_norm(h.unsqueeze(0), _channels_affine(w, T), _channels_affine(b, T), m.eps).squeeze(0)
+            elif T is not None and isinstance(m, _TaskBatchNorm) and h.dim() == 4 and \
+                    (m.batch_stats_only() or not isinstance(m, _TaskStepBatchNorm)):
+                h = m.channels_forward(h, T)
                 if _relu_pool(mods, i + 1):
                     h, i = ops.max_pool2x2_relu(h), i + 2
             elif T is not None and _relu_pool(mods, i):
@@ -525,13 +551,18 @@ def _sequential_plans(seq: nn.Sequential, name: str) -> dict[str, str]:
 def build_view(model: nn.Module) -> tuple[nn.Module, list[LayerPlan], list[tuple[nn.Module, nn.Module]]]:
     """A task-batched view of `model`: containers are shallow copies holding views of their
     children; known layers get task-aware classes; unknown layers with parameters get the
-    fallback. Parameters and buffers are the original objects (running statistics stay shared)."""
+    fallback. Parameters and buffers are the original objects (running statistics stay shared); a
+    module registered under two names gets one view, so that swapping its tensors by either name
+    (functional_call) reaches the one the forward runs."""
     plans: list[LayerPlan] = []
     pairs: list[tuple[nn.Module, nn.Module]] = []
     fused: dict[str, str] = {}
+    views: dict[int, nn.Module] = {}
 
     def visit(m: nn.Module, name: str) -> nn.Module:
-        view = copy.copy(m)
+        if id(m) in views:
+            return views[id(m)]
+        view = views[id(m)] = copy.copy(m)
         view._parameters = dict(m._parameters)
         view._buffers = m._buffers  # the same dict: running statistics are the model's own
         view._modules = dict(m._modules)  # known and fallback layers run their children as the original
@@ -570,6 +601,23 @@ class BatchedModel:
     def __init__(self, model: nn.Module):
         self.model = model
         self.view, self.plans, self._pairs = build_view(model)
+        self._places = _tensor_places(self.view)
+
+    def _run(self, params: dict[str, Tensor], args: tuple, kwargs: dict):
+        """The view's forward with `params` (parameters or buffers, by name) in their places,
+        restored after. Every place of a tensor is set, so tied weights stay tied; each place is
+        saved once, so a module registered under two names gets its own tensors back (torch's
+        functional_call restores such a module to the swapped-in tensor)."""
+        saved = {}
+        try:
+            for name, value in params.items():
+                for store, key in self._places.get(name, ()):
+                    saved.setdefault((id(store), key), (store, key, store[key]))
+                    store[key] = value
+            return self.view(*args, **kwargs)
+        finally:
+            for store, key, old in saved.values():
+                store[key] = old
 
     def __call__(self, params: dict[str, Tensor], args: tuple, kwargs: dict | None = None, *,
                  double_backward: bool = False, step: int = 0, bn_mode: str = "transductive",
@@ -584,7 +632,7 @@ class BatchedModel:
         _PASS.double_backward, _PASS.step, _PASS.bn_mode, _PASS.update_stats = \
             double_backward, step, bn_mode, update_stats
         try:
-            out = functional_call(self.view, params, fold(args, T), fold(kwargs, T), strict=False)
+            out = self._run(params, fold(args, T), fold(kwargs, T))
         finally:
             _PASS.double_backward, _PASS.step, _PASS.bn_mode, _PASS.update_stats = False, 0, "transductive", False
         return unfold(out, T)
@@ -597,10 +645,27 @@ class BatchedModel:
         them: `params` hold each weight as [1, *shape] (task-aware on the fused ops) or [*shape]."""
         for view, original in self._pairs:
             view.training = original.training
-        return functional_call(self.view, params, args, kwargs or {}, strict=False)
+        return self._run(params, args, kwargs or {})
 
     def explain(self) -> list[LayerPlan]:
         return list(self.plans)
+
+
+def _tensor_places(view: nn.Module) -> dict[str, list[tuple[dict, str]]]:
+    """For every parameter and buffer name of the view (tied and repeated names included): the
+    (dict, key) places that hold its tensor, those of every name of the same tensor included."""
+    by_tensor: dict[int, list[tuple[dict, str]]] = {}
+    names: dict[str, int] = {}
+    for prefix, m in view.named_modules(remove_duplicate=False):
+        for store in (m._parameters, m._buffers):
+            for key, t in store.items():
+                if t is None:
+                    continue
+                places = by_tensor.setdefault(id(t), [])
+                if not any(s is store and k == key for s, k in places):
+                    places.append((store, key))
+                names[f"{prefix}.{key}" if prefix else key] = id(t)
+    return {name: by_tensor[tid] for name, tid in names.items()}
 
 
 def _task_count(args, kwargs) -> int:

@@ -14,29 +14,35 @@ _aten = torch.ops.aten
 
 
 class _GroupedConv(torch.autograd.Function):
-    """F.conv2d(x, weight, bias, padding=1, groups=groups) whose backward is `_GroupedConvBackward`:
-    for passes whose gradient is differentiated again (MAML's inner steps)."""
+    """F.conv2d(x, weight, bias, stride, padding, dilation, groups) whose backward is
+    `_GroupedConvBackward`: for passes whose gradient is differentiated again (MAML's inner steps)."""
 
     @staticmethod
-    def forward(x, weight, bias, groups):
-        return F.conv2d(x, weight, bias, padding=1, groups=groups)
+    def forward(x, weight, bias, groups, stride=(1, 1), padding=(1, 1), dilation=(1, 1)):
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, weight, _, ctx.groups = inputs
+        x, weight, _, groups, stride, padding, dilation = (*inputs, (1, 1), (1, 1), (1, 1))[:7]
+        ctx.conv = (groups, _pair(stride), _pair(padding), _pair(dilation))
         ctx.save_for_backward(x, weight)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
         need = ctx.needs_input_grad
-        grads = _GroupedConvBackward.apply(grad_out, x, weight, ctx.groups, need[0], need[1], need[2])
-        return (*grads, None)
+        grads = _GroupedConvBackward.apply(grad_out, x, weight, ctx.conv, need[0], need[1], need[2])
+        return (*grads, None, None, None, None)
 
 
-def _conv_backward(grad_out, x, weight, groups, mask):
-    return _aten.convolution_backward(grad_out, x, weight, [weight.shape[0]], [1, 1], [1, 1], [1, 1], False, [0, 0],
-                                      groups, mask)
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def _conv_backward(grad_out, x, weight, conv, mask):
+    groups, stride, padding, dilation = conv
+    return _aten.convolution_backward(grad_out, x, weight, [weight.shape[0]], list(stride), list(padding),
+                                      list(dilation), False, [0, 0], groups, mask)
 
 
 class _GroupedConvBackward(torch.autograd.Function):
@@ -46,35 +52,36 @@ class _GroupedConvBackward(torch.autograd.Function):
     not kept, since it enters only the second-order terms of x."""
 
     @staticmethod
-    def forward(grad_out, x, weight, groups, need_x, need_w, need_b):
-        return tuple(_conv_backward(grad_out, x, weight, groups, [need_x, need_w, need_b]))
+    def forward(grad_out, x, weight, conv, need_x, need_w, need_b):
+        return tuple(_conv_backward(grad_out, x, weight, conv, [need_x, need_w, need_b]))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        grad_out, x, weight, ctx.groups, need_x, _, _ = inputs
-        ctx.kept_grad_out = need_x
+        grad_out, x, weight, ctx.conv, need_x, _, _ = inputs
+        ctx.kept_grad_out, ctx.out_shape = need_x, grad_out.shape
         ctx.save_for_backward(x, weight, *([grad_out] if need_x else []))
 
     @staticmethod
     def backward(ctx, gg_x, gg_w, gg_b):
         x, weight, *rest = ctx.saved_tensors
         need_go, need_x, need_w = ctx.needs_input_grad[:3]
+        groups, stride, padding, dilation = ctx.conv
         d_go = d_x = d_w = None
         if need_go:  # grad_out enters all three outputs linearly
             parts = []
             if gg_w is not None:
-                parts.append(F.conv2d(x, gg_w, None, padding=1, groups=ctx.groups))
+                parts.append(F.conv2d(x, gg_w, None, stride, padding, dilation, groups))
             if gg_x is not None:
-                parts.append(F.conv2d(gg_x, weight, None, padding=1, groups=ctx.groups))
+                parts.append(F.conv2d(gg_x, weight, None, stride, padding, dilation, groups))
             if gg_b is not None:
-                parts.append(gg_b.reshape(1, -1, 1, 1).expand(x.shape[0], -1, *x.shape[2:]))
+                parts.append(gg_b.reshape(1, -1, 1, 1).expand(ctx.out_shape))
             d_go = sum(parts[1:], parts[0]) if parts else None
         if ctx.kept_grad_out:
             (grad_out,) = rest
             if need_x and gg_w is not None:  # grad_weight = corr(x, grad_out)
-                d_x = _conv_backward(grad_out, x, gg_w, ctx.groups, [True, False, False])[0]
+                d_x = _conv_backward(grad_out, x, gg_w, ctx.conv, [True, False, False])[0]
             if need_w and gg_x is not None:  # grad_x = conv_transpose(grad_out, weight)
-                d_w = _conv_backward(grad_out, gg_x, weight, ctx.groups, [False, True, False])[1]
+                d_w = _conv_backward(grad_out, gg_x, weight, ctx.conv, [False, True, False])[1]
         return d_go, d_x, d_w, None, None, None, None
 
 

@@ -163,17 +163,20 @@ def _backward_backward(ctx, gg_x, gg_w, gg_b):
 # ---- front-end -------------------------------------------------------------------------------
 
 def batch_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-5, *,
-               running_mean: Tensor | None = None, running_var: Tensor | None = None, momentum: float = 0.1,
-               backend: str | None = None) -> Tensor:
+               running_mean: Tensor | None = None, running_var: Tensor | None = None, momentum=0.1,
+               backend: str | None = None, return_stats: bool = False):
     """Training-mode batch norm with statistics per (task, channel): x [T, N, C, *spatial].
 
     weight/bias are [T, C] (per task, e.g. adapted per task in the inner loop) or [C] (shared);
     None means no affine. If running_mean/running_var ([C], or [T, C] per task) are given they
-    are updated in place with the batch statistics (unbiased variance), without a graph.
+    are updated in place with the batch statistics (unbiased variance), without a graph; a shared
+    [C] set takes the tasks as T successive batches in task order (fold_running_stats), with
+    `momentum` one value or one per task.
 
     As torch's F.batch_norm in training mode: a single value per channel and task (N times the
     spatial size equal to 1) is refused, and an empty batch gives an empty output and leaves the
-    running statistics as they are."""
+    running statistics as they are. return_stats: (out, mean, unbiased variance), the statistics
+    [T, C] detached (None for an empty batch)."""
     if x.dim() < 3:
         raise ValueError(f"x must be [T, N, C, *spatial], got shape {list(x.shape)}")
     check_scalars(eps, momentum)
@@ -192,40 +195,66 @@ def batch_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = No
         check_args(x, weight, bias)
         shape = bn_stat_shape(x)
         out = torch.addcmul(bias.reshape(shape), x, weight.reshape(shape)).to(x.dtype)
-        _update_running_stats(x, None, None, eps, running_mean, running_var, momentum)
-        return out
+        _update_running_stats(x, None, None, running_mean, running_var, momentum)
+        return (out, None, None) if return_stats else out
     name = _backend.resolve(backend, x.device)
     op = reference.batch_norm if name == "reference" else _registry.namespace(name).batch_norm
     out, mean, rstd = _checks.checked_call(name, lambda: check_args(x, weight, bias),
                                            lambda: op(x, weight.contiguous(), bias.contiguous(), float(eps)))
-    _update_running_stats(x, mean, rstd, eps, running_mean, running_var, momentum)
-    return out
+    mean, var = _batch_stats(x, mean, rstd, eps)
+    _update_running_stats(x, mean, var, running_mean, running_var, momentum)
+    return (out, mean, var) if return_stats else out
 
 
 def check_scalars(eps, momentum) -> None:
     # eps <= 0 divides by a zero variance (NaN out); momentum outside [0, 1] extrapolates.
     _checks.scalar(eps, "eps", "finite and > 0", lambda v: 0 < v < math.inf)
-    _checks.scalar(momentum, "momentum", "in [0, 1]", lambda v: 0 <= v <= 1)
+    for m in (momentum if isinstance(momentum, (list, tuple)) else [momentum]):
+        _checks.scalar(m, "momentum", "in [0, 1]", lambda v: 0 <= v <= 1)
 
 
-def _update_running_stats(x, mean, rstd, eps, running_mean, running_var, momentum) -> None:
+def _batch_stats(x: Tensor, mean: Tensor, rstd: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """The batch's mean and unbiased variance per (task, channel), detached, from the kernel's mean and rstd."""
+    count = x.numel() // (x.shape[0] * x.shape[2])
+    with torch.no_grad():
+        return mean.detach(), (rstd.detach().pow(-2) - eps) * (count / max(count - 1, 1))
+
+
+def _update_running_stats(x, mean, var, running_mean, running_var, momentum) -> None:
     """Folds the batch statistics into the running ones; mean None (an empty batch) only checks
     their shapes, leaving them unchanged as torch does."""
     T, C = x.shape[0], x.shape[2]
     for running in (running_mean, running_var):
         if running is not None and tuple(running.shape) not in ((C,), (T, C)):
             raise ValueError(f"running statistics must be [C] or [T, C] = {[T, C]}, got {list(running.shape)}")
-    if mean is None:
-        return
-    count = x.numel() // (T * C)
+    if mean is not None:
+        fold_running_stats(running_mean, running_var, mean, var, momentum)
+
+
+def fold_running_stats(running_mean: Tensor | None, running_var: Tensor | None, mean: Tensor, var: Tensor,
+                       momentum) -> None:
+    """Folds per-task batch statistics mean / var ([T, C], var unbiased) into running statistics,
+    in place and without a graph. Per-task running statistics ([T, C]) take each task's own; one
+    shared set ([C]) takes the T tasks as T successive batches in task order -- what a per-task
+    loop leaves (with momentum 1: the last task's statistics) -- `momentum` being one value, or one
+    per task (a cumulative average's 1 / batches seen)."""
+    T = mean.shape[0]
+    momenta = [float(momentum)] * T if isinstance(momentum, (int, float)) else [float(m) for m in momentum]
     with torch.no_grad():
-        var = (rstd.detach().pow(-2) - eps) * (count / max(count - 1, 1))
-        for running, batch in ((running_mean, mean.detach()), (running_var, var)):
+        for running, batch in ((running_mean, mean), (running_var, var)):
             if running is None:
                 continue
-            if running.shape == batch.shape[1:]:
-                batch = batch.mean(0)  # one running statistic shared by all tasks
-            running.mul_(1 - momentum).add_(batch.to(running.dtype), alpha=momentum)
+            batch = batch.to(running.dtype)
+            if running.dim() == batch.dim():
+                running.mul_(1 - momenta[0]).add_(batch, alpha=momenta[0])
+                continue
+            # r_T = prod_t (1 - m_t) r_0 + sum_t m_t prod_{s > t} (1 - m_s) b_t
+            weights, keep = [], 1.0
+            for m in reversed(momenta):
+                weights.append(m * keep)
+                keep *= 1 - m
+            weights = torch.tensor(weights[::-1], dtype=running.dtype, device=running.device)
+            running.mul_(keep).add_((weights.unsqueeze(1) * batch).sum(0))
 
 
 # ---- samples for opcheck and the self-check --------------------------------------------------

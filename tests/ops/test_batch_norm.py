@@ -58,10 +58,21 @@ def test_batch_norm_shared_affine_and_running_stats(backend, device):
     torch.testing.assert_close(out, expected)
     out.sum().backward()
     assert w.grad is not None
-    per_task_mean = x.mean(dim=(1, 3, 4))
-    per_task_var = x.transpose(1, 2).reshape(3, 2, -1).var(dim=2, unbiased=True)
-    torch.testing.assert_close(rm, 0.5 * per_task_mean.mean(0))
-    torch.testing.assert_close(rv, 0.5 + 0.5 * per_task_var.mean(0))
+    # One shared set of running statistics: the tasks as successive batches, in task order, as
+    # torch's BatchNorm run task by task leaves them.
+    loop = torch.nn.BatchNorm2d(2, momentum=0.5).double().to(device)
+    for t in range(3):
+        loop(x[t])
+    torch.testing.assert_close(rm, loop.running_mean)
+    torch.testing.assert_close(rv, loop.running_var)
+    # A cumulative average (momentum None in torch) passes one momentum per task: 1 / batches seen.
+    rm, rv = torch.zeros(2, **F64).to(device), torch.ones(2, **F64).to(device)
+    mk.batch_norm(x, w, b, running_mean=rm, running_var=rv, momentum=[1.0, 0.5, 1 / 3], backend=backend)
+    cumulative = torch.nn.BatchNorm2d(2, momentum=None).double().to(device)
+    for t in range(3):
+        cumulative(x[t])
+    torch.testing.assert_close(rm, cumulative.running_mean)
+    torch.testing.assert_close(rv, cumulative.running_var)
 
 
 @pytest.mark.parametrize("backend,device", backend_devices())

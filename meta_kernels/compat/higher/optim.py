@@ -1,0 +1,221 @@
+"""higher.optim: differentiable forms of torch.optim.SGD and torch.optim.Adam.
+
+`diffopt.step(loss)` is the optimizer's update made differentiable, for torch.optim.SGD (lr per
+parameter group, momentum, dampening, nesterov, weight decay) and torch.optim.Adam (amsgrad,
+weight decay), starting from the optimizer's state; weights with requires_grad=False, outside
+every group, or unused by the loss stay as they are. `override={'lr': [...]}` replaces a setting by
+one value, or one per parameter group; values may be tensors that require grad (learned rates), as
+may `step(..., override=...)`. `track_higher_grads=False` takes first-order gradients and makes
+every step's weights fresh leaves, as higher does. Other optimizers raise, naming these two."""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import Tensor
+
+from meta_kernels.compat._common import check_finite, check_loss, sgd_update
+from meta_kernels.compat._tasks import checked_task_loss
+
+SUPPORTED_OPTIMIZERS = ("torch.optim.SGD", "torch.optim.Adam")
+
+
+def get_diff_optim(opt: torch.optim.Optimizer, reference_params: Iterable[Tensor], fmodel=None, device=None,
+                   override: dict | None = None, track_higher_grads: bool = True,
+                   grad_callback: Callable | None = None, allow_nonfinite: bool = False) -> "DifferentiableOptimizer":
+    """The differentiable form of the existing optimizer `opt` over `reference_params` (the
+    model's parameters, model.parameters() order), as higher.optim.get_diff_optim."""
+    return _kind(type(opt))(opt, reference_params, fmodel=fmodel, device=device, override=override,
+                            track_higher_grads=track_higher_grads, grad_callback=grad_callback,
+                            allow_nonfinite=allow_nonfinite)
+
+
+def create_diff_optim(opt_type: type, opt_kwargs: dict | None = None, params: Iterable | None = None, fmodel=None,
+                      device=None, override: dict | None = None, track_higher_grads: bool = True,
+                      grad_callback: Callable | None = None, allow_nonfinite: bool = False) -> "DifferentiableOptimizer":
+    """A differentiable optimizer of a new `opt_type(params, **opt_kwargs)`, as
+    higher.optim.create_diff_optim: `params` (fast weights, or parameter groups as dicts with
+    'params') or `fmodel`'s weights give the shapes; the optimizer starts with no state."""
+    kind = _kind(opt_type)
+    if params is not None:
+        params = list(params)
+        if params and isinstance(params[0], dict):
+            dummy = [{k: [torch.zeros_like(p, requires_grad=True) for p in v] if k == "params" else v
+                      for k, v in group.items()} for group in params]
+            reference = [p for group in dummy for p in group["params"]]
+        else:
+            dummy = reference = [torch.zeros_like(p, requires_grad=True) for p in params]
+    elif fmodel is not None:
+        dummy = reference = [torch.zeros_like(p, requires_grad=True) for p in fmodel.parameters()]
+    else:
+        raise ValueError("create_diff_optim needs params=... (the fast weights) or fmodel=... to know the weights")
+    opt = opt_type(dummy, **(opt_kwargs or {}))
+    return kind(opt, reference, fmodel=fmodel, device=device, override=override,
+                track_higher_grads=track_higher_grads, grad_callback=grad_callback, allow_nonfinite=allow_nonfinite)
+
+
+def _kind(opt_type: type) -> type:
+    kinds = {torch.optim.SGD: DifferentiableSGD, torch.optim.Adam: DifferentiableAdam}
+    if opt_type not in kinds:
+        raise ValueError(f"meta_kernels.compat.higher supports {' and '.join(SUPPORTED_OPTIMIZERS)} as inner "
+                         f"optimizers, got {opt_type.__module__}.{opt_type.__name__}; use one of those "
+                         "(for a learned per-weight rate see meta_kernels.compat.learn2learn.algorithms.MetaSGD)")
+    return kinds[opt_type]
+
+
+class DifferentiableOptimizer:
+    """The inner optimizer's update as differentiable tensor operations."""
+
+    def __init__(self, opt: torch.optim.Optimizer, reference_params: Iterable[Tensor], fmodel=None, device=None,
+                 override: dict | None = None, grad_callback: Callable | None = None, track_higher_grads: bool = True,
+                 allow_nonfinite: bool = False):
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise TypeError(f"{type(self).__name__} takes an existing torch.optim optimizer (the inner optimizer), got "
+                            f"{type(opt).__name__}")
+        reference = list(reference_params)
+        index_of = {id(p): i for i, p in enumerate(reference)}
+        self.param_groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+        self._group_indices: list[list[int]] = []
+        self.state: list[dict[int, dict]] = []
+        for group in opt.param_groups:
+            indices = []
+            for p in group["params"]:
+                if id(p) not in index_of:
+                    raise ValueError("the optimizer holds a tensor that is not a parameter of the model; "
+                                     "build it from model.parameters()")
+                indices.append(index_of[id(p)])
+            self._group_indices.append(indices)
+            # The optimizer's own state (momentum buffers, Adam moments) is where the inner loop starts.
+            self.state.append({i: {k: _copied(v, device) for k, v in opt.state[p].items()}
+                               for i, p in enumerate(group["params"]) if p in opt.state})
+        for group in self.param_groups:
+            self._check_group(group)
+        if override is not None:
+            self._apply_override(override)
+        self._fmodel, self._track_higher_grads, self._grad_callback = fmodel, track_higher_grads, grad_callback
+        self.allow_nonfinite, self.steps = allow_nonfinite, 0  # ours: a NaN / inf loss raises unless allowed
+
+    def _check_group(self, group: dict) -> None:
+        if group.get("maximize", False):
+            raise ValueError("maximize=True is not supported by the differentiable optimizers; negate the loss instead")
+
+    def _apply_override(self, override: dict) -> None:
+        for key, values in override.items():
+            values = list(values) if isinstance(values, (list, tuple)) else [values]
+            if len(values) not in (1, len(self.param_groups)):
+                raise ValueError(f"override[{key!r}] holds {len(values)} values but the optimizer has "
+                                 f"{len(self.param_groups)} parameter groups; pass one value, or one per group")
+            for i, group in enumerate(self.param_groups):
+                group[key] = values[0] if len(values) == 1 else values[i]
+
+    def step(self, loss: Tensor, params: Iterable[Tensor] | None = None, override: dict | None = None,
+             grad_callback: Callable[[list], list] | None = None) -> list[Tensor]:
+        """One differentiable update on `loss`; returns the new fast weights (also set on fmodel)."""
+        if override is not None:
+            self._apply_override(override)
+        if params is None:
+            if self._fmodel is None:
+                raise ValueError("pass params=... to step(): this optimizer has no fmodel to take the weights from")
+            params = self._fmodel.fast_params
+        params = list(params)
+        tasks = getattr(self._fmodel, "tasks", None)
+        if tasks is not None:  # the batched form: a sum over tasks of each task's loss
+            loss = checked_task_loss(loss, tasks, "diffopt.step")
+        check_loss(loss, "diffopt.step")
+        if not loss.requires_grad:
+            raise ValueError("diffopt.step: the loss does not depend on the fast weights (requires_grad is False); "
+                             "compute it from fmodel's outputs, outside torch.no_grad()")
+        self.steps += 1
+        check_finite(loss, self.steps, "diffopt.step", self.allow_nonfinite)
+        targets = [p if p.requires_grad else torch.empty(0, requires_grad=True) for p in params]
+        grads = list(torch.autograd.grad(loss, targets, create_graph=self._track_higher_grads, allow_unused=True))
+        grad_callback = grad_callback if grad_callback is not None else self._grad_callback
+        if grad_callback is not None:
+            grads = list(grad_callback(grads))
+        moved, directions, rates = [], [], []
+        for g_idx, (group, indices) in enumerate(zip(self.param_groups, self._group_indices)):
+            for slot, index in enumerate(indices):
+                p, g = params[index], grads[index]
+                if g is None:
+                    continue
+                direction, rate = self._direction(group, self.state[g_idx].setdefault(slot, {}), p, g)
+                moved.append(index)
+                directions.append(direction)
+                rates.append(rate)
+        new_params = params[:]
+        if moved:
+            for index, new in zip(moved, sgd_update([params[i] for i in moved], directions, rates)):
+                new_params[index] = new if self._track_higher_grads else new.detach().requires_grad_()
+        if self._fmodel is not None:
+            self._fmodel.update_params(new_params)
+        return new_params
+
+    def _direction(self, group: dict, state: dict, p: Tensor, g: Tensor) -> tuple[Tensor, float | Tensor]:
+        """(d, rate) of the update p - rate * d."""
+        raise NotImplementedError
+
+
+class DifferentiableSGD(DifferentiableOptimizer):
+    """torch.optim.SGD: weight decay, momentum with dampening, nesterov."""
+
+    def _direction(self, group, state, p, g):
+        if group["weight_decay"] != 0:
+            g = g + group["weight_decay"] * p
+        momentum = group["momentum"]
+        if momentum != 0:
+            if "momentum_buffer" not in state or state["momentum_buffer"] is None:
+                buf = g
+            else:
+                buf = state["momentum_buffer"] * momentum + (1 - group["dampening"]) * g
+            state["momentum_buffer"] = buf
+            g = g + momentum * buf if group["nesterov"] else buf
+        return g, group["lr"]
+
+
+class DifferentiableAdam(DifferentiableOptimizer):
+    """torch.optim.Adam: bias-corrected moments, amsgrad, weight decay (L2, not decoupled)."""
+
+    def _direction(self, group, state, p, g):
+        beta1, beta2 = group["betas"]
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+            if group["amsgrad"]:
+                state["max_exp_avg_sq"] = torch.zeros_like(p)
+        state["step"] = int(state["step"]) + 1
+        if group["weight_decay"] != 0:
+            g = g + group["weight_decay"] * p
+        exp_avg = state["exp_avg"] = state["exp_avg"] * beta1 + (1 - beta1) * g
+        exp_avg_sq = state["exp_avg_sq"] = state["exp_avg_sq"] * beta2 + (1 - beta2) * g * g
+        # sqrt has an infinite derivative at 0: where the second moment is still 0 (a gradient that
+        # was always exactly 0) its gradient is taken as 0, as higher does.
+        _zero_grad_where(exp_avg_sq, exp_avg_sq == 0)
+        if group["amsgrad"]:
+            second = state["max_exp_avg_sq"] = torch.maximum(state["max_exp_avg_sq"], exp_avg_sq)
+        else:
+            second = exp_avg_sq
+        denom = second.sqrt() + group["eps"]
+        rate = group["lr"] * math.sqrt(1 - beta2 ** state["step"]) / (1 - beta1 ** state["step"])
+        return exp_avg / denom, rate
+
+
+def _zero_grad_where(t: Tensor, mask: Tensor) -> None:
+    if not t.requires_grad:
+        return
+
+    def hook(grad: Tensor) -> Tensor:
+        grad = torch.where(mask, torch.zeros_like(grad), grad)
+        if grad.requires_grad:  # and in the gradient of that gradient
+            _zero_grad_where(grad, mask)
+        return grad
+
+    t.register_hook(hook)
+
+
+def _copied(v, device):
+    if isinstance(v, Tensor):
+        v = v.detach().clone()
+        return v if device is None else v.to(device)
+    return v
