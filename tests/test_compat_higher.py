@@ -223,3 +223,46 @@ def test_batched_form_equals_the_per_task_loop(inner):
         with pytest.raises(ValueError, match=r"adapts 3 tasks at once"):
             fmodel(xs[:2])
     assert_all_close(loop, grads_of(model))
+
+
+def functional_script(lib, model, xs, ys, xq, yq):
+    """higher's functional style: monkeypatch, create_diff_optim over the fast weights, explicit
+    params through step(loss, params=...) and fmodel(x, params=...), update_params."""
+    fmodel = lib.patch.monkeypatch(model, copy_initial_weights=False)
+    for t in range(xs.shape[0]):
+        diffopt = lib.optim.create_diff_optim(torch.optim.SGD, {"lr": 0.3, "momentum": 0.5}, params=fmodel.parameters())
+        params = list(model.parameters())
+        fmodel.update_params(params)
+        for _ in range(2):
+            params = diffopt.step(F.cross_entropy(fmodel(xs[t], params=params), ys[t]), params=params)
+        F.cross_entropy(fmodel(xq[t], params=params), yq[t]).backward()
+        assert all(a is b for a, b in zip(fmodel.fast_params, params))  # the params of the last call
+    return grads_of(model)
+
+
+@pytest.mark.parametrize("make_model", [cnn, mlp], ids=["cnn_bn", "mlp"])
+def test_monkeypatch_and_create_diff_optim_equal_the_real_higher(make_model):
+    real_higher = pytest.importorskip("higher")
+    batch = tasks(T=2)
+    results = []
+    for lib in (real_higher, higher):
+        torch.manual_seed(7)
+        results.append(functional_script(lib, make_model().double(), *batch))
+    assert_all_close(*results)
+
+
+def test_get_diff_optim_with_a_grad_callback_and_differentiable_adam_class():
+    torch.manual_seed(8)
+    model = mlp().double()
+    xs, ys, _, _ = tasks(T=1)
+    fmodel = higher.monkeypatch(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    diffopt = higher.get_diff_optim(opt, model.parameters(), fmodel=fmodel, grad_callback=lambda gs: [g * 0 for g in gs])
+    before = [p.detach().clone() for p in fmodel.parameters()]
+    diffopt.step(F.cross_entropy(fmodel(xs[0]), ys[0]))
+    assert_all_close([p.detach() for p in fmodel.parameters()], before)  # every gradient zeroed by the callback
+    adam = higher.optim.DifferentiableAdam(torch.optim.Adam(model.parameters(), lr=0.01), model.parameters(),
+                                           fmodel=fmodel)
+    assert isinstance(adam, higher.optim.DifferentiableOptimizer)
+    adam.step(F.cross_entropy(fmodel(xs[0]), ys[0]))
+    assert len(list(fmodel.parameters(time=2))) == len(before)

@@ -386,3 +386,56 @@ def test_models_the_fused_view_cannot_run_keep_their_own_layers():
     mlp_model = mlp().double()
     l2l.algorithms.MAML(mlp_model, lr=0.1).clone()(x)
     assert _common.runner_for(mlp_model).plan == "plain (no layer with a fused op)"
+
+
+# ---- l2l.utils and l2l.nn, as ported scripts call them ---------------------------------------------
+
+def test_utils_clone_update_detach_equal_the_original(original_l2l):
+    """A hand-written MAML step with l2l.utils: clone_module, update_module(updates=...), the meta-
+    gradient through it, and detach_module -- equal to the original learn2learn's utils."""
+    xs, ys, xq, yq = tasks(T=1)
+    results = []
+    for lib in (original_l2l, l2l):
+        torch.manual_seed(12)
+        model = Tied().double()
+        x, y = torch.randn(5, 6, dtype=torch.float64), torch.randint(0, 2, (5,))
+        clone = lib.utils.clone_module(model)
+        grads = torch.autograd.grad(F.cross_entropy(clone(x), y), list(clone.parameters()), create_graph=True)
+        lib.utils.update_module(clone, updates=[-0.3 * g for g in grads])
+        assert clone.dec.weight is clone.enc.weight  # tied weights stay tied through the update
+        F.cross_entropy(clone(x * 2), y).backward()
+        results.append([p.grad.clone() for p in model.parameters()])
+        lib.utils.detach_module(clone)
+        assert all(not p.requires_grad for p in clone.parameters())
+        assert len(lib.utils.clone_parameters(model.parameters())) == len(list(model.parameters()))
+    assert_all_close(*results)
+    with pytest.raises(ValueError, match="1 updates for 3 parameters"):
+        l2l.utils.update_module(Tied(), updates=[torch.zeros(1)])
+
+
+def test_nn_lambda_flatten_scale():
+    x = torch.randn(3, 2, 4)
+    assert l2l.nn.Lambda(lambda t: t.mean(dim=[1, 2]))(x).shape == (3,)
+    assert l2l.nn.Flatten()(x).shape == (3, 8)
+    scale = l2l.nn.Scale((2, 4), alpha=0.5)
+    torch.testing.assert_close(scale(x), x * 0.5)
+    assert [n for n, _ in scale.named_parameters()] == ["alpha"] and scale.alpha.shape == (2, 4)
+    assert l2l.nn.Scale().alpha.shape == (1,) and l2l.nn.Scale(3).alpha.shape == (3,)
+    with pytest.raises(TypeError, match="Lambda takes a callable"):
+        l2l.nn.Lambda(3)
+
+
+def test_learner_modules_reached_into_stay_in_step_with_updates():
+    """`learner.module` and the model's attributes through the learner are a copy of the tree holding
+    the learner's weights, updated in place by every adapt (as learn2learn's clone is)."""
+    torch.manual_seed(13)
+    model = mlp().double()
+    x, y = torch.randn(5, 1, 8, 8, dtype=torch.float64), torch.randint(0, WAYS, (5,))
+    learner = l2l.algorithms.MAML(model, lr=0.2).clone()
+    module = learner.module
+    assert module is not model and module[1].weight is model[1].weight
+    learner.adapt(F.cross_entropy(learner(x), y))
+    assert module[1].weight is list(learner.parameters())[0] and learner.module is module
+    torch.testing.assert_close(learner(x), module(x), rtol=0, atol=0)
+    learner.eval()  # a clone's mode is its own, as in learn2learn
+    assert not module.training and model.training
