@@ -1,167 +1,188 @@
-"""Scripts written against learn2learn and higher, run unchanged on the original library, with the
-import swapped to meta_kernels.compat, and in the batched form; all in the same run, alternating.
+"""The peers' own example loops on their own example models, run on the original library, with the
+import swapped to meta_kernels.compat, and in the README's batched form (its diff applied with
+`patch` to the loop: tests/peer_examples), each configuration in a fresh process, alternating.
 
-The two loops are shaped like the libraries' MAML Omniglot examples (learn2learn's
-examples/vision/maml_omniglot.py: clone / adapt / backward per task, gradients averaged; higher's
-examples/maml-omniglot.py: innerloop_ctx / diffopt.step per task). Model: Conv4 with BatchNorm
-(the peers' nn.Sequential: Conv2d 3x3 -> BatchNorm2d(track_running_stats=False) -> ReLU ->
-MaxPool2d(2), x4, Flatten, Linear); Omniglot shape 1x28x28, 5-way 1-shot 15-query, meta-batch 32,
-5 inner steps (lr 0.4), MAML (second order), Adam 1e-3 outside.
+Cases (random Omniglot-shaped data, tests/peer_examples):
+  l2l_fc      learn2learn's examples/vision/maml_omniglot.py on its OmniglotFC: MAML lr 0.5, 1 step,
+              5-way 1-shot (5 + 5 samples), 32 tasks + 32 validation tasks per iteration
+  higher_net  higher's examples/maml-omniglot.py `train` on its network (BatchNorm with running
+              statistics, momentum 1): SGD 0.1, 5 steps, 5-way 5-shot 15-query, 32 tasks
+  l2l_cnn     learn2learn's loop on its OmniglotCNN (running statistics), 16 tasks + 16 validation
+  l2l_mlp     learn2learn's loop on a plain MLP (784-256-128-5, no normalisation), 32 + 32 tasks
+  conv4_l2l / conv4_higher   the same two loops on a user's nn.Sequential Conv4 (padding 1,
+              batch statistics only: the model of the earlier rows of bench/RESULTS.md)
+Variants: original (learn2learn 0.2 from its sdist, the real higher), compat (import swapped),
+batched (the README's diff), and for higher_net batched-chunk8 (the README's low-memory line:
+8 tasks per innerloop_ctx).
 
-Rows: l2l-original (learn2learn 0.2's own MAML from its sdist, see
-meta_kernels.compat.original_learn2learn; skipped offline), l2l-compat (import swapped),
-l2l-batched (the 3-line change: `loss = task_sum(loss)`, `learner = maml.clone(tasks=T)` in place
-of the task loop and its clone, the whole batch to fast_adapt); higher-original, higher-compat,
-higher-batched (`innerloop_ctx(..., tasks=T)` in place of the task loop, `task_sum` losses).
+    python bench/bench_compat.py                      # every case, 3 rounds, table + JSON + plot
+    python bench/bench_compat.py --cases l2l_fc --rounds 5
+    pytest bench/bench_compat.py                      # pytest-benchmark: one quick in-process round
 
-Time:   pytest bench/bench_compat.py --benchmark-json=bench/results/compat.json
-        python bench/summarize.py bench/results/compat.json
-Memory: python bench/bench_compat.py --memory   (each row in a fresh process: RSS growth of one
-        step and the peak of tensor memory allocated during a second)
-"""
+Each row: median seconds per iteration (the example's outer step) over the rounds, each round the
+median of `--steps` timed iterations after one warm-up in a fresh process; peak RSS of the process
+and its growth over the RSS before the first iteration."""
 from __future__ import annotations
 
 import argparse
 import json
+import resource
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-import pytest
-import torch
-import torch.nn.functional as F
-from torch import nn
-
-import meta_kernels as mk
-from meta_kernels.compat import higher as compat_higher
-from meta_kernels.compat import learn2learn as compat_l2l
-from meta_kernels.compat import original_learn2learn, task_sum
-from meta_kernels.models import sequential_conv4
-from _common import interleaved_medians, machine, step_memory
-
 HERE = Path(__file__).resolve().parent
-T, WAYS, SHOTS, QUERY, STEPS, INNER_LR, META_LR = 32, 5, 1, 15, 5, 0.4, 1e-3
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu":
-    mk.keep_freed_cpu_memory()  # as the trainer does on CPUs
+sys.path.insert(0, str(HERE.parent / "tests"))  # the example copies and their data
+
+CASES = {
+    "l2l_fc": ("l2l", "omniglot_fc", 32),
+    "higher_net": ("higher", "higher_net", 32),
+    "l2l_cnn": ("l2l", "omniglot_cnn", 16),
+    "l2l_mlp": ("l2l", "mlp", 32),
+    "conv4_l2l": ("l2l", "conv4", 32),
+    "conv4_higher": ("higher", "conv4", 32),
+}
+VARIANTS = ("original", "compat", "batched")
+EXTRA_VARIANTS = {"higher_net": ("batched-chunk8",)}
 
 
-def batch(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    xs, xq = torch.rand(T, WAYS * SHOTS, 1, 28, 28, generator=g), torch.rand(T, WAYS * QUERY, 1, 28, 28, generator=g)
-    ys = torch.arange(WAYS).repeat_interleave(SHOTS).repeat(T, 1)
-    yq = torch.arange(WAYS).repeat_interleave(QUERY).repeat(T, 1)
-    return tuple(t.to(DEVICE) for t in (xs, ys, xq, yq))
-
-
-def fast_adapt(learner, loss, xs, ys, xq, yq):
-    for _ in range(STEPS):
-        learner.adapt(loss(learner(xs), ys))
-    return loss(learner(xq), yq)
-
-
-def l2l_loop(l2l, batched=False):
-    """learn2learn's example loop; `batched` is the same script with its 3 lines changed."""
-    torch.manual_seed(0)
-    maml = l2l.algorithms.MAML(sequential_conv4(WAYS).to(DEVICE), lr=INNER_LR)
-    opt = torch.optim.Adam(maml.parameters(), META_LR)
-    loss = nn.CrossEntropyLoss()
-    if batched:
-        loss = task_sum(loss)                                              # changed line 1
-
-    def step(b):
-        xs, ys, xq, yq = b
-        opt.zero_grad()
-        if batched:
-            learner = maml.clone(tasks=T)                                  # changed line 2 (was the loop + clone)
-            fast_adapt(learner, loss, xs, ys, xq, yq).backward()          # changed line 3 (the whole batch)
+def make_step(case: str, variant: str):
+    """() -> one iteration of the case's example loop in that variant."""
+    import torch
+    import peer_examples as pe
+    from meta_kernels.models import peers, sequential_conv4
+    loop, model_name, tasks = CASES[case]
+    make = {"conv4": sequential_conv4, **peers.PEER_MODELS}[model_name]
+    names = {}
+    if variant == "original":
+        if loop == "l2l":
+            from meta_kernels.compat import original_learn2learn
+            names["l2l"] = original_learn2learn.load()
         else:
-            for t in range(T):
-                learner = maml.clone()
-                fast_adapt(learner, loss, xs[t], ys[t], xq[t], yq[t]).backward()
-        for p in maml.parameters():
-            p.grad.mul_(1.0 / T)
-        opt.step()
-    return step
-
-
-def higher_loop(higher, batched=False):
-    """higher's example loop; `batched` passes tasks=T instead of looping and sums the task losses."""
+            import higher
+            names["higher"] = higher
+    source = pe.patched_source(loop) if variant.startswith("batched") else None
+    if variant == "batched-chunk8":
+        source = source.replace("for i in [slice(None)]:", "for i in higher.task_chunks(task_num, 8):").replace(
+            "tasks=task_num", "tasks=8")
+    module = pe.load(loop, source=source, **names)
     torch.manual_seed(0)
-    net = sequential_conv4(WAYS).to(DEVICE)
-    meta_opt, inner_opt = torch.optim.Adam(net.parameters(), META_LR), torch.optim.SGD(net.parameters(), INNER_LR)
-    loss = task_sum(F.cross_entropy) if batched else F.cross_entropy
-
-    def step(b):
-        xs, ys, xq, yq = b
-        meta_opt.zero_grad()
-        for i in ([slice(None)] if batched else range(T)):
-            with higher.innerloop_ctx(net, inner_opt, copy_initial_weights=False,
-                                      **({"tasks": T} if batched else {})) as (fnet, diffopt):
-                for _ in range(STEPS):
-                    diffopt.step(loss(fnet(xs[i]), ys[i]))
-                loss(fnet(xq[i]), yq[i]).backward()
-        meta_opt.step()
-    return step
+    model = make()
+    if loop == "l2l":
+        tasksets = pe.random_tasksets()
+        return lambda: module.main(model, tasksets, meta_batch_size=tasks)
+    db, opt = pe.RandomNShot(batchsz=tasks), torch.optim.Adam(model.parameters(), 1e-3)
+    return lambda: module.train(db, model, "cpu", opt, 0, [])
 
 
-def implementations() -> dict:
-    impls = {}
-    try:
-        original = original_learn2learn.load()
-        impls["l2l-original"] = lambda: l2l_loop(original)
-    except original_learn2learn.Unavailable as e:
-        print(f"bench_compat: learn2learn 0.2 unavailable ({e}); its row is left out", file=sys.stderr)
-    impls["l2l-compat"] = lambda: l2l_loop(compat_l2l)
-    impls["l2l-batched"] = lambda: l2l_loop(compat_l2l, batched=True)
-    try:
-        import higher
-        impls["higher-original"] = lambda: higher_loop(higher)
-    except ImportError:
-        print("bench_compat: higher is not installed; its row is left out", file=sys.stderr)
-    impls["higher-compat"] = lambda: higher_loop(compat_higher)
-    impls["higher-batched"] = lambda: higher_loop(compat_higher, batched=True)
-    return impls
+def _rss_gb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1e6
 
 
-def test_compat_outer_step(benchmark):
-    benchmark.group = "compat maml"
-    b = batch()
-    steps = {name: make() for name, make in implementations().items()}
-    medians = interleaved_medians({k: (lambda fn=fn: fn(b)) for k, fn in steps.items()}, rounds=3, inner=1, warmup=1)
-    ratios = {}
-    for shape in ("l2l", "higher"):
-        base = medians.get(f"{shape}-original")
-        if base is not None:
-            ratios.update({k: base / v for k, v in medians.items() if k.startswith(shape) and k != f"{shape}-original"})
-    if "higher-original" in medians:
-        ratios.update({f"{k} vs higher-original": medians["higher-original"] / v for k, v in medians.items()
-                       if k.startswith("l2l")})
-    benchmark.extra_info.update({"machine": machine(), "median_s": medians, "speedup_vs_original": ratios})
-    print(json.dumps({"median_s": medians, "speedup_vs_original": ratios}, indent=1))
-    benchmark.pedantic(lambda: steps["l2l-batched"](b), rounds=1, iterations=1)
+def child(case: str, variant: str, steps: int) -> dict:
+    step = make_step(case, variant)
+    before = _rss_gb()
+    step()  # warm-up: the one-time choices (measured forward path) and allocations
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    return {"s_per_step": statistics.median(times), "peak_rss_gb": peak, "rss_growth_gb": peak - before}
 
 
-def _child(impl: str) -> None:
-    b = batch()
-    fn = implementations()[impl]()
-    print(json.dumps(step_memory(lambda: fn(b))))
+def run(cases, rounds: int, steps: int) -> dict:
+    results = {}
+    for case in cases:
+        variants = VARIANTS + EXTRA_VARIANTS.get(case, ())
+        samples = {v: [] for v in variants}
+        for r in range(rounds):
+            for variant in variants:
+                out = subprocess.run([sys.executable, __file__, "--child", case, variant, "--steps", str(steps)],
+                                     capture_output=True, text=True, cwd=HERE)
+                if out.returncode != 0:
+                    print(f"{case} {variant}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
+                    continue
+                samples[variant].append(json.loads(out.stdout.strip().splitlines()[-1]))
+                row = samples[variant][-1]
+                print(f"  {case:13s} {variant:15s} round {r + 1}: {row['s_per_step']:.3f} s/step, "
+                      f"peak RSS {row['peak_rss_gb']:.2f} GB", file=sys.stderr, flush=True)
+        results[case] = {v: {k: statistics.median(s[k] for s in rows) for k in rows[0]} | {"rounds": len(rows)}
+                         for v, rows in samples.items() if rows}
+    return results
+
+
+def markdown(results: dict) -> str:
+    lines = ["| case | variant | s/step | x original | peak RSS GB | RSS growth GB |", "|---|---|---:|---:|---:|---:|"]
+    for case, rows in results.items():
+        base = rows.get("original", {}).get("s_per_step")
+        for variant, row in rows.items():
+            ratio = f"{base / row['s_per_step']:.2f}x" if base else "-"
+            lines.append(f"| {case} | {variant} | {row['s_per_step']:.3f} | {ratio} | {row['peak_rss_gb']:.2f} | "
+                         f"{row['rss_growth_gb']:.2f} |")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    labels, ratios = [], []
+    for case, rows in results.items():
+        base = rows.get("original", {}).get("s_per_step")
+        for variant, row in rows.items():
+            if base and variant != "original":
+                labels.append(f"{case}: {variant}")
+                ratios.append(base / row["s_per_step"])
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(labels) + 1.5))
+    ax.barh(range(len(labels)), ratios, color="tab:blue")
+    ax.axvline(1.0, color="black", lw=0.8)
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    ax.set_xlabel("speed-up over the original library (its time / ours)")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def test_compat_examples(benchmark):
+    """One in-process round of the l2l_fc case (quick; bench_compat.py's main is the measurement)."""
+    from _common import interleaved_medians, machine
+    benchmark.group = "compat examples"
+    steps = {v: make_step("l2l_fc", v) for v in VARIANTS}
+    medians = interleaved_medians(steps, rounds=3, inner=1, warmup=1)
+    benchmark.extra_info.update({"machine": machine(), "median_s": medians,
+                                 "speedup_vs_original": {k: medians["original"] / v for k, v in medians.items()}})
+    benchmark.pedantic(steps["batched"], rounds=1, iterations=1)
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--memory", action="store_true")
-    parser.add_argument("--child")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", default=",".join(CASES), help="comma-separated, from: " + ", ".join(CASES))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=3, help="timed iterations per process")
+    parser.add_argument("--child", nargs=2, metavar=("CASE", "VARIANT"), help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=str(HERE / "results" / "compat.json"))
     args = parser.parse_args()
     if args.child:
-        _child(args.child)
+        print(json.dumps(child(*args.child, args.steps)))
         return 0
-    print("| implementation | RSS growth, GB | peak allocated, GB |\n|---|---:|---:|")
-    for impl in implementations():
-        out = subprocess.run([sys.executable, __file__, "--child", impl], capture_output=True, text=True, check=True,
-                             cwd=HERE)
-        row = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"| {impl} | {row['rss_gb']:.3f} | {row['allocated_gb']:.3f} |", flush=True)
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    unknown = [c for c in cases if c not in CASES]
+    if unknown:
+        parser.error(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
+    from _common import machine
+    results = run(cases, args.rounds, args.steps)
+    table = markdown(results)
+    print(table)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": machine(), "results": results}, indent=1))
+    plot(results, out.with_suffix(".png"))
+    print(f"written: {out}, {out.with_suffix('.png')}", file=sys.stderr)
     return 0
 
 

@@ -9,7 +9,9 @@ with them for the length of a call (restored after, also on an exception)."""
 from __future__ import annotations
 
 import math
+import os
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Sequence
 
@@ -18,6 +20,7 @@ import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
 from meta_kernels import ops
+from meta_kernels.malloc_tuning import keep_freed_cpu_memory
 from meta_kernels.meta.batching import BatchedModel
 from meta_kernels.meta.inner_common import NonFiniteLossError
 from meta_kernels.meta.task_model import TaskModel
@@ -240,11 +243,32 @@ _TASK_MODELS: "weakref.WeakKeyDictionary[nn.Module, TaskModel]" = weakref.WeakKe
 
 
 def task_model_for(model: nn.Module) -> TaskModel:
-    """The model's task-batched view (the batched forms' engine), built once per model."""
+    """The model's task-batched view (the batched forms' engine), built once per model. On the
+    CPU this also turns on the reuse of freed memory (keep_freed_cpu_memory), once per process and
+    said once: the batched forms hold every task's tensors at once, tens of MB each, which glibc
+    would otherwise map and unmap at every allocation (1.4-1.7x slower steps measured:
+    bench/RESULTS.md). META_KERNELS_KEEP_FREED_MEMORY=0 leaves malloc as it is."""
     engine = _TASK_MODELS.get(model)
     if engine is None:
         engine = _TASK_MODELS[model] = TaskModel(model)
+        if not any(p.is_cuda for p in model.parameters()):
+            _keep_freed_memory_once()
     return engine
+
+
+def _keep_freed_memory_once() -> None:
+    global _MALLOC_SAID
+    if _MALLOC_SAID or os.environ.get("META_KERNELS_KEEP_FREED_MEMORY", "1") == "0":
+        return
+    _MALLOC_SAID = True
+    if keep_freed_cpu_memory():
+        warnings.warn("meta_kernels.compat: the batched form holds every task's tensors at once; glibc now keeps "
+                      "freed memory for reuse in this process (meta_kernels.keep_freed_cpu_memory(): faster steps, "
+                      "the process keeps its peak memory). Set META_KERNELS_KEEP_FREED_MEMORY=0 to leave malloc as "
+                      "it is", stacklevel=5)
+
+
+_MALLOC_SAID = False
 
 
 # ---- argument checks shared by the learners ----------------------------------------------------

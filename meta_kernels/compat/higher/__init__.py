@@ -43,4 +43,13 @@ def innerloop_ctx(model: nn.Module, opt: torch.optim.Optimizer, device=None, cop
                                  track_higher_grads=track_higher_grads, allow_nonfinite=allow_nonfinite)
 
 
-__all__ = ["create_diff_optim", "get_diff_optim", "innerloop_ctx", "monkeypatch", "optim", "patch"]
+def task_chunks(tasks: int, size: int):
+    """slice(0, size), slice(size, 2 * size), ...: the batched form `size` tasks at a time (ours),
+    `for i in task_chunks(task_num, 8):` with `innerloop_ctx(..., tasks=8)`; each chunk's graph is
+    freed by its backward before the next, so memory is that of `size` tasks."""
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1 or tasks % size:
+        raise ValueError(f"task_chunks: size must be a positive int dividing the {tasks} tasks, got {size!r}")
+    return [slice(start, start + size) for start in range(0, tasks, size)]
+
+
+__all__ = ["create_diff_optim", "get_diff_optim", "innerloop_ctx", "monkeypatch", "optim", "patch", "task_chunks"]
