@@ -48,7 +48,7 @@ VARIANTS = ("original", "compat", "batched")
 EXTRA_VARIANTS = {"higher_net": ("batched-chunk8",)}
 
 
-def make_step(case: str, variant: str):
+def make_step(case: str, variant: str, device: str = "cpu"):
     """() -> one iteration of the case's example loop in that variant."""
     import torch
     import peer_examples as pe
@@ -64,17 +64,18 @@ def make_step(case: str, variant: str):
             import higher
             names["higher"] = higher
     source = pe.patched_source(loop) if variant.startswith("batched") else None
-    if variant == "batched-chunk8":
-        source = source.replace("for i in [slice(None)]:", "for i in higher.task_chunks(task_num, 8):").replace(
-            "tasks=task_num", "tasks=8")
+    if variant.startswith("batched-chunk"):  # the README's low-memory form: k tasks per innerloop_ctx
+        k = int(variant.removeprefix("batched-chunk"))
+        source = source.replace("for i in [slice(None)]:", f"for i in higher.task_chunks(task_num, {k}):").replace(
+            "tasks=task_num", f"tasks={k}")
     module = pe.load(loop, source=source, **names)
     torch.manual_seed(0)
-    model = make()
+    model = make().to(device)
     if loop == "l2l":
         tasksets = pe.random_tasksets()
-        return lambda: module.main(model, tasksets, meta_batch_size=tasks)
-    db, opt = pe.RandomNShot(batchsz=tasks), torch.optim.Adam(model.parameters(), 1e-3)
-    return lambda: module.train(db, model, "cpu", opt, 0, [])
+        return lambda: module.main(model, tasksets, meta_batch_size=tasks, device=torch.device(device))
+    db, opt = pe.RandomNShot(batchsz=tasks, device=device), torch.optim.Adam(model.parameters(), 1e-3)
+    return lambda: module.train(db, model, device, opt, 0, [])
 
 
 def _rss_gb() -> float:
@@ -82,28 +83,34 @@ def _rss_gb() -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1e6
 
 
-def child(case: str, variant: str, steps: int) -> dict:
-    step = make_step(case, variant)
+def child(case: str, variant: str, steps: int, device: str) -> dict:
+    import torch
+    step = make_step(case, variant, device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     before = _rss_gb()
     step()  # warm-up: the one-time choices (measured forward path) and allocations
     times = []
     for _ in range(steps):
         start = time.perf_counter()
         step()
+        sync()
         times.append(time.perf_counter() - start)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
-    return {"s_per_step": statistics.median(times), "peak_rss_gb": peak, "rss_growth_gb": peak - before}
+    row = {"s_per_step": statistics.median(times), "peak_rss_gb": peak, "rss_growth_gb": peak - before}
+    if device.startswith("cuda"):
+        row["peak_cuda_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    return row
 
 
-def run(cases, rounds: int, steps: int) -> dict:
+def run(cases, rounds: int, steps: int, device: str = "cpu") -> dict:
     results = {}
     for case in cases:
         variants = VARIANTS + EXTRA_VARIANTS.get(case, ())
         samples = {v: [] for v in variants}
         for r in range(rounds):
             for variant in variants:
-                out = subprocess.run([sys.executable, __file__, "--child", case, variant, "--steps", str(steps)],
-                                     capture_output=True, text=True, cwd=HERE)
+                out = subprocess.run([sys.executable, __file__, "--child", case, variant, "--steps", str(steps),
+                                      "--device", device], capture_output=True, text=True, cwd=HERE)
                 if out.returncode != 0:
                     print(f"{case} {variant}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
                     continue
@@ -164,23 +171,24 @@ def main() -> int:
     parser.add_argument("--cases", default=",".join(CASES), help="comma-separated, from: " + ", ".join(CASES))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=3, help="timed iterations per process")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--child", nargs=2, metavar=("CASE", "VARIANT"), help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(HERE / "results" / "compat.json"))
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(*args.child, args.steps)))
+        print(json.dumps(child(*args.child, args.steps, args.device)))
         return 0
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = [c for c in cases if c not in CASES]
     if unknown:
         parser.error(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
     from _common import machine
-    results = run(cases, args.rounds, args.steps)
+    results = run(cases, args.rounds, args.steps, args.device)
     table = markdown(results)
     print(table)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": machine(), "results": results}, indent=1))
+    out.write_text(json.dumps({"machine": machine(), "device": args.device, "results": results}, indent=1))
     plot(results, out.with_suffix(".png"))
     print(f"written: {out}, {out.with_suffix('.png')}", file=sys.stderr)
     return 0

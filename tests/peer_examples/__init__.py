@@ -57,8 +57,9 @@ class RandomNShot:
     x_qry [batchsz, n_way * k_query, ...], y_qry; `iterations` batches per epoch."""
 
     def __init__(self, batchsz: int = 32, n_way: int = 5, k_shot: int = 5, k_query: int = 15, iterations: int = 1,
-                 dtype=torch.float32, seed: int = 0):
+                 dtype=torch.float32, seed: int = 0, device="cpu"):
         self.batchsz, self.n_way, self.k_shot, self.k_query, self.dtype = batchsz, n_way, k_shot, k_query, dtype
+        self.device = device  # as OmniglotNShot, which gives its batches on the example's device
         self.x_train = torch.empty(batchsz * iterations, 0)  # only its length is read
         self.seed, self.calls = seed, 0
 
@@ -68,7 +69,8 @@ class RandomNShot:
         T, n = self.batchsz, self.n_way
         x = lambda k: torch.rand(T, n * k, 1, 28, 28, generator=g, dtype=self.dtype)
         y = lambda k: torch.stack([torch.randperm(n, generator=g).repeat_interleave(k) for _ in range(T)])
-        return x(self.k_shot), y(self.k_shot), x(self.k_query), y(self.k_query)
+        batch = x(self.k_shot), y(self.k_shot), x(self.k_query), y(self.k_query)
+        return tuple(t.to(self.device) for t in batch)
 
 
 # ---- the README's batched diffs ------------------------------------------------------------------
