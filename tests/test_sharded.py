@@ -36,6 +36,7 @@ def test_fsdp_two_ranks_match_one_unsharded_process(tmp_path, env, algo):
     assert not torch.equal(initial.model.state_dict()["head.weight"], single["head.weight"])  # training moved it
 
 
+@pytest.mark.slow
 def test_scaled_down_production_preset_restarts_from_checkpoint(tmp_path, env):
     """The production_1b code path (FSDP, bf16 autocast, FOMAML) with a small ViT on Omniglot: a rank
     killed at step 2 restarts from the last checkpoint and ends where an uninterrupted run ends."""
@@ -78,6 +79,7 @@ def _flip_byte(path: Path) -> None:
     path.write_bytes(bytes(raw))
 
 
+@pytest.mark.slow
 def test_dcp_checkpoints_are_sharded_and_reshard_on_resume(tmp_path, env, monkeypatch):
     """FSDP runs save step-N.dcp folders: each of 2 ranks writes its half of the Adam state; a
     run stopped at step 2 resumes on 1 and on 3 ranks (the 3-rank one past a corrupted newest
