@@ -41,6 +41,10 @@ def _cmd_train(args) -> int:
     from meta_kernels.train import Trainer
     import os
     config = _load_config(args)
+    if args.resume and config.model.factory is not None and args.model is None:
+        raise ValueError(f"--resume: the config names the model factory {config.model.factory!r} but the command line "
+                         "does not; a resumed run imports a factory only when --model names it (its config file may "
+                         f"come with the run folder): pass --model {config.model.factory}")
     if config.run.keep_freed_cpu_memory is None:  # unset: on for the command (a library Trainer leaves it off)
         config = config.with_overrides(["run.keep_freed_cpu_memory=true"])
     # After a torchrun restart (--max-restarts), continue from the last checkpoint when there is one.
@@ -80,7 +84,7 @@ def _fit_and_test(trainer, args) -> int:
 def _cmd_eval(args) -> int:
     from meta_kernels.train import evaluate_checkpoint
     result = evaluate_checkpoint(args.checkpoint, args.out, episodes=args.episodes, split=args.split,
-                                 inner_steps=args.inner_steps, q_query=args.query)
+                                 inner_steps=args.inner_steps, q_query=args.query, factory=args.model)
     p = result["protocol"]
     print(f"{result['split']}: {p['n_way']}-way {p['k_shot']}-shot, {p['q_query']} query, {p['inner_steps']} inner "
           f"steps: accuracy {result['accuracy']:.4f} +- {result['ci95']:.4f} (95% CI) over "
@@ -146,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--inner-steps", type=int, help="test-time inner steps (default: the run's; MAML's "
                     "papers test Omniglot with 3, mini-ImageNet with 10)")
     ev.add_argument("--query", type=int, help="query images per class at test (default: the run's q_query)")
+    ev.add_argument("--model", metavar="PACKAGE.MODULE:FACTORY",
+                    help="the model factory of a run on your own model: must equal the checkpoint's (a checkpoint "
+                         "never makes eval import code by itself)")
     ev.add_argument("--out", default="runs/eval")
     ev.set_defaults(func=_cmd_eval)
 

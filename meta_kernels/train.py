@@ -501,10 +501,24 @@ def plot_adaptation_curve(curve: list[float], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def check_checkpoint_factory(path, config: MetaLearningFullConfig, factory: str | None) -> None:
+    """A checkpoint never chooses code to import: a model factory it names is imported only when
+    the caller names the same one (`factory`, `--model` on the command line)."""
+    wanted = config.model.factory
+    if wanted is None or factory == wanted:
+        return
+    named = "" if factory is None else f"; you named {factory!r}, which is not it"
+    raise CheckpointError(f"{path}: its model is built by the factory {wanted!r} (config model.factory), code that a "
+                          f"checkpoint file is not trusted to choose, so nothing was imported{named}. If you trust it, "
+                          f"name it: --model {wanted} (from Python: factory={wanted!r})")
+
+
 def load_checkpoint_model(path: str | os.PathLike, data: dict, config: MetaLearningFullConfig,
-                          image_shape) -> torch.nn.Module:
+                          image_shape, factory: str | None = None) -> torch.nn.Module:
     """The checkpoint's model, unsharded in this process (`data`: load_any_checkpoint(path)). A
-    sharded folder's shards are read into the plain model by DCP without a process group."""
+    sharded folder's shards are read into the plain model by DCP without a process group. A model
+    of the user's own (config model.factory) is built only when `factory` names that factory."""
+    check_checkpoint_factory(path, config, factory)
     model = build_model(config, image_shape)
     if is_sharded_checkpoint(path):
         state = {"model": model.state_dict()}
@@ -517,15 +531,18 @@ def load_checkpoint_model(path: str | os.PathLike, data: dict, config: MetaLearn
 
 def evaluate_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike, episodes: int | None = None,
                         split: str = "test", loggers: list[Logger] = (), *, inner_steps: int | None = None,
-                        q_query: int | None = None, k_shot: int | None = None) -> dict:
+                        q_query: int | None = None, k_shot: int | None = None, factory: str | None = None) -> dict:
     """Loads a checkpoint (a file, or a sharded run's step-N.dcp folder) and evaluates it on
     `split` episodes; writes eval.json and a plot, and sends the result to `loggers` (started
     ones, e.g. Trainer.loggers) at the checkpoint's step. inner_steps / q_query: the test-time
     inner steps and query images per class when a paper's protocol differs from training (MAML
     trains Omniglot with 1 step and tests with 3); k_shot: test shots when training used others
-    (Reptile trains with 10 or 15); None: the run's. eval.json records the protocol used (episodes, n_way, k_shot, q_query, inner steps and rate, split)."""
+    (Reptile trains with 10 or 15); None: the run's. eval.json records the protocol used (episodes, n_way, k_shot, q_query, inner steps and rate, split).
+    factory: the model factory of a run on the user's own model, which must equal the checkpoint's
+    (a checkpoint never makes us import code by itself)."""
     data = load_any_checkpoint(path)
     config = MetaLearningFullConfig.from_dict(data["config"])
+    check_checkpoint_factory(path, config, factory)
     trained = config.maml.inner_steps
     steps = trained if inner_steps is None else inner_steps
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -539,7 +556,7 @@ def evaluate_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike, epi
                          f"it with at most {trained}")
     out = _writable_dir(Path(out_dir))
     dataset = load_split(config, split)
-    model = load_checkpoint_model(path, data, config, dataset.image_shape)  # built with the trained steps' BN rows
+    model = load_checkpoint_model(path, data, config, dataset.image_shape, factory)  # the trained steps' BN rows
     # Evaluated unsharded whatever the run's sharding: it needs no process group.
     learner = MetaLearner(model, config.maml.replace(inner_steps=steps), mamlpp=config.mamlpp)
     saved_lrs = data.get("inner_lrs")

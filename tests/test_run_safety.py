@@ -224,3 +224,33 @@ def test_metrics_and_eval_json_are_strict(data_env, tmp_path):
     assert strict((tmp_path / "eval" / "eval.json").read_text())["ci95"] is None
     for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines():
         strict(line)
+
+
+def test_a_checkpoint_never_makes_eval_or_resume_import_code(tmp_path, capsys, monkeypatch):
+    """A crafted checkpoint (its checksum is anyone's to recompute) naming a model factory -- a
+    standard-library module, or a .py file placed beside it -- makes eval and --resume import
+    nothing; naming the factory with --model is how a user allows it."""
+    from meta_kernels.cli import main
+    from meta_kernels.train import load_checkpoint_model
+    marker = tmp_path / "imported"
+    (tmp_path / "evil_factory.py").write_text(f"open({str(marker)!r}, 'w').close()\ndef make(n, s):\n    return None\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    for factory in ("this:nope", "evil_factory:make"):
+        config = _config().with_overrides([f"model.factory={factory}"])
+        path = save_checkpoint(tmp_path / "crafted.pt", {"config": config.to_dict(), "model": {}})
+        modules = set(sys.modules)
+        assert main(["eval", "--checkpoint", str(path), "--out", str(tmp_path / "ev")]) == 2
+        err = capsys.readouterr().err
+        assert f"built by the factory {factory!r}" in err and f"--model {factory}" in err, err
+        assert main(["eval", "--checkpoint", str(path), "--model", "tests.user_factory:small_cnn",
+                     "--out", str(tmp_path / "ev")]) == 2
+        assert "which is not it" in capsys.readouterr().err
+        with pytest.raises(CheckpointError, match="factory="):
+            load_checkpoint_model(path, {"model": {}}, config, (1, 28, 28))
+        assert set(sys.modules) == modules and not marker.exists()
+    config_file = tmp_path / "config.yaml"  # a run folder's config naming a factory: --resume asks for --model
+    _config().with_overrides(["model.factory=evil_factory:make"]).save(config_file)
+    assert main(["train", "--config", str(config_file), "--resume", "--out", str(tmp_path / "run")]) == 2
+    assert "pass --model evil_factory:make" in capsys.readouterr().err
+    assert not marker.exists()

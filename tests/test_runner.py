@@ -196,7 +196,7 @@ def test_cli_train_eval_and_errors(data_env, tmp_path, capsys):
 
 def test_cli_trains_resumes_and_evaluates_a_user_model(data_env, tmp_path, monkeypatch, capsys):
     """--model package.module:factory builds the user's model; the config records it, resume and
-    eval rebuild it from there."""
+    eval rebuild it when --model names it again."""
     monkeypatch.syspath_prepend(str(REPO))
     out = tmp_path / "own"
     common = ["--preset", "minimal", "--model", "tests.user_factory:small_cnn", "--out", str(out),
@@ -207,7 +207,7 @@ def test_cli_trains_resumes_and_evaluates_a_user_model(data_env, tmp_path, monke
     assert any(k.startswith("0.") for k in ck["model"]), "the checkpoint holds the user model's weights"
     assert main(["train", *common, "--resume", "--max-steps", "3", "--set", "checkpoint.every_steps=1"]) == 0
     assert main(["eval", "--checkpoint", str(out / "checkpoints" / "last.pt"), "--episodes", "4",
-                 "--out", str(tmp_path / "ev")]) == 0
+                 "--model", "tests.user_factory:small_cnn", "--out", str(tmp_path / "ev")]) == 0
     assert json.loads((tmp_path / "ev" / "eval.json").read_text())["episodes"] == 4
     capsys.readouterr()
     assert main(["train", "--preset", "minimal", "--model", "tests.user_factory:not_a_model",
