@@ -126,7 +126,9 @@ def load_latest_intact(folder: Path) -> tuple[dict, Path]:
     file or step-*.dcp folder, with a warning naming the checkpoints passed over."""
     candidates = [p for p in [Path(folder) / "last.pt"] + step_checkpoints(folder) if p.exists()]
     if not candidates:
-        raise CheckpointError(f"--resume: no checkpoint in {folder}; train without --resume first")
+        raise CheckpointError(f"--resume: no checkpoint in {folder}, so nothing to continue (a run stopped before its "
+                              "first save leaves none); start afresh without --resume: a folder without a checkpoint "
+                              "is reused, its old files replaced")
     failures = []
     for path in candidates:
         try:

@@ -23,6 +23,9 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field."""
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # a learning rate above it is inf in the weights' precision
+
+
 def _require(cond: bool, cls: str, field: str, msg: str) -> None:
     if not cond:
         raise ConfigError(f"{cls}.{field}: {msg}")
@@ -185,12 +188,14 @@ class MAMLConfig:
                  "leave second_order unset or choose the matching algorithm")
         _require(isinstance(self.inner_steps, int) and self.inner_steps >= 1, name, "inner_steps",
                  f"must be an integer >= 1, got {self.inner_steps!r}")
-        _require(self.inner_lr > 0, name, "inner_lr", f"must be > 0, got {self.inner_lr}")
+        _require(0 < self.inner_lr <= FLOAT32_MAX, name, "inner_lr", f"must be > 0 and at most {FLOAT32_MAX:.3g} (it "
+                 f"multiplies float32 weights), got {self.inner_lr}")
         _require(self.inner_clip is None or self.inner_clip > 0, name, "inner_clip",
                  f"must be > 0 or None (no clipping), got {self.inner_clip}")
         _require(self.backend in OP_BACKENDS, name, "backend", f"unknown backend {self.backend!r}; choose one of {', '.join(OP_BACKENDS)}")
         _require(self.engine in ENGINES, name, "engine", f"unknown engine {self.engine!r}; choose one of {', '.join(ENGINES)}")
-        _require(self.meta_lr > 0, name, "meta_lr", f"must be > 0, got {self.meta_lr}")
+        _require(0 < self.meta_lr <= FLOAT32_MAX, name, "meta_lr", f"must be > 0 and at most {FLOAT32_MAX:.3g} (it "
+                 f"multiplies float32 weights), got {self.meta_lr}")
         _require(self.meta_optimizer in ("adam", "sgd"), name, "meta_optimizer",
                  f"must be 'adam' or 'sgd', got {self.meta_optimizer!r}")
         _require(self.meta_batch_size >= 1, name, "meta_batch_size", f"must be >= 1, got {self.meta_batch_size}")

@@ -11,6 +11,8 @@ import shutil
 import signal
 import threading
 import time
+import traceback
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -123,10 +125,38 @@ def user_model(factory: str, n_way: int, image_shape: tuple[int, ...]) -> torch.
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise ValueError(f"model.factory {factory!r}: {module_name} has no function {attr!r}")
-    model = fn(n_way, image_shape)
+    try:
+        model = fn(n_way, image_shape)
+    except Exception as exc:  # the user's code: say whose, with its traceback
+        trace = "".join(traceback.format_exception(exc)[-6:]).rstrip()
+        raise ValueError(f"model.factory {factory!r} raised {type(exc).__name__} when called as "
+                         f"{attr}({n_way}, {tuple(image_shape)}):\n{trace}") from exc
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"model.factory {factory!r} returned {type(model).__name__}, not an nn.Module")
+    _check_output_width(model, factory, n_way, image_shape)
     return model
+
+
+def _check_output_width(model: torch.nn.Module, factory: str, n_way: int, image_shape) -> None:
+    """The factory's model must give n_way scores per sample: one forward of two blank images in
+    eval mode (running statistics untouched)."""
+    from meta_kernels.meta.inner_common import prediction
+    modes = [m.training for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = prediction(model(torch.zeros(2, *image_shape, device=next(model.parameters()).device)))
+    except Exception as exc:  # noqa: BLE001 - the same error comes with its context at the first step
+        warnings.warn(f"model.factory {factory!r}: a forward of two blank {tuple(image_shape)} images failed "
+                      f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})", stacklevel=3)
+        return
+    finally:
+        for m, mode in zip(model.modules(), modes):
+            m.training = mode
+    if out.dim() < 2 or out.shape[-1] != n_way:
+        raise ValueError(f"model.factory {factory!r} builds a model that gives {list(out.shape[1:])} outputs per sample, "
+                         f"but episodes.n_way is {n_way}: its last layer must give n_way class scores (it is called "
+                         "as factory(n_way, image_shape))")
 
 
 def build_learner(model: torch.nn.Module, config: MetaLearningFullConfig) -> Learner:
@@ -154,6 +184,10 @@ class Trainer:
         preempt_signal: besides SIGTERM and SIGINT, the signal that saves and stops a
         single-process run (SIGUSR1 by default; None for none). loggers: your own
         meta_kernels.loggers.Logger objects, besides those of run.loggers; call close() at the end."""
+        if str(config.run.device).startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"run.device={config.run.device!r}, but this torch has no CUDA device (torch "
+                             f"{torch.__version__}, CUDA {'built' if torch.version.cuda else 'not built'}); set "
+                             "run.device=cpu or run on a machine with a GPU")
         # Under torchrun: join the process group; rank 0 alone writes metrics, plots, checkpoints.
         self.rank, self.world_size = distributed.init_from_env(config.run.device, config.run.dist_timeout_s)
         # Built on every rank, so a missing package fails on all of them; rank 0 alone logs.
@@ -191,11 +225,17 @@ class Trainer:
         return self.out / "checkpoints"
 
     def _prepare_folder(self, resume: bool, overwrite: bool) -> None:
-        held = [p for p in [self.out / "metrics.jsonl", *self.ckpt_dir.glob("*.pt"),
-                            *self.ckpt_dir.glob(f"*{SHARDED_SUFFIX}")] if p.exists()]
-        if held and not resume and not overwrite:
-            raise CheckpointError(f"{self.out} holds a run ({', '.join(p.name for p in held[:4])}); pass --resume to "
+        if resume and overwrite:
+            raise CheckpointError("resume and overwrite exclude each other (continue the run in the folder, or replace "
+                                  "it?); pass one of --resume / --overwrite")
+        saved = [p for p in [*self.ckpt_dir.glob("*.pt"), *self.ckpt_dir.glob(f"*{SHARDED_SUFFIX}")] if p.exists()]
+        if saved and not resume and not overwrite:
+            raise CheckpointError(f"{self.out} holds a run ({', '.join(p.name for p in saved[:4])}); pass --resume to "
                                   "continue it or --overwrite to replace it, or choose another --out")
+        if not saved and not resume and (self.out / "metrics.jsonl").exists():
+            warnings.warn(f"{self.out} holds the files of a run that saved no checkpoint (stopped before its first "
+                          "save): nothing to resume, so this run starts afresh and replaces them", stacklevel=3)
+            overwrite = True
         if overwrite and not resume:
             shutil.rmtree(self.ckpt_dir, ignore_errors=True)
             for name in RUN_FILES:
@@ -525,8 +565,25 @@ def load_checkpoint_model(path: str | os.PathLike, data: dict, config: MetaLearn
         load_sharded(path, state, collective=False)
         model.load_state_dict(state["model"])
     else:
-        model.load_state_dict(data["model"])
+        try:
+            model.load_state_dict(data["model"])
+        except RuntimeError as exc:
+            missing, unexpected = _key_differences(model.state_dict(), data["model"])
+            built = f"the factory {config.model.factory!r}" if config.model.factory else f"arch {config.model.arch!r}"
+            raise CheckpointError(f"{path}: the model built by {built} does not match the checkpoint's weights: "
+                                  f"missing {missing[:6] or 'none'}, unexpected {unexpected[:6] or 'none'}"
+                                  f"{'' if missing or unexpected else ' (' + _size_mismatch(exc) + ')'}; "
+                                  "evaluate it with the model it was trained with") from exc
     return model
+
+
+def _size_mismatch(exc: Exception) -> str:
+    lines = str(exc).splitlines()
+    return next((line.strip() for line in lines if "size mismatch" in line), lines[0] if lines else "")[:200]
+
+
+def _key_differences(built: dict, saved: dict) -> tuple[list[str], list[str]]:
+    return sorted(set(built) - set(saved)), sorted(set(saved) - set(built))
 
 
 def evaluate_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike, episodes: int | None = None,

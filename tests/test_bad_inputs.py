@@ -1,14 +1,21 @@
 """Bad input gets a clear error: one row per case -- the call, the exception type and a phrase of
-its message. The next bad input is one new row."""
+its message (CASES: the API; CLI_CASES: the command line, exit code 2 and one line on stderr;
+WARNINGS: cases that run, with a warning). The next bad input is one new row."""
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import meta_kernels as mk
 from meta_kernels.compat import higher, task_sum
 from meta_kernels.compat import learn2learn as l2l
-from meta_kernels.meta import NonFiniteLossError
+from meta_kernels.config import ConfigError, MAMLConfig, MetaLearningFullConfig
+from meta_kernels.meta import NonFiniteLossError, adapt, meta_loss
+from meta_kernels.meta.batching import ModelForwardError, TaskMixingError
 from meta_kernels.models import peers
+from test_runner import REPO, data_env  # noqa: F401 - the fixture
 
 
 def _mlp():
@@ -83,7 +90,105 @@ def batched_learner_given_one_task():
     learner(x)
 
 
-CASES = [
+# ---- the meta-learning API ------------------------------------------------------------------------
+
+CFG = MAMLConfig(inner_steps=1, inner_lr=0.1, engine="custom")
+
+
+def _batch(T=2):
+    (xs, ys), (xq, yq) = _data(T), _data(T)
+    return xs, ys, xq, yq
+
+
+def _learner(model=None, config=CFG, **kw):
+    return mk.MetaLearner(model or _mlp(), config, **kw)
+
+
+def _frozen():
+    model = _mlp()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+class Mixing(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = x.flatten(1)
+        return self.fc(x - x.mean(0))
+
+
+def _step_with_loss(loss_fn):
+    return lambda: _learner(loss_fn=loss_fn).step(_batch())
+
+
+def _step_on(batch, model=None):
+    return lambda: _learner(model).step(batch())
+
+
+def _conv4_rgb():
+    model = mk.Conv4.omniglot(3).double()
+    x = torch.rand(2, 3, 3, 28, 28, dtype=torch.float64)
+    y = torch.randint(0, 3, (2, 3))
+    _learner(model).step((x, y, x, y))
+
+
+def _wrecked_by_meta_lr():
+    learner = _learner(_mlp().float(), MAMLConfig(inner_steps=1, inner_lr=0.1, meta_lr=1e30, engine="custom"))
+    batch = tuple(t.float() if t.is_floating_point() else t for t in _batch())
+    learner.step(batch)  # weights near 1e30 after this meta-update: the next inner loss overflows
+    learner.step(batch)
+
+
+def _other_models_params():
+    model, other = _mlp(), peers.mlp(n_way=5, input_size=16, hidden=(8,)).double()
+    xs, ys = _data(T=2)
+    adapt(dict(other.named_parameters()), (xs, ys), model=model, steps=1, lrs=0.1, first_order=False)
+
+
+API_CASES = [
+    (lambda: mk.MetaLearner(_mlp(), None), TypeError, "config must be a MAMLConfig"),
+    (lambda: mk.MetaLearner(_mlp(), {"inner_lr": 0.1}), TypeError, "(a dict of fields: MAMLConfig(**fields))"),
+    (lambda: meta_loss({}, _batch(), config=None, model=_mlp()), TypeError, "meta_loss: config must be a MAMLConfig"),
+    (lambda: mk.MetaLearner(lambda x: x, CFG), TypeError, "model must be a torch nn.Module, got function"),
+    (lambda: mk.MetaLearner(_mlp(), CFG, optimizer=torch.optim.SGD(_mlp().parameters(), 0.1)), ValueError,
+     "the optimizer holds none of Sequential's parameters"),
+    (lambda: mk.MetaLearner(_frozen(), CFG), ValueError, "no parameter of Sequential requires grad"),
+    (lambda: mk.MAML(_frozen(), lr=0.1).adapt(*_data()), ValueError, "MAML.adapt: no parameter of Sequential"),
+    (lambda: mk.MAML(lambda x: x, lr=0.1), TypeError, "MAML wraps an nn.Module, got function"),
+    (lambda: mk.MAML(None, lr=0.1), TypeError, "MAML wraps an nn.Module, got NoneType"),
+    (lambda: mk.MAML(_mlp(), lr=None), ValueError, "lr must be a finite number > 0"),
+    (lambda: mk.MAML(_mlp(), lr="0.1"), ValueError, "got '0.1'"),
+    (_step_with_loss(lambda out, y: 1.0), TypeError, "loss_fn returned float (1.0), not a tensor"),
+    (_step_with_loss(lambda out, y: torch.tensor(1.0)), ValueError, "does not depend on the outputs"),
+    (_step_with_loss(lambda out, y: (out.argmax(-1) == y).sum()), TypeError, "a loss must be floating point"),
+    (lambda: _learner(Mixing()).step(_batch()), TaskMixingError, "mixes samples across the batch"),
+    (lambda: _learner(compile="banana"), ValueError, "compile='banana' is not a torch.compile backend"),
+    (lambda: adapt(dict(_mlp().named_parameters()), torch.rand(2, 4, 1, 4, 4), model=_mlp(), steps=1, lrs=0.1,
+                   first_order=False), ValueError, "support_batch must be a pair (x, y)"),
+    (lambda: adapt(dict(_mlp().named_parameters()), (*_data(T=2), _data(T=2)[1]), model=_mlp(), steps=1, lrs=0.1,
+                   first_order=False), ValueError, "got a tuple of 3"),
+    (_other_models_params, ValueError, "params are not Sequential's: other shapes: 3.weight [5, 8]"),
+    (_step_on(lambda: (*_data(T=2), torch.rand(2, 4, 1, 5, 5, dtype=torch.float64), _data(T=2)[1])), ValueError,
+     "support samples have shape [(1, 4, 4)] but query samples [(1, 5, 5)]"),
+    (_step_on(lambda: (torch.rand(2, 4, 1, 5, 5), _data(T=2)[1], torch.rand(2, 4, 1, 5, 5), _data(T=2)[1])),
+     ModelForwardError, "forward failed on the task batch's inputs ([2, 4, 1, 5, 5]"),
+    (_step_on(lambda: ((torch.rand(2, 4, 1, 4, 4) * 9).long(), _data(T=2)[1], (torch.rand(2, 4, 1, 4, 4) * 9).long(),
+                       _data(T=2)[1])), ModelForwardError, "images must be floating point"),
+    (_step_on(lambda: tuple(t[:0] for t in _batch())), ValueError, "the task batch holds 0 tasks"),
+    (_conv4_rgb, ValueError, "layer blocks.0.conv (Conv2d) takes 1 input channel(s) per sample, got 3"),
+    (_wrecked_by_meta_lr, NonFiniteLossError, "non-finite inner loss at inner step 0, before any inner update"),
+    (lambda: MAMLConfig(inner_lr=1e308), ConfigError, "inner_lr: must be > 0 and at most 3.4e+38"),
+    (lambda: MAMLConfig(meta_lr=1e39), ConfigError, "meta_lr: must be > 0 and at most 3.4e+38"),
+]
+
+
+# ---- the compat layers ---------------------------------------------------------------------------
+
+COMPAT_CASES = [
     # (call, exception, phrase of the message)
     (plain_loss_to_batched_learner, ValueError, "not a sum over the 2 tasks"),
     (task_sum_on_one_task, TypeError, "For a single task, call the loss function itself"),
@@ -112,12 +217,82 @@ CASES = [
 ]
 
 
+CASES = API_CASES + COMPAT_CASES
+
+
 @pytest.mark.parametrize("call,error,phrase", CASES, ids=[getattr(c[0], "__name__", "lambda") + f"-{i}"
                                                           for i, c in enumerate(CASES)])
 def test_bad_input_gets_a_clear_error(call, error, phrase):
     with pytest.raises(error) as info:
         call()
     assert phrase in str(info.value), str(info.value)
+
+
+def test_a_diverging_inner_loop_warns_once_and_reports_its_growth():
+    learner = _learner(config=MAMLConfig(inner_steps=2, inner_lr=1e6, inner_clip=None, engine="custom"))
+    with pytest.warns(UserWarning, match=r"the inner loop diverges: at outer step 1 the loss grew .*x"):
+        metrics = learner.step(_batch())
+    assert metrics["adaptation_loss_growth"] > 1e6
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once
+        assert learner.step(_batch())["adaptation_loss_growth"] > 1e6
+    assert _learner().step(_batch())["adaptation_loss_growth"] < 10
+
+
+def test_an_optimizer_missing_some_parameters_warns():
+    model = _mlp()
+    with pytest.warns(UserWarning, match=r"leaves out 2 trainable parameter\(s\) of the model \(3.weight, 3.bias\)"):
+        mk.MetaLearner(model, CFG, optimizer=torch.optim.SGD(model[1].parameters(), 0.1))
+
+
+# ---- the command line: exit code 2, one line naming the field or flag ----------------------------
+
+def _cli(args, capsys):
+    from meta_kernels.cli import main
+    code = main(args)
+    return code, capsys.readouterr().err
+
+
+CLI_CASES = [
+    (["--resume", "--overwrite"], "resume and overwrite exclude each other"),
+    (["--set", "run.device=cuda"], "run.device='cuda', but this torch has no CUDA device"),
+    (["--set", "maml.inner_lr=1e308"], "MAMLConfig.inner_lr: must be > 0 and at most 3.4e+38"),
+    (["--set", "maml.meta_lr=1e39"], "MAMLConfig.meta_lr: must be > 0 and at most 3.4e+38"),
+    (["--model", "tests.user_factory:raises"], "model.factory 'tests.user_factory:raises' raised KeyError"),
+    (["--model", "tests.user_factory:wrong_width"], "gives [7] outputs per sample, but episodes.n_way is 5"),
+]
+
+
+@pytest.mark.parametrize("extra,phrase", CLI_CASES, ids=[c[1][:30] for c in CLI_CASES])
+def test_bad_command_lines_exit_2_with_one_clear_line(data_env, tmp_path, capsys, monkeypatch, extra, phrase):
+    if "cuda" in " ".join(extra) and torch.cuda.is_available():
+        pytest.skip("a CUDA device is here")
+    monkeypatch.syspath_prepend(str(REPO))
+    code, err = _cli(["train", "--preset", "minimal", "--set", "mamlpp.bn_mode=transductive", "--out",
+                      str(tmp_path / "run"), *extra], capsys)
+    assert code == 2 and phrase in err, err
+    assert "Traceback" not in err or "raised" in phrase  # a factory's own traceback is shown, ours never
+
+
+def test_a_folder_without_a_checkpoint_is_reused_and_resume_says_so(data_env, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')  # a run killed before its first save
+    code, err = _cli(["train", "--preset", "minimal", "--resume", "--out", str(out)], capsys)
+    assert code == 2 and "no checkpoint" in err and "start afresh without --resume" in err, err
+    from meta_kernels.train import Trainer
+    with pytest.warns(UserWarning, match="saved no checkpoint"):
+        Trainer(MetaLearningFullConfig.minimal().with_overrides(["mamlpp.bn_mode=transductive"]), out, progress=False)
+    assert not (out / "metrics.jsonl").exists()
+
+
+def test_eval_of_a_checkpoint_with_another_architecture_names_the_keys(data_env, tmp_path):
+    from meta_kernels.checkpoint import CheckpointError, save_checkpoint
+    from meta_kernels.train import load_checkpoint_model
+    config = MetaLearningFullConfig.minimal()
+    path = save_checkpoint(tmp_path / "other.pt", {"config": config.to_dict(), "model": {"fc.weight": torch.zeros(2)}})
+    with pytest.raises(CheckpointError, match=r"does not match the checkpoint's weights: missing \['blocks.0.bn.bias'"):
+        load_checkpoint_model(path, {"model": {"fc.weight": torch.zeros(2)}}, config, (1, 28, 28))
 
 
 def test_nonfinite_inner_losses_can_be_allowed_as_the_peers_do():

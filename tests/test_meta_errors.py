@@ -79,7 +79,7 @@ def test_non_finite_inner_loss_names_step_and_task(model):
     xs, ys, xq, yq = _batch(T=3)
     xs = xs.clone()
     xs[1, 0, 0, 0, 0] = float("nan")
-    with pytest.raises(NonFiniteLossError, match=r"inner step 0 for task\(s\) \[1\]"):
+    with pytest.raises(NonFiniteLossError, match=r"inner step 0, before any inner update, for task\(s\) \[1\]"):
         adapt(dict(model.named_parameters()), (xs, ys), model=model, steps=2, lrs=0.1, first_order=True)
 
 

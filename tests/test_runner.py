@@ -52,7 +52,7 @@ def test_config_errors_name_the_field(tmp_path):
         MetaLearningFullConfig.preset("huge")
     with pytest.raises(ConfigError, match=r"unknown key 'inner_lrr' in section 'maml'"):
         MetaLearningFullConfig.dev().with_overrides(["maml.inner_lrr=0.1"])
-    with pytest.raises(ConfigError, match=r"MAMLConfig.inner_lr: must be > 0, got -1"):
+    with pytest.raises(ConfigError, match=r"MAMLConfig.inner_lr: must be > 0 and at most 3.4e\+38 .*got -1"):
         MetaLearningFullConfig.dev().with_overrides(["maml.inner_lr=-1"])
     with pytest.raises(ConfigError, match=r"must look like section.key=value"):
         MetaLearningFullConfig.dev().with_overrides(["inner_lr=0.1"])

@@ -11,3 +11,11 @@ def small_cnn(n_way: int, image_shape: tuple[int, ...]) -> nn.Module:
 
 def not_a_model(n_way: int, image_shape: tuple[int, ...]):
     return "a string"
+
+
+def raises(n_way: int, image_shape: tuple[int, ...]):
+    raise KeyError("hidden_size")
+
+
+def wrong_width(n_way: int, image_shape: tuple[int, ...]) -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(image_shape[0] * image_shape[1] * image_shape[2], n_way + 2))

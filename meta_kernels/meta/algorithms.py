@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -18,12 +19,13 @@ from meta_kernels import distributed
 from meta_kernels.config import ALGORITHMS, MAMLConfig, MAMLPlusPlusConfig, bn_mode_error
 from meta_kernels.meta.inner import adapt_tasks
 from meta_kernels.meta.inner_common import (AdaptResult, InnerLoopSettings, NonFiniteLossError, StepLog, as_task_batch,
+                                            check_same_samples, compute_inputs,
                                             batch_parts, lead_tensor, map_inputs, query_pass)
 from meta_kernels.meta.batching import check_task_independence
 from meta_kernels.meta.learner import Learner, TaskScores, auac
 from meta_kernels.meta.mamlpp import LSLR_MAX, LSLR_MIN, msl_weights
 from meta_kernels.meta.task_model import TaskModel, as_task_model
-from meta_kernels.tensor_utils import task_view
+from meta_kernels.tensor_utils import compute_dtype, task_view
 
 
 @dataclass
@@ -49,7 +51,45 @@ def reptile_epsilon(config: MAMLConfig, outer_steps: int) -> float:
     return config.reptile_epsilon * max(0.0, 1.0 - outer_steps / config.reptile_decay_steps)
 
 
-def resolve_algo(algo: str | None, config: MAMLConfig) -> str:
+def checked_config(config, who: str) -> MAMLConfig:
+    """`config` when it is a MAMLConfig; otherwise an error saying what to pass."""
+    if isinstance(config, MAMLConfig):
+        return config
+    hint = " (a dict of fields: MAMLConfig(**fields))" if isinstance(config, dict) else ""
+    raise TypeError(f"{who}: config must be a MAMLConfig, e.g. meta_kernels.MAMLConfig(algo='maml', inner_steps=5, "
+                    f"inner_lr=0.4){hint}; got {type(config).__name__}")
+
+
+def _check_compile(compile) -> None:
+    if isinstance(compile, bool):
+        return
+    if isinstance(compile, str):
+        backends = torch._dynamo.list_backends()
+        if compile in backends:
+            return
+        raise ValueError(f"compile={compile!r} is not a torch.compile backend; use True (inductor), False, or one of "
+                         f"{', '.join(backends)}")
+    raise TypeError(f"compile must be True, False or a torch.compile backend name, got {type(compile).__name__}")
+
+
+def _check_optimizer(optimizer, model: nn.Module) -> None:
+    """An optimiser given to MetaLearner must hold the model's trainable parameters."""
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"MetaLearner: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    missing = [n for n, p in trainable if id(p) not in held]
+    if len(missing) == len(trainable):
+        raise ValueError(f"MetaLearner: the optimizer holds none of {type(model).__name__}'s parameters, so the "
+                         "meta-update would train nothing; build it from model.parameters()")
+    if missing:
+        warnings.warn(f"MetaLearner: the optimizer leaves out {len(missing)} trainable parameter(s) of the model "
+                      f"({', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}): they get meta-gradients but no "
+                      "update; freeze them (requires_grad_(False)) or add them to the optimizer", stacklevel=3)
+
+
+def resolve_algo(algo: str | None, config: MAMLConfig, who: str = "meta_loss") -> str:
+    config = checked_config(config, who)
     algo = algo or config.algo
     if algo not in ALGORITHMS:
         raise ValueError(f"unknown algo {algo!r}; choose one of {', '.join(ALGORITHMS)}")
@@ -100,7 +140,7 @@ def meta_backward(params: dict[str, Tensor], task_batch, *, algo: str | None = N
     each chunk back-propagated to the adapted weights and its graph freed, before one backward
     through the inner loop -- with config.recompute_inner (MAML), one inner step's graph at a time,
     rebuilt from that step's starting weights. The same gradients as meta_loss(...).loss.backward()."""
-    algo = resolve_algo(algo, config)
+    algo = resolve_algo(algo, config, "meta_backward")
     if algo == "reptile":
         raise ValueError("meta_backward is for MAML and FOMAML; Reptile's update needs no meta-gradient")
     first_order = config.first_order if first_order is None else first_order
@@ -174,6 +214,7 @@ def _adapt_for_meta(params, task_batch, settings: InnerLoopSettings, task_model:
     if lead_tensor(xs).shape[0] != lead_tensor(xq).shape[0]:
         raise ValueError(f"support has {lead_tensor(xs).shape[0]} tasks but query has {lead_tensor(xq).shape[0]}; "
                          "they must match")
+    check_same_samples(xs, xq)
     result = adapt_tasks(params, (xs, ys), model=task_model, settings=settings, lrs=lrs,
                          query_batch=(xq, yq) if with_query else None, msl_weights=msl_weights)
     return result, xq, yq
@@ -234,7 +275,21 @@ def _meta_metrics(result: AdaptResult, loss: Tensor | float, post: float, ok: Te
     pre = result.curve_accuracy[0] if result.curve_accuracy else math.nan
     return {"pre_adapt_acc": pre, "post_adapt_acc": post, "fast_gain": post - pre,
             "auac": auac(result.curve_accuracy) if result.curve_accuracy else math.nan,
-            "query_loss": float(loss), "skipped_tasks": int((~ok).sum())}
+            "query_loss": float(loss), "skipped_tasks": int((~ok).sum()),
+            "adaptation_loss_growth": _loss_growth(result.logs, float(loss))}
+
+
+DIVERGENCE = 100.0  # an inner loss this many times its start: the inner loop diverges
+
+
+def _loss_growth(logs: list[StepLog], query_loss: float) -> float:
+    """How many times the loss grew within the adaptation: the largest of each inner step's support
+    loss and the query loss after adaptation, over the support loss at inner step 0 (<= 1 when
+    adaptation helps; a finite loss can still explode: inner_lr=1e6 gives a query loss of 1e22)."""
+    if not logs or not logs[0].loss > 0:
+        return math.nan
+    later = [log.loss for log in logs[1:]] + [query_loss]
+    return max(later) / logs[0].loss
 
 
 class MetaLearner(Learner):
@@ -254,7 +309,14 @@ class MetaLearner(Learner):
     def __init__(self, model: nn.Module, config: MAMLConfig, *, mamlpp: MAMLPlusPlusConfig | None = None,
                  optimizer: torch.optim.Optimizer | None = None, task_batching: str = "auto",
                  compile: bool | str = False, loss_fn=None, adapt_params=None, meta_sgd: bool = False,
-                 debug_batching: bool = False):
+                 debug_batching: bool = True):
+        config = checked_config(config, "MetaLearner")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"MetaLearner: model must be a torch nn.Module, got {type(model).__name__}")
+        if not any(p.requires_grad for p in model.parameters()):
+            raise ValueError(f"MetaLearner: no parameter of {type(model).__name__} requires grad, so it would train "
+                             "nothing; unfreeze the parameters to meta-train (p.requires_grad_(True))")
+        _check_compile(compile)
         self.model, self.config = model, config
         self.mamlpp = mamlpp or MAMLPlusPlusConfig(bn_mode="transductive")
         if compile and config.engine == "torch_func":
@@ -282,9 +344,14 @@ class MetaLearner(Learner):
         extra = [p for p in (self.lslr, self.msl_logits) if p is not None] + list((self.meta_sgd_rates or {}).values())
         outer = torch.optim.Adam if config.meta_optimizer == "adam" else torch.optim.SGD
         self.optimizer = optimizer or outer(list(model.parameters()) + extra, lr=config.meta_lr)
-        if optimizer is not None and extra:
-            self.optimizer.add_param_group({"params": extra})
+        if optimizer is not None:
+            _check_optimizer(optimizer, model)
+            if extra:
+                self.optimizer.add_param_group({"params": extra})
         self.outer_steps = 0
+        self._said_divergence = False
+        # On the first step, a cheap check that the forward does not mix the tasks folded into one
+        # batch (two tasks: one batched forward and one alone, no graph); debug_batching=False skips it.
         self.debug_batching = debug_batching and self.task_model.mode == "batched"
 
     def _check_bn_mode(self) -> None:
@@ -387,9 +454,13 @@ class MetaLearner(Learner):
         parts = batch_parts(task_batch)
         single = self.config.loss == "cross_entropy" and parts[1].dim() == 1
         local = 1 if single else lead_tensor(parts[0]).shape[0]
+        if local == 0:
+            raise ValueError("MetaLearner.step: the task batch holds 0 tasks; give at least one task ([T, N, ...] "
+                             "inputs with T >= 1)")
         total = total_tasks or local
         if self.debug_batching and local >= 2:
-            check_task_independence(self.model, parts[0])
+            dtype = compute_dtype(next(self.model.parameters()).dtype)
+            check_task_independence(self.model, compute_inputs(map_inputs(lambda t: t[:2], parts[0]), dtype))
             self.debug_batching = False
         self.optimizer.zero_grad(set_to_none=True)
         totals, adapted = self._accumulate(parts, single, local, total, epoch, track_curve, log_inner_steps)
@@ -406,6 +477,13 @@ class MetaLearner(Learner):
             self.optimizer.zero_grad(set_to_none=True)
         self.outer_steps += 1
         metrics = {k: (v / total if k != "skipped_tasks" else v) for k, v in totals.items()}
+        if metrics.get("adaptation_loss_growth", 0.0) > DIVERGENCE and not self._said_divergence:
+            self._said_divergence = True
+            warnings.warn(f"MetaLearner: the inner loop diverges: at outer step {self.outer_steps} the loss grew "
+                          f"{metrics['adaptation_loss_growth']:.3g}x within the adaptation (query loss after it "
+                          f"{metrics.get('query_loss', math.nan):.3g}); lower the inner lr (inner_lr="
+                          f"{self.config.inner_lr}) or set inner_clip. The metric adaptation_loss_growth tracks it "
+                          "(said once)", stacklevel=2)
         if all_skipped:  # nothing was measured: NaN (null in metrics.jsonl), not 0.0
             metrics = {k: (v if k == "skipped_tasks" else math.nan) for k, v in metrics.items()}
         return {**metrics, "skipped_step": float(not update)}
@@ -522,6 +600,21 @@ class MetaLearner(Learner):
                     ops.reptile_update_(list(self.model.parameters()), adapted, epsilon, backend=self.config.backend)
             return
         self.optimizer.step()
+        self._check_meta_update()
         if self.lslr is not None:
             with torch.no_grad():  # learned rates never leave the clamp range
                 self.lslr.clamp_(LSLR_MIN, LSLR_MAX)
+
+    def _check_meta_update(self) -> None:
+        """A finite meta-gradient can still make the weights inf (meta_lr=1e30): say so here, naming
+        the meta-optimiser, before the next step blames the inner loop."""
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if bool(torch.stack([torch.isfinite(p.detach()).all() for p in params]).all()):
+            return
+        named = {id(p): n for n, p in self.model.named_parameters()}
+        bad = [named.get(id(p), "a learned rate") for p in params if not bool(torch.isfinite(p.detach()).all())]
+        lrs = sorted({g.get("lr") for g in self.optimizer.param_groups}, key=str)
+        raise NonFiniteLossError(f"the meta-update of outer step {self.outer_steps + 1} by the meta-optimiser "
+                                 f"{type(self.optimizer).__name__} (lr {', '.join(map(str, lrs))}) made "
+                                 f"{', '.join(bad[:6])}{' ...' if len(bad) > 6 else ''} non-finite; lower meta_lr "
+                                 "(MAMLConfig.meta_lr or the optimizer's lr)")

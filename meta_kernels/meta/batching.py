@@ -40,35 +40,29 @@ from torch.func import functional_call
 from meta_kernels import ops
 from meta_kernels.models.conv4 import StepBatchNorm, _GroupedConv
 from meta_kernels.ops.batch_norm import fold_running_stats
+from meta_kernels.tensor_utils import map_structure
 from meta_kernels.ops.conv3x3_bn_pool_relu import MAX_IN_CHANNELS as MAX_FUSED_IN_CHANNELS
 
 # ---- folding the task dim into the batch dim -------------------------------------------------
 
 def fold(t, T: int):
-    """[T, N, ...] -> [T*N, ...] for every tensor in a (nested) tuple / list / dict."""
-    if isinstance(t, Tensor):
-        if t.dim() < 2 or t.shape[0] != T:
-            raise ValueError(f"every input must be [T, N, ...] with T = {T} tasks, got a tensor of shape {list(t.shape)}")
-        return t.reshape(T * t.shape[1], *t.shape[2:])
-    if isinstance(t, (tuple, list)):
-        return type(t)(fold(v, T) for v in t)
-    if isinstance(t, dict):
-        return {k: fold(v, T) for k, v in t.items()}
-    return t
+    """[T, N, ...] -> [T*N, ...] for every tensor of a (nested) input."""
+    def one(v: Tensor) -> Tensor:
+        if v.dim() < 2 or v.shape[0] != T:
+            raise ValueError(f"every input must be [T, N, ...] with T = {T} tasks, got a tensor of shape {list(v.shape)}")
+        return v.reshape(T * v.shape[1], *v.shape[2:])
+    return map_structure(one, t)
 
 
 def unfold(t, T: int):
-    """[T*N, ...] -> [T, N, ...] for every tensor in a (nested) output."""
-    if isinstance(t, Tensor):
-        if t.dim() < 1 or t.shape[0] % T:
-            raise ValueError(f"the model returned a tensor of shape {list(t.shape)} whose first dim does not hold the "
+    """[T*N, ...] -> [T, N, ...] for every tensor of a (nested) output: a tensor, tuple, dict,
+    dataclass or Hugging Face ModelOutput."""
+    def one(v: Tensor) -> Tensor:
+        if v.dim() < 1 or v.shape[0] % T:
+            raise ValueError(f"the model returned a tensor of shape {list(v.shape)} whose first dim does not hold the "
                              f"{T} tasks' samples; outputs must keep the batch dim first")
-        return t.reshape(T, t.shape[0] // T, *t.shape[1:])
-    if isinstance(t, (tuple, list)):
-        return type(t)(unfold(v, T) for v in t)
-    if isinstance(t, dict):
-        return {k: unfold(v, T) for k, v in t.items()}
-    return t
+        return v.reshape(T, v.shape[0] // T, *v.shape[1:])
+    return map_structure(one, t)
 
 
 def _to_channels(x: Tensor, T: int) -> Tensor:
@@ -124,7 +118,17 @@ def _task_view(v: Tensor, T: int, dims_after: int) -> Tensor:
 class _TaskConv:
     """Conv1d / Conv2d over folded tasks as one grouped convolution."""
 
+    def check_channels(self, channels: int) -> None:
+        """A clear error for inputs of the wrong number of channels (the grouped conv's own message
+        counts the tasks' channels together)."""
+        if channels != self.in_channels:
+            raise ValueError(f"layer {self._mk_name} ({type(self).__bases__[-1].__name__}) takes {self.in_channels} input "
+                             f"channel(s) per sample, got {channels}: give inputs [T, N, {self.in_channels}, ...] (e.g. "
+                             "grayscale vs RGB images), or build the model for these channels")
+
     def forward(self, x: Tensor) -> Tensor:
+        if x.dim() >= 2:
+            self.check_channels(x.shape[1])
         w, b = self.weight, self.bias
         if not _per_task(w, self._mk_base_dims["weight"]) and not _per_task(b, 1):
             return self._conv_forward(x, w, b)  # every weight shared: the module as it is
@@ -341,6 +345,7 @@ class _TaskSequential:
             if isinstance(m, _TaskConv) and isinstance(x, Tensor) and _per_task(m.weight, m._mk_base_dims["weight"]):
                 if T is None:
                     T = m.weight.shape[0]
+                    m.check_channels(h.shape[1])
                     h = _to_channels(h, T)
                 step = _fused_input_block(mods, i, h, T)
                 if step:
@@ -593,6 +598,28 @@ def build_view(model: nn.Module) -> tuple[nn.Module, list[LayerPlan], list[tuple
     return visit(model, ""), plans, pairs
 
 
+class ModelForwardError(RuntimeError):
+    """The model's forward failed on a task batch's inputs; the message says what it met."""
+
+    @classmethod
+    def of(cls, model: nn.Module, inputs, exc: RuntimeError) -> RuntimeError:
+        """exc itself when already said; else torch's wording ("batch2 tensor", "mat1 and mat2")
+        with the inputs' shapes and what to check."""
+        if isinstance(exc, cls):
+            return exc
+        shapes = []
+        map_structure(lambda t: shapes.append((list(t.shape), str(t.dtype).removeprefix("torch."))) or t, inputs)
+        first = str(exc).splitlines()[0][:300].rstrip(".")
+        hint = ""
+        if any(not d.startswith(("float", "bfloat", "complex")) for _, d in shapes) and "expected" in first.lower():
+            hint = " The inputs are integers: images must be floating point (e.g. x.float() / 255)."
+        described = "; ".join(f"{s} {d}" for s, d in shapes)
+        sample = shapes[0][0][2:] if shapes else []
+        return cls(f"{type(model).__name__}'s forward failed on the task batch's inputs ({described}: [T, N, ...], one "
+                   f"sample {sample}): {first}.{hint} Check that one sample has the shape the model's first layer "
+                   "takes, and that support and query inputs share it.")
+
+
 class BatchedModel:
     """Runs `model` for T tasks at once: `self(params, args, kwargs)` with every
     parameter [T, *shape] (or shared [*shape]) and every input tensor [T, N, ...]; outputs
@@ -633,6 +660,8 @@ class BatchedModel:
             double_backward, step, bn_mode, update_stats
         try:
             out = self._run(params, fold(args, T), fold(kwargs, T))
+        except RuntimeError as exc:
+            raise ModelForwardError.of(self.model, (args, kwargs), exc) from exc
         finally:
             _PASS.double_backward, _PASS.step, _PASS.bn_mode, _PASS.update_stats = False, 0, "transductive", False
         return unfold(out, T)

@@ -17,7 +17,7 @@ from torch import Tensor
 import meta_kernels.ops as ops
 from meta_kernels.meta.higher_engine import adapt_with_higher
 from meta_kernels.meta.inner_common import (AdaptResult, InnerLoopSettings, NonFiniteLossError, StepLog, as_task_batch,
-                                            check_rates, compute_inputs, lead_tensor, lr_table, map_inputs, masked_mean,
+                                            check_rates, check_same_samples, support_parts, compute_inputs, lead_tensor, lr_table, map_inputs, masked_mean,
                                             per_task_loss, query_pass)
 from meta_kernels.meta.task_model import TaskModel, as_task_model
 from meta_kernels.tensor_utils import compute_dtype, task_view, to_compute
@@ -76,10 +76,12 @@ def adapt_tasks(params: dict[str, Tensor], support_batch, *, model, settings: In
                          "no_graph=False and no multi-step loss (msl_weights)")
     if not params:
         raise ValueError("params is empty; pass model.named_parameters() as a dict")
-    x, y = as_task_batch(*support_batch, "support", settings.loss)
+    _check_params_of(params, task_model.model)
+    x, y = as_task_batch(*support_parts(support_batch), "support", settings.loss)
     query = None
     if query_batch is not None:
-        query = as_task_batch(*query_batch, "query", settings.loss)
+        query = as_task_batch(*support_parts(query_batch, "query_batch"), "query", settings.loss)
+        check_same_samples(x, query[0])
         if lead_tensor(query[0]).shape[0] != lead_tensor(x).shape[0]:
             raise ValueError(f"support has {lead_tensor(x).shape[0]} tasks but query has "
                              f"{lead_tensor(query[0]).shape[0]}; they must match")
@@ -121,6 +123,18 @@ def adapt_tasks(params: dict[str, Tensor], support_batch, *, model, settings: In
                 # masked-out gradient (0 * NaN) would still poison the shared meta-gradient.
                 skipped = skipped | skip.bad
                 x = map_inputs(lambda t: torch.where(task_view(skipped, t), torch.zeros_like(t), t), x)
+
+
+def _check_params_of(params: dict[str, Tensor], model) -> None:
+    """params must be the model's own: its parameter names, each of its shape (or [T, *shape])."""
+    own = dict(model.named_parameters())
+    unknown = [k for k in params if k not in own]
+    wrong = [f"{k} {list(v.shape)} (the model's is {list(own[k].shape)})" for k, v in params.items()
+             if k in own and tuple(v.shape[-own[k].dim():] if own[k].dim() else v.shape[v.dim():]) != tuple(own[k].shape)]
+    if unknown or wrong:
+        found = f"unknown names {unknown[:4]}" if unknown else f"other shapes: {'; '.join(wrong[:3])}"
+        raise ValueError(f"params are not {type(model).__name__}'s: {found}; pass dict(model.named_parameters()) of "
+                         "the model given as model=")
 
 
 def _elementwise_rates(lrs, adapted: list[str], params: dict[str, Tensor]) -> list[Tensor] | None:
@@ -210,10 +224,18 @@ def _run_steps(task_model: TaskModel, base: dict[str, Tensor], x: Tensor, y: Ten
         bad = ~(torch.isfinite(loss_t.detach()) & torch.isfinite(norm.detach())) & task_ok
         if bool(bad.any()):
             if settings.on_nonfinite == "raise":
+                tasks = bad.nonzero().flatten().tolist()
+                if step == 0:  # before any inner update: the weights or the inputs, not the inner lr
+                    largest = max(float(v.detach().abs().max()) for v in base.values())
+                    raise NonFiniteLossError(
+                        f"non-finite inner loss at inner step 0, before any inner update, for task(s) {tasks} (loss "
+                        f"{loss_t.detach()[bad].tolist()}): the model's weights (largest magnitude {largest:.3g}) or the "
+                        "support inputs are not fit to use; check the inputs, and the meta-update that made the "
+                        "weights (meta_lr), or set skip_nonfinite_tasks=True to skip such tasks")
                 raise NonFiniteLossError(
-                    f"non-finite inner loss or gradient at inner step {step} for task(s) "
-                    f"{bad.nonzero().flatten().tolist()} (loss {loss_t.detach()[bad].tolist()}); lower the inner lr, "
-                    "set inner_clip, or set skip_nonfinite_tasks=True to skip such tasks")
+                    f"non-finite inner loss or gradient at inner step {step} for task(s) {tasks} (loss "
+                    f"{loss_t.detach()[bad].tolist()}); lower the inner lr, set inner_clip, or set "
+                    "skip_nonfinite_tasks=True to skip such tasks")
             raise _SkipTasks(bad)
         if bool(skipped.any()):
             grads = _zero_skipped(grads, task_ok)

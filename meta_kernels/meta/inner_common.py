@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from meta_kernels.config import BN_MODES, ENGINES, MAMLConfig
-from meta_kernels.tensor_utils import HALF_TYPES, compute_dtype
+from meta_kernels.tensor_utils import compute_dtype, map_structure, structure_tensors
 
 NONFINITE = ("raise", "skip")
 LOSSES = ("cross_entropy", "mse")
@@ -149,9 +149,10 @@ def map_inputs(fn: Callable[[Tensor], Tensor], x):
 
 
 def compute_inputs(x, dtype: torch.dtype):
-    """Half and bfloat16 model inputs in `dtype`, the dtype of the weights they meet (the inner
-    loop's and the query pass's compute dtype); other inputs unchanged."""
-    return map_inputs(lambda t: t.to(dtype) if t.dtype in HALF_TYPES else t, x)
+    """Floating-point model inputs in `dtype`, the dtype of the weights they meet (the inner loop's
+    and the query pass's compute dtype: half, bfloat16 and float64 images meet float32 weights);
+    integer inputs (token ids, class indices) unchanged."""
+    return map_inputs(lambda t: t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t, x)
 
 
 def lead_tensor(x) -> Tensor:
@@ -171,9 +172,28 @@ def batch_parts(task_batch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(x_support, y_support, x_query, y_query) of a TaskBatch or a 4-tuple."""
     if hasattr(task_batch, "x_support"):
         return task_batch.x_support, task_batch.y_support, task_batch.x_query, task_batch.y_query
-    if len(task_batch) == 4:
+    if isinstance(task_batch, (tuple, list)) and len(task_batch) == 4:
         return tuple(task_batch)
-    raise ValueError("task_batch must be a TaskBatch or (x_support, y_support, x_query, y_query)")
+    got = f"a {type(task_batch).__name__}" + (f" of {len(task_batch)}" if isinstance(task_batch, (tuple, list)) else "")
+    raise ValueError(f"task_batch must be a TaskBatch or a tuple (x_support, y_support, x_query, y_query), got {got}")
+
+
+def support_parts(support_batch, name: str = "support_batch") -> tuple:
+    """(x, y) of a support (or query) batch given as a pair."""
+    if isinstance(support_batch, (tuple, list)) and len(support_batch) == 2:
+        return tuple(support_batch)
+    got = f"a {type(support_batch).__name__}" + (f" of {len(support_batch)}" if isinstance(support_batch, (tuple, list))
+                                                 else f" of shape {list(support_batch.shape)}"
+                                                 if isinstance(support_batch, Tensor) else "")
+    raise ValueError(f"{name} must be a pair (x, y): inputs [T, N, ...] and targets [T, N], got {got}")
+
+
+def check_same_samples(xs, xq) -> None:
+    """Support and query inputs must describe samples of the same shape (after [T, N])."""
+    shapes = lambda x: [tuple(t.shape[2:]) for t in structure_tensors(x)]
+    if shapes(xs) != shapes(xq):
+        raise ValueError(f"support samples have shape {shapes(xs)} but query samples {shapes(xq)} (after [T, N]); the "
+                         "model sees both, so they must match")
 
 
 def as_task_batch(x: Tensor, y: Tensor, name: str, loss: str | Callable = "cross_entropy") -> tuple[Tensor, Tensor]:
@@ -192,6 +212,8 @@ def as_task_batch(x: Tensor, y: Tensor, name: str, loss: str | Callable = "cross
             raise ValueError(f"{name}: several inputs need the task dim: each [T, N, ...] with y [T, N]")
         _, y = as_task_batch(lead, y, name, loss)
         return x, y
+    if x.dim() >= 1 and x.shape[0] == 0:
+        raise ValueError(f"{name}: the batch holds 0 tasks (x of shape {list(x.shape)}); give at least one task")
     if callable(loss):
         if y.dim() < 2 or x.dim() < 2 or x.shape[:2] != y.shape[:2]:
             raise ValueError(f"{name}: x must be [T, N, ...] and y [T, N, ...]; got x {list(x.shape)} and y {list(y.shape)}")
@@ -253,11 +275,29 @@ def check_rates(rates: Tensor, name: str, *, allow_negative: bool) -> None:
                          f"(shape {list(r.shape)}): check the rates, or lower the outer lr if they are learned")
 
 
-def per_task_loss(outputs: Tensor, y: Tensor, loss: str | Callable = "cross_entropy", name: str = "support"):
-    """(loss [T], accuracy [T]) of each task; accuracy is NaN for regression."""
+def prediction(outputs):
+    """The tensor the built-in losses and the accuracy read from a model's output: the output
+    itself, else its `logits` (a dict key or attribute, as Hugging Face models give them), else
+    its first tensor (a tuple, dict, dataclass)."""
+    if isinstance(outputs, Tensor):
+        return outputs
+    logits = outputs.get("logits") if isinstance(outputs, dict) else getattr(outputs, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    leaves = structure_tensors(outputs)
+    if not leaves:
+        raise ValueError(f"the model returned {type(outputs).__name__} holding no tensor; return the logits (or a "
+                         "tuple / dict whose 'logits' or first entry they are)")
+    return leaves[0]
+
+
+def per_task_loss(outputs, y: Tensor, loss: str | Callable = "cross_entropy", name: str = "support"):
+    """(loss [T], accuracy [T]) of each task; accuracy is NaN for regression. A callable loss gets
+    the outputs as the model returned them (any structure); the built-in ones read prediction()."""
     T, N = y.shape[:2]
     if callable(loss):
-        return _callable_loss(loss, outputs, y, name), _accuracy(outputs, y)
+        return _callable_loss(loss, outputs, y, name), _accuracy(prediction(outputs), y)
+    outputs = prediction(outputs)
     if loss == "mse":
         if outputs.shape != y.shape:
             raise ValueError(f"{name}: model outputs {list(outputs.shape)} do not match targets {list(y.shape)}")
@@ -268,18 +308,32 @@ def per_task_loss(outputs: Tensor, y: Tensor, loss: str | Callable = "cross_entr
     return per, (outputs.detach().argmax(-1) == y).float().mean(1)
 
 
-def _callable_loss(loss_fn: Callable, outputs: Tensor, y: Tensor, name: str) -> Tensor:
-    """loss_fn on each task's outputs and targets: one batched call under vmap, or a loop over the
-    tasks when the callable cannot run under vmap."""
+def _callable_loss(loss_fn: Callable, outputs, y: Tensor, name: str) -> Tensor:
+    """loss_fn on each task's outputs (as the model returned them) and targets: one batched call
+    under vmap, or a loop over the tasks when the callable cannot run under vmap."""
+    T = y.shape[0]
     try:
         per = torch.func.vmap(loss_fn)(outputs, y)
     except Exception:  # noqa: BLE001 - e.g. .item() or data-dependent control flow inside loss_fn
-        per = torch.stack([torch.as_tensor(loss_fn(outputs[t], y[t])) for t in range(outputs.shape[0])])
-    if not isinstance(per, Tensor) or per.shape != (outputs.shape[0],):
+        of_task = lambda t: map_structure(lambda v: v[t], outputs)
+        values = [loss_fn(of_task(t), y[t]) for t in range(T)]
+        bad = next((v for v in values if not isinstance(v, Tensor)), None)
+        if bad is not None:
+            raise TypeError(f"{name}: loss_fn returned {type(bad).__name__} ({bad!r}), not a tensor; compute the loss "
+                            "from the outputs with torch operations (a Python number carries no gradient)")
+        per = torch.stack(values)
+    shape = list(prediction(outputs).shape[1:])
+    if not isinstance(per, Tensor) or per.shape != (T,):
         got = list(per.shape[1:]) if isinstance(per, Tensor) else type(per).__name__
         raise ValueError(f"{name}: loss_fn(outputs, targets) must return a scalar for one task's outputs "
-                         f"{list(outputs.shape[1:])} and targets {list(y.shape[1:])}, i.e. shape [], got {got}; "
-                         "reduce it (e.g. .mean())")
+                         f"{shape} and targets {list(y.shape[1:])}, i.e. shape [], got {got}; reduce it (e.g. .mean())")
+    if not per.is_floating_point():
+        raise TypeError(f"{name}: loss_fn returned a {per.dtype} value; a loss must be floating point (a count or an "
+                        "argmax has no gradient): e.g. F.cross_entropy(outputs, targets)")
+    if not per.requires_grad and any(v.requires_grad for v in structure_tensors(outputs)):
+        raise ValueError(f"{name}: loss_fn returned a value that does not depend on the outputs (it has no gradient): "
+                         "compute it from `outputs` with differentiable torch operations, not .item(), float() or "
+                         "torch.tensor(...)")
     return per
 
 

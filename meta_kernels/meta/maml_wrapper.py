@@ -8,6 +8,7 @@ learn2learn.algorithms.MAML:
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from meta_kernels.meta.inner import adapt
@@ -23,6 +24,12 @@ class MAML(nn.Module):
         adapt_params: names or a predicate(name, tensor) of the parameters to adapt (default: every
         one that requires grad)."""
         super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"MAML wraps an nn.Module, got {type(model).__name__}; pass your model: MAML(model, lr=0.4)")
+        if isinstance(lr, bool) or not isinstance(lr, (int, float, Tensor)) or \
+                (not isinstance(lr, Tensor) and not 0 < lr < float("inf")):
+            raise ValueError(f"MAML: lr must be a finite number > 0 (the inner learning rate, e.g. lr=0.4), a per-"
+                             f"parameter tensor or a per-step table, got {lr!r}")
         self.module = model
         self.lr, self.first_order, self.inner_clip, self.engine, self.loss = lr, first_order, inner_clip, engine, loss
         self.adapt_params = adapt_params
@@ -30,6 +37,10 @@ class MAML(nn.Module):
 
     def adapt(self, x: Tensor, y: Tensor, steps: int = 1) -> dict[str, Tensor]:
         """Adapted weights; a single task (y [N]) gives unbatched weights, T tasks give [T, ...]."""
+        if torch.is_grad_enabled() and not any(p.requires_grad for p in self.module.parameters()):
+            raise ValueError(f"MAML.adapt: no parameter of {type(self.module).__name__} requires grad, so there is "
+                             "nothing to adapt or meta-train; unfreeze them (p.requires_grad_(True)), or adapt under "
+                             "torch.no_grad() to evaluate")
         single = self.loss == "cross_entropy" and y.dim() == 1
         adapted, self.inner_logs = adapt(dict(self.module.named_parameters()), (x, y), model=self.task_model,
                                          steps=steps, lrs=self.lr, first_order=self.first_order,

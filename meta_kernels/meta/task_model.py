@@ -9,7 +9,7 @@ from torch import Tensor, nn
 import torch.utils._pytree as pytree
 from torch.func import functional_call
 
-from meta_kernels.meta.batching import BatchedModel
+from meta_kernels.meta.batching import BatchedModel, ModelForwardError
 from meta_kernels.models.conv4 import StepBatchNorm
 
 TASK_BATCHING = ("auto", "native", "batched", "vmap", "loop")
@@ -34,6 +34,8 @@ class TaskModel:
     fixed: dict[str, Tensor] = {}
 
     def __init__(self, model: nn.Module, task_batching: str = "auto", compile: bool | str = False):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch nn.Module (your network), got {type(model).__name__}")
         if task_batching not in TASK_BATCHING:
             raise ValueError(f"unknown task_batching {task_batching!r}; choose one of {', '.join(TASK_BATCHING)}")
         if task_batching == "auto":
@@ -73,9 +75,12 @@ class TaskModel:
         update_stats reach models with per-step BatchNorm (Conv4)."""
         if self.fixed:
             params = {**self.fixed, **params}
-        if self.compiled is not None and not double_backward and not update_stats:
-            return self.compiled(params, x, step, bn_mode)
-        return self.forward(params, x, step, bn_mode, update_stats, double_backward)
+        try:
+            if self.compiled is not None and not double_backward and not update_stats:
+                return self.compiled(params, x, step, bn_mode)
+            return self.forward(params, x, step, bn_mode, update_stats, double_backward)
+        except RuntimeError as exc:
+            raise ModelForwardError.of(self.model, x, exc) from exc
 
     def forward(self, params: dict[str, Tensor], x: Tensor, step: int = 0, bn_mode: str = "transductive",
                 update_stats: bool = False, double_backward: bool = False) -> Tensor:
