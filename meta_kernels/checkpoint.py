@@ -241,6 +241,9 @@ def load_sharded(path: str | os.PathLike, state: dict, *, collective: bool = Tru
 # Fields that shape training: resuming with any of them changed would not continue the same run.
 TRAINING_FIELDS = {"maml": None, "mamlpp": None, "episodes": None, "data": None, "model": None,
                    "run": ("seed", "omniglot_variant", "data_root")}
+# Fields of those sections that do not shape training: the inner-loop engines give the same
+# meta-gradients (a run saved with engine torch_func resumes under auto).
+NOT_TRAINING = {"maml": ("engine",)}
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:
@@ -250,7 +253,7 @@ def config_differences(saved: dict, current: dict) -> list[str]:
         if old is None:  # a checkpoint from before the section existed was trained with its defaults
             old = dataclasses.asdict(SECTIONS[section]())
         for key in sorted(set(old) | set(new)):
-            if fields is not None and key not in fields:
+            if (fields is not None and key not in fields) or key in NOT_TRAINING.get(section, ()):
                 continue
             if old.get(key) != new.get(key):
                 diffs.append(f"{section}.{key}: checkpoint {old.get(key)!r} != now {new.get(key)!r}")

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 KNOWN_DATASETS = ("omniglot", "mini_imagenet", "custom", "sinusoid")
 ALGORITHMS = ("maml", "fomaml", "reptile")
-ENGINES = ("torch_func", "custom", "higher")
+ENGINES = ("auto", "custom", "torch_func", "higher")
 OP_BACKENDS = ("auto", "cuda", "triton", "cpp", "reference")
 BN_MODES = ("transductive", "per_step", "frozen")
 MSL_WEIGHTS = ("uniform", "linear_increase", "learned")
@@ -160,7 +160,7 @@ class MAMLConfig:
     inner_clip: float | None = 10.0
     second_order: bool | None = None
     backend: str = "auto"
-    engine: str = "torch_func"
+    engine: str = "auto"
     meta_lr: float = 1e-3
     meta_optimizer: str = "adam"  # or "sgd"
     meta_batch_size: int = 4

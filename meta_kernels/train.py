@@ -28,7 +28,7 @@ from meta_kernels.config import MetaLearningFullConfig
 from meta_kernels.loggers import Logger, build_loggers, strict_json
 from meta_kernels.malloc_tuning import keep_freed_cpu_memory
 from meta_kernels.data import EpisodeSampler, load_dataset
-from meta_kernels.meta import Learner, MetaLearner, ShardedMetaLearner
+from meta_kernels.meta import InnerLoopSettings, Learner, MetaLearner, ShardedMetaLearner
 from meta_kernels.models import Conv4, ViT
 
 SPLIT_SEEDS = {"train": 0, "val": 1, "test": 2}  # offsets of each split's episode stream
@@ -476,7 +476,10 @@ class Trainer:
         train = [h for h in self.history if h["split"] == "train"]
         vals = [h for h in self.history if h["split"] == "val"]
         k = max(1, min(10, len(train) // 2))
-        summary = {"global_step": self.global_step, "epoch": self.epoch, "seconds": round(seconds, 2),
+        m = self.config.maml
+        summary = {"inner_loop": {"algo": m.algo, "inner_steps": m.inner_steps, "inner_lr": m.inner_lr,
+                                  "inner_clip": m.inner_clip, "engine": InnerLoopSettings.from_config(m).engine},
+                   "global_step": self.global_step, "epoch": self.epoch, "seconds": round(seconds, 2),
                    "train_loss": self.loss_key,
                    "train_loss_first": float(np.mean([h[self.loss_key] for h in train[:k]])) if train else None,
                    "train_loss_last": float(np.mean([h[self.loss_key] for h in train[-k:]])) if train else None,

@@ -27,7 +27,9 @@ one task run alone with the batched result and says so.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import sys
 import warnings
 from dataclasses import dataclass
 
@@ -35,6 +37,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.func import functional_call
 
 from meta_kernels import ops
@@ -97,8 +100,10 @@ def _per_task(value: Tensor | None, base_dims: int) -> bool:
 
 
 def _tasks_of(module: nn.Module, batch: int) -> int:
-    """T, from the first parameter stacked per task (1 when every parameter is shared)."""
+    """T, from the first of its own parameters stacked per task (1 when every one is shared)."""
     for name, dims in module._mk_base_dims.items():
+        if "." in name:  # a child's parameter (MultiheadAttention's out_proj)
+            continue
         value = getattr(module, name)
         if _per_task(value, dims):
             T = value.shape[0]
@@ -187,6 +192,7 @@ class _TaskBatchNorm:
     in use) normalises with the running statistics and applies the per-task affine. A training
     pass folds the T tasks' statistics into the running ones as T successive batches in task order
     (ops.batch_norm.fold_running_stats): what a per-task loop over the same pass leaves."""
+    plan = "batched (fused batch_norm op)"
 
     def batch_stats_only(self) -> bool:
         """Normalises with batch statistics and keeps no running ones in this pass."""
@@ -478,17 +484,17 @@ class _Fallback:
         except Exception as exc:
             raise RuntimeError(f"meta_kernels: layer {self._mk_name} ({type(original).__name__}) can be neither batched "
                                f"nor vmapped nor run per task: {type(exc).__name__}: {exc}") from exc
-        return fold(_stack(outs), T)
+        return fold(stack_structures(outs), T)
 
 
-def _stack(outs: list):
+def stack_structures(outs: list):
     first = outs[0]
     if isinstance(first, Tensor):
         return torch.stack(outs)
     if isinstance(first, (tuple, list)):
-        return type(first)(_stack([o[i] for o in outs]) for i in range(len(first)))
+        return type(first)(stack_structures([o[i] for o in outs]) for i in range(len(first)))
     if isinstance(first, dict):
-        return {k: _stack([o[k] for o in outs]) for k in first}
+        return {k: stack_structures([o[k] for o in outs]) for k in first}
     return first
 
 
@@ -509,9 +515,29 @@ _VIEW_CLASSES: dict[tuple[type, type], type] = {}
 
 def _view_class(base: type, behaviour: type) -> type:
     key = (base, behaviour)
-    if key not in _VIEW_CLASSES:
-        _VIEW_CLASSES[key] = type(f"TaskBatched{base.__name__}", (behaviour, base), {})
+    if key not in _VIEW_CLASSES:  # the original forward stays at hand for passes with shared weights
+        namespace = {"_mk_original_forward": base.forward}
+        if behaviour is not _TaskSequential:
+            namespace["__getattr__"] = _watched_getattr
+        _VIEW_CLASSES[key] = type(f"TaskBatched{base.__name__}", (behaviour, base), namespace)
     return _VIEW_CLASSES[key]
+
+
+class DirectWeightRead(ValueError):
+    """The model's own code read a layer's weight, which is per task here ([T, *shape])."""
+
+
+def _watched_getattr(self, name: str):
+    """nn.Module's attribute lookup, which also catches the model's own code reading a per-task
+    weight of this layer (`x @ self.head.weight.t()`): that code expects the layer's 2-D weight.
+    The engine's code and torch's own (the layer's forward, F.*) read it as they should."""
+    value = nn.Module.__getattr__(self, name)
+    if isinstance(value, Tensor) and name in self._parameters and _per_task(value, self._mk_base_dims.get(name, -1)) \
+            and not torch.compiler.is_compiling():
+        caller = sys._getframe(1).f_globals.get("__name__", "")
+        if not caller.startswith(("meta_kernels.", "torch.")):
+            raise DirectWeightRead(f"{self._mk_name}.{name}")
+    return value
 
 
 def _has_own_params(m: nn.Module) -> bool:
@@ -578,7 +604,7 @@ def build_view(model: nn.Module) -> tuple[nn.Module, list[LayerPlan], list[tuple
         behaviour = KNOWN.get(type(m))
         if behaviour is not None:
             view.__class__ = _view_class(type(m), behaviour)
-            how = "batched" + (" (fused batch_norm op)" if behaviour is _TaskBatchNorm else "")
+            how = getattr(behaviour, "plan", "batched")
             plans.append(LayerPlan(name, type(m).__name__, fused.get(name, how)))
         elif _has_own_params(m):
             view.__class__ = _view_class(type(m), _Fallback)
@@ -659,7 +685,8 @@ class BatchedModel:
         _PASS.double_backward, _PASS.step, _PASS.bn_mode, _PASS.update_stats = \
             double_backward, step, bn_mode, update_stats
         try:
-            out = self._run(params, fold(args, T), fold(kwargs, T))
+            with engine_pass(double_backward):
+                out = self._run(params, fold(args, T), fold(kwargs, T))
         except RuntimeError as exc:
             raise ModelForwardError.of(self.model, (args, kwargs), exc) from exc
         finally:
@@ -674,10 +701,26 @@ class BatchedModel:
         them: `params` hold each weight as [1, *shape] (task-aware on the fused ops) or [*shape]."""
         for view, original in self._pairs:
             view.training = original.training
-        return self._run(params, args, kwargs or {})
+        with engine_pass(torch.is_grad_enabled()):
+            return self._run(params, args, kwargs or {})
 
     def explain(self) -> list[LayerPlan]:
         return list(self.plans)
+
+
+@contextlib.contextmanager
+def engine_pass(double_backward: bool):
+    """What every pass of a model with adapted weights runs under: torch's fused inference path
+    for attention off (its kernels read a module's weights as 2-D), and, when the pass is
+    differentiated twice (MAML's inner steps), the math kernel of scaled_dot_product_attention
+    (the fused kernels have no double backward) -- the user sets nothing."""
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH) if double_backward else contextlib.nullcontext():
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
 def _tensor_places(view: nn.Module) -> dict[str, list[tuple[dict, str]]]:
@@ -735,7 +778,10 @@ def check_task_independence(model: nn.Module, inputs, params: dict[str, Tensor] 
     first = lambda tree: pytree.tree_map(lambda v: v[:1] if isinstance(v, Tensor) else v, tree)
     with torch.no_grad():
         state = torch.get_rng_state()
-        together = engine(stacked, args, kwargs)
+        try:
+            together = engine(stacked, args, kwargs)
+        except DirectWeightRead:  # such a model runs its tasks in a loop (TaskModel), which mixes nothing
+            return
         torch.set_rng_state(state)
         alone = engine(first(stacked), first(args), first(kwargs))
     for a, b in zip(pytree.tree_leaves(first(together)), pytree.tree_leaves(alone)):
@@ -746,3 +792,9 @@ def check_task_independence(model: nn.Module, inputs, params: dict[str, Tensor] 
                 "one batch, so an operation over the batch dim (x.mean(0), a hand-written norm over samples) sees "
                 "every task. Write it as a module the engine knows (nn.BatchNorm*), or run this model with "
                 "task_batching='loop'")
+
+
+# The recurrent and attention layers live in their own module; it imports the helpers above.
+from meta_kernels.meta.sequence_layers import SEQUENCE_LAYERS  # noqa: E402
+
+KNOWN.update(SEQUENCE_LAYERS)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 
 import torch
 from torch import Tensor
@@ -217,6 +218,7 @@ def _run_steps(task_model: TaskModel, base: dict[str, Tensor], x: Tensor, y: Ten
                                                create_graph=not settings.first_order and not no_graph)
         if settings.inner_clip is not None:
             norm, factor = ops.clip_grad_norm(grads, settings.inner_clip)
+            _say_clipping_once(factor, norm, settings.inner_clip, step)
         else:
             with torch.no_grad():
                 norm, _ = ops.clip_grad_norm([g.detach() for g in grads], math.inf)
@@ -264,6 +266,22 @@ def _run_steps(task_model: TaskModel, base: dict[str, Tensor], x: Tensor, y: Ten
     per_task = [torch.stack(v, 1) for v in zip(*curve_per_task)] if query is not None else [None, None]
     return AdaptResult(fast, logs, curve_loss, curve_acc, task_ok, msl_total, backward if recompute else None,
                        *per_task)
+
+
+_CLIP_SAID = False
+
+
+def _say_clipping_once(factor: Tensor, norm: Tensor, clip: float, step: int) -> None:
+    """A one-time notice the first time inner_clip changes an update: the peers and the papers do
+    not clip, and MAMLConfig clips at norm 10 by default."""
+    global _CLIP_SAID
+    if _CLIP_SAID or not bool((factor.detach() < 1).any()):
+        return
+    _CLIP_SAID = True
+    warnings.warn(f"meta_kernels: inner_clip={clip} scaled down an inner update (inner step {step}: gradient norm "
+                  f"{float(norm.detach().max()):.3g} > {clip}). MAMLConfig clips each task's inner gradient at norm 10 "
+                  "by default as a guard; the peers and the papers do not clip: set inner_clip=None to match them "
+                  "(said once)", stacklevel=4)
 
 
 def _zero_skipped(grads: list[Tensor], task_ok: Tensor) -> list[Tensor]:

@@ -16,6 +16,9 @@ from meta_kernels.config import BN_MODES, ENGINES, MAMLConfig
 from meta_kernels.tensor_utils import compute_dtype, map_structure, structure_tensors
 
 NONFINITE = ("raise", "skip")
+# engine='auto': the fastest engine that gives the same meta-gradients (bench/RESULTS.md: custom is
+# faster than torch_func on every model measured, up to 4x; tests/test_meta_gradients.py: equal).
+AUTO_ENGINE = "custom"
 LOSSES = ("cross_entropy", "mse")
 
 
@@ -57,6 +60,8 @@ class InnerLoopSettings:
             raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
         if self.engine not in ENGINES:
             raise ValueError(f"unknown engine {self.engine!r}; choose one of {', '.join(ENGINES)}")
+        if self.engine == "auto":
+            object.__setattr__(self, "engine", AUTO_ENGINE)
         if self.bn_mode not in BN_MODES:
             raise ValueError(f"unknown bn_mode {self.bn_mode!r}; choose one of {', '.join(BN_MODES)}")
         if self.on_nonfinite not in NONFINITE:

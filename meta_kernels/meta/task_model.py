@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import copy
 import inspect
+import warnings
 
 import torch
 from torch import Tensor, nn
 import torch.utils._pytree as pytree
 from torch.func import functional_call
 
-from meta_kernels.meta.batching import BatchedModel, ModelForwardError
+from meta_kernels.meta.batching import (BatchedModel, DirectWeightRead, ModelForwardError, engine_pass,
+                                        stack_structures)
 from meta_kernels.models.conv4 import StepBatchNorm
 
 TASK_BATCHING = ("auto", "native", "batched", "vmap", "loop")
@@ -42,7 +44,7 @@ class TaskModel:
             task_batching = "native" if hasattr(type(model), "forward_tasks") else "batched"
         if task_batching == "native" and not hasattr(type(model), "forward_tasks"):
             raise ValueError(f"task_batching='native' needs {type(model).__name__}.forward_tasks(params, x)")
-        self.model, self.mode = model, task_batching
+        self.model, self._mode = model, [task_batching]  # shared by the with_fixed views
         # forward_tasks may take double_backward (a grouped conv double backward); user models need not.
         self.takes_double_backward = (task_batching == "native" and "double_backward" in
                                       inspect.signature(type(model).forward_tasks).parameters)
@@ -57,6 +59,14 @@ class TaskModel:
             backend = compile if isinstance(compile, str) else "inductor"
             self.compiled = torch.compile(self.forward, backend=backend, fullgraph=self.mode not in ("loop", "batched"),
                                           dynamic=False)
+
+    @property
+    def mode(self) -> str:
+        return self._mode[0]
+
+    @mode.setter
+    def mode(self, value: str) -> None:
+        self._mode[0] = value
 
     def with_fixed(self, fixed: dict[str, Tensor]) -> "TaskModel":
         """This view with `fixed` (weights the inner loop does not adapt, [T, *shape]) added to the
@@ -94,18 +104,30 @@ class TaskModel:
                                                   update_stats=update_stats, **extra)
         args, kwargs = model_inputs(x)
         if self.mode == "batched":
-            return self.engine(params, args, kwargs, double_backward=double_backward, step=step, bn_mode=bn_mode,
-                               update_stats=update_stats)
+            try:
+                return self.engine(params, args, kwargs, double_backward=double_backward, step=step, bn_mode=bn_mode,
+                                   update_stats=update_stats)
+            except DirectWeightRead as read:
+                if bn_mode != "transductive":
+                    raise ValueError(f"{type(self.model).__name__}'s forward reads {read} itself; call the layer "
+                                     "instead (bn_mode other than 'transductive' needs the batched engine)") from read
+                warnings.warn(f"{type(self.model).__name__}'s forward reads {read} itself (not by calling the layer), "
+                              "which holds one weight per task in the batched engine; this model runs its tasks in a "
+                              "loop from now on (correct, slower). To batch it, call the layer (e.g. self.head(x)) "
+                              "instead of reading its weight", stacklevel=4)
+                self.mode = "loop"
         if bn_mode != "transductive":
             raise ValueError(f"bn_mode {bn_mode!r} needs the task-batching engine (task_batching='batched') and "
                              "StepBatchNorm layers (meta_kernels.models.Conv4)")
-        if self.mode == "vmap":
-            call = lambda p, a, kw: functional_call(self.model, (p, self.buffers), a, kw)
-            return torch.func.vmap(call)(params, args, kwargs)
-        T = next(iter(params.values())).shape[0]
-        pick = lambda t: pytree.tree_map(lambda v: v[t] if isinstance(v, Tensor) else v, (args, kwargs))
-        return torch.stack([functional_call(self.model, ({k: v[t] for k, v in params.items()}, self.buffers), *pick(t))
-                            for t in range(T)])
+        with engine_pass(double_backward):
+            if self.mode == "vmap":
+                call = lambda p, a, kw: functional_call(self.model, (p, self.buffers), a, kw)
+                return torch.func.vmap(call)(params, args, kwargs)
+            T = next(iter(params.values())).shape[0]
+            pick = lambda t: pytree.tree_map(lambda v: v[t] if isinstance(v, Tensor) else v, (args, kwargs))
+            outs = [functional_call(self.model, ({k: v[t] for k, v in params.items()}, self.buffers), *pick(t))
+                    for t in range(T)]
+            return stack_structures(outs)
 
 
 def model_inputs(x) -> tuple[tuple, dict]:
