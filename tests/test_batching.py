@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from meta_kernels.meta.batching import BatchedModel, explain
+from meta_kernels.meta.batching import BatchedModel
+from meta_kernels.meta.task_model import explain
 from meta_kernels.models import ResNet12, sequential_conv4
 
 F64 = dict(dtype=torch.float64)

@@ -6,7 +6,7 @@ from meta_kernels.meta.algorithms import (
                                            meta_backward,
                                            meta_loss,
 )
-from meta_kernels.meta.batching import BatchedModel, explain
+from meta_kernels.meta.batching import BatchedModel
 from meta_kernels.meta.diagnostics import (
                                            DetachedGraphError,
                                            check_adapted_graph,
@@ -23,7 +23,7 @@ from meta_kernels.meta.inner_common import (
 from meta_kernels.meta.learner import Learner, TaskScores, auac
 from meta_kernels.meta.maml_wrapper import MAML
 from meta_kernels.meta.sharded import ShardedMetaLearner
-from meta_kernels.meta.task_model import TaskModel
+from meta_kernels.meta.task_model import TaskModel, explain
 
 __all__ = ["MAML", "AdaptResult", "BatchedModel", "explain", "DetachedGraphError", "InnerLoopSettings", "Learner", "MetaLearner", "MetaLogs",
            "MetaOutput", "NonFiniteLossError", "ShardedMetaLearner", "StepLog", "TaskModel", "TaskScores", "adapt",

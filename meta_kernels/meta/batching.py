@@ -31,7 +31,7 @@ import contextlib
 import copy
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -89,6 +89,8 @@ class _Pass:
     step: int = 0
     bn_mode: str = "transductive"
     update_stats: bool = False
+    batch: int = 0  # the folded batch, T * N (a tensor with batch 1 broadcasts over it)
+    direct_reads: list = field(default_factory=list)  # per-task weights the model's own code read
 
 
 _PASS = _Pass()
@@ -172,6 +174,28 @@ class _TaskLinear:
         return out.reshape(*x.shape[:-1], w.shape[1])
 
 
+class _TaskTransposedLinear:
+    """Hugging Face's Conv1D (GPT-2's linear layers, weight [in, out]) as one batched matmul."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        w, b = self.weight, self.bias
+        if not _per_task(w, 2) and not _per_task(b, 1):
+            return self._mk_original_forward(x)
+        T = _tasks_of(self, x.shape[0])
+        w = w if _per_task(w, 2) else w.expand(T, *w.shape)
+        out = torch.bmm(x.reshape(T, -1, x.shape[-1]), w)
+        if b is not None:
+            out = out + (b if _per_task(b, 1) else b.expand(T, -1)).unsqueeze(1)
+        return out.reshape(*x.shape[:-1], w.shape[2])
+
+
+def _known_by_name(m: nn.Module):
+    """Layers of other libraries known by their class name and shape, without importing them."""
+    if type(m).__name__ == "Conv1D" and hasattr(m, "nf") and set(m._parameters) == {"weight", "bias"}:
+        return _TaskTransposedLinear  # transformers.pytorch_utils.Conv1D
+    return None
+
+
 class _TaskEmbedding:
     def forward(self, idx: Tensor) -> Tensor:
         w = self.weight
@@ -182,6 +206,12 @@ class _TaskEmbedding:
             raise ValueError(f"{self._mk_name}: Embedding(max_norm=...) renormalises its table in place, which has no "
                              "per-task form; drop max_norm or freeze the embedding")
         T, V = w.shape[0], w.shape[1]
+        if idx.dim() >= 1 and idx.shape[0] == 1 and _PASS.batch % T == 0 and _PASS.batch > T:
+            # An index with batch 1 broadcast over the samples (a model's position ids buffer): one
+            # lookup per task, repeated over that task's samples.
+            per_task = w[:, idx[0]]  # [T, *idx, H]
+            return per_task.unsqueeze(1).expand(T, _PASS.batch // T, *per_task.shape[1:]).reshape(
+                _PASS.batch, *per_task.shape[1:])
         offsets = torch.arange(T, device=idx.device).repeat_interleave(idx.shape[0] // T) * V
         shifted = idx + offsets.reshape(-1, *([1] * (idx.dim() - 1)))
         return F.embedding(shifted, w.reshape(T * V, -1))
@@ -524,19 +554,21 @@ def _view_class(base: type, behaviour: type) -> type:
 
 
 class DirectWeightRead(ValueError):
-    """The model's own code read a layer's weight, which is per task here ([T, *shape])."""
+    """The model's own code read a layer's weight, which is per task here ([T, *shape]), and the
+    pass failed: that code expects the layer's own weight shape."""
 
 
 def _watched_getattr(self, name: str):
-    """nn.Module's attribute lookup, which also catches the model's own code reading a per-task
-    weight of this layer (`x @ self.head.weight.t()`): that code expects the layer's 2-D weight.
-    The engine's code and torch's own (the layer's forward, F.*) read it as they should."""
+    """nn.Module's attribute lookup, which also notes the model's own code reading a per-task
+    weight of this layer (`x @ self.head.weight.t()`, or only its dtype); if the pass then fails,
+    such a read is the likely cause (BatchedModel). The engine's code and torch's own (the layer's
+    forward, F.*) read it as they should."""
     value = nn.Module.__getattr__(self, name)
     if isinstance(value, Tensor) and name in self._parameters and _per_task(value, self._mk_base_dims.get(name, -1)) \
             and not torch.compiler.is_compiling():
         caller = sys._getframe(1).f_globals.get("__name__", "")
         if not caller.startswith(("meta_kernels.", "torch.")):
-            raise DirectWeightRead(f"{self._mk_name}.{name}")
+            _PASS.direct_reads.append(f"{self._mk_name}.{name}")
     return value
 
 
@@ -601,7 +633,7 @@ def build_view(model: nn.Module) -> tuple[nn.Module, list[LayerPlan], list[tuple
         view._mk_base_dims = {n: p.dim() for n, p in m.named_parameters()}
         view._mk_plain_3x3 = _is_plain_3x3(m)
         pairs.append((view, m))
-        behaviour = KNOWN.get(type(m))
+        behaviour = KNOWN.get(type(m)) or _known_by_name(m)
         if behaviour is not None:
             view.__class__ = _view_class(type(m), behaviour)
             how = getattr(behaviour, "plan", "batched")
@@ -655,6 +687,8 @@ class BatchedModel:
         self.model = model
         self.view, self.plans, self._pairs = build_view(model)
         self._places = _tensor_places(self.view)
+        names = {id(view): name for name, view in self.view.named_modules(remove_duplicate=False)}
+        self._fallbacks = {names.get(id(v), ""): v for v, _ in self._pairs if isinstance(v, _Fallback)}
 
     def _run(self, params: dict[str, Tensor], args: tuple, kwargs: dict):
         """The view's forward with `params` (parameters or buffers, by name) in their places,
@@ -684,13 +718,20 @@ class BatchedModel:
             view.training = original.training
         _PASS.double_backward, _PASS.step, _PASS.bn_mode, _PASS.update_stats = \
             double_backward, step, bn_mode, update_stats
+        _PASS.batch = T * _lead_samples(args, kwargs)
+        _PASS.direct_reads = []
         try:
             with engine_pass(double_backward):
                 out = self._run(params, fold(args, T), fold(kwargs, T))
-        except RuntimeError as exc:
-            raise ModelForwardError.of(self.model, (args, kwargs), exc) from exc
+        except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+            if _PASS.direct_reads:  # the model's code met a per-task weight it read itself
+                raise DirectWeightRead(", ".join(dict.fromkeys(_PASS.direct_reads))) from exc
+            if isinstance(exc, RuntimeError):
+                raise ModelForwardError.of(self.model, (args, kwargs), exc) from exc
+            raise
         finally:
             _PASS.double_backward, _PASS.step, _PASS.bn_mode, _PASS.update_stats = False, 0, "transductive", False
+            _PASS.batch = 0
         return unfold(out, T)
 
     def has_step_batch_norm(self) -> bool:
@@ -705,7 +746,14 @@ class BatchedModel:
             return self._run(params, args, kwargs or {})
 
     def explain(self) -> list[LayerPlan]:
-        return list(self.plans)
+        """Each layer's plan, with what its fallback does now (vmap, or a loop once vmap failed)."""
+        plans = []
+        for plan in self.plans:
+            view = self._fallbacks.get(plan.name)
+            if view is not None and view._mk_mode[0] == "loop":
+                plan = LayerPlan(plan.name, plan.kind, "loop over tasks (this layer only: vmap cannot run it)")
+            plans.append(plan)
+        return plans
 
 
 @contextlib.contextmanager
@@ -740,6 +788,12 @@ def _tensor_places(view: nn.Module) -> dict[str, list[tuple[dict, str]]]:
     return {name: by_tensor[tid] for name, tid in names.items()}
 
 
+def _lead_samples(args, kwargs) -> int:
+    """N, the samples per task of the first input tensor [T, N, ...]."""
+    t = next((v for v in pytree.tree_leaves((args, kwargs)) if isinstance(v, Tensor)), None)
+    return t.shape[1] if t is not None and t.dim() >= 2 else 1
+
+
 def _task_count(args, kwargs) -> int:
     for t in list(args) + list(kwargs.values()):
         if isinstance(t, Tensor):
@@ -751,11 +805,6 @@ def _task_count(args, kwargs) -> int:
     raise ValueError("the model's inputs hold no tensor; pass inputs of shape [T, N, ...]")
 
 
-def explain(model: nn.Module) -> str:
-    """How each layer of `model` runs when its tasks are batched: batched, fused op, vmap or loop."""
-    return "\n".join(str(p) for p in BatchedModel(model).explain())
-
-
 class TaskMixingError(ValueError):
     """The model's forward mixes samples across the batch outside the layers the engine knows."""
 
@@ -764,8 +813,9 @@ def check_task_independence(model: nn.Module, inputs, params: dict[str, Tensor] 
                             atol: float = 1e-5, rtol: float = 1e-4) -> None:
     """Raises TaskMixingError when the batched forward of `inputs` ([T, N, ...] tensors, T >= 2)
     gives task 0 other outputs than task 0 run alone -- the sign of a forward that mixes samples
-    outside the known layers (`x.mean(0)`, a hand-written batch norm). A debug check: it costs
-    one more forward (MetaLearner(debug_batching=True) runs it on the first step)."""
+    outside the known layers (`x.mean(0)`, a hand-written batch norm). Both passes run in eval mode
+    without a graph (MetaLearner runs this on its first step with two tasks; debug_batching=False
+    skips it)."""
     from meta_kernels.meta.task_model import model_inputs  # the same input forms as the inner loop
     args, kwargs = model_inputs(inputs)
     T = _task_count(args, kwargs)
@@ -776,14 +826,20 @@ def check_task_independence(model: nn.Module, inputs, params: dict[str, Tensor] 
     stacked = {k: v if v.dim() > dict(model.named_parameters())[k].dim() else v.expand(T, *v.shape)
                for k, v in base.items()}
     first = lambda tree: pytree.tree_map(lambda v: v[:1] if isinstance(v, Tensor) else v, tree)
-    with torch.no_grad():
-        state = torch.get_rng_state()
-        try:
-            together = engine(stacked, args, kwargs)
-        except DirectWeightRead:  # such a model runs its tasks in a loop (TaskModel), which mixes nothing
-            return
-        torch.set_rng_state(state)
-        alone = engine(first(stacked), first(args), first(kwargs))
+    # In eval mode: dropout off, so that the two passes draw nothing at random (the known layers
+    # keep tasks apart in either mode; the check is for the model's own code).
+    modes = [m.training for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            try:
+                together = engine(stacked, args, kwargs)
+            except DirectWeightRead:  # such a model runs its tasks in a loop (TaskModel), which mixes nothing
+                return
+            alone = engine(first(stacked), first(args), first(kwargs))
+    finally:
+        for m, mode in zip(model.modules(), modes):
+            m.training = mode
     for a, b in zip(pytree.tree_leaves(first(together)), pytree.tree_leaves(alone)):
         if isinstance(a, Tensor) and not torch.allclose(a, b, atol=atol, rtol=rtol, equal_nan=True):
             raise TaskMixingError(

@@ -68,6 +68,17 @@ class TaskModel:
     def mode(self, value: str) -> None:
         self._mode[0] = value
 
+    def explain(self) -> list[str]:
+        """What each layer does in this model's passes now (see explain)."""
+        if self.mode == "loop":
+            return ["(model): every layer in a per-task loop (task_batching='loop', or the model's own code reads a "
+                    "layer's weight)"]
+        if self.mode == "vmap":
+            return ["(model): torch.func.vmap over the tasks (task_batching='vmap')"]
+        if self.mode == "native":
+            return [f"(model): {type(self.model).__name__}.forward_tasks (its own batched form)"]
+        return [str(plan) for plan in self.engine.explain()]
+
     def with_fixed(self, fixed: dict[str, Tensor]) -> "TaskModel":
         """This view with `fixed` (weights the inner loop does not adapt, [T, *shape]) added to the
         weights of every call."""
@@ -128,6 +139,42 @@ class TaskModel:
             outs = [functional_call(self.model, ({k: v[t] for k, v in params.items()}, self.buffers), *pick(t))
                     for t in range(T)]
             return stack_structures(outs)
+
+
+def explain(model: nn.Module, inputs=None, config=None, task_batching: str = "auto") -> str:
+    """What a step does with `model`, layer by layer: batched, on a fused op, under vmap, or in a
+    per-task loop (for this layer, or the whole model). With example `inputs` ([T, N, ...] as a
+    task batch's, T >= 1) one forward of them runs first (no graph, eval mode), so that the layers
+    whose per-task form could not run show as they will run, as a step would find; with `config`
+    (a MAMLConfig) the inner loop's engine, clipping and loss come first."""
+    task_model = TaskModel(model, task_batching)
+    lines = []
+    if config is not None:
+        from meta_kernels.meta.inner_common import InnerLoopSettings
+        engine = InnerLoopSettings.from_config(config).engine
+        clip = ("off" if config.inner_clip is None else
+                f"{config.inner_clip} (each task's inner gradient scaled to norm <= {config.inner_clip}; "
+                "the peers and the papers do not clip: inner_clip=None)")
+        lines += [f"inner loop: {config.algo}, {config.inner_steps} step(s) of lr {config.inner_lr}, engine "
+                  f"{engine}{' (auto)' if config.engine == 'auto' else ''}, inner_clip {clip}",
+                  f"loss: {config.loss}" + ("" if callable(config.loss) else
+                                            " on the output's logits (its 'logits' key or attribute, else its first tensor)")]
+    if inputs is not None:
+        args, kwargs = model_inputs(inputs)
+        lead = next(v for v in pytree.tree_leaves((args, kwargs)) if isinstance(v, Tensor))
+        T = lead.shape[0]
+        params = {k: v.detach().expand(T, *v.shape) for k, v in model.named_parameters()}
+        modes = [m.training for m in model.modules()]
+        model.eval()
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the warnings a step would give are for the step
+                task_model(params, inputs)
+        finally:
+            for m, mode in zip(model.modules(), modes):
+                m.training = mode
+    lines += task_model.explain()
+    return "\n".join(lines)
 
 
 def model_inputs(x) -> tuple[tuple, dict]:
