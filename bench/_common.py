@@ -96,15 +96,19 @@ def higher_outer_step(model, loss, inner_lr: float, meta_lr: float, algo: str, s
     inner = torch.optim.SGD(model.parameters(), lr=inner_lr)
     detach = (lambda grads: [g.detach() for g in grads]) if algo == "fomaml" else None
 
+    def call(fmodel, x, t):  # a tensor input, or keyword inputs (token ids); logits of model outputs
+        out = fmodel(**{k: v[t] for k, v in x.items()}) if isinstance(x, dict) else fmodel(x[t])
+        return getattr(out, "logits", out)
+
     def step(batch):
         xs, ys, xq, yq = batch
-        T = xs.shape[0]
+        T = ys.shape[0]
         opt.zero_grad()
         for t in range(T):
             with higher.innerloop_ctx(model, inner, copy_initial_weights=False) as (fmodel, diffopt):
                 for _ in range(steps):
-                    diffopt.step(loss(fmodel(xs[t]), ys[t]), grad_callback=detach)
-                (loss(fmodel(xq[t]), yq[t]) / T).backward()
+                    diffopt.step(loss(call(fmodel, xs, t), ys[t]), grad_callback=detach)
+                (loss(call(fmodel, xq, t), yq[t]) / T).backward()
         opt.step()
     return step
 

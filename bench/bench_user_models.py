@@ -10,8 +10,16 @@ Cases (inner lr 0.4 classification / 0.01 regression, Adam 1e-3, no inner clippi
                 15-query, meta-batch 4, 5 inner steps
   mlp_dropout   a 40-40 MLP with Dropout(0.1) on sinusoid regression (10 support, 10 query points),
                 meta-batch 25, 5 inner steps
+  lstm / bigru / transformer   sequence classifiers (meta_kernels.models.plain: an LSTM on its last
+                hidden state, a 2-layer bidirectional GRU, a 2-layer nn.TransformerEncoder with mean
+                pooling) on random sequences [length 20, 16 features], 5-way 1-shot 5-query,
+                meta-batch 16, 2 inner steps (issue 33)
+  bert_lora     a tiny BERT (hidden 32, 2 layers) with LoRA adapters (peft; the base frozen) on random
+                token ids [length 16], 5-way 1-shot 5-query, meta-batch 16, 2 inner steps
 Implementations: ours (MetaLearner, defaults), ours-lowmem (task_chunk / query_chunk, and
-recompute_inner for MAML), plain-loop, higher (where installed).
+recompute_inner for MAML), ours-loop (the same MetaLearner with task_batching='loop': batching off),
+plain-loop, higher (where installed; its attention on the math kernel, as plain torch needs for
+second order).
 
 Time:   pytest bench/bench_user_models.py --benchmark-json=bench/results/user_models.json
         python bench/summarize.py bench/results/user_models.json
@@ -35,6 +43,8 @@ from torch.func import functional_call
 
 import meta_kernels as mk
 from meta_kernels.models import ResNet12, sequential_conv4
+from meta_kernels.models.plain import BiGRUClassifier, LSTMClassifier, TransformerClassifier, tiny_bert_lora
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from _common import higher_outer_step, interleaved_medians, machine, step_memory
 
 HERE = Path(__file__).resolve().parent
@@ -67,13 +77,30 @@ def _sinusoid(T, k=10, q=10, seed=0):
     return tuple(t.to(DEVICE) for t in (xs, amp * torch.sin(xs - phase), xq, amp * torch.sin(xq - phase)))
 
 
+def _tokens(T, length=16, vocab=100, n_way=5, k=1, q=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = lambda n: {"input_ids": torch.randint(0, vocab, (T, n_way * n, length), generator=g).to(DEVICE)}
+    labels = lambda n: torch.arange(n_way).repeat_interleave(n).repeat(T, 1).to(DEVICE)
+    return ids(k), labels(k), ids(q), labels(q)
+
+
+SEQ = (20, 16)  # sequence length, features
 CASES = {
     "seq_conv4": (sequential_conv4, lambda: _classification(32, (1, 28, 28)), 0.4, "cross_entropy",
                   {"task_chunk": 8, "query_chunk": 1}),
     "resnet12": (ResNet12, lambda: _classification(4, (3, 32, 32)), 0.4, "cross_entropy",
                  {"task_chunk": 1, "query_chunk": 1}),
     "mlp_dropout": (mlp_dropout, lambda: _sinusoid(25), 0.01, "mse", {}),
+    "lstm": (lambda: LSTMClassifier(SEQ[1], 5, hidden=32), lambda: _classification(16, SEQ, q=5), 0.4,
+             "cross_entropy", {}),
+    "bigru": (lambda: BiGRUClassifier(SEQ[1], 5, hidden=32), lambda: _classification(16, SEQ, q=5), 0.4,
+              "cross_entropy", {}),
+    "transformer": (lambda: TransformerClassifier(SEQ[1], 5, dim=32), lambda: _classification(16, SEQ, q=5), 0.4,
+                    "cross_entropy", {}),
+    "bert_lora": (lambda: tiny_bert_lora(5, vocab=100, hidden=32, layers=2, heads=4), lambda: _tokens(16), 0.4,
+                  "cross_entropy", {}),
 }
+STEPS = {"lstm": 2, "bigru": 2, "transformer": 2, "bert_lora": 2}  # inner steps; 5 for the others
 
 
 def _model(case):
@@ -81,12 +108,12 @@ def _model(case):
     return CASES[case][0]().to(DEVICE)
 
 
-def ours(case, algo, lowmem=False, model=None):
+def ours(case, algo, lowmem=False, model=None, task_batching="auto"):
     _, _, lr, loss, low = CASES[case]
     settings = dict(low, recompute_inner=algo == "maml" and bool(low)) if lowmem else {}
-    cfg = mk.MAMLConfig(algo=algo, inner_steps=5, inner_lr=lr, inner_clip=None, engine="custom", meta_lr=META_LR,
+    cfg = mk.MAMLConfig(algo=algo, inner_steps=STEPS.get(case, 5), inner_lr=lr, inner_clip=None, meta_lr=META_LR,
                         loss=loss, **settings)
-    learner = mk.MetaLearner(model or _model(case), cfg)
+    learner = mk.MetaLearner(model or _model(case), cfg, task_batching=task_batching)
     return lambda batch: learner.step(batch)
 
 
@@ -99,37 +126,53 @@ def _loss(case):
 
 
 def plain_loop(case, algo):
-    model, lr, loss = _model(case), CASES[case][2], _loss(case)
+    model, lr, loss, steps = _model(case), CASES[case][2], _loss(case), STEPS.get(case, 5)
     opt = torch.optim.Adam(model.parameters(), lr=META_LR)
+    params = {k: v for k, v in model.named_parameters() if v.requires_grad}
 
     def step(batch):
         xs, ys, xq, yq = batch
-        T = xs.shape[0]
+        T = ys.shape[0]
         opt.zero_grad()
-        params = dict(model.named_parameters())
-        for t in range(T):
-            fast = params
-            for _ in range(5):
-                grads = torch.autograd.grad(loss(functional_call(model, fast, (xs[t],)), ys[t]), list(fast.values()),
-                                            create_graph=algo == "maml")
-                fast = {k: v - lr * g for (k, v), g in zip(fast.items(), grads)}
-            (loss(functional_call(model, fast, (xq[t],)), yq[t]) / T).backward()
+        with sdpa_kernel(SDPBackend.MATH):  # plain torch's attention kernels have no double backward
+            for t in range(T):
+                fast = params
+                for _ in range(steps):
+                    grads = torch.autograd.grad(loss(_call(model, fast, xs, t), ys[t]), list(fast.values()),
+                                                create_graph=algo == "maml")
+                    fast = {k: v - lr * g for (k, v), g in zip(fast.items(), grads)}
+                (loss(_call(model, fast, xq, t), yq[t]) / T).backward()
         opt.step()
     return step
 
 
+def _call(model, params, x, t):
+    """The model's logits for task t of an input batch (a tensor, or keyword inputs)."""
+    out = functional_call(model, params, (), {k: v[t] for k, v in x.items()}) if isinstance(x, dict) else \
+        functional_call(model, params, (x[t],))
+    return getattr(out, "logits", out)
+
+
 def with_higher(case, algo):
-    return higher_outer_step(_model(case), _loss(case), CASES[case][2], META_LR, algo, 5)
+    step = higher_outer_step(_model(case), _loss(case), CASES[case][2], META_LR, algo, STEPS.get(case, 5))
+
+    def math_attention(batch):
+        with sdpa_kernel(SDPBackend.MATH):
+            return step(batch)
+    return math_attention
 
 
 def implementations(case, algo) -> dict:
     impls = {"ours": ours(case, algo)}
     if CASES[case][4]:
         impls["ours-lowmem"] = ours(case, algo, lowmem=True)
+    if case in STEPS:
+        impls["ours-loop"] = ours(case, algo, task_batching="loop")
     if case == "seq_conv4":
         impls["mk.Conv4"] = ours_conv4(case, algo)
     impls["plain-loop"] = plain_loop(case, algo)
-    if importlib.util.find_spec("higher") is not None:
+    # higher 0.2.1 cannot patch a peft model (its patched class has no consistent method order).
+    if importlib.util.find_spec("higher") is not None and case != "bert_lora":
         impls["higher"] = with_higher(case, algo)
     return impls
 
@@ -142,7 +185,7 @@ def test_outer_step(benchmark, case, algo):
     benchmark.group = f"{case} {algo}"
     batch = CASES[case][1]()
     impls = {k: (lambda fn=fn: fn(batch)) for k, fn in implementations(case, algo).items()}
-    heavy = case == "resnet12"
+    heavy = case in ("resnet12", "bert_lora")
     medians = interleaved_medians(impls, rounds=2 if heavy else 3, inner=1, warmup=1)
     benchmark.extra_info.update({"machine": machine(), "median_s": medians,
                                  "speedup_vs": {k: v / medians["ours"] for k, v in medians.items() if k != "ours"}})

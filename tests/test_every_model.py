@@ -13,51 +13,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import meta_kernels as mk
 from meta_kernels.meta import meta_loss
+from meta_kernels.models.plain import (BiGRUClassifier, LSTMClassifier, RNNClassifier, TransformerClassifier,
+                                       tiny_bert_lora)
 
 F64 = torch.float64
-WAYS, T, N, L, D = 3, 3, 4, 5, 6
-
-
-class LSTMClassifier(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lstm, self.head = nn.LSTM(D, 8, batch_first=True), nn.Linear(8, WAYS)
-
-    def forward(self, x):
-        _, (h_n, _) = self.lstm(x)
-        return self.head(h_n[-1])
-
-
-class BiGRU(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.gru, self.head = nn.GRU(D, 8, num_layers=2, bidirectional=True), nn.Linear(16, WAYS)
-
-    def forward(self, x):
-        out, h_n = self.gru(x.transpose(0, 1))  # time first: batch_first=False
-        return self.head(torch.cat([h_n[-2], h_n[-1]], -1)) + 0.1 * self.head(out[-1])
-
-
-class VanillaRNN(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.rnn, self.head = nn.RNN(D, 8, batch_first=True, nonlinearity="relu"), nn.Linear(8, WAYS)
-
-    def forward(self, x):
-        out, _ = self.rnn(x, torch.zeros(1, x.shape[0], 8, dtype=x.dtype))
-        return self.head(out[:, -1])
-
-
-class TransformerClassifier(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Linear(D, 16)
-        layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
-        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
-        self.head = nn.Linear(16, WAYS)
-
-    def forward(self, x):
-        return self.head(self.encoder(self.embed(x)).mean(1))
+WAYS, T, N, L, D, VOCAB = 3, 3, 4, 5, 6, 50
 
 
 class DictModel(nn.Module):
@@ -79,26 +39,22 @@ class ReadsHeadWeight(nn.Module):
         return self.body(x) @ self.head.weight.t() + self.head.bias
 
 
-def tiny_bert_lora():
-    transformers = pytest.importorskip("transformers")
-    peft = pytest.importorskip("peft")
-    config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                     intermediate_size=32, max_position_embeddings=16, num_labels=WAYS,
-                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    model = transformers.BertForSequenceClassification(config)
-    return peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"],
-                                                      lora_dropout=0.0, modules_to_save=["classifier"]))
+def bert_lora():
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    return tiny_bert_lora(WAYS, vocab=VOCAB)
 
 
-MODELS = {"lstm": LSTMClassifier, "bigru": BiGRU, "rnn": VanillaRNN, "transformer": TransformerClassifier,
-          "transformer_eval": TransformerClassifier, "dict": DictModel, "reads_head_weight": ReadsHeadWeight,
-          "bert_lora": tiny_bert_lora}
+MODELS = {"lstm": lambda: LSTMClassifier(D, WAYS), "bigru": lambda: BiGRUClassifier(D, WAYS),
+          "rnn": lambda: RNNClassifier(D, WAYS), "transformer": lambda: TransformerClassifier(D, WAYS),
+          "transformer_eval": lambda: TransformerClassifier(D, WAYS), "dict": DictModel,
+          "reads_head_weight": ReadsHeadWeight, "bert_lora": bert_lora}
 
 
 def task_batch(name):
     g = torch.Generator().manual_seed(1)
     if name == "bert_lora":
-        x = lambda: {"input_ids": torch.randint(0, 50, (T, N, L), generator=g)}
+        x = lambda: {"input_ids": torch.randint(0, VOCAB, (T, N, L), generator=g)}
     else:
         x = lambda: torch.randn(T, N, L, D, generator=g, dtype=F64)
     y = lambda: torch.randint(0, WAYS, (T, N), generator=g)

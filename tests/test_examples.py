@@ -50,3 +50,10 @@ def test_mini_imagenet_example_explains_missing_images(tmp_path):
                           timeout=300)
     assert proc.returncode != 0
     assert "images" in proc.stderr.splitlines()[-1]
+
+
+def test_hf_lora_example(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    out = _run("hf_lora_maml.py", "--steps", "3", "--tasks", "2", tmp_path=tmp_path)
+    assert "step 2: query accuracy before adaptation" in out and "base weights still frozen: True" in out

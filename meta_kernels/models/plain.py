@@ -1,8 +1,10 @@
-"""Plain nn.Modules as users write them (no forward_tasks): the peers' Conv4 as an nn.Sequential
-and MetaOptNet's ResNet-12. They run their tasks batched through the engine like any user model;
-the tests and benchmarks of the engine use them."""
+"""Plain nn.Modules as users write them (no forward_tasks): the peers' Conv4 as an nn.Sequential,
+MetaOptNet's ResNet-12, recurrent and attention classifiers, a tiny BERT with LoRA. They run their
+tasks batched through the engine like any user model; the tests and benchmarks of the engine use
+them."""
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -47,3 +49,71 @@ class ResNet12(nn.Module):
 
     def forward(self, x):
         return self.head(F.adaptive_avg_pool2d(self.blocks(x), 1).flatten(1))
+
+
+# ---- sequence models: recurrent and attention classifiers, a Hugging Face model with LoRA ----------
+
+class LSTMClassifier(nn.Module):
+    """A batch_first LSTM over [N, length, features] and a linear head on its last hidden state."""
+
+    def __init__(self, features: int, n_way: int = 5, hidden: int = 8):
+        super().__init__()
+        self.lstm, self.head = nn.LSTM(features, hidden, batch_first=True), nn.Linear(hidden, n_way)
+
+    def forward(self, x):
+        _, (h_n, _) = self.lstm(x)
+        return self.head(h_n[-1])
+
+
+class BiGRUClassifier(nn.Module):
+    """A 2-layer bidirectional GRU, time first (batch_first=False), head on both last states."""
+
+    def __init__(self, features: int, n_way: int = 5, hidden: int = 8):
+        super().__init__()
+        self.gru = nn.GRU(features, hidden, num_layers=2, bidirectional=True)
+        self.head = nn.Linear(2 * hidden, n_way)
+
+    def forward(self, x):
+        out, h_n = self.gru(x.transpose(0, 1))
+        return self.head(torch.cat([h_n[-2], h_n[-1]], -1)) + 0.1 * self.head(out[-1])
+
+
+class RNNClassifier(nn.Module):
+    """A vanilla ReLU RNN given its h_0, head on the last output."""
+
+    def __init__(self, features: int, n_way: int = 5, hidden: int = 8):
+        super().__init__()
+        self.rnn, self.head = nn.RNN(features, hidden, batch_first=True, nonlinearity="relu"), nn.Linear(hidden, n_way)
+
+    def forward(self, x):
+        out, _ = self.rnn(x, torch.zeros(1, x.shape[0], self.rnn.hidden_size, dtype=x.dtype, device=x.device))
+        return self.head(out[:, -1])
+
+
+class TransformerClassifier(nn.Module):
+    """A linear embedding, a 2-layer nn.TransformerEncoder (batch_first), mean pooling, a head."""
+
+    def __init__(self, features: int, n_way: int = 5, dim: int = 16, heads: int = 4, layers: int = 2,
+                 dropout: float = 0.0):
+        super().__init__()
+        self.embed = nn.Linear(features, dim)
+        layer = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=dropout, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(dim, n_way)
+
+    def forward(self, x):
+        return self.head(self.encoder(self.embed(x)).mean(1))
+
+
+def tiny_bert_lora(n_way: int = 5, vocab: int = 50, hidden: int = 16, layers: int = 1, heads: int = 2,
+                   max_length: int = 32, rank: int = 2):
+    """A tiny BertForSequenceClassification built from a config (no download) with LoRA adapters
+    on its query and value projections (peft); the classifier is trained too, the base is frozen."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import BertConfig, BertForSequenceClassification
+    config = BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                        intermediate_size=2 * hidden, max_position_embeddings=max_length, num_labels=n_way,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return get_peft_model(BertForSequenceClassification(config),
+                          LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["query", "value"], lora_dropout=0.0,
+                                     modules_to_save=["classifier"]))
