@@ -152,3 +152,18 @@ def test_packed_sequences_are_refused_with_what_to_pass():
     learner = mk.MetaLearner(Packed().double(), mk.MAMLConfig(inner_steps=1, inner_lr=0.1), debug_batching=False)
     with pytest.raises(ValueError, match="PackedSequence cannot be split into tasks; pass the padded batch"):
         learner.step(task_batch("lstm"))
+
+
+def test_the_default_clipping_says_once_when_it_changes_an_update(monkeypatch):
+    from meta_kernels.meta import inner
+    monkeypatch.setattr(inner, "_CLIP_SAID", False)
+    model = DictModel().double()
+    batch = task_batch("dict")
+    learner = mk.MetaLearner(model, mk.MAMLConfig(inner_steps=1, inner_lr=0.1, inner_clip=1e-3))
+    with pytest.warns(UserWarning, match=r"inner_clip=0.001 scaled down an inner update .* inner_clip=None"):
+        learner.step(batch)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once
+        learner.step(batch)
+        mk.MetaLearner(DictModel().double(), mk.MAMLConfig(inner_steps=1, inner_lr=0.1, inner_clip=None)).step(batch)

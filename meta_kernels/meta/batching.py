@@ -228,6 +228,10 @@ class _TaskBatchNorm:
         """Normalises with batch statistics and keeps no running ones in this pass."""
         return self.running_mean is None or (self.training and not self.track_running_stats)
 
+    def uses_running_stats(self) -> bool:
+        """Normalises with the running statistics in this pass (eval mode, as torch)."""
+        return not self.training and self.running_mean is not None
+
     def pass_affine(self):
         """(weight, bias) of this pass: each [T, C] per task or [C] shared."""
         return self.weight, self.bias
@@ -266,7 +270,7 @@ class _TaskBatchNorm:
         """This batch norm on activations laid out [N, T*C, *s] (tasks side by side in the channels)."""
         w, b = self.pass_affine()
         gamma, beta = _channels_affine(w, T), _channels_affine(b, T)
-        if not (self.training or self.running_mean is None):
+        if self.uses_running_stats():
             return F.batch_norm(h, self.running_mean.repeat(T), self.running_var.repeat(T),
                                 None if gamma is None else gamma.reshape(-1), None if beta is None else beta.reshape(-1),
                                 False, 0.0, self.eps)
@@ -291,6 +295,9 @@ class _TaskStepBatchNorm(_TaskBatchNorm):
 
     def batch_stats_only(self) -> bool:
         return _PASS.bn_mode != "frozen" and not _PASS.update_stats
+
+    def uses_running_stats(self) -> bool:  # its running rows serve bn_mode 'frozen' only (forward)
+        return False
 
     def forward(self, x: Tensor) -> Tensor:
         T = _tasks_of(self, x.shape[0])
