@@ -3,6 +3,7 @@ reads a layer's weight, a tiny BERT with LoRA. Their float64 meta-gradients thro
 equal a per-task loop written here (the math attention kernel, as plain torch needs for double
 backward), for MAML, FOMAML and ANIL-style partial adaptation; and explain() says what a step did."""
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import meta_kernels as mk
 from meta_kernels.meta import meta_loss
 from meta_kernels.models.plain import (BiGRUClassifier, LSTMClassifier, RNNClassifier, TransformerClassifier,
-                                       tiny_bert_lora)
+                                       tiny_bert_lora, tiny_gpt2)
 
 F64 = torch.float64
 WAYS, T, N, L, D, VOCAB = 3, 3, 4, 5, 6, 50
@@ -45,16 +46,34 @@ def bert_lora():
     return tiny_bert_lora(WAYS, vocab=VOCAB)
 
 
+def gpt2():
+    pytest.importorskip("transformers")
+    return tiny_gpt2(WAYS, vocab=VOCAB)
+
+
+@dataclasses.dataclass
+class Output:
+    features: torch.Tensor
+    logits: torch.Tensor
+
+
+class DataclassModel(DictModel):
+    def forward(self, x):
+        out = super().forward(x)
+        return Output(out["features"], out["logits"])
+
+
 MODELS = {"lstm": lambda: LSTMClassifier(D, WAYS), "bigru": lambda: BiGRUClassifier(D, WAYS),
           "rnn": lambda: RNNClassifier(D, WAYS), "transformer": lambda: TransformerClassifier(D, WAYS),
           "transformer_eval": lambda: TransformerClassifier(D, WAYS), "dict": DictModel,
-          "reads_head_weight": ReadsHeadWeight, "bert_lora": bert_lora}
+          "dataclass": DataclassModel, "reads_head_weight": ReadsHeadWeight, "bert_lora": bert_lora, "gpt2": gpt2}
+TOKENS = ("bert_lora", "gpt2")
 
 
 def task_batch(name):
     g = torch.Generator().manual_seed(1)
-    if name == "bert_lora":
-        x = lambda: {"input_ids": torch.randint(0, VOCAB, (T, N, L), generator=g)}
+    if name in TOKENS:
+        x = lambda: {"input_ids": torch.randint(1, VOCAB, (T, N, L), generator=g)}
     else:
         x = lambda: torch.randn(T, N, L, D, generator=g, dtype=F64)
     y = lambda: torch.randint(0, WAYS, (T, N), generator=g)
@@ -94,7 +113,7 @@ def test_meta_gradients_equal_a_per_task_loop(name, algo):
         model.eval()
     params = {k: v for k, v in model.named_parameters() if v.requires_grad}
     if algo == "anil":
-        adapted = [k for k in params if "head" in k or "classifier" in k]
+        adapted = [k for k in params if any(part in k for part in ("head", "classifier", "score"))]
     else:
         adapted = list(params)
     batch = task_batch(name)
@@ -122,7 +141,7 @@ def test_explain_says_what_a_step_did(name):
     assert told.splitlines() == learner.task_model.explain()
     if name in ("lstm", "bigru", "rnn"):
         assert "one recurrence for all tasks" in told
-    if name.startswith("transformer") or name == "bert_lora":
+    if name.startswith("transformer") or name in TOKENS:
         assert "vmap" not in told and "loop" not in told
 
 

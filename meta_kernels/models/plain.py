@@ -117,3 +117,12 @@ def tiny_bert_lora(n_way: int = 5, vocab: int = 50, hidden: int = 16, layers: in
     return get_peft_model(BertForSequenceClassification(config),
                           LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["query", "value"], lora_dropout=0.0,
                                      modules_to_save=["classifier"]))
+
+
+def tiny_gpt2(n_way: int = 5, vocab: int = 50, hidden: int = 16, layers: int = 1, heads: int = 2, max_length: int = 32):
+    """A tiny GPT2ForSequenceClassification built from a config (no download); token 0 pads."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+    config = GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=max_length,
+                        num_labels=n_way, pad_token_id=0, bos_token_id=1, eos_token_id=1, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2ForSequenceClassification(config)
