@@ -8,7 +8,7 @@ import numbers
 from dataclasses import dataclass
 
 KNOWN_DATASETS = ("omniglot", "mini_imagenet", "custom", "sinusoid")
-ALGORITHMS = ("maml", "fomaml", "reptile")
+ALGORITHMS = ("maml", "fomaml", "reptile", "imaml")
 ENGINES = ("auto", "custom", "torch_func", "higher")
 OP_BACKENDS = ("auto", "cuda", "triton", "cpp", "reference")
 BN_MODES = ("transductive", "per_step", "frozen")
@@ -175,6 +175,11 @@ class MAMLConfig:
     recompute_inner: bool = False
     skip_nonfinite_tasks: bool = False  # skip (and count) a task whose inner loss is NaN/inf instead of raising
     loss: str = "cross_entropy"  # or "mse" (regression, e.g. the sinusoid demo)
+    # iMAML (algo="imaml", Rajeswaran et al. 2019): the inner loop minimises the task loss plus
+    # imaml_lambda / 2 * |phi - theta|^2 without a graph; the meta-gradient solves
+    # (I + H / imaml_lambda) v = grad L_query(phi) with imaml_cg_steps of conjugate gradient.
+    imaml_lambda: float = 2.0
+    imaml_cg_steps: int = 5
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -206,6 +211,9 @@ class MAMLConfig:
         _require(not self.recompute_inner or self.algo == "maml", name, "recompute_inner",
                  f"rebuilds MAML's second-order graph; {self.algo} keeps none: leave it False")
         _require(self.loss in ("cross_entropy", "mse"), name, "loss", f"must be 'cross_entropy' or 'mse', got {self.loss!r}")
+        _require(0 < self.imaml_lambda <= FLOAT32_MAX, name, "imaml_lambda",
+                 f"must be > 0 (the proximal term's weight), got {self.imaml_lambda}")
+        _require(self.imaml_cg_steps >= 1, name, "imaml_cg_steps", f"must be >= 1, got {self.imaml_cg_steps}")
 
     @property
     def first_order(self) -> bool:

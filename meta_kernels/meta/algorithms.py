@@ -22,6 +22,7 @@ from meta_kernels.meta.inner_common import (AdaptResult, InnerLoopSettings, NonF
                                             check_same_samples, compute_inputs,
                                             batch_parts, lead_tensor, map_inputs, query_pass)
 from meta_kernels.meta.batching import check_task_independence
+from meta_kernels.meta.imaml import implicit_meta_gradient
 from meta_kernels.meta.learner import Learner, TaskScores, auac
 from meta_kernels.meta.mamlpp import LSLR_MAX, LSLR_MIN, msl_weights
 from meta_kernels.meta.task_model import TaskModel, as_task_model
@@ -120,6 +121,9 @@ def meta_loss(params: dict[str, Tensor], task_batch, *, algo: str | None = None,
     adapt_params (names or a predicate(name, tensor)) selects the adapted parameters (ANIL / BOIL),
     see InnerLoopSettings."""
     algo = resolve_algo(algo, config)
+    if algo == "imaml":
+        raise ValueError("iMAML's meta-gradient is a linear solve, not the gradient of a loss: use meta_backward or "
+                         "MetaLearner.step")
     if config.recompute_inner:
         raise ValueError("config.recompute_inner rebuilds the inner graph during the backward, so meta_loss cannot "
                          "return a loss to call .backward() on: use meta_backward or MetaLearner.step, or set "
@@ -139,7 +143,8 @@ def meta_backward(params: dict[str, Tensor], task_batch, *, algo: str | None = N
     returns its metrics, with less memory: the query pass runs config.query_chunk tasks at a time,
     each chunk back-propagated to the adapted weights and its graph freed, before one backward
     through the inner loop -- with config.recompute_inner (MAML), one inner step's graph at a time,
-    rebuilt from that step's starting weights. The same gradients as meta_loss(...).loss.backward()."""
+    rebuilt from that step's starting weights. The same gradients as meta_loss(...).loss.backward().
+    iMAML: accumulates `scale` times the mean over tasks of the implicit meta-gradient (imaml.py)."""
     algo = resolve_algo(algo, config, "meta_backward")
     if algo == "reptile":
         raise ValueError("meta_backward is for MAML and FOMAML; Reptile's update needs no meta-gradient")
@@ -147,6 +152,10 @@ def meta_backward(params: dict[str, Tensor], task_batch, *, algo: str | None = N
     settings = InnerLoopSettings.from_config(config, first_order=first_order,
                                              recompute=config.recompute_inner and not first_order,
                                              loss=loss_fn or config.loss, adapt_params=adapt_params)
+    if algo == "imaml":
+        return _imaml_backward(params, task_batch, settings, as_task_model(model),
+                               lrs=config.inner_lr if lrs is None else lrs, lam=config.imaml_lambda,
+                               cg_steps=config.imaml_cg_steps, track_curve=track_curve, scale=scale)
     return _meta_backward(params, task_batch, settings, as_task_model(model), lrs=config.inner_lr if lrs is None else lrs,
                           track_curve=track_curve, query_chunk=config.query_chunk, scale=scale)
 
@@ -204,10 +213,40 @@ def _meta_backward(params, task_batch, settings: InnerLoopSettings, task_model: 
     return {**metrics, **inner_step_metrics(result.logs)} if log_inner_steps else metrics
 
 
-def _adapt_for_meta(params, task_batch, settings: InnerLoopSettings, task_model: TaskModel, *, lrs, with_query: bool,
-                    msl_weights: Tensor | None) -> tuple[AdaptResult, Tensor, Tensor]:
-    """Checks the task batch and adapts every task on its support set (with_query: also scoring
-    the query set after every inner step). Returns (adapt result, x_query, y_query)."""
+def _imaml_backward(params, task_batch, settings: InnerLoopSettings, task_model: TaskModel, *, lrs, lam: float,
+                    cg_steps: int, track_curve: bool, scale: float) -> dict[str, float]:
+    """iMAML: the proximal inner loop without a graph, then `scale` times the mean over the kept
+    tasks of v = (I + H / lam)^-1 grad L_query into the parameters' .grad."""
+    settings = settings.replace(first_order=True, no_graph=True, proximal=lam)
+    names = settings.adapted_names(params)
+    left_out = [k for k, v in params.items() if v.requires_grad and k not in names]
+    if left_out:
+        raise ValueError(f"iMAML's meta-gradient reaches the adapted weights only, so every trained parameter must be "
+                         f"adapted: {left_out[:4]} are not (leave adapt_params unset, or freeze them)")
+    xs, ys, xq, yq = _checked_task_batch(task_batch, settings)
+    result = adapt_tasks(params, (xs, ys), model=task_model, settings=settings, lrs=lrs,
+                         query_batch=(xq, yq) if track_curve else None)
+    dtype = compute_dtype(next(iter(params.values())).dtype)
+    with ops.use_backend(settings.backend or ops.current_backend()):
+        v, loss_t, acc_t = implicit_meta_gradient(task_model, {k: result.adapted[k] for k in names},
+                                                  compute_inputs(xs, dtype), ys, compute_inputs(xq, dtype), yq,
+                                                  settings, lam, cg_steps)
+    ok = result.task_ok & torch.isfinite(loss_t) & torch.stack([torch.isfinite(t).reshape(t.shape[0], -1).all(1)
+                                                                for t in v]).all(0)
+    if not bool(ok.all()) and settings.on_nonfinite == "raise" and bool((result.task_ok & ~ok).any()):
+        raise NonFiniteLossError(f"non-finite query loss or implicit meta-gradient for task(s) "
+                                 f"{(result.task_ok & ~ok).nonzero().flatten().tolist()}; lower the inner lr, raise "
+                                 "imaml_lambda, or set skip_nonfinite_tasks=True")
+    n_ok = max(int(ok.sum()), 1)
+    keep = lambda t: torch.where(task_view(ok, t), t, torch.zeros_like(t))
+    grads = [keep(t).sum(0).mul_(scale / n_ok) for t in v]
+    torch.autograd.backward([params[k] for k in names], [g.to(params[k].dtype) for k, g in zip(names, grads)])
+    loss = float(keep(loss_t).sum()) / n_ok
+    return _meta_metrics(result, loss, float(keep(acc_t).sum()) / n_ok, ok)
+
+
+def _checked_task_batch(task_batch, settings: InnerLoopSettings):
+    """(x_support, y_support, x_query, y_query), checked: shapes, label types, tasks, samples."""
     xs, ys, xq, yq = batch_parts(task_batch)
     xs, ys = as_task_batch(xs, ys, "support", settings.loss)
     xq, yq = as_task_batch(xq, yq, "query", settings.loss)
@@ -215,6 +254,14 @@ def _adapt_for_meta(params, task_batch, settings: InnerLoopSettings, task_model:
         raise ValueError(f"support has {lead_tensor(xs).shape[0]} tasks but query has {lead_tensor(xq).shape[0]}; "
                          "they must match")
     check_same_samples(xs, xq)
+    return xs, ys, xq, yq
+
+
+def _adapt_for_meta(params, task_batch, settings: InnerLoopSettings, task_model: TaskModel, *, lrs, with_query: bool,
+                    msl_weights: Tensor | None) -> tuple[AdaptResult, Tensor, Tensor]:
+    """Checks the task batch and adapts every task on its support set (with_query: also scoring
+    the query set after every inner step). Returns (adapt result, x_query, y_query)."""
+    xs, ys, xq, yq = _checked_task_batch(task_batch, settings)
     result = adapt_tasks(params, (xs, ys), model=task_model, settings=settings, lrs=lrs,
                          query_batch=(xq, yq) if with_query else None, msl_weights=msl_weights)
     return result, xq, yq
@@ -527,6 +574,11 @@ class MetaLearner(Learner):
                 # Reptile's update needs only the adapted weights: no query pass on the hot path.
                 adapted, metrics = self._reptile_adapt(params, sub, lrs, log_inner_steps)
                 adapted_chunks.append(adapted)
+            elif self.config.algo == "imaml":
+                if msl is not None:
+                    raise ValueError("iMAML takes the query loss at the inner loop's solution only: turn off use_msl")
+                metrics = _imaml_backward(params, sub, settings, self.task_model, lrs=lrs, lam=self.config.imaml_lambda,
+                                          cg_steps=self.config.imaml_cg_steps, track_curve=track_curve, scale=n / total)
             elif not reptile and msl is None and settings.bn_mode == "transductive":
                 # The query graph a chunk of tasks at a time (config.query_chunk), not all at once.
                 metrics = _meta_backward(params, sub, settings, self.task_model, lrs=lrs, track_curve=track_curve,

@@ -216,6 +216,9 @@ def _run_steps(task_model: TaskModel, base: dict[str, Tensor], x: Tensor, y: Ten
             rng_states.append(_rng_state(lead_tensor(x).device))
         grads, loss_t, acc_t = _task_gradients(task_model, fast, x, y, settings, step,
                                                create_graph=not settings.first_order and not no_graph)
+        if settings.proximal:  # iMAML: the proximal term's gradient, lambda * (phi - theta), no graph
+            grads = [g + settings.proximal * (f.detach() - b.detach()) for g, f, b in zip(grads, fast.values(),
+                                                                                        base.values())]
         if settings.inner_clip is not None:
             norm, factor = ops.clip_grad_norm(grads, settings.inner_clip)
             _say_clipping_once(factor, norm, settings.inner_clip, step)

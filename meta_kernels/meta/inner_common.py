@@ -42,7 +42,8 @@ class InnerLoopSettings:
     adapt_params: which parameters the inner loop adapts -- None (every one that requires grad), a
     collection of names, or a predicate(name, tensor) (ANIL: the head; BOIL: the body). The others
     keep their base weights in every task, and still get the meta-gradient (frozen ones,
-    requires_grad=False, never do)."""
+    requires_grad=False, never do). proximal: iMAML's lambda; the inner gradient then adds
+    proximal * (fast - base), the gradient of proximal / 2 * |fast - base|^2 (no graph through it)."""
     steps: int
     first_order: bool
     bn_mode: str = "transductive"
@@ -54,6 +55,7 @@ class InnerLoopSettings:
     loss: str | Callable = "cross_entropy"
     recompute: bool = False
     adapt_params: tuple[str, ...] | Callable[[str, Tensor], bool] | None = None
+    proximal: float = 0.0  # iMAML: the inner loss adds proximal / 2 * |fast - base|^2
 
     def __post_init__(self) -> None:
         if not isinstance(self.steps, int) or self.steps < 1:
@@ -98,7 +100,8 @@ class InnerLoopSettings:
         """The inner loop a MAMLConfig describes (its algorithm's order), with `changes` on top."""
         settings = cls(steps=config.inner_steps, first_order=config.first_order, inner_clip=config.inner_clip,
                        engine=config.engine, backend=config.backend, loss=config.loss,
-                       on_nonfinite="skip" if config.skip_nonfinite_tasks else "raise")
+                       on_nonfinite="skip" if config.skip_nonfinite_tasks else "raise",
+                       proximal=config.imaml_lambda if config.algo == "imaml" else 0.0)
         return settings.replace(**changes)
 
     def replace(self, **changes) -> "InnerLoopSettings":
