@@ -397,6 +397,11 @@ OMNIGLOT_SMALL_PRESETS = {
                              "mamlpp.cosine_meta_lr=true", "episodes.episodes_per_epoch=12800"),
     "omniglot_5w1s_reptile": (*_5W, "maml.algo=reptile", "maml.inner_steps=5", "maml.inner_lr=0.1",
                               "maml.reptile_decay_steps=1800", "episodes.episodes_per_epoch=7200"),
+    # iMAML: a proximal inner loop of 5 first-order steps (lambda 2, as the paper's Omniglot runs) and
+    # 5 CG steps for the implicit meta-gradient; the budget ends the run.
+    "omniglot_5w1s_imaml": (*_5W, "maml.algo=imaml", "maml.inner_steps=5", "maml.inner_lr=0.1",
+                            "maml.imaml_lambda=2.0", "maml.imaml_cg_steps=5", "mamlpp.bn_mode=transductive",
+                            "mamlpp.cosine_meta_lr=true", "episodes.episodes_per_epoch=8000"),
     "omniglot_20w1s": (*_20W, "episodes.episodes_per_epoch=1600"),
     "omniglot_20w1s_mamlpp": (*_20W, *_MAMLPP, "episodes.episodes_per_epoch=400", "run.epochs=13"),
 }
