@@ -177,9 +177,14 @@ class MAMLConfig:
     loss: str = "cross_entropy"  # or "mse" (regression, e.g. the sinusoid demo)
     # iMAML (algo="imaml", Rajeswaran et al. 2019): the inner loop minimises the task loss plus
     # imaml_lambda / 2 * |phi - theta|^2 without a graph; the meta-gradient solves
-    # (I + H / imaml_lambda) v = grad L_query(phi) with imaml_cg_steps of conjugate gradient.
+    # (I + H / (imaml_lambda + imaml_damping)) v = grad L_query(phi) with imaml_cg_steps of conjugate
+    # gradient. The damping keeps that system positive definite: a conv net's support-set Hessian
+    # has eigenvalues near -100 early on (1-shot Omniglot), far below -lambda, and undamped iMAML
+    # does not learn there (bench/RESULTS.md). 22 is the official implementation's system,
+    # 2 v + H v / (lambda + 10), at lambda = 2, up to its factor 2; 0 is the paper's exact formula.
     imaml_lambda: float = 2.0
     imaml_cg_steps: int = 5
+    imaml_damping: float = 22.0
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -214,6 +219,8 @@ class MAMLConfig:
         _require(0 < self.imaml_lambda <= FLOAT32_MAX, name, "imaml_lambda",
                  f"must be > 0 (the proximal term's weight), got {self.imaml_lambda}")
         _require(self.imaml_cg_steps >= 1, name, "imaml_cg_steps", f"must be >= 1, got {self.imaml_cg_steps}")
+        _require(0 <= self.imaml_damping <= FLOAT32_MAX, name, "imaml_damping",
+                 f"must be >= 0 (0: the exact implicit gradient), got {self.imaml_damping}")
 
     @property
     def first_order(self) -> bool:

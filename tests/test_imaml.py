@@ -1,4 +1,4 @@
-"""Implicit MAML: the meta-gradient equals (I + H / lambda)^-1 grad L_query(phi*) with phi* the
+"""Implicit MAML: the meta-gradient equals (I + H / (lambda + damping))^-1 grad L_query(phi*) with phi* the
 solved proximal inner problem and H the dense Hessian (float64); that formula itself equals finite
 differences of the solved inner problem; the inner loop keeps no graph, so memory does not grow with
 its steps."""
@@ -58,13 +58,13 @@ def query_loss(model, phi, x, y):
     return F.cross_entropy(functional_call(model, unflat(phi, dict(model.named_parameters())), (x,)), y)
 
 
-def exact_implicit_gradient(model, theta, xs, ys, xq, yq):
+def exact_implicit_gradient(model, theta, xs, ys, xq, yq, damping=0.0):
     phi = solve_inner(model, theta, xs, ys)
     names = dict(model.named_parameters())
     support = lambda p: F.cross_entropy(functional_call(model, unflat(p, names), (xs,)), ys)
     hessian = torch.autograd.functional.hessian(support, phi)
     (g_query,) = torch.autograd.grad(query_loss(model, phi.requires_grad_(), xq, yq), phi)
-    return torch.linalg.solve(torch.eye(len(phi), dtype=F64) + hessian / LAM, g_query), phi
+    return torch.linalg.solve(torch.eye(len(phi), dtype=F64) + hessian / (LAM + damping), g_query), phi
 
 
 def test_the_exact_formula_matches_finite_differences_of_the_solved_inner_problem():
@@ -81,17 +81,18 @@ def test_the_exact_formula_matches_finite_differences_of_the_solved_inner_proble
         assert float((up - down) / (2 * eps)) == pytest.approx(float(exact[j]), abs=1e-7, rel=1e-5)
 
 
-def test_the_meta_gradient_is_the_implicit_one_for_every_task():
+@pytest.mark.parametrize("damping", [0.0, 3.0])
+def test_the_meta_gradient_is_the_implicit_one_for_every_task(damping):
     model = small_mlp()
     xs, ys, xq, yq = batch(T=2)
     params = dict(model.named_parameters())
     theta = flat(params).detach()
     n = len(theta)
     config = mk.MAMLConfig(algo="imaml", inner_steps=300, inner_lr=LR, imaml_lambda=LAM, imaml_cg_steps=n + 5,
-                           inner_clip=None)
+                           imaml_damping=damping, inner_clip=None)
     metrics = meta_backward(params, (xs, ys, xq, yq), config=config, model=model)
     ours = flat({k: p.grad for k, p in params.items()})
-    exact = sum(exact_implicit_gradient(model, theta, xs[t], ys[t], xq[t], yq[t])[0] for t in range(2)) / 2
+    exact = sum(exact_implicit_gradient(model, theta, xs[t], ys[t], xq[t], yq[t], damping)[0] for t in range(2)) / 2
     torch.testing.assert_close(ours, exact, rtol=1e-6, atol=1e-6)
     assert math.isfinite(metrics["query_loss"])
 
@@ -137,3 +138,5 @@ def test_imaml_refuses_what_it_cannot_do():
         meta_backward(params, batch(), config=config, model=model, adapt_params=["0.weight", "0.bias"])
     with pytest.raises(ValueError, match="imaml_lambda: must be > 0"):
         mk.MAMLConfig(algo="imaml", imaml_lambda=0.0)
+    with pytest.raises(ValueError, match="imaml_damping: must be >= 0"):
+        mk.MAMLConfig(algo="imaml", imaml_damping=-1.0)

@@ -154,8 +154,8 @@ def meta_backward(params: dict[str, Tensor], task_batch, *, algo: str | None = N
                                              loss=loss_fn or config.loss, adapt_params=adapt_params)
     if algo == "imaml":
         return _imaml_backward(params, task_batch, settings, as_task_model(model),
-                               lrs=config.inner_lr if lrs is None else lrs, lam=config.imaml_lambda,
-                               cg_steps=config.imaml_cg_steps, track_curve=track_curve, scale=scale)
+                               lrs=config.inner_lr if lrs is None else lrs, config=config, track_curve=track_curve,
+                               scale=scale)
     return _meta_backward(params, task_batch, settings, as_task_model(model), lrs=config.inner_lr if lrs is None else lrs,
                           track_curve=track_curve, query_chunk=config.query_chunk, scale=scale)
 
@@ -213,11 +213,11 @@ def _meta_backward(params, task_batch, settings: InnerLoopSettings, task_model: 
     return {**metrics, **inner_step_metrics(result.logs)} if log_inner_steps else metrics
 
 
-def _imaml_backward(params, task_batch, settings: InnerLoopSettings, task_model: TaskModel, *, lrs, lam: float,
-                    cg_steps: int, track_curve: bool, scale: float) -> dict[str, float]:
+def _imaml_backward(params, task_batch, settings: InnerLoopSettings, task_model: TaskModel, *, lrs,
+                    config: MAMLConfig, track_curve: bool, scale: float) -> dict[str, float]:
     """iMAML: the proximal inner loop without a graph, then `scale` times the mean over the kept
-    tasks of v = (I + H / lam)^-1 grad L_query into the parameters' .grad."""
-    settings = settings.replace(first_order=True, no_graph=True, proximal=lam)
+    tasks of the implicit meta-gradient (imaml.py) into the parameters' .grad."""
+    settings = settings.replace(first_order=True, no_graph=True, proximal=config.imaml_lambda)
     names = settings.adapted_names(params)
     left_out = [k for k, v in params.items() if v.requires_grad and k not in names]
     if left_out:
@@ -230,13 +230,14 @@ def _imaml_backward(params, task_batch, settings: InnerLoopSettings, task_model:
     with ops.use_backend(settings.backend or ops.current_backend()):
         v, loss_t, acc_t = implicit_meta_gradient(task_model, {k: result.adapted[k] for k in names},
                                                   compute_inputs(xs, dtype), ys, compute_inputs(xq, dtype), yq,
-                                                  settings, lam, cg_steps)
+                                                  settings, config.imaml_lambda + config.imaml_damping,
+                                                  config.imaml_cg_steps)
     ok = result.task_ok & torch.isfinite(loss_t) & torch.stack([torch.isfinite(t).reshape(t.shape[0], -1).all(1)
                                                                 for t in v]).all(0)
     if not bool(ok.all()) and settings.on_nonfinite == "raise" and bool((result.task_ok & ~ok).any()):
         raise NonFiniteLossError(f"non-finite query loss or implicit meta-gradient for task(s) "
                                  f"{(result.task_ok & ~ok).nonzero().flatten().tolist()}; lower the inner lr, raise "
-                                 "imaml_lambda, or set skip_nonfinite_tasks=True")
+                                 "imaml_lambda or imaml_damping, or set skip_nonfinite_tasks=True")
     n_ok = max(int(ok.sum()), 1)
     keep = lambda t: torch.where(task_view(ok, t), t, torch.zeros_like(t))
     grads = [keep(t).sum(0).mul_(scale / n_ok) for t in v]
@@ -577,8 +578,8 @@ class MetaLearner(Learner):
             elif self.config.algo == "imaml":
                 if msl is not None:
                     raise ValueError("iMAML takes the query loss at the inner loop's solution only: turn off use_msl")
-                metrics = _imaml_backward(params, sub, settings, self.task_model, lrs=lrs, lam=self.config.imaml_lambda,
-                                          cg_steps=self.config.imaml_cg_steps, track_curve=track_curve, scale=n / total)
+                metrics = _imaml_backward(params, sub, settings, self.task_model, lrs=lrs, config=self.config,
+                                          track_curve=track_curve, scale=n / total)
             elif not reptile and msl is None and settings.bn_mode == "transductive":
                 # The query graph a chunk of tasks at a time (config.query_chunk), not all at once.
                 metrics = _meta_backward(params, sub, settings, self.task_model, lrs=lrs, track_curve=track_curve,

@@ -4,6 +4,8 @@ Each task's inner loop minimises L_support(phi) + lambda / 2 * |phi - theta|^2 f
 with no graph at all (memory does not grow with the inner steps). At its solution phi*,
 d phi* / d theta = (I + H / lambda)^-1 with H the Hessian of L_support at phi*, so the task's
 meta-gradient is v solving (I + H / lambda) v = grad L_query(phi*), found by conjugate gradient.
+That needs H > -lambda; a few-shot conv net's support Hessian is far from it, so the solve adds a
+damping to lambda (MAMLConfig.imaml_damping), as the official implementation does.
 The Hessian-vector products of all T tasks are one batched double backward through the
 task-batching engine (one graph of the support loss at phi*), the CG scalars per task.
 """
@@ -49,9 +51,10 @@ def conjugate_gradient(apply_a: Callable[[list[Tensor]], list[Tensor]], b: list[
 
 
 def implicit_meta_gradient(task_model, adapted: dict[str, Tensor], xs, ys, xq, yq, settings: InnerLoopSettings,
-                           lam: float, cg_steps: int) -> tuple[list[Tensor], Tensor, Tensor]:
+                           curvature_scale: float, cg_steps: int) -> tuple[list[Tensor], Tensor, Tensor]:
     """(v per adapted weight [T, *shape], query loss [T], query accuracy [T]) at the adapted
-    weights: v = (I + H / lam)^-1 grad L_query, H the support loss's Hessian there."""
+    weights: v = (I + H / curvature_scale)^-1 grad L_query, H the support loss's Hessian there
+    (curvature_scale: lambda, plus the damping of MAMLConfig.imaml_damping)."""
     phi = {k: w.detach().requires_grad_(True) for k, w in adapted.items()}
     leaves = list(phi.values())
     step = settings.steps
@@ -64,9 +67,9 @@ def implicit_meta_gradient(task_model, adapted: dict[str, Tensor], xs, ys, xq, y
     # A gradient with no graph (a conv bias right before a batch norm: always 0) adds nothing to H v.
     live = [i for i, g in enumerate(g_support) if g.requires_grad]
 
-    def apply_a(v: list[Tensor]) -> list[Tensor]:  # (I + H / lam) v, every task at once
+    def apply_a(v: list[Tensor]) -> list[Tensor]:  # (I + H / curvature_scale) v, every task at once
         hv = torch.autograd.grad([g_support[i] for i in live], leaves, grad_outputs=[v[i] for i in live],
                                  retain_graph=True, allow_unused=True)
-        return [vi if hi is None else vi + hi / lam for vi, hi in zip(v, hv)]
+        return [vi if hi is None else vi + hi / curvature_scale for vi, hi in zip(v, hv)]
     v = conjugate_gradient(apply_a, list(g_query), cg_steps)
     return [t.detach() for t in v], q_loss.detach(), q_acc
