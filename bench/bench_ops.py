@@ -87,6 +87,61 @@ def test_sgd_step(benchmark, backend, T):
     _record(benchmark, backend, medians, ours)
 
 
+def foreach_momentum_(params, grads, bufs, lr, momentum):
+    """torch.optim.SGD(momentum, foreach=True)'s update."""
+    torch._foreach_mul_(bufs, momentum)
+    torch._foreach_add_(bufs, grads)
+    torch._foreach_add_(params, bufs, alpha=-lr)
+
+
+def foreach_adam_(params, grads, m, v, lr, beta1, beta2, eps, step):
+    """torch.optim.Adam(foreach=True)'s update (step given as a number)."""
+    c1, c2 = 1 - beta1 ** step, 1 - beta2 ** step
+    torch._foreach_lerp_(m, grads, 1 - beta1)
+    torch._foreach_mul_(v, beta2)
+    torch._foreach_addcmul_(v, grads, grads, 1 - beta2)
+    denom = torch._foreach_sqrt(v)
+    torch._foreach_div_(denom, c2 ** 0.5)
+    torch._foreach_add_(denom, eps)
+    torch._foreach_addcdiv_(params, m, denom, -lr / c1)
+
+
+def fused_adam_(params, grads, m, v, lr, beta1, beta2, eps, step):
+    """torch.optim.Adam(fused=True)'s kernel (one CPU/CUDA kernel per tensor)."""
+    steps = [torch.tensor(float(step - 1))] * len(params)  # the kernel counts the step itself
+    torch._fused_adam_(params, grads, m, v, [], steps, amsgrad=False, lr=lr, beta1=beta1, beta2=beta2,
+                       weight_decay=0.0, eps=eps, maximize=False)
+
+
+@pytest.mark.parametrize("backend", OURS)
+@pytest.mark.parametrize("T", TASKS)
+def test_momentum_step(benchmark, backend, T):
+    benchmark.group = f"momentum_step_ T={T}"
+    params, grads, _ = _params(T)
+    bufs = [torch.zeros_like(p) for p in params]
+    ours = lambda: mk.momentum_step_(params, grads, bufs, 0.05, momentum=0.9, backend=backend)
+    medians = interleaved_medians({backend: ours, "foreach": lambda: foreach_momentum_(params, grads, bufs, 0.05, 0.9)})
+    _record(benchmark, backend, medians, ours)
+
+
+@pytest.mark.parametrize("backend", OURS)
+@pytest.mark.parametrize("T", TASKS)
+def test_adam_step(benchmark, backend, T):
+    benchmark.group = f"adam_step_ T={T}"
+    params, grads, _ = _params(T)
+    m, v = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
+    hyper = dict(beta1=0.9, beta2=0.999, eps=1e-8, step=3)
+    check = [[t.clone() for t in lst] for lst in (params, m, v)]
+    mk.adam_step_(*check[:1], grads, *check[1:], 0.05, **hyper, backend=backend)
+    want = [[t.clone() for t in lst] for lst in (params, m, v)]
+    foreach_adam_(want[0], grads, want[1], want[2], 0.05, **hyper)
+    torch.testing.assert_close(check, want)
+    ours = lambda: mk.adam_step_(params, grads, m, v, 0.05, **hyper, backend=backend)
+    medians = interleaved_medians({backend: ours, "foreach": lambda: foreach_adam_(params, grads, m, v, 0.05, **hyper),
+                                   "fused": lambda: fused_adam_(params, grads, m, v, 0.05, **hyper)})
+    _record(benchmark, backend, medians, ours)
+
+
 @pytest.mark.parametrize("backend", OURS)
 @pytest.mark.parametrize("T", TASKS)
 def test_clip_grad_norm(benchmark, backend, T):

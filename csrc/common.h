@@ -47,15 +47,15 @@ inline int64_t leading_tasks(at::TensorList list, const char* op) {
 }
 
 inline void check_sgd_args(at::TensorList params, at::TensorList grads, const at::Tensor& lrs,
-                           const c10::optional<at::Tensor>& scale) {
-  check_uniform_list(params, "sgd_step");
-  MK_INVARIANT(grads.size() == params.size(), "sgd_step");
-  for (size_t i = 0; i < params.size(); ++i) MK_INVARIANT(same_meta(grads[i], params[i]), "sgd_step");
-  MK_INVARIANT(lrs.dim() == 1 && static_cast<size_t>(lrs.numel()) == params.size(), "sgd_step");
-  MK_INVARIANT(floating(lrs) && lrs.device() == params[0].device(), "sgd_step");
+                           const c10::optional<at::Tensor>& scale, const char* op = "sgd_step") {
+  check_uniform_list(params, op);
+  MK_INVARIANT(grads.size() == params.size(), op);
+  for (size_t i = 0; i < params.size(); ++i) MK_INVARIANT(same_meta(grads[i], params[i]), op);
+  MK_INVARIANT(lrs.dim() == 1 && static_cast<size_t>(lrs.numel()) == params.size(), op);
+  MK_INVARIANT(floating(lrs) && lrs.device() == params[0].device(), op);
   if (scale.has_value()) {
-    MK_INVARIANT(scale->dim() == 1 && floating(*scale) && scale->device() == params[0].device(), "sgd_step");
-    MK_INVARIANT(scale->numel() == leading_tasks(params, "sgd_step"), "sgd_step");
+    MK_INVARIANT(scale->dim() == 1 && floating(*scale) && scale->device() == params[0].device(), op);
+    MK_INVARIANT(scale->numel() == leading_tasks(params, op), op);
   }
 }
 
@@ -101,6 +101,87 @@ void sgd_step_in_place(Kernel&& kernel, at::TensorList params, at::TensorList gr
   kernel(params, grads, outs, lrs, scale);
   for (size_t i = 0; i < params.size(); ++i)
     if (!params[i].is_contiguous()) const_cast<at::Tensor&>(params[i]).copy_(outs[i]);
+}
+
+// ---- the inner optimizers with state (momentum_step, adam_step) ------------------------------
+
+// Returns whether the per-element rates carry the leading dim (all of them or none: the kernels
+// index them by element, or by element within a task).
+inline bool check_stateful_args(at::TensorList params, at::TensorList grads, std::initializer_list<at::TensorList> states,
+                                const at::Tensor& lrs, const c10::optional<at::Tensor>& scale,
+                                const c10::optional<at::TensorList>& rates, const char* op) {
+  check_sgd_args(params, grads, lrs, scale, op);
+  for (const auto& state : states) {
+    MK_INVARIANT(state.size() == params.size(), op);
+    for (size_t i = 0; i < params.size(); ++i) MK_INVARIANT(same_meta(state[i], params[i]), op);
+  }
+  if (!rates.has_value()) return false;
+  const at::TensorList r = *rates;
+  MK_INVARIANT(r.size() == params.size(), op);
+  const bool full = r[0].sizes() == params[0].sizes();
+  for (size_t i = 0; i < params.size(); ++i) {
+    MK_INVARIANT(r[i].scalar_type() == params[i].scalar_type() && r[i].device() == params[i].device(), op);
+    MK_INVARIANT(full ? r[i].sizes() == params[i].sizes()
+                      : (params[i].dim() >= 1 && r[i].sizes() == params[i].sizes().slice(1)), op);
+  }
+  return full;
+}
+
+// Elements per task of params[i] where the kernel needs the task (a per-task scale, or rates
+// without the leading dim); otherwise the whole tensor is one segment.
+inline int64_t task_inner(const at::Tensor& p, bool by_task) {
+  return (by_task && p.dim() >= 1 && p.size(0) > 0) ? p.numel() / p.size(0) : std::max<int64_t>(p.numel(), 1);
+}
+
+inline std::vector<at::Tensor> contiguous_list(at::TensorList list) {
+  std::vector<at::Tensor> out;
+  out.reserve(list.size());
+  for (const auto& t : list) out.push_back(t.contiguous());
+  return out;
+}
+
+// The tensors a kernel writes: new contiguous ones (out of place), or the targets themselves
+// where contiguous and buffers elsewhere (in place; finish_in_place copies those back).
+inline std::vector<at::Tensor> output_list(at::TensorList list, bool in_place) {
+  std::vector<at::Tensor> out;
+  out.reserve(list.size());
+  for (const auto& t : list)
+    out.push_back(in_place && t.is_contiguous() ? t
+                                                : at::empty(t.sizes(), t.options().memory_format(at::MemoryFormat::Contiguous)));
+  return out;
+}
+
+inline void finish_in_place(at::TensorList targets, const std::vector<at::Tensor>& outs) {
+  for (size_t i = 0; i < targets.size(); ++i)
+    if (!outs[i].is_same(targets[i])) const_cast<at::Tensor&>(targets[i]).copy_(outs[i]);
+}
+
+// What a device's momentum / adam kernel is given: contiguous inputs, the outputs it writes (which
+// may alias the inputs: in place), per tensor the elements per task, and whether the per-element
+// rates carry the task dim.
+struct StatefulLists {
+  std::vector<at::Tensor> p, g, p_out, rates;  // rates: empty when not given
+  std::vector<std::vector<at::Tensor>> state, state_out;  // momentum: the buffers; adam: m and v
+  std::vector<int64_t> inner;
+  bool rates_full = false;
+};
+
+inline StatefulLists stateful_lists(at::TensorList params, at::TensorList grads, std::initializer_list<at::TensorList> states,
+                                    bool has_scale, const c10::optional<at::TensorList>& rates, bool rates_full,
+                                    bool in_place) {
+  StatefulLists l;
+  l.p = contiguous_list(params);
+  l.g = contiguous_list(grads);
+  l.p_out = output_list(params, in_place);
+  for (const auto& state : states) {
+    l.state.push_back(contiguous_list(state));
+    l.state_out.push_back(output_list(state, in_place));
+  }
+  if (rates.has_value()) l.rates = contiguous_list(*rates);
+  l.rates_full = rates_full;
+  const bool by_task = has_scale || (rates.has_value() && !rates_full);
+  for (const auto& t : params) l.inner.push_back(task_inner(t, by_task));
+  return l;
 }
 
 // Returns T, the number of tasks in adapted's leading dim.

@@ -6,6 +6,18 @@ TORCH_LIBRARY(meta_kernels, m) {
   // phi_i = theta_i - lrs[i] * scale[t] * g_i; params/grads optionally carry a leading task dim T.
   m.def("sgd_step(Tensor[] params, Tensor[] grads, Tensor lrs, Tensor? scale) -> Tensor[]");
   m.def("sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor lrs, Tensor? scale) -> ()");
+  // The inner optimizers with state, as torch.optim.SGD(momentum) and torch.optim.Adam, with the
+  // rates and scale of sgd_step and optional per-element rates (Meta-SGD: rates[i] of params[i]'s
+  // shape, or that without the task dim, for all i alike). Out of place they return the new params
+  // and state; the in-place forms update both.
+  m.def("momentum_step(Tensor[] params, Tensor[] grads, Tensor[] bufs, Tensor lrs, Tensor? scale, Tensor[]? rates, "
+        "float momentum) -> (Tensor[], Tensor[])");
+  m.def("momentum_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] bufs, Tensor lrs, Tensor? scale, "
+        "Tensor[]? rates, float momentum) -> ()");
+  m.def("adam_step(Tensor[] params, Tensor[] grads, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, Tensor lrs, Tensor? scale, "
+        "Tensor[]? rates, float beta1, float beta2, float eps, int step) -> (Tensor[], Tensor[], Tensor[])");
+  m.def("adam_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+        "Tensor lrs, Tensor? scale, Tensor[]? rates, float beta1, float beta2, float eps, int step) -> ()");
   // Per-task global L2 norm over a list of [T, ...] grads and the clip factor min(1, c / (norm + eps)).
   m.def("clip_grad_norm(Tensor[] grads, float max_norm, float eps) -> (Tensor norm, Tensor factor)");
   // Per-(task, channel) batch norm of x [T, N, C, *] with affine weight/bias [T, C].

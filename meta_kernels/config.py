@@ -32,7 +32,8 @@ def _require(cond: bool, cls: str, field: str, msg: str) -> None:
 
 
 _ALLOWED = {"bool": "true or false", "int": "an integer", "float": "a finite number", "str": "a string",
-            "list[str]": "a list of strings"}
+            "list[str]": "a list of strings", "tuple[float, float]": "a pair of finite numbers, e.g. [0.9, 0.999]"}
+INNER_OPTIMIZERS = ("sgd", "momentum", "adam")
 
 
 def _kinds(field: dataclasses.Field) -> set[str]:
@@ -47,7 +48,11 @@ def _typed(cls: str, field: str, kinds: set[str], value):
     if it spells one of the right kind: PyYAML reads 1e-4 as the string '1e-4'."""
     if value is None and "None" in kinds:
         return None
-    kind = next(k for k in ("bool", "int", "float", "str", "list[str]") if k in kinds)
+    kind = next(k for k in ("bool", "int", "float", "str", "list[str]", "tuple[float, float]") if k in kinds)
+    if kind == "tuple[float, float]" and isinstance(value, (list, tuple)) and len(value) == 2:
+        pair = [_parse_number(v) if isinstance(v, str) else v for v in value]
+        if all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(_as_float(v)) for v in pair):
+            return (float(pair[0]), float(pair[1]))
     if kind == "list[str]" and isinstance(value, str):  # a single name: run.loggers=csv
         value = [value]
     if kind == "list[str]" and isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
@@ -158,6 +163,14 @@ class MAMLConfig:
     inner_steps: int = 5
     inner_lr: float = 0.01
     inner_clip: float | None = 10.0
+    # The inner update: "sgd", "momentum" (torch.optim.SGD's heavy ball, inner_momentum) or "adam"
+    # (torch.optim.Adam: inner_betas, inner_eps), with state per task, fused (ops.momentum_step,
+    # ops.adam_step) and differentiable for second-order MAML. inner_lr (or LSLR's / Meta-SGD's
+    # rates) scales the optimizer's step.
+    inner_optimizer: str = "sgd"
+    inner_momentum: float = 0.9
+    inner_betas: tuple[float, float] = (0.9, 0.999)
+    inner_eps: float = 1e-8
     second_order: bool | None = None
     backend: str = "auto"
     engine: str = "auto"
@@ -202,6 +215,12 @@ class MAMLConfig:
                  f"multiplies float32 weights), got {self.inner_lr}")
         _require(self.inner_clip is None or self.inner_clip > 0, name, "inner_clip",
                  f"must be > 0 or None (no clipping), got {self.inner_clip}")
+        _require(self.inner_optimizer in INNER_OPTIMIZERS, name, "inner_optimizer",
+                 f"unknown inner optimizer {self.inner_optimizer!r}; choose one of {', '.join(INNER_OPTIMIZERS)}")
+        _require(0 <= self.inner_momentum < 1, name, "inner_momentum", f"must be in [0, 1), got {self.inner_momentum}")
+        _require(all(0 <= b < 1 for b in self.inner_betas), name, "inner_betas",
+                 f"must be two numbers in [0, 1) (beta1, beta2), got {list(self.inner_betas)}")
+        _require(0 < self.inner_eps <= FLOAT32_MAX, name, "inner_eps", f"must be > 0, got {self.inner_eps}")
         _require(self.backend in OP_BACKENDS, name, "backend", f"unknown backend {self.backend!r}; choose one of {', '.join(OP_BACKENDS)}")
         _require(self.engine in ENGINES, name, "engine", f"unknown engine {self.engine!r}; choose one of {', '.join(ENGINES)}")
         _require(0 < self.meta_lr <= FLOAT32_MAX, name, "meta_lr", f"must be > 0 and at most {FLOAT32_MAX:.3g} (it "
@@ -215,6 +234,10 @@ class MAMLConfig:
         _require(self.query_chunk >= 0, name, "query_chunk", f"must be >= 0, got {self.query_chunk}")
         _require(not self.recompute_inner or self.algo == "maml", name, "recompute_inner",
                  f"rebuilds MAML's second-order graph; {self.algo} keeps none: leave it False")
+        _require(not self.recompute_inner or self.inner_optimizer == "sgd", name, "recompute_inner",
+                 f"rebuilds each step from its starting weights alone, which inner_optimizer="
+                 f"{self.inner_optimizer!r} (with state) does not allow: use inner_optimizer='sgd', or iMAML "
+                 "(algo='imaml') for memory that does not grow with the inner steps")
         _require(self.loss in ("cross_entropy", "mse"), name, "loss", f"must be 'cross_entropy' or 'mse', got {self.loss!r}")
         _require(0 < self.imaml_lambda <= FLOAT32_MAX, name, "imaml_lambda",
                  f"must be > 0 (the proximal term's weight), got {self.imaml_lambda}")

@@ -98,7 +98,8 @@ def test_every_accuracy_preset_validates(name, tmp_path):
     runs = _bench_module("accuracy_runs")
     # Tested with at least 3 inner steps (Finn et al.), the FOMAML preset's 2 included
     assert runs.test_protocol(cfg) == {"q_query": 15, "inner_steps": max(cfg.maml.inner_steps, 3)}
-    assert 0.9 <= runs.BARS[name] < 1.0  # every preset is measured against its bar
+    # Every preset is measured against its bar, except iMAML's (issue 32 asks for its accuracy only)
+    assert name == "omniglot_5w1s_imaml" or 0.9 <= runs.BARS[name] < 1.0
     cfg.save(tmp_path / "c.yaml")
     assert MetaLearningFullConfig.load(tmp_path / "c.yaml") == cfg
 

@@ -167,14 +167,15 @@ constexpr int64_t kChunk = 4096;
 constexpr int kThreads = 256;
 constexpr int64_t kMaxGrid = int64_t(1) << 20;
 
-template <int DEPTH>
+// MAX: tensors per table, lower for deeper tables (more pointers per tensor) to stay in 4 KB.
+template <int DEPTH, int MAX = kMaxTensors>
 struct TensorTable {
-  void* ptr[DEPTH][kMaxTensors];
-  int64_t numel[kMaxTensors];  // elements the chunks cover
-  int64_t aux[kMaxTensors];    // op-specific (per-task size for sgd_step)
-  int64_t chunk_start[kMaxTensors + 1];
-  int32_t index[kMaxTensors];  // position in the caller's list
-  bool vec_ok[kMaxTensors];
+  void* ptr[DEPTH][MAX];
+  int64_t numel[MAX];  // elements the chunks cover
+  int64_t aux[MAX];    // op-specific (per-task size for sgd_step)
+  int64_t chunk_start[MAX + 1];
+  int32_t index[MAX];  // position in the caller's list
+  bool vec_ok[MAX];
   int32_t count;
 
   // The entry holding chunk c (chunk_start is strictly increasing: empty tensors are never added).
@@ -190,14 +191,14 @@ struct TensorTable {
 static_assert(sizeof(TensorTable<3>) <= 3584, "the table must leave room in a 4 KB kernel-argument block");
 
 // Fills tables on the host; the caller launches each full one (and the last), then reset()s.
-template <int DEPTH>
+template <int DEPTH, int MAX = kMaxTensors>
 class TableBuilder {
  public:
   explicit TableBuilder(int64_t chunk = kChunk) : chunk_(chunk) { reset(); }
 
   // Adds one non-empty tensor; returns true when the table is full and must be launched.
   bool add(const std::array<void*, DEPTH>& ptrs, int64_t numel, int64_t aux, int32_t index, bool vec_ok) {
-    TORCH_INTERNAL_ASSERT(numel > 0 && table_.count < kMaxTensors);
+    TORCH_INTERNAL_ASSERT(numel > 0 && table_.count < MAX);
     const int k = table_.count;
     for (int d = 0; d < DEPTH; ++d) table_.ptr[d][k] = ptrs[d];
     table_.numel[k] = numel;
@@ -208,19 +209,19 @@ class TableBuilder {
     chunks_ += (numel + chunk_ - 1) / chunk_;
     table_.chunk_start[k + 1] = chunks_;
     table_.count = k + 1;
-    return table_.count == kMaxTensors;
+    return table_.count == MAX;
   }
   bool empty() const { return table_.count == 0; }
-  const TensorTable<DEPTH>& table() const { return table_; }
+  const TensorTable<DEPTH, MAX>& table() const { return table_; }
   int64_t chunks() const { return chunks_; }
   void reset() {
-    table_ = TensorTable<DEPTH>();
+    table_ = TensorTable<DEPTH, MAX>();
     table_.count = 0;
     chunks_ = 0;
   }
 
  private:
-  TensorTable<DEPTH> table_;
+  TensorTable<DEPTH, MAX> table_;
   int64_t chunk_;
   int64_t chunks_ = 0;
 };

@@ -17,6 +17,7 @@ from meta_kernels.meta.inner import adapt, adapt_tasks
 from meta_kernels.meta.inner_common import (
                                            AdaptResult,
                                            InnerLoopSettings,
+                                           InnerOptimizer,
                                            NonFiniteLossError,
                                            StepLog,
 )
@@ -25,7 +26,7 @@ from meta_kernels.meta.maml_wrapper import MAML
 from meta_kernels.meta.sharded import ShardedMetaLearner
 from meta_kernels.meta.task_model import TaskModel, explain
 
-__all__ = ["MAML", "AdaptResult", "BatchedModel", "explain", "DetachedGraphError", "InnerLoopSettings", "Learner", "MetaLearner", "MetaLogs",
+__all__ = ["MAML", "AdaptResult", "BatchedModel", "explain", "DetachedGraphError", "InnerLoopSettings", "InnerOptimizer", "Learner", "MetaLearner", "MetaLogs",
            "MetaOutput", "NonFiniteLossError", "ShardedMetaLearner", "StepLog", "TaskModel", "TaskScores", "adapt",
            "adapt_tasks", "auac", "check_adapted_graph", "meta_grad_norms", "meta_backward", "meta_loss",
            "params_without_meta_grad"]

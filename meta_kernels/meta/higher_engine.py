@@ -15,6 +15,9 @@ def adapt_with_higher(params, support_batch, *, task_model, settings: InnerLoopS
         import higher
     except ImportError as exc:
         raise ImportError("engine='higher' needs the optional package higher: pip install higher") from exc
+    if settings.optimizer.has_state:
+        raise ValueError(f"engine='higher' runs plain SGD inside; inner_optimizer={settings.optimizer.name!r} runs on "
+                         "engine='custom' (or 'auto')")
     if settings.inner_clip is not None:
         raise ValueError("engine='higher' does not clip inner gradients; set inner_clip=None or use engine='custom'")
     if query_batch is not None:

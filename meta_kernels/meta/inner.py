@@ -17,7 +17,7 @@ from torch import Tensor
 
 import meta_kernels.ops as ops
 from meta_kernels.meta.higher_engine import adapt_with_higher
-from meta_kernels.meta.inner_common import (AdaptResult, InnerLoopSettings, NonFiniteLossError, StepLog, as_task_batch,
+from meta_kernels.meta.inner_common import (AdaptResult, InnerLoopSettings, InnerOptimizer, NonFiniteLossError, StepLog, as_task_batch,
                                             check_rates, check_same_samples, support_parts, compute_inputs, lead_tensor, lr_table, map_inputs, masked_mean,
                                             per_task_loss, query_pass)
 from meta_kernels.meta.task_model import TaskModel, as_task_model
@@ -28,7 +28,7 @@ def adapt(params: dict[str, Tensor], support_batch, *, model, steps: int, lrs, f
           bn_mode: str = "transductive", rng: torch.Generator | None = None, inner_clip: float | None = None,
           engine: str = "custom", backend: str | None = None, no_graph: bool = False, query_batch=None,
           on_nonfinite: str = "raise", loss="cross_entropy", msl_weights: Tensor | None = None,
-          adapt_params=None) -> tuple[dict[str, Tensor], list[StepLog]]:
+          adapt_params=None, inner_optimizer: str | InnerOptimizer = "sgd") -> tuple[dict[str, Tensor], list[StepLog]]:
     """Adapts `params` on the support set of every task; returns (adapted_params, inner_logs).
 
     first_order=False keeps the second-order graph (MAML): adapted params keep grad_fn.
@@ -43,10 +43,12 @@ def adapt(params: dict[str, Tensor], support_batch, *, model, steps: int, lrs, f
     updates) is returned in AdaptResult.msl_loss_per_task (adapt_tasks).
     loss: 'cross_entropy', 'mse' or a callable loss_fn(outputs, targets) -> scalar (per task);
     adapt_params: names or a predicate(name, tensor) of the adapted parameters (default: every one
-    that requires grad); the others come back as [T, *shape] views of the base."""
+    that requires grad); the others come back as [T, *shape] views of the base.
+    inner_optimizer: 'sgd', 'momentum', 'adam', or InnerOptimizer('adam', betas=(0.0, 0.999)) for
+    other settings; its state is per task and starts at zero in every call."""
     settings = InnerLoopSettings(steps=steps, first_order=first_order, bn_mode=bn_mode, inner_clip=inner_clip,
                                  engine=engine, backend=backend, no_graph=no_graph, on_nonfinite=on_nonfinite, loss=loss,
-                                 adapt_params=adapt_params)
+                                 adapt_params=adapt_params, optimizer=inner_optimizer)
     result = adapt_tasks(params, support_batch, model=model, settings=settings, lrs=lrs, query_batch=query_batch,
                          msl_weights=msl_weights, rng=rng)
     return result.adapted, result.logs
@@ -194,6 +196,11 @@ def _run_steps(task_model: TaskModel, base: dict[str, Tensor], x: Tensor, y: Ten
         fast = {k: v.detach().expand(T, *v.shape).clone().requires_grad_(True) for k, v in base.items()}
     else:
         fast = {k: v.expand(T, *v.shape) for k, v in base.items()}
+    optimizer = settings.optimizer
+    state = optimizer.init_state(list(fast.values())) if optimizer.has_state else None
+    # Meta-SGD's per-element rates: they scale an optimizer's step (its kernels take them), or
+    # plain SGD's gradient.
+    rates = [to_compute(a) for a in elementwise] if elementwise is not None and state is not None else None
     task_ok = ~skipped
     logs, curve_loss, curve_acc = [], [], []  # the adaptation curve, averaged over the tasks
     curve_per_task = []  # and per task: (loss [T], accuracy [T]) at each point
@@ -245,16 +252,26 @@ def _run_steps(task_model: TaskModel, base: dict[str, Tensor], x: Tensor, y: Ten
         if bool(skipped.any()):
             grads = _zero_skipped(grads, task_ok)
         lr_step = table[step]
-        if elementwise is not None:  # Meta-SGD: the per-element rates scale the step; lr_step is 1
+        if elementwise is not None and rates is None:  # Meta-SGD: the per-element rates scale the step; lr_step is 1
             grads = [to_compute(a) * g for a, g in zip(elementwise, grads)]
-        logs.append(_step_log(step, loss_t, acc_t, norm, factor, grads, lr_step, task_ok, q_loss, q_acc))
         values = list(fast.values())
-        if no_graph:
-            with torch.no_grad():
-                ops.sgd_step_(values, [g.detach() for g in grads], lr_step.detach(),
-                              None if factor is None else factor.detach())
+        if state is not None:
+            with torch.no_grad() if no_graph else contextlib.nullcontext():
+                grads = [g.detach() for g in grads] if no_graph else grads
+                new, state = optimizer.step(values, grads, state, lr_step.detach() if no_graph else lr_step,
+                                            None if factor is None else (factor.detach() if no_graph else factor),
+                                            rates, step, in_place=no_graph)
+            fast = dict(zip(names, new))
+            logs.append(_step_log(step, loss_t, acc_t, norm, factor, optimizer.directions(state, step, rates),
+                                  lr_step, task_ok, q_loss, q_acc, directions_scaled=True))
         else:
-            fast = dict(zip(names, ops.sgd_step(values, grads, lr_step, factor)))
+            logs.append(_step_log(step, loss_t, acc_t, norm, factor, grads, lr_step, task_ok, q_loss, q_acc))
+            if no_graph:
+                with torch.no_grad():
+                    ops.sgd_step_(values, [g.detach() for g in grads], lr_step.detach(),
+                                  None if factor is None else factor.detach())
+            else:
+                fast = dict(zip(names, ops.sgd_step(values, grads, lr_step, factor)))
         if msl_weights is not None:  # multi-step loss: the query loss after this update, with its graph
             q_t, _ = query_pass(task_model, fast, *query, step=step + 1, settings=settings)
             term = msl_weights[step].to(q_t.dtype) * q_t
@@ -360,13 +377,16 @@ def _task_gradients(task_model: TaskModel, fast: dict[str, Tensor], x: Tensor, y
     return list(grads), loss_t, acc_t
 
 
-def _step_log(step, loss_t, acc_t, norm, factor, grads, lr_step, task_ok, q_loss, q_acc) -> StepLog:
+def _step_log(step, loss_t, acc_t, norm, factor, directions, lr_step, task_ok, q_loss, q_acc,
+              directions_scaled: bool = False) -> StepLog:
+    """directions: the gradients (SGD), or the optimizer's steps, which hold the clip factor
+    already (directions_scaled)."""
     with torch.no_grad():
         lr = lr_step.detach().float()
-        # ||update|| per task = sqrt(sum_i (lr_i * factor_t)^2 ||g_i,t||^2)
-        sq = torch.stack([g.detach().float().reshape(g.shape[0], -1).pow(2).sum(1) for g in grads])  # [n, T]
+        # ||update|| per task = sqrt(sum_i (lr_i * factor_t)^2 ||d_i,t||^2)
+        sq = torch.stack([d.detach().float().reshape(d.shape[0], -1).pow(2).sum(1) for d in directions])  # [n, T]
         upd = (lr.pow(2).unsqueeze(1) * sq).sum(0).sqrt()
-        if factor is not None:
+        if factor is not None and not directions_scaled:
             upd = upd * factor.detach().float()
         return StepLog(step=step, loss=masked_mean(loss_t.detach(), task_ok), accuracy=masked_mean(acc_t, task_ok),
                        grad_norm=masked_mean(norm.detach().float(), task_ok), update_norm=masked_mean(upd, task_ok),

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from meta_kernels.config import BN_MODES, ENGINES, MAMLConfig
+import meta_kernels.ops as ops
+from meta_kernels.config import BN_MODES, ENGINES, INNER_OPTIMIZERS, MAMLConfig
 from meta_kernels.tensor_utils import compute_dtype, map_structure, structure_tensors
 
 NONFINITE = ("raise", "skip")
@@ -20,6 +21,69 @@ NONFINITE = ("raise", "skip")
 # faster than torch_func on every model measured, up to 4x; tests/test_meta_gradients.py: equal).
 AUTO_ENGINE = "custom"
 LOSSES = ("cross_entropy", "mse")
+
+
+@dataclass(frozen=True)
+class InnerOptimizer:
+    """The inner update: 'sgd', 'momentum' (torch.optim.SGD's heavy ball, no dampening) or 'adam'
+    (torch.optim.Adam), its state per task. The rate (inner lr, LSLR's or Meta-SGD's rates) scales
+    the optimizer's step."""
+    name: str = "sgd"
+    momentum: float = 0.9
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        if self.name not in INNER_OPTIMIZERS:
+            raise ValueError(f"unknown inner optimizer {self.name!r}; choose one of {', '.join(INNER_OPTIMIZERS)}")
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+        if not (0 <= self.momentum < 1 and len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas)
+                and 0 < self.eps < math.inf):
+            raise ValueError(f"inner optimizer settings out of range: momentum {self.momentum} and betas "
+                             f"{list(self.betas)} must be in [0, 1), eps {self.eps} > 0")
+
+    @classmethod
+    def of(cls, value: "str | InnerOptimizer") -> "InnerOptimizer":
+        return value if isinstance(value, InnerOptimizer) else cls(value)
+
+    @property
+    def has_state(self) -> bool:
+        return self.name != "sgd"
+
+    def init_state(self, fast: list[Tensor]) -> list[list[Tensor]]:
+        """Zero state per task: the momentum buffers, or Adam's two moments."""
+        return [[torch.zeros_like(v, memory_format=torch.contiguous_format) for v in fast]
+                for _ in range({"sgd": 0, "momentum": 1, "adam": 2}[self.name])]
+
+    def step(self, fast: list[Tensor], grads: list[Tensor], state: list[list[Tensor]], lrs: Tensor,
+             scale: Tensor | None, rates: list[Tensor] | None, step: int, in_place: bool):
+        """One update of every task (step: 0-based). Returns (new weights, new state); in place
+        (no graph) the given ones, updated."""
+        if self.name == "momentum":
+            args = (fast, grads, state[0], lrs, scale, rates)
+            if in_place:
+                ops.momentum_step_(*args, momentum=self.momentum)
+                return fast, state
+            new, bufs = ops.momentum_step(*args, momentum=self.momentum)
+            return new, [bufs]
+        args = (fast, grads, state[0], state[1], lrs, scale, rates)
+        hyper = dict(beta1=self.betas[0], beta2=self.betas[1], eps=self.eps, step=step + 1)
+        if in_place:
+            ops.adam_step_(*args, **hyper)
+            return fast, state
+        new, m, v = ops.adam_step(*args, **hyper)
+        return new, [m, v]
+
+
+    def directions(self, state: list[list[Tensor]], step: int, rates: list[Tensor] | None) -> list[Tensor]:
+        """The step each weight took, before its rate: what the logs measure (no graph)."""
+        with torch.no_grad():
+            if self.name == "momentum":
+                out = [b.detach() for b in state[0]]
+            else:
+                c1, c2 = 1 - self.betas[0] ** (step + 1), 1 - self.betas[1] ** (step + 1)
+                out = [(m.detach() / c1) / ((v.detach() / c2).sqrt() + self.eps) for m, v in zip(*state)]
+            return out if rates is None else [r.detach() * d for r, d in zip(rates, out)]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -43,7 +107,8 @@ class InnerLoopSettings:
     collection of names, or a predicate(name, tensor) (ANIL: the head; BOIL: the body). The others
     keep their base weights in every task, and still get the meta-gradient (frozen ones,
     requires_grad=False, never do). proximal: iMAML's lambda; the inner gradient then adds
-    proximal * (fast - base), the gradient of proximal / 2 * |fast - base|^2 (no graph through it)."""
+    proximal * (fast - base), the gradient of proximal / 2 * |fast - base|^2 (no graph through it).
+    optimizer: the inner update (InnerOptimizer, or its name)."""
     steps: int
     first_order: bool
     bn_mode: str = "transductive"
@@ -56,6 +121,7 @@ class InnerLoopSettings:
     recompute: bool = False
     adapt_params: tuple[str, ...] | Callable[[str, Tensor], bool] | None = None
     proximal: float = 0.0  # iMAML: the inner loss adds proximal / 2 * |fast - base|^2
+    optimizer: InnerOptimizer = InnerOptimizer()
 
     def __post_init__(self) -> None:
         if not isinstance(self.steps, int) or self.steps < 1:
@@ -76,6 +142,10 @@ class InnerLoopSettings:
                              f"got the string {self.adapt_params!r}; write adapt_params=[{self.adapt_params!r}]")
         if self.adapt_params is not None and not callable(self.adapt_params):
             object.__setattr__(self, "adapt_params", tuple(self.adapt_params))
+        object.__setattr__(self, "optimizer", InnerOptimizer.of(self.optimizer))
+        if self.optimizer.has_state and self.recompute:
+            raise ValueError(f"recompute rebuilds each inner step from its starting weights alone, which the "
+                             f"{self.optimizer.name!r} inner optimizer (with state) does not allow; use 'sgd'")
 
     def adapted_names(self, params: dict[str, Tensor]) -> list[str]:
         """The parameters the inner loop adapts (see adapt_params), in the order of `params`."""
@@ -101,7 +171,9 @@ class InnerLoopSettings:
         settings = cls(steps=config.inner_steps, first_order=config.first_order, inner_clip=config.inner_clip,
                        engine=config.engine, backend=config.backend, loss=config.loss,
                        on_nonfinite="skip" if config.skip_nonfinite_tasks else "raise",
-                       proximal=config.imaml_lambda if config.algo == "imaml" else 0.0)
+                       proximal=config.imaml_lambda if config.algo == "imaml" else 0.0,
+                       optimizer=InnerOptimizer(config.inner_optimizer, config.inner_momentum, config.inner_betas,
+                                                config.inner_eps))
         return settings.replace(**changes)
 
     def replace(self, **changes) -> "InnerLoopSettings":

@@ -59,6 +59,9 @@ class ShardedMetaLearner(Learner):
             raise ValueError(f"sharded (FSDP) meta-learning supports {' and '.join(SHARDED_ALGOS)}, not "
                              f"{config.algo!r}: second-order MAML would need the full inner-loop graph of every "
                              "task; use algo='fomaml' or 'reptile'")
+        if config.inner_optimizer != "sgd":
+            raise ValueError(f"sharded (FSDP) meta-learning runs plain SGD inside, not inner_optimizer="
+                             f"{config.inner_optimizer!r}; use run.sharding='none' for an inner optimizer with state")
         if autocast not in AUTOCAST:
             raise ValueError(f"unknown autocast {autocast!r}; choose one of {', '.join(AUTOCAST)}")
         if _has_batch_norm(model):

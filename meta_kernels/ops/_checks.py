@@ -26,11 +26,20 @@ def uniform_list(tensors, name: str) -> None:
 
 
 def same_as(tensors, ref, name: str, ref_name: str) -> None:
+    """One tensor per tensor of ref, of its shape, dtype and device."""
     if len(tensors) != len(ref):
         raise ValueError(f"{name} has {len(tensors)} tensors but {ref_name} has {len(ref)}; pass one per tensor")
     for i, (t, r) in enumerate(zip(tensors, ref)):
         if t.shape != r.shape:
             raise ValueError(f"{name}[{i}] has shape {list(t.shape)} but {ref_name}[{i}] has shape {list(r.shape)}")
+    same_as_dtype_device(tensors, ref, name, ref_name)
+
+
+def same_as_dtype_device(tensors, ref, name: str, ref_name: str) -> None:
+    """One tensor per tensor of ref, of its dtype and device (any shape)."""
+    if len(tensors) != len(ref):
+        raise ValueError(f"{name} has {len(tensors)} tensors but {ref_name} has {len(ref)}; pass one per tensor")
+    for i, (t, r) in enumerate(zip(tensors, ref)):
         if t.dtype != r.dtype:
             raise ValueError(f"{name}[{i}] is {t.dtype} but {ref_name}[{i}] is {r.dtype}")
         if t.device != r.device:

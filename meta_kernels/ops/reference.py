@@ -19,6 +19,74 @@ def sgd_step(params: list[Tensor], grads: list[Tensor], lrs: Tensor, scale: Tens
     return out
 
 
+def scaled_grad(g: Tensor, scale: Tensor | None) -> Tensor:
+    """The gradient in compute precision, times the per-task factor."""
+    g = to_compute(g)
+    return g if scale is None else task_view(scale.to(g.dtype), g) * g
+
+
+def step_rate(lrs: Tensor, i: int, rates: list[Tensor] | None, like: Tensor) -> Tensor:
+    """Tensor i's rate: lrs[i], times its per-element rates (Meta-SGD) when given."""
+    lr = lrs[i].to(like.dtype)
+    return lr if rates is None else lr * to_compute(rates[i])
+
+
+def momentum_step(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor], lrs: Tensor, scale: Tensor | None,
+                  rates: list[Tensor] | None, momentum: float) -> tuple[list[Tensor], list[Tensor]]:
+    """Heavy-ball momentum as torch.optim.SGD (no dampening): b' = momentum * b + s * g,
+    phi = theta - lr * b'."""
+    new_p, new_b = [], []
+    for i, (p, g, b) in enumerate(zip(params, grads, bufs)):
+        b_new = momentum * to_compute(b) + scaled_grad(g, scale)
+        new_p.append((to_compute(p) - step_rate(lrs, i, rates, b_new) * b_new).to(p.dtype))
+        new_b.append(b_new.to(b.dtype))
+    return new_p, new_b
+
+
+class _SafeSqrt(torch.autograd.Function):
+    """sqrt whose derivative is 0 where the input is 0 (not inf): Adam's second moment is exactly 0
+    where every gradient so far was 0 (a dead ReLU), and there d sqrt would turn the meta-gradient
+    into 0 * inf = NaN. The step is 0 there whatever v does, so 0 is the derivative's limit."""
+
+    @staticmethod
+    def forward(x):
+        return x.sqrt()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (root,) = ctx.saved_tensors
+        positive = root > 0
+        return torch.where(positive, grad / (2 * torch.where(positive, root, torch.ones_like(root))),
+                           torch.zeros_like(grad))
+
+
+def safe_sqrt(x: Tensor) -> Tensor:
+    return _SafeSqrt.apply(x)
+
+
+def adam_step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], lrs: Tensor,
+              scale: Tensor | None, rates: list[Tensor] | None, beta1: float, beta2: float, eps: float,
+              step: int) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """Adam as torch.optim.Adam (step counts from 1): m' = b1 m + (1 - b1) s g,
+    v' = b2 v + (1 - b2) (s g)^2, phi = theta - lr * (m' / c1) / (sqrt(v' / c2) + eps) with
+    c = 1 - b^step."""
+    c1, c2 = 1 - beta1 ** step, 1 - beta2 ** step
+    new_p, new_m, new_v = [], [], []
+    for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
+        g = scaled_grad(g, scale)
+        m_new = beta1 * to_compute(m) + (1 - beta1) * g
+        v_new = beta2 * to_compute(v) + (1 - beta2) * g * g
+        direction = (m_new / c1) / (safe_sqrt(v_new / c2) + eps)
+        new_p.append((to_compute(p) - step_rate(lrs, i, rates, direction) * direction).to(p.dtype))
+        new_m.append(m_new.to(m.dtype))
+        new_v.append(v_new.to(v.dtype))
+    return new_p, new_m, new_v
+
+
 def clip_grad_norm(grads: list[Tensor], max_norm: float, eps: float) -> tuple[Tensor, Tensor]:
     sumsq = sum(to_compute(g).reshape(g.shape[0], -1).pow(2).sum(1) for g in grads)
     norm = sumsq.sqrt()

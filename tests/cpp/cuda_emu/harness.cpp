@@ -8,6 +8,8 @@
 #include MK_EMU_BN
 #include MK_EMU_REPTILE
 #include MK_EMU_POOL
+#include MK_EMU_MOMENTUM
+#include MK_EMU_ADAM
 // clang-format on
 
 #include <ATen/ATen.h>
@@ -267,6 +269,100 @@ void test_errors() {
 
 }  // namespace
 
+// momentum_step and adam_step: every combination of scale and rates (none, with the task dim,
+// without it), tensors spanning several chunks and tables, misaligned inputs; out of place and
+// in place (one non-contiguous param), each against the CPU kernel.
+using OptList = std::optional<TensorList>;
+
+template <typename Run>
+void test_stateful(const char* op_name, at::ScalarType dtype, int n_states, const Run& run, double tol) {
+  const auto o = at::TensorOptions().dtype(dtype);
+  for (int64_t T : {1, 3, 5}) {
+    std::vector<at::Tensor> p, g, full_rates, task_rates;
+    std::vector<std::vector<at::Tensor>> states(n_states);
+    for (int64_t inner : {3, 10, 37, 64, 130, 0, 1}) {
+      p.push_back(at::randn({T, inner}, o));
+      g.push_back(at::randn({T, inner}, o));
+    }
+    p.push_back(misaligned({T, 5, 13}, o));
+    g.push_back(misaligned({T, 5, 13}, o));
+    for (const auto& t : p) {
+      for (auto& st : states) st.push_back(at::rand(t.sizes(), o));  // non-negative: adam's v
+      full_rates.push_back(at::rand(t.sizes(), o));
+      task_rates.push_back(at::rand(t.sizes().slice(1), o));
+    }
+    const int64_t n = static_cast<int64_t>(p.size());
+    const at::Tensor lrs = at::rand({n, 2}, at::kDouble).select(1, 0);
+    const at::Tensor scale = at::rand({T}, at::kFloat) + 0.5;
+    for (const bool with_scale : {false, true}) {
+      for (const int rates_kind : {0, 1, 2}) {
+        const OptTensor s = with_scale ? OptTensor(scale) : std::nullopt;
+        const OptList r = rates_kind == 0 ? OptList() : OptList(rates_kind == 1 ? TensorList(full_rates) : TensorList(task_rates));
+        const std::string tag = std::string(op_name) + " " + name(dtype) + " T=" + std::to_string(T) +
+                                (with_scale ? " scale" : "") + " rates=" + std::to_string(rates_kind);
+        const auto want = run(/*cuda=*/false, p, g, states, lrs, s, r, /*in_place=*/false);
+        const auto got = run(/*cuda=*/true, p, g, states, lrs, s, r, /*in_place=*/false);
+        for (size_t k = 0; k < want.size(); ++k)
+          for (int64_t i = 0; i < n; ++i)
+            check(same(got[k][i], want[k][i], tol, tol), tag + " output " + std::to_string(k) + " tensor " + std::to_string(i));
+        // In place on copies, one param non-contiguous.
+        std::vector<at::Tensor> q;
+        for (const auto& t : p) q.push_back(t.clone());
+        q[2] = p[2].clone().t().contiguous().t();
+        std::vector<std::vector<at::Tensor>> qs;
+        for (const auto& st : states) {
+          qs.emplace_back();
+          for (const auto& t : st) qs.back().push_back(t.clone());
+        }
+        const auto written = run(/*cuda=*/true, q, g, qs, lrs, s, r, /*in_place=*/true);
+        for (size_t k = 0; k < want.size(); ++k)
+          for (int64_t i = 0; i < n; ++i)
+            check(same(written[k][i], want[k][i], tol, tol), tag + " in place, output " + std::to_string(k) + " tensor " +
+                                                                std::to_string(i));
+      }
+    }
+  }
+}
+
+using Lists = std::vector<std::vector<at::Tensor>>;
+
+void test_momentum(at::ScalarType dtype) {
+  auto cpu = op<std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>>(
+      TensorList, TensorList, TensorList, const at::Tensor&, const OptTensor&, OptList, double)>("meta_kernels::momentum_step");
+  const double mu = 0.9;
+  test_stateful("momentum_step", dtype, 1, [&](bool cuda, const std::vector<at::Tensor>& p, const std::vector<at::Tensor>& g,
+                                               const Lists& st, const at::Tensor& lrs, const OptTensor& s, const OptList& r,
+                                               bool in_place) -> Lists {
+    if (in_place) {
+      mkc::momentum_step_(p, g, st[0], lrs, s, r, mu);
+      return {p, st[0]};
+    }
+    auto [np, nb] = cuda ? mkc::momentum_step(p, g, st[0], lrs, s, r, mu) : cpu.call(p, g, st[0], lrs, s, r, mu);
+    return {np, nb};
+  }, 0.0);
+}
+
+void test_adam(at::ScalarType dtype) {
+  auto cpu = op<std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>(
+      TensorList, TensorList, TensorList, TensorList, const at::Tensor&, const OptTensor&, OptList, double, double, double,
+      int64_t)>("meta_kernels::adam_step");
+  const double b1 = 0.8, b2 = 0.95, eps = 1e-6;
+  const int64_t step = 3;
+  // sqrt and division may round differently where the compiler contracts them: a few ulps.
+  const double tol = dtype == at::kDouble ? 1e-12 : red_tol(dtype);
+  test_stateful("adam_step", dtype, 2, [&](bool cuda, const std::vector<at::Tensor>& p, const std::vector<at::Tensor>& g,
+                                           const Lists& st, const at::Tensor& lrs, const OptTensor& s, const OptList& r,
+                                           bool in_place) -> Lists {
+    if (in_place) {
+      mkc::adam_step_(p, g, st[0], st[1], lrs, s, r, b1, b2, eps, step);
+      return {p, st[0], st[1]};
+    }
+    auto [np, nm, nv] = cuda ? mkc::adam_step(p, g, st[0], st[1], lrs, s, r, b1, b2, eps, step)
+                             : cpu.call(p, g, st[0], st[1], lrs, s, r, b1, b2, eps, step);
+    return {np, nm, nv};
+  }, tol);
+}
+
 int main() {
   at::manual_seed(0);
   try {
@@ -276,6 +372,8 @@ int main() {
       test_bn(dtype);
       test_reptile(dtype);
       test_pool(dtype);
+      test_momentum(dtype);
+      test_adam(dtype);
       std::cout << "done " << name(dtype) << std::endl;
     }
     test_errors();

@@ -18,7 +18,7 @@ abi=$("$PYTHON" -c 'import torch; print(int(torch._C._GLIBCXX_USE_CXX11_ABI))')
 work=$(mktemp -d "${TMPDIR:-/tmp}/mk-cuda-emu.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 # The emulated ops: csrc/cuda/<op>.cu, compared with csrc/cpu/<op>.cpp.
-ops=(sgd_step clip_grad_norm batch_norm reptile_update max_pool2x2_relu)
+ops=(sgd_step clip_grad_norm batch_norm reptile_update max_pool2x2_relu momentum_step adam_step)
 
 "$PYTHON" - "$repo" "$work" "${ops[@]}" <<'EOF'
 import re, sys, pathlib
@@ -39,6 +39,8 @@ common = sub(common, "constexpr int kMaxTensors = 64;", "constexpr int kMaxTenso
 common = sub(common, "constexpr int64_t kChunk = 4096;", "constexpr int64_t kChunk = 64;")
 common = sub(common, "constexpr int64_t kMaxGrid = int64_t(1) << 20;", "constexpr int64_t kMaxGrid = 3;")
 (work / "cuda_common.cuh").write_text(common)
+stateful = sub((src / "stateful.cuh").read_text(), "constexpr int kStatefulMaxTensors = 32;", "constexpr int kStatefulMaxTensors = 3;")
+(work / "stateful.cuh").write_text(stateful)
 
 for name in sys.argv[3:]:
     text = (src / f"{name}.cu").read_text()
@@ -58,7 +60,8 @@ echo "cuda_emu: building (torch $("$PYTHON" -c 'import torch; print(torch.__vers
 flags=(-std=c++20 -O1 -g0 -pthread -fopenmp -D_GLIBCXX_USE_CXX11_ABI="$abi"
   -I"$here" -I"$torch_dir/include" -I"$torch_dir/include/torch/csrc/api/include"
   -DMK_EMU_SGD="\"$work/sgd_step.cpp\"" -DMK_EMU_CLIP="\"$work/clip_grad_norm.cpp\""
-  -DMK_EMU_BN="\"$work/batch_norm.cpp\"" -DMK_EMU_REPTILE="\"$work/reptile_update.cpp\"" -DMK_EMU_POOL="\"$work/max_pool2x2_relu.cpp\"")
+  -DMK_EMU_BN="\"$work/batch_norm.cpp\"" -DMK_EMU_REPTILE="\"$work/reptile_update.cpp\"" -DMK_EMU_POOL="\"$work/max_pool2x2_relu.cpp\""
+  -DMK_EMU_MOMENTUM="\"$work/momentum_step.cpp\"" -DMK_EMU_ADAM="\"$work/adam_step.cpp\"")
 # One object per source, MAX_JOBS at a time (each source spends most of its time in the torch
 # headers), the harness (the largest) first; then one link. The CPU kernels are those of the
 # emulated ops only: the others have no CUDA kernel to compare with.
