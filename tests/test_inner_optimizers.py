@@ -168,7 +168,7 @@ def test_a_dead_relu_leaves_the_adam_meta_gradient_finite():
         assert all(torch.isfinite(g).all() for g in grads), backend
 
 
-@pytest.mark.parametrize("algo", ["maml", "fomaml", "reptile"])
+@pytest.mark.parametrize("algo", ["maml", "fomaml", "reptile", "imaml"])
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
 def test_metalearner_trains_with_an_inner_optimizer(algo, optimizer):
     model = mk.Conv4(in_channels=1, n_way=3, filters=4, image_size=16)
