@@ -166,10 +166,12 @@ struct StatefulLists {
   bool rates_full = false;
 };
 
+// Checks the arguments (the kernels' memory-safety invariants) and gathers what the kernel is given.
 inline StatefulLists stateful_lists(at::TensorList params, at::TensorList grads, std::initializer_list<at::TensorList> states,
-                                    bool has_scale, const c10::optional<at::TensorList>& rates, bool rates_full,
-                                    bool in_place) {
+                                    const at::Tensor& lrs, const c10::optional<at::Tensor>& scale,
+                                    const c10::optional<at::TensorList>& rates, bool in_place, const char* op) {
   StatefulLists l;
+  l.rates_full = check_stateful_args(params, grads, states, lrs, scale, rates, op);
   l.p = contiguous_list(params);
   l.g = contiguous_list(grads);
   l.p_out = output_list(params, in_place);
@@ -178,10 +180,17 @@ inline StatefulLists stateful_lists(at::TensorList params, at::TensorList grads,
     l.state_out.push_back(output_list(state, in_place));
   }
   if (rates.has_value()) l.rates = contiguous_list(*rates);
-  l.rates_full = rates_full;
-  const bool by_task = has_scale || (rates.has_value() && !rates_full);
+  const bool by_task = scale.has_value() || (rates.has_value() && !l.rates_full);
   for (const auto& t : params) l.inner.push_back(task_inner(t, by_task));
   return l;
+}
+
+// After an in-place kernel: copies back into the params and states it could not write directly.
+inline void finish_stateful_in_place(at::TensorList params, std::initializer_list<at::TensorList> states,
+                                     const StatefulLists& l) {
+  finish_in_place(params, l.p_out);
+  size_t k = 0;
+  for (const auto& state : states) finish_in_place(state, l.state_out[k++]);
 }
 
 // Returns T, the number of tasks in adapted's leading dim.

@@ -61,19 +61,12 @@ void adam_launch(const StatefulLists& l, const at::Tensor& lrs, const c10::optio
   });
 }
 
-StatefulLists lists_for(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                        const at::Tensor& lrs, const c10::optional<at::Tensor>& scale,
-                        const c10::optional<at::TensorList>& rates, bool in_place) {
-  const bool full = check_stateful_args(params, grads, {exp_avgs, exp_avg_sqs}, lrs, scale, rates, "adam_step");
-  return stateful_lists(params, grads, {exp_avgs, exp_avg_sqs}, scale.has_value(), rates, full, in_place);
-}
-
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>> adam_step(
     at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
     const at::Tensor& lrs, const c10::optional<at::Tensor>& scale, c10::optional<at::TensorList> rates, double beta1,
     double beta2, double eps, int64_t step) {
   MK_INVARIANT(step >= 1, "adam_step");
-  const StatefulLists l = lists_for(params, grads, exp_avgs, exp_avg_sqs, lrs, scale, rates, false);
+  const StatefulLists l = stateful_lists(params, grads, {exp_avgs, exp_avg_sqs}, lrs, scale, rates, false, "adam_step");
   adam_launch(l, lrs, scale, beta1, beta2, eps, step);
   return {l.p_out, l.state_out[0], l.state_out[1]};
 }
@@ -82,11 +75,9 @@ void adam_step_(at::TensorList params, at::TensorList grads, at::TensorList exp_
                 const at::Tensor& lrs, const c10::optional<at::Tensor>& scale, c10::optional<at::TensorList> rates,
                 double beta1, double beta2, double eps, int64_t step) {
   MK_INVARIANT(step >= 1, "adam_step_");
-  const StatefulLists l = lists_for(params, grads, exp_avgs, exp_avg_sqs, lrs, scale, rates, true);
+  const StatefulLists l = stateful_lists(params, grads, {exp_avgs, exp_avg_sqs}, lrs, scale, rates, true, "adam_step");
   adam_launch(l, lrs, scale, beta1, beta2, eps, step);
-  finish_in_place(params, l.p_out);
-  finish_in_place(exp_avgs, l.state_out[0]);
-  finish_in_place(exp_avg_sqs, l.state_out[1]);
+  finish_stateful_in_place(params, {exp_avgs, exp_avg_sqs}, l);
 }
 
 }  // namespace

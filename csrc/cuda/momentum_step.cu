@@ -46,27 +46,19 @@ void momentum_launch(const StatefulLists& l, const at::Tensor& lrs, const c10::o
   });
 }
 
-StatefulLists lists_for(at::TensorList params, at::TensorList grads, at::TensorList bufs, const at::Tensor& lrs,
-                        const c10::optional<at::Tensor>& scale, const c10::optional<at::TensorList>& rates,
-                        bool in_place) {
-  const bool full = check_stateful_args(params, grads, {bufs}, lrs, scale, rates, "momentum_step");
-  return stateful_lists(params, grads, {bufs}, scale.has_value(), rates, full, in_place);
-}
-
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> momentum_step(
     at::TensorList params, at::TensorList grads, at::TensorList bufs, const at::Tensor& lrs,
     const c10::optional<at::Tensor>& scale, c10::optional<at::TensorList> rates, double momentum) {
-  const StatefulLists l = lists_for(params, grads, bufs, lrs, scale, rates, false);
+  const StatefulLists l = stateful_lists(params, grads, {bufs}, lrs, scale, rates, false, "momentum_step");
   momentum_launch(l, lrs, scale, momentum);
   return {l.p_out, l.state_out[0]};
 }
 
 void momentum_step_(at::TensorList params, at::TensorList grads, at::TensorList bufs, const at::Tensor& lrs,
                     const c10::optional<at::Tensor>& scale, c10::optional<at::TensorList> rates, double momentum) {
-  const StatefulLists l = lists_for(params, grads, bufs, lrs, scale, rates, true);
+  const StatefulLists l = stateful_lists(params, grads, {bufs}, lrs, scale, rates, true, "momentum_step");
   momentum_launch(l, lrs, scale, momentum);
-  finish_in_place(params, l.p_out);
-  finish_in_place(bufs, l.state_out[0]);
+  finish_stateful_in_place(params, {bufs}, l);
 }
 
 }  // namespace
