@@ -79,14 +79,12 @@ def _reptile(dataset: str, n_way: int, published: float) -> Recipe:
     return Recipe(dataset, NICHOL, published,
                   (*(OMNIGLOT if omni else MINI), *COMMON, "maml.algo=reptile", f"episodes.n_way={n_way}",
                    f"episodes.k_shot={shots}", "episodes.q_query=1", f"maml.inner_steps={steps}",
-                   # Not the paper's: the inner loop here is SGD (see no_field); our own stand-in rate.
-                   f"maml.inner_lr={0.1 if omni else 0.01}", "maml.inner_clip=null",
+                   "maml.inner_optimizer=adam", "maml.inner_betas=[0,0.999]", "maml.inner_lr=0.001",
+                   "maml.inner_clip=null",
                    "maml.meta_batch_size=5", "maml.reptile_epsilon=1.0", "maml.reptile_decay_steps=100000",
                    "mamlpp.bn_mode=transductive", f"model.filters={filters}", *_iterations(100000, 5, 100)),
                   test=dict(inner_steps=50, k_shot=1, q_query=1, episodes=10000),
-                  no_field=("inner optimizer Adam(lr=1e-3, betas=(0, 0.999)): the inner loop here is plain SGD, "
-                            "maml.inner_lr is our stand-in, not the paper's",
-                            f"inner mini-batches (10 images per inner step at training, "
+                  no_field=(f"inner mini-batches (10 images per inner step at training, "
                             f"{5 if omni else 10} at test): every inner step here uses the whole support set",
                             "the paper's 20-way Omniglot column may differ from the 5-way one: same values used"))
 

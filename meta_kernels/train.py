@@ -210,8 +210,14 @@ class Trainer:
         self.model = build_model(config, self.data["train"].image_shape).to(config.run.device)
         self.learner = build_learner(self.model, config)
         total = config.run.epochs * self.samplers["train"].steps_per_epoch(config.maml.meta_batch_size)
-        self.scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(self.learner.optimizer, T_max=max(total, 1))
-                          if config.mamlpp.cosine_meta_lr else None)
+        self.trained_seconds, self._fit_start = 0.0, None  # over every fit of this run (kept by checkpoints)
+        self.scheduler = None
+        if config.mamlpp.cosine_meta_lr and config.mamlpp.cosine_over == "budget":
+            budget = 60.0 * config.run.max_minutes
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+                self.learner.optimizer, lambda _: 0.5 * (1 + math.cos(math.pi * min(1.0, self._clock() / budget))))
+        elif config.mamlpp.cosine_meta_lr:
+            self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.learner.optimizer, T_max=max(total, 1))
         self.epoch, self.step, self.global_step, self.best_val = 0, 0, 0, -math.inf
         self.history: list[dict] = []
         if resume:
@@ -268,7 +274,7 @@ class Trainer:
                    "inner_steps": self.config.maml.inner_steps,
                    "counters": {"epoch": self.epoch, "step": self.step, "global_step": self.global_step,
                                 "best_val": self.best_val},
-                   "history": self.history, "data": self.data_fingerprint()}
+                   "history": self.history, "data": self.data_fingerprint(), "trained_seconds": self._seconds()}
         if not sharded:
             payload["model"] = self.model_state()
         if cfg.save_inner_lrs:  # the LSLR table when learned, else the fixed rate
@@ -353,6 +359,7 @@ class Trainer:
         c = data["counters"]
         self.epoch, self.step, self.global_step, self.best_val = c["epoch"], c["step"], c["global_step"], c["best_val"]
         self.history = data.get("history", [])
+        self.trained_seconds = data.get("trained_seconds", 0.0)
         if "rng" in data:
             set_rng_state(data["rng"])
 
@@ -372,7 +379,7 @@ class Trainer:
         sampler = self.samplers["train"]
         steps_per_epoch = sampler.steps_per_epoch(B)
         done, saved_step = 0, None
-        start = time.perf_counter()
+        start = self._fit_start = time.perf_counter()
         budget = math.inf if cfg.run.max_minutes is None else 60.0 * cfg.run.max_minutes
         # The budget is checked only after a step of this fit, so each fit (and resume) makes progress.
         finished = lambda: ((max_steps is not None and self.global_step >= max_steps) or stop["signal"] is not None
@@ -417,10 +424,25 @@ class Trainer:
                 self.save(f"step-{self.global_step}.pt")
         finally:
             self.flush_loggers()
+            self.trained_seconds, self._fit_start = self._seconds(), None
         if stop["signal"] is not None:
             last = self.checkpoint_path(f"step-{self.global_step}.pt") if self.sharded_checkpoints else None
             raise TrainingInterrupted(stop["signal"], self.global_step, last or self.ckpt_dir / "last.pt")
         return self._summary(time.perf_counter() - start)
+
+    def _seconds(self) -> float:
+        """Seconds trained by this run, its earlier fits included."""
+        return self.trained_seconds + (0.0 if self._fit_start is None else time.perf_counter() - self._fit_start)
+
+    def _clock(self) -> float:
+        """_seconds, under torchrun rank 0's, so that a schedule that follows it gives every rank the
+        same learning rate (a collective: every rank calls it)."""
+        seconds = self._seconds()
+        if self.world_size == 1 or self._fit_start is None:
+            return seconds
+        value = torch.tensor([seconds], dtype=torch.float64, device=self.config.run.device)
+        distributed.broadcast_([value])
+        return float(value.item())
 
     def _out_of_time(self, elapsed: float, budget: float) -> bool:
         """Past run.max_minutes; under torchrun rank 0's clock decides, so every rank stops at the same step."""

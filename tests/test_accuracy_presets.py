@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -95,6 +96,8 @@ def test_every_accuracy_preset_validates(name, tmp_path):
     assert cfg.episodes.n_way == (20 if "20w" in name else 5)
     if name.endswith("mamlpp"):
         assert cfg.mamlpp.bn_mode == "per_step" and cfg.mamlpp.use_lslr and cfg.mamlpp.use_msl
+    if name.endswith("reptile"):  # Nichol et al.: Adam inside, without momentum
+        assert cfg.maml.inner_optimizer == "adam" and cfg.maml.inner_betas[0] == 0
     runs = _bench_module("accuracy_runs")
     # Tested with at least 3 inner steps (Finn et al.), the FOMAML preset's 2 included
     assert runs.test_protocol(cfg) == {"q_query": 15, "inner_steps": max(cfg.maml.inner_steps, 3)}
@@ -128,6 +131,44 @@ def test_time_budget_stops_training_and_saves_that_step(data_env, tmp_path):
     assert (trainer.ckpt_dir / "step-1.pt").exists()
     val = [h for h in trainer.history if h["split"] == "val"]
     assert len(val) == 1 and val[0]["elapsed_s"] > 0
+
+
+def test_cosine_over_the_budget_follows_the_clock_and_resumes(data_env, tmp_path, monkeypatch):
+    from meta_kernels import train
+    cfg = MetaLearningFullConfig.minimal().with_overrides(
+        ["mamlpp.cosine_meta_lr=true", "mamlpp.cosine_over=budget", "run.max_minutes=1", "run.val_every=100"])
+    trainer = train.Trainer(cfg, tmp_path / "run", progress=False)
+    base = cfg.maml.meta_lr
+    assert trainer.learner.optimizer.param_groups[0]["lr"] == pytest.approx(base)
+    now = [1000.0]
+
+    class Clock:  # the trainer's clock only (the learner keeps the real one)
+        perf_counter = staticmethod(lambda: now[0])
+
+        def __getattr__(self, name):
+            return getattr(time, name)
+    monkeypatch.setattr(train, "time", Clock())
+
+    def stepped(seconds):  # a step that takes `seconds` of the 60-second budget
+        def step(*args, **kwargs):
+            now[0] += seconds
+            return original(*args, **kwargs)
+        return step
+    original = trainer.learner.step
+    trainer.learner.step = stepped(20.0)
+    trainer.fit(max_steps=1)  # 20 s of 60: cos(pi / 3) -> half way between 1 and 0.5
+    assert trainer.learner.optimizer.param_groups[0]["lr"] == pytest.approx(base * 0.75)
+    assert trainer.trained_seconds == pytest.approx(20.0)
+    resumed = train.Trainer(cfg, tmp_path / "run", resume=True, progress=False)
+    assert resumed.trained_seconds == pytest.approx(20.0)  # the schedule goes on from the checkpoint's clock
+    original = resumed.learner.step
+    resumed.learner.step = stepped(10.0)
+    resumed.fit(max_steps=2)  # 30 s of 60
+    assert resumed.learner.optimizer.param_groups[0]["lr"] == pytest.approx(base * 0.5)
+    with pytest.raises(ConfigError, match="cosine_over"):
+        cfg.with_overrides(["run.max_minutes=null"])
+    with pytest.raises(ConfigError, match="cosine_over"):
+        cfg.with_overrides(["mamlpp.cosine_over=minutes"])
 
 
 @pytest.mark.slow

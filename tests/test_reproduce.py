@@ -104,6 +104,9 @@ def test_every_recipe_resolves(capsys):
     assert maml.run.epochs * maml.episodes.episodes_per_epoch // maml.maml.meta_batch_size == 60000
     assert RECIPES["maml_omniglot_20w1s"].config().maml.inner_steps == 5
     assert RECIPES["maml_mini_imagenet_5w1s"].test["inner_steps"] == 10
+    for name in ("reptile_omniglot_5w1s", "reptile_mini_imagenet_5w1s"):  # Nichol et al.'s inner Adam
+        rep = RECIPES[name].config().maml
+        assert (rep.inner_optimizer, tuple(rep.inner_betas), rep.inner_lr) == ("adam", (0.0, 0.999), 0.001)
     pp = RECIPES["mamlpp_mini_imagenet_5w1s"].config()
     assert (pp.model.filters, pp.mamlpp.use_lslr, pp.mamlpp.bn_mode, pp.run.epochs) == (48, True, "per_step", 150)
 
