@@ -28,16 +28,16 @@ void adam_kernel(const StatefulLists& l, const at::Tensor& lrs, const c10::optio
       scalar_t* v_out = s.out(l.state_out[1]);
       const scalar_t* r = s.rates(l);
       const opmath_t factor = static_cast<opmath_t>(s.scale), lr = static_cast<opmath_t>(s.lr);
-      for (int64_t j = s.begin; j < s.end; ++j) {
+      const auto update = [&](int64_t j, opmath_t rate) {
         const opmath_t u = factor * static_cast<opmath_t>(g[j]);
         const opmath_t m1 = b1 * static_cast<opmath_t>(m[j]) + (1 - b1) * u;
         const opmath_t v1 = b2 * static_cast<opmath_t>(v[j]) + (1 - b2) * u * u;
         const opmath_t direction = (m1 / c1) / (std::sqrt(v1 / c2) + e);
-        const opmath_t rate = r ? lr * static_cast<opmath_t>(r[j - s.rate_offset]) : lr;
         p_out[j] = static_cast<scalar_t>(static_cast<opmath_t>(p[j]) - rate * direction);
         m_out[j] = static_cast<scalar_t>(m1);
         v_out[j] = static_cast<scalar_t>(v1);
-      }
+      };
+      for_each_element(s, r, lr, update);
     });
   });
 }

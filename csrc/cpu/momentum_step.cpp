@@ -20,12 +20,12 @@ void momentum_kernel(const StatefulLists& l, const at::Tensor& lrs, const c10::o
       scalar_t* b_out = s.out(l.state_out[0]);
       const scalar_t* r = s.rates(l);
       const opmath_t factor = static_cast<opmath_t>(s.scale), lr = static_cast<opmath_t>(s.lr);
-      for (int64_t j = s.begin; j < s.end; ++j) {
+      const auto update = [&](int64_t j, opmath_t rate) {
         const opmath_t buf = mu * static_cast<opmath_t>(b[j]) + factor * static_cast<opmath_t>(g[j]);
-        const opmath_t rate = r ? lr * static_cast<opmath_t>(r[j - s.rate_offset]) : lr;
         p_out[j] = static_cast<scalar_t>(static_cast<opmath_t>(p[j]) - rate * buf);
         b_out[j] = static_cast<scalar_t>(buf);
-      }
+      };
+      for_each_element(s, r, lr, update);
     });
   });
 }

@@ -42,5 +42,19 @@ void for_each_segment(const StatefulLists& l, const at::Tensor& lrs, const c10::
   });
 }
 
+// Runs update(j, rate) over a segment's elements, the per-element rates' branch outside the loop.
+// `omp simd` lets the compiler vectorize although outputs may be the inputs (in place): each
+// element is read and written at the same index only, so there is no dependence between elements.
+template <typename scalar_t, typename opmath_t, typename F>
+inline void for_each_element(const Segment<scalar_t>& s, const scalar_t* rates, opmath_t lr, const F& update) {
+  if (rates) {
+#pragma omp simd
+    for (int64_t j = s.begin; j < s.end; ++j) update(j, lr * static_cast<opmath_t>(rates[j - s.rate_offset]));
+  } else {
+#pragma omp simd
+    for (int64_t j = s.begin; j < s.end; ++j) update(j, lr);
+  }
+}
+
 }  // namespace cpu
 }  // namespace meta_kernels
