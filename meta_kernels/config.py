@@ -411,7 +411,8 @@ OMNIGLOT_SMALL_BASE = ("episodes.dataset=omniglot", "run.omniglot_variant=small"
                        "run.val_episodes=200", "run.test_episodes=600", "checkpoint.every_steps=500")
 # Each has a 30-minute budget. Where a schedule follows the epochs or steps (the multi-step loss
 # and cosine meta-lr, Reptile's decay) the epochs are sized to end near the budget on the 2-core
-# CPU, so that it completes; the 5-way MAML preset has more epochs than fit, so the budget ends it.
+# CPU, so that it completes; the 5-way MAML preset's 2000 steps outlast the budget on the slower
+# VMs measured and end at 24.5 minutes on the fastest; the MAML++ presets have more epochs than fit.
 # Per-step BatchNorm (MAML++'s largest gain, bench/RESULTS.md) is the BN mode of the MAML presets;
 # FOMAML and Reptile cannot train it (bn_mode_error) and keep the base's transductive BN.
 # The MAML++ presets run the multi-step loss (a query pass per inner step, 1.7x a plain step) in a
