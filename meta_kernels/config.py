@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 KNOWN_DATASETS = ("omniglot", "mini_imagenet", "custom", "sinusoid")
 ALGORITHMS = ("maml", "fomaml", "reptile", "imaml")
+INNER_STATES = ("per_task", "carried")
 ENGINES = ("auto", "custom", "torch_func", "higher")
 OP_BACKENDS = ("auto", "cuda", "triton", "cpp", "reference")
 BN_MODES = ("transductive", "per_step", "frozen")
@@ -172,6 +173,10 @@ class MAMLConfig:
     inner_momentum: float = 0.9
     inner_betas: tuple[float, float] = (0.9, 0.999)
     inner_eps: float = 1e-8
+    # Where each task's inner optimizer state starts: "per_task" from zero (MAML differentiates
+    # through it), or "carried" (Reptile only) from the mean of the previous outer step's final
+    # states, step count included, as Nichol et al.'s Reptile keeps one Adam across all tasks.
+    inner_state: str = "per_task"
     second_order: bool | None = None
     backend: str = "auto"
     engine: str = "auto"
@@ -222,6 +227,12 @@ class MAMLConfig:
         _require(all(0 <= b < 1 for b in self.inner_betas), name, "inner_betas",
                  f"must be two numbers in [0, 1) (beta1, beta2), got {list(self.inner_betas)}")
         _require(0 < self.inner_eps <= FLOAT32_MAX, name, "inner_eps", f"must be > 0, got {self.inner_eps}")
+        _require(self.inner_state in INNER_STATES, name, "inner_state",
+                 f"must be one of {', '.join(INNER_STATES)}, got {self.inner_state!r}")
+        _require(self.inner_state == "per_task" or (self.algo == "reptile" and self.inner_optimizer != "sgd"), name,
+                 "inner_state", f"'carried' keeps an inner optimizer's state from one outer step to the next, for "
+                 f"Reptile with inner_optimizer='momentum' or 'adam' (here algo={self.algo!r}, inner_optimizer="
+                 f"{self.inner_optimizer!r}); MAML-style algorithms start every task's state from zero: use 'per_task'")
         _require(self.backend in OP_BACKENDS, name, "backend", f"unknown backend {self.backend!r}; choose one of {', '.join(OP_BACKENDS)}")
         _require(self.engine in ENGINES, name, "engine", f"unknown engine {self.engine!r}; choose one of {', '.join(ENGINES)}")
         _require(0 < self.meta_lr <= FLOAT32_MAX, name, "meta_lr", f"must be > 0 and at most {FLOAT32_MAX:.3g} (it "

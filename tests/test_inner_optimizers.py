@@ -200,3 +200,62 @@ def test_inner_optimizer_settings_are_checked():
         model = mlp()
         mk.adapt(dict(model.named_parameters()), tasks("mlp")[:2], model=model, steps=1, lrs=0.1, first_order=True,
                  engine="higher", inner_optimizer="adam")
+
+
+def test_reptile_carries_one_inner_adam_across_outer_steps():
+    """inner_state='carried': every task of an outer step starts from the mean of the previous
+    step's final Adam moments and its step count, as Nichol et al.'s Reptile keeps one Adam; the
+    hand-written loop below runs torch.optim.Adam's formula task by task. Chunks of 2 of 3 tasks
+    and a resume from state_dict take the same steps."""
+    betas, lr, eps, K = (0.0, 0.9), 0.02, 1e-8, 3
+    xs, ys, xq, yq = tasks("mlp")
+    config = mk.MAMLConfig(algo="reptile", inner_steps=K, inner_lr=lr, inner_clip=None, inner_optimizer="adam",
+                           inner_betas=betas, inner_eps=eps, inner_state="carried", task_chunk=2, reptile_epsilon=0.5)
+    model = mlp()
+    theta = [p.detach().clone() for p in model.parameters()]
+    learner = mk.MetaLearner(model, config)
+    learner.step((xs, ys, xq, yq))
+    resumed_model = mlp()
+    resumed_model.load_state_dict(model.state_dict())
+    resumed = mk.MetaLearner(resumed_model, config)
+    resumed.load_state_dict(learner.state_dict())
+    for each in (learner, resumed):
+        each.step((xs, ys, xq, yq))
+
+    reference = mlp()
+    m = v = [torch.zeros_like(p) for p in theta]
+    t0 = 0
+    for _ in range(2):
+        adapted, moments = [], []
+        for task in range(xs.shape[0]):
+            w, tm, tv = [p.clone() for p in theta], [a.clone() for a in m], [a.clone() for a in v]
+            x, y = torch.cat([xs[task], xq[task]]), torch.cat([ys[task], yq[task]])  # Reptile trains on both
+            for k in range(K):
+                p = [a.clone().requires_grad_() for a in w]
+                out = functional_call(reference, dict(zip([n for n, _ in reference.named_parameters()], p)), (x,))
+                grads = torch.autograd.grad(F.cross_entropy(out, y), p)
+                step = t0 + k + 1
+                tm = [betas[0] * a + (1 - betas[0]) * g for a, g in zip(tm, grads)]
+                tv = [betas[1] * a + (1 - betas[1]) * g * g for a, g in zip(tv, grads)]
+                w = [a - lr / (1 - betas[0] ** step) * b / ((c / (1 - betas[1] ** step)).sqrt() + eps)
+                     for a, b, c in zip(w, tm, tv)]
+            adapted.append(w)
+            moments.append((tm, tv))
+        theta = [p + 0.5 * (torch.stack(ws).mean(0) - p) for p, ws in zip(theta, zip(*adapted))]
+        m = [torch.stack(ms).mean(0) for ms in zip(*[a for a, _ in moments])]
+        v = [torch.stack(vs).mean(0) for vs in zip(*[b for _, b in moments])]
+        t0 += K
+    for each in (model, resumed_model):
+        for p, want in zip(each.parameters(), theta):
+            torch.testing.assert_close(p.detach(), want, rtol=1e-10, atol=1e-12)
+    assert learner.carried_state.steps == resumed.carried_state.steps == 2 * K
+    for got, want in zip(learner.carried_state.state[1], v):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14)
+
+
+def test_carried_inner_state_is_for_reptile_with_a_stateful_optimizer():
+    for bad in (dict(algo="maml", inner_optimizer="adam"), dict(algo="reptile", inner_optimizer="sgd")):
+        with pytest.raises(ValueError, match="inner_state: 'carried' keeps an inner optimizer's state"):
+            mk.MAMLConfig(inner_state="carried", **bad)
+    with pytest.raises(ValueError, match="inner_state: must be one of per_task, carried"):
+        mk.MAMLConfig(inner_state="shared")

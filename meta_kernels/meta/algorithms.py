@@ -18,7 +18,7 @@ import meta_kernels.ops as ops
 from meta_kernels import distributed
 from meta_kernels.config import ALGORITHMS, MAMLConfig, MAMLPlusPlusConfig, bn_mode_error
 from meta_kernels.meta.inner import adapt_tasks
-from meta_kernels.meta.inner_common import (AdaptResult, InnerLoopSettings, NonFiniteLossError, StepLog, as_task_batch,
+from meta_kernels.meta.inner_common import (AdaptResult, CarriedState, InnerLoopSettings, NonFiniteLossError, StepLog, as_task_batch,
                                             check_same_samples, compute_inputs,
                                             batch_parts, lead_tensor, map_inputs, query_pass)
 from meta_kernels.meta.batching import check_task_independence
@@ -397,6 +397,8 @@ class MetaLearner(Learner):
             if extra:
                 self.optimizer.add_param_group({"params": extra})
         self.outer_steps = 0
+        # inner_state='carried' (Reptile): the inner optimizer's state the next outer step's tasks start from
+        self.carried_state: CarriedState | None = None
         self._said_divergence = False
         # On the first step, a cheap check that the forward does not mix the tasks folded into one
         # batch (two tasks: one batched forward and one alone, no graph); debug_batching=False skips it.
@@ -448,7 +450,10 @@ class MetaLearner(Learner):
         return self.config.first_order
 
     def state_dict(self) -> dict:
+        carried = self.carried_state
         return {"outer_steps": self.outer_steps, "optimizer": self.optimizer.state_dict(),
+                "carried_inner_state": None if carried is None else
+                {"state": [[s.clone() for s in kind] for kind in carried.state], "steps": carried.steps},
                 "lslr": None if self.lslr is None else self.lslr.detach().clone(),
                 "msl_logits": None if self.msl_logits is None else self.msl_logits.detach().clone(),
                 "meta_sgd_rates": None if self.meta_sgd_rates is None else
@@ -472,6 +477,9 @@ class MetaLearner(Learner):
                 self.meta_sgd_rates[k].copy_(v)
         self.optimizer.load_state_dict(state["optimizer"])
         self.outer_steps = state["outer_steps"]
+        carried = state.get("carried_inner_state")
+        self.carried_state = None if carried is None else CarriedState(
+            [[s.clone() for s in kind] for kind in carried["state"]], int(carried["steps"]))
 
     def reptile_epsilon(self) -> float:
         return reptile_epsilon(self.config, self.outer_steps)
@@ -511,7 +519,9 @@ class MetaLearner(Learner):
             check_task_independence(self.model, compute_inputs(map_inputs(lambda t: t[:2], parts[0]), dtype))
             self.debug_batching = False
         self.optimizer.zero_grad(set_to_none=True)
-        totals, adapted = self._accumulate(parts, single, local, total, epoch, track_curve, log_inner_steps)
+        totals, adapted, states = self._accumulate(parts, single, local, total, epoch, track_curve, log_inner_steps)
+        if states is not None:
+            self._carry_inner_state(states)
         if distributed.world()[1] > 1:
             totals, adapted = self._sum_over_ranks(totals, adapted, local, total)
         all_skipped = totals.get("skipped_tasks", 0) >= total
@@ -558,23 +568,29 @@ class MetaLearner(Learner):
         """Adapts this process's `local` tasks config.task_chunk at a time. MAML / FOMAML
         back-propagate each chunk's share (of `total` tasks) of the meta-objective into .grad;
         Reptile collects the adapted weights. Returns the metric sums (each metric weighted by its
-        chunk's tasks) and, for Reptile, the adapted weights [local, *shape] per parameter."""
+        chunk's tasks) and, for Reptile, the adapted weights [local, *shape] per parameter and with
+        inner_state='carried' the inner optimizer's final states of the tasks kept."""
         params = dict(self.model.named_parameters())
         reptile = self.config.algo == "reptile"
+        carried = self.config.inner_state == "carried"
+        if carried and track_curve:
+            raise ValueError("track_curve adapts Reptile on the support set alone to score the query set, and "
+                             "inner_state='carried' trains on both: measure the curve with evaluate_tasks instead")
         first_order = self.first_order_at(epoch)
         settings = self.settings.replace(first_order=first_order, no_graph=reptile,
                                          recompute=self.config.recompute_inner and not first_order)
         chunk = self.config.task_chunk or local
         totals: dict[str, float] = {}
-        adapted_chunks = []
+        adapted_chunks, state_chunks = [], []
         for start in range(0, local, chunk):
             lrs, msl = self.inner_lrs(), self.current_msl_weights(epoch)  # per chunk: each graph is freed
             sub = parts if single else tuple(map_inputs(lambda t: t[start:start + chunk], p) for p in parts)
             n = 1 if single else sub[1].shape[0]
             if reptile and not track_curve:
                 # Reptile's update needs only the adapted weights: no query pass on the hot path.
-                adapted, metrics = self._reptile_adapt(params, sub, lrs, log_inner_steps)
+                adapted, metrics, states = self._reptile_adapt(params, sub, lrs, log_inner_steps)
                 adapted_chunks.append(adapted)
+                state_chunks.append(states)
             elif self.config.algo == "imaml":
                 if msl is not None:
                     raise ValueError("iMAML takes the query loss at the inner loop's solution only: turn off use_msl")
@@ -596,7 +612,8 @@ class MetaLearner(Learner):
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + v * (n if k != "skipped_tasks" else 1)
         adapted = [torch.cat([c[k] for c in adapted_chunks]) for k in params] if reptile else None
-        return totals, adapted
+        states = [[torch.cat(parts) for parts in zip(*kinds)] for kinds in zip(*state_chunks)] if carried else None
+        return totals, adapted, states
 
     def _reptile_adapt(self, params, sub, lrs, log_inner_steps: bool = False):
         # Reptile trains each task on all of its examples (support and query alike are training
@@ -605,15 +622,34 @@ class MetaLearner(Learner):
         if ys.dim() == yq.dim() and ys.dim() >= 2:
             xs = _cat_inputs(xs, xq)
             ys = torch.cat([ys, yq], 1)
+        carried = self.config.inner_state == "carried"
         result = adapt_tasks(params, (xs, ys), model=self.task_model,
-                             settings=self.settings.replace(first_order=True, no_graph=True), lrs=lrs)
+                             settings=self.settings.replace(first_order=True, no_graph=True), lrs=lrs,
+                             start_state=self.carried_state if carried else None)
         nan = math.nan
         metrics = {"pre_adapt_acc": nan, "post_adapt_acc": nan, "fast_gain": nan, "auac": nan,
                    "query_loss": nan, "support_loss": result.logs[-1].loss,
                    "skipped_tasks": int((~result.task_ok).sum())}
         if log_inner_steps:
             metrics.update(inner_step_metrics(result.logs))
-        return _kept(result.adapted, result.task_ok), metrics
+        states = None
+        if carried:
+            ok = result.task_ok
+            states = [[s[ok] for s in kind] for kind in result.optimizer_state]
+        return _kept(result.adapted, result.task_ok), metrics, states
+
+    def _carry_inner_state(self, states: list[list[Tensor]]) -> None:
+        """The next outer step's tasks start from the mean of this step's final inner optimizer
+        states (over the tasks kept, on every rank), which have seen inner_steps more updates."""
+        kept = torch.tensor([float(states[0][0].shape[0])], device=states[0][0].device)
+        sums = [s.sum(0) for kind in states for s in kind]
+        distributed.all_reduce_sum_(sums + [kept])
+        if not kept.item():  # every task skipped: keep the state as it was
+            return
+        n = len(states[0])
+        means = [s / kept for s in sums]
+        steps = self.config.inner_steps + (self.carried_state.steps if self.carried_state is not None else 0)
+        self.carried_state = CarriedState([means[i:i + n] for i in range(0, len(means), n)], steps)
 
     def _sum_over_ranks(self, totals: dict[str, float], adapted, local: int, total: int):
         """Turns what this rank accumulated over its tasks into sums over all ranks' tasks, so every

@@ -17,7 +17,7 @@ from torch import Tensor
 
 import meta_kernels.ops as ops
 from meta_kernels.meta.higher_engine import adapt_with_higher
-from meta_kernels.meta.inner_common import (AdaptResult, InnerLoopSettings, InnerOptimizer, NonFiniteLossError, StepLog, as_task_batch,
+from meta_kernels.meta.inner_common import (AdaptResult, CarriedState, InnerLoopSettings, InnerOptimizer, NonFiniteLossError, StepLog, as_task_batch,
                                             check_rates, check_same_samples, support_parts, compute_inputs, lead_tensor, lr_table, map_inputs, masked_mean,
                                             per_task_loss, query_pass)
 from meta_kernels.meta.task_model import TaskModel, as_task_model
@@ -56,9 +56,10 @@ def adapt(params: dict[str, Tensor], support_batch, *, model, steps: int, lrs, f
 
 def adapt_tasks(params: dict[str, Tensor], support_batch, *, model, settings: InnerLoopSettings, lrs,
                 query_batch=None, msl_weights: Tensor | None = None,
-                rng: torch.Generator | None = None) -> AdaptResult:
+                rng: torch.Generator | None = None, start_state: CarriedState | None = None) -> AdaptResult:
     """`adapt` with everything it measured (adaptation curve, skipped tasks), the inner loop
-    described by `settings`.
+    described by `settings`. start_state: the inner optimizer's state to start from (no graph
+    only), instead of zeros.
 
     settings.recompute (second order only): the inner loop runs without a graph, keeping each
     step's starting weights; AdaptResult.backward then rebuilds the steps' second-order graphs one
@@ -77,6 +78,9 @@ def adapt_tasks(params: dict[str, Tensor], support_batch, *, model, settings: In
     if settings.recompute and (settings.first_order or settings.no_graph or msl_weights is not None):
         raise ValueError("recompute=True rebuilds the second-order graph of MAML: it needs first_order=False, "
                          "no_graph=False and no multi-step loss (msl_weights)")
+    if start_state is not None and not (settings.no_graph and settings.optimizer.has_state):
+        raise ValueError("start_state carries an inner optimizer's state, which runs without a graph (Reptile): it "
+                         "needs no_graph=True and an inner optimizer with state ('momentum' or 'adam')")
     if not params:
         raise ValueError("params is empty; pass model.named_parameters() as a dict")
     _check_params_of(params, task_model.model)
@@ -119,7 +123,8 @@ def adapt_tasks(params: dict[str, Tensor], support_batch, *, model, settings: In
         skipped = torch.zeros(T, dtype=torch.bool, device=device)
         while True:
             try:
-                result = _run_steps(stepped, base, x, y, query, table, skipped, settings, msl_weights, elementwise)
+                result = _run_steps(stepped, base, x, y, query, table, skipped, settings, msl_weights, elementwise,
+                                    start_state)
                 return _with_fixed_weights(result, fixed, names) if fixed else result
             except _SkipTasks as skip:
                 # Rerun with those tasks' inputs zeroed: their graph must hold no inf/NaN, or the
@@ -186,7 +191,7 @@ class _SkipTasks(Exception):
 
 def _run_steps(task_model: TaskModel, base: dict[str, Tensor], x: Tensor, y: Tensor, query, table: Tensor,
                skipped: Tensor, settings: InnerLoopSettings, msl_weights: Tensor | None,
-               elementwise: list[Tensor] | None = None) -> AdaptResult:
+               elementwise: list[Tensor] | None = None, start_state: CarriedState | None = None) -> AdaptResult:
     T = lead_tensor(x).shape[0]
     names = list(base)
     recompute = settings.recompute
@@ -198,6 +203,15 @@ def _run_steps(task_model: TaskModel, base: dict[str, Tensor], x: Tensor, y: Ten
         fast = {k: v.expand(T, *v.shape) for k, v in base.items()}
     optimizer = settings.optimizer
     state = optimizer.init_state(list(fast.values())) if optimizer.has_state else None
+    offset = 0  # updates the state has seen before this loop
+    if start_state is not None:
+        shapes = [tuple(v.shape[1:]) for v in fast.values()]
+        if len(start_state.state) != len(state) or any([tuple(s.shape) for s in kind] != shapes
+                                                       for kind in start_state.state):
+            raise ValueError("start_state does not match the adapted weights: one tensor of each weight's shape per "
+                             "kind of the inner optimizer's state")
+        state = [[s.to(v.dtype).expand_as(v).clone() for s, v in zip(kind, fast.values())] for kind in start_state.state]
+        offset = start_state.steps
     # Meta-SGD's per-element rates: they scale an optimizer's step (its kernels take them), or
     # plain SGD's gradient.
     rates = [to_compute(a) for a in elementwise] if elementwise is not None and state is not None else None
@@ -260,9 +274,9 @@ def _run_steps(task_model: TaskModel, base: dict[str, Tensor], x: Tensor, y: Ten
                 grads = [g.detach() for g in grads] if no_graph else grads
                 new, state = optimizer.step(values, grads, state, lr_step.detach() if no_graph else lr_step,
                                             None if factor is None else (factor.detach() if no_graph else factor),
-                                            rates, step, in_place=no_graph)
+                                            rates, offset + step, in_place=no_graph)
             fast = dict(zip(names, new))
-            logs.append(_step_log(step, loss_t, acc_t, norm, factor, optimizer.directions(state, step, rates),
+            logs.append(_step_log(step, loss_t, acc_t, norm, factor, optimizer.directions(state, offset + step, rates),
                                   lr_step, task_ok, q_loss, q_acc, directions_scaled=True))
         else:
             logs.append(_step_log(step, loss_t, acc_t, norm, factor, grads, lr_step, task_ok, q_loss, q_acc))
@@ -285,7 +299,7 @@ def _run_steps(task_model: TaskModel, base: dict[str, Tensor], x: Tensor, y: Ten
                                elementwise)
     per_task = [torch.stack(v, 1) for v in zip(*curve_per_task)] if query is not None else [None, None]
     return AdaptResult(fast, logs, curve_loss, curve_acc, task_ok, msl_total, backward if recompute else None,
-                       *per_task)
+                       *per_task, optimizer_state=state)
 
 
 _CLIP_SAID = False

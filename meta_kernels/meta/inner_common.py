@@ -214,6 +214,19 @@ class AdaptResult:
     # The same curve per task: [T, steps + 1] (with a query batch).
     curve_loss_per_task: Tensor | None = None
     curve_accuracy_per_task: Tensor | None = None
+    # The inner optimizer's final state, [T, *shape] per adapted weight for each of its kinds
+    # (momentum: the buffers; Adam: the two moments); None for SGD.
+    optimizer_state: list[list[Tensor]] | None = None
+
+
+@dataclass
+class CarriedState:
+    """An inner optimizer's state for the next inner loop to start from instead of zeros (Reptile
+    with one Adam across tasks, MAMLConfig.inner_state='carried'): for each of its kinds, one
+    tensor per adapted weight, shared by all tasks; `steps`: the updates it has seen, which Adam's
+    bias correction counts on."""
+    state: list[list[Tensor]]
+    steps: int
 
 
 def map_inputs(fn: Callable[[Tensor], Tensor], x):
