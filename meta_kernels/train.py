@@ -645,6 +645,8 @@ def evaluate_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike, epi
     if isinstance(saved_lrs, torch.Tensor):  # the learned (LSLR) rates
         with torch.no_grad():
             learner.lslr.copy_(saved_lrs)
+    if config.maml.inner_state == "carried":  # Reptile's inner Adam starts where training left it
+        learner.load_carried_state(data["learner"].get("carried_inner_state"))
     changes = {k: v for k, v in (("q_query", q_query), ("k_shot", k_shot)) if v is not None}
     episode_config = config.episodes.replace(**changes)  # validated like any EpisodeConfig
     sampler = EpisodeSampler(dataset, episode_config, seed=config.run.seed + SPLIT_SEEDS[split])

@@ -251,6 +251,14 @@ def test_reptile_carries_one_inner_adam_across_outer_steps():
     assert learner.carried_state.steps == resumed.carried_state.steps == 2 * K
     for got, want in zip(learner.carried_state.state[1], v):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14)
+    # Evaluation adapts from the carried state too, and leaves it as it was.
+    scores = learner.evaluate_tasks((xs, ys, xq, yq))
+    assert learner.carried_state.steps == 2 * K
+    adapted, _ = mk.adapt(dict(model.named_parameters()), (xs, ys), model=model, steps=K, lrs=lr, first_order=True,
+                          inner_optimizer=mk.InnerOptimizer("adam", betas=betas, eps=eps))
+    fresh = F.cross_entropy(torch.func.vmap(lambda p, x: functional_call(model, p, (x,)))(adapted, xq).flatten(0, 1),
+                            yq.flatten(), reduction="none").view(yq.shape).mean(1)
+    assert not torch.allclose(scores.query_loss, fresh.detach(), rtol=1e-3)
 
 
 def test_carried_inner_state_is_for_reptile_with_a_stateful_optimizer():

@@ -477,9 +477,12 @@ class MetaLearner(Learner):
                 self.meta_sgd_rates[k].copy_(v)
         self.optimizer.load_state_dict(state["optimizer"])
         self.outer_steps = state["outer_steps"]
-        carried = state.get("carried_inner_state")
-        self.carried_state = None if carried is None else CarriedState(
-            [[s.clone() for s in kind] for kind in carried["state"]], int(carried["steps"]))
+        self.load_carried_state(state.get("carried_inner_state"))
+
+    def load_carried_state(self, saved: dict | None) -> None:
+        """The carried inner optimizer state of a state_dict (inner_state='carried'; None: none yet)."""
+        self.carried_state = None if saved is None else CarriedState(
+            [[s.clone() for s in kind] for kind in saved["state"]], int(saved["steps"]))
 
     def reptile_epsilon(self) -> float:
         return reptile_epsilon(self.config, self.outer_steps)
@@ -487,14 +490,16 @@ class MetaLearner(Learner):
     # ---- evaluation --------------------------------------------------------------------------
     def evaluate_tasks(self, task_batch) -> TaskScores:
         """First-order adaptation without a graph on each support set, scored on the query set after
-        every inner step. Runs under no_grad and never touches the model's running statistics."""
+        every inner step. Runs under no_grad and never touches the model's running statistics.
+        With inner_state='carried' the inner optimizer starts from the state training carries (and
+        leaves it as it was), as it is part of what Reptile learned."""
         xs, ys, xq, yq = batch_parts(task_batch)
         lrs = self.inner_lrs()
         settings = self.settings.replace(first_order=True, no_graph=True, engine="custom", on_nonfinite="raise")
         with torch.no_grad():
             result = adapt_tasks(dict(self.model.named_parameters()), (xs, ys), model=self.task_model,
                                  settings=settings, lrs=_detached(lrs),
-                                 query_batch=(xq, yq))
+                                 query_batch=(xq, yq), start_state=self.carried_state)
         return TaskScores(result.curve_accuracy_per_task, result.curve_loss_per_task[:, -1])
 
     # ---- the outer step ----------------------------------------------------------------------
