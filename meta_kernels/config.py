@@ -10,6 +10,7 @@ from dataclasses import dataclass
 KNOWN_DATASETS = ("omniglot", "mini_imagenet", "custom", "sinusoid")
 ALGORITHMS = ("maml", "fomaml", "reptile", "imaml")
 INNER_STATES = ("per_task", "carried")
+REPTILE_UPDATES = ("interpolate", "meta_optimizer")
 ENGINES = ("auto", "custom", "torch_func", "higher")
 OP_BACKENDS = ("auto", "cuda", "triton", "cpp", "reference")
 BN_MODES = ("transductive", "per_step", "frozen")
@@ -185,6 +186,10 @@ class MAMLConfig:
     meta_batch_size: int = 4
     reptile_epsilon: float = 1.0
     reptile_decay_steps: int = 0  # linear decay of epsilon to 0 over this many outer steps (0: none)
+    # Reptile's outer update: "interpolate" (theta += epsilon * (mean adapted - theta)), or
+    # "meta_optimizer": theta - mean adapted is the gradient of the meta-optimizer (meta_optimizer,
+    # meta_lr), the adaptive variant Nichol et al. 2018 suggest.
+    reptile_update: str = "interpolate"
     task_chunk: int = 0  # tasks adapted together per chunk in a training step (0: the whole meta-batch)
     # Tasks per query pass in a MAML / FOMAML training step: each such pass is back-propagated to
     # the adapted weights and freed before the one backward through the inner loop (0: all at once).
@@ -242,6 +247,11 @@ class MAMLConfig:
         _require(self.meta_batch_size >= 1, name, "meta_batch_size", f"must be >= 1, got {self.meta_batch_size}")
         _require(0 < self.reptile_epsilon <= 1, name, "reptile_epsilon", f"must be in (0, 1], got {self.reptile_epsilon}")
         _require(self.reptile_decay_steps >= 0, name, "reptile_decay_steps", f"must be >= 0, got {self.reptile_decay_steps}")
+        _require(self.reptile_update in REPTILE_UPDATES, name, "reptile_update",
+                 f"must be one of {', '.join(REPTILE_UPDATES)}, got {self.reptile_update!r}")
+        _require(self.reptile_update == "interpolate" or (self.algo == "reptile" and self.reptile_decay_steps == 0),
+                 name, "reptile_update", f"'meta_optimizer' is Reptile's outer update (algo={self.algo!r}) and steps "
+                 "with meta_lr, not epsilon: leave reptile_decay_steps at 0 (mamlpp.cosine_meta_lr decays meta_lr)")
         _require(self.task_chunk >= 0, name, "task_chunk", f"must be >= 0, got {self.task_chunk}")
         _require(self.query_chunk >= 0, name, "query_chunk", f"must be >= 0, got {self.query_chunk}")
         _require(not self.recompute_inner or self.algo == "maml", name, "recompute_inner",

@@ -359,3 +359,32 @@ def test_meta_backward_refuses_reptile():
     cfg = MAMLConfig(algo="reptile", engine="custom")
     with pytest.raises(ValueError, match="MAML and FOMAML"):
         meta_backward(dict(_tiny_conv4().named_parameters()), _tasks(), config=cfg, model=_tiny_conv4())
+
+
+def test_reptile_meta_optimizer_update_steps_on_the_pseudo_gradient():
+    """reptile_update='meta_optimizer': theta - mean adapted is the gradient of the meta-optimizer."""
+    torch.manual_seed(9)
+    xs, ys, xq, yq = _linear_tasks(seed=10)
+    cfg = MAMLConfig(algo="reptile", inner_steps=3, inner_lr=0.05, inner_clip=None, loss="mse", meta_lr=0.01,
+                     reptile_update="meta_optimizer")
+    model = nn.Linear(4, 1).double()
+    reference = nn.Linear(4, 1).double()
+    reference.load_state_dict(model.state_dict())
+    learner = MetaLearner(model, cfg)
+    interpolating = MetaLearner(reference, cfg.replace(reptile_update="interpolate"))
+    adam = torch.optim.Adam(reference.parameters(), lr=0.01)
+    for _ in range(2):
+        learner.step((xs, ys, xq, yq))
+        before = [p.detach().clone() for p in reference.parameters()]
+        interpolating.step((xs, ys, xq, yq))  # epsilon 1: the weights become the mean adapted ones
+        with torch.no_grad():
+            for p, b in zip(reference.parameters(), before):
+                p.grad = b - p  # theta - mean adapted, then back to theta
+                p.copy_(b)
+        adam.step()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="reptile_update: 'meta_optimizer' is Reptile's outer update"):
+        MAMLConfig(algo="maml", reptile_update="meta_optimizer")
+    with pytest.raises(ValueError, match="leave reptile_decay_steps at 0"):
+        MAMLConfig(algo="reptile", reptile_update="meta_optimizer", reptile_decay_steps=10)

@@ -686,8 +686,13 @@ class MetaLearner(Learner):
         return dict(zip(keys, values.tolist())), adapted
 
     def _apply_update(self, adapted) -> None:
-        """Reptile: theta += eps * (mean adapted - theta); MAML / FOMAML: the optimiser's step."""
-        if self.config.algo == "reptile":
+        """Reptile: theta += eps * (mean adapted - theta), or with reptile_update='meta_optimizer' the
+        optimiser's step on theta - mean adapted; MAML / FOMAML: the optimiser's step."""
+        if self.config.algo == "reptile" and self.config.reptile_update == "meta_optimizer":
+            with torch.no_grad():  # the pseudo-gradient theta - mean adapted
+                for p, a in zip(self.model.parameters(), adapted):
+                    p.grad = p.detach() - a.mean(0).to(p.dtype)
+        elif self.config.algo == "reptile":
             epsilon = self.reptile_epsilon()
             if epsilon > 0:  # decayed to 0: no update (the op takes epsilon in (0, 1])
                 with torch.no_grad():

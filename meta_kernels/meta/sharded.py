@@ -59,6 +59,9 @@ class ShardedMetaLearner(Learner):
             raise ValueError(f"sharded (FSDP) meta-learning supports {' and '.join(SHARDED_ALGOS)}, not "
                              f"{config.algo!r}: second-order MAML would need the full inner-loop graph of every "
                              "task; use algo='fomaml' or 'reptile'")
+        if config.reptile_update != "interpolate":
+            raise ValueError("sharded (FSDP) Reptile interpolates (reptile_update='interpolate'); use run.sharding="
+                             "'none' for reptile_update='meta_optimizer'")
         if config.inner_optimizer != "sgd":
             raise ValueError(f"sharded (FSDP) meta-learning runs plain SGD inside, not inner_optimizer="
                              f"{config.inner_optimizer!r}; use run.sharding='none' for an inner optimizer with state")
