@@ -70,7 +70,8 @@ def _maml(algo: str, dataset: str, n_way: int, published: float, k_shot: int = 1
 
 def _reptile(dataset: str, n_way: int, published: float) -> Recipe:
     """Nichol et al.'s transductive settings (the paper's appendix table, as best we know):
-    Omniglot: 5 inner iterations on mini-batches of 10, Adam inner lr 1e-3 (beta1 0), 10 train
+    Omniglot: 5 inner iterations on mini-batches of 10, Adam inner lr 1e-3 (beta1 0; one Adam for all
+    tasks, its state carried from task to task: inner_state='carried'), 10 train
     shots, outer step size 1.0 annealed linearly to 0, 100K outer iterations, meta-batch 5;
     test: 50 inner iterations, mini-batch 5. mini-ImageNet: 8 inner iterations, 15 train shots,
     otherwise the same; test: 50 iterations, mini-batch 10. Evaluated with 1 query per class."""
@@ -80,7 +81,7 @@ def _reptile(dataset: str, n_way: int, published: float) -> Recipe:
                   (*(OMNIGLOT if omni else MINI), *COMMON, "maml.algo=reptile", f"episodes.n_way={n_way}",
                    f"episodes.k_shot={shots}", "episodes.q_query=1", f"maml.inner_steps={steps}",
                    "maml.inner_optimizer=adam", "maml.inner_betas=[0,0.999]", "maml.inner_lr=0.001",
-                   "maml.inner_clip=null",
+                   "maml.inner_state=carried", "maml.inner_clip=null",
                    "maml.meta_batch_size=5", "maml.reptile_epsilon=1.0", "maml.reptile_decay_steps=100000",
                    "mamlpp.bn_mode=transductive", f"model.filters={filters}", *_iterations(100000, 5, 100)),
                   test=dict(inner_steps=50, k_shot=1, q_query=1, episodes=10000),

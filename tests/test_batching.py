@@ -96,6 +96,37 @@ class TorchEncoder(nn.Module):
         return self.head(self.block(self.inp(x)).mean(1))
 
 
+class ChainBlock(nn.Module):
+    """learn2learn's ConvBlock shape: a forward that runs its children one after the other."""
+
+    def __init__(self, c_in, c_out):
+        super().__init__()
+        self.bn, self.relu = nn.BatchNorm2d(c_out), nn.ReLU()
+        self.conv = nn.Conv2d(c_in, c_out, 3, stride=2, padding=1)  # registered after, runs first
+
+    def forward(self, x):
+        return self.relu(self.bn(self.conv(x)))
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return x + F.relu(self.conv(x))
+
+
+class ChainedBlocks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.Sequential(ChainBlock(1, 4), ChainBlock(4, 6), ResidualBlock(6), ChainBlock(6, 5))
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(self.blocks(x).mean((2, 3)))
+
+
 def _frozen_body():
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
     model[0].requires_grad_(False)
@@ -114,6 +145,7 @@ CASES = {
                                             {"tokens": torch.randint(0, 11, (6, 5), generator=g)}), 2),
     "unknown_layer": (lambda: nn.Sequential(nn.Linear(4, 5), Scale(5), nn.Tanh(), nn.Linear(5, 3)),
                       lambda g: ((torch.randn(6, 4, generator=g, **F64),), {}), 3),
+    "chained_blocks": (ChainedBlocks, lambda g: ((torch.randn(5, 1, 12, 12, generator=g, **F64),), {}), 3),
     "transformer": (Encoder, lambda g: ((torch.randn(4, 5, 3, generator=g, **F64),), {}), 4),
     "torch_transformer_layer": (TorchEncoder, lambda g: ((torch.randn(4, 5, 3, generator=g, **F64),), {}), 4),
 }
@@ -310,3 +342,26 @@ def test_a_forward_that_mixes_tasks_is_caught_by_the_debug_check():
     learner = mk.MetaLearner(MixesSamples(), mk.MAMLConfig(inner_steps=1), debug_batching=True)
     with pytest.raises(TaskMixingError):
         learner.step((x, torch.randint(0, 2, (3, 4)), x, torch.randint(0, 2, (3, 4))))
+
+
+def test_blocks_whose_forward_chains_their_children_keep_the_tasks_in_the_channels(monkeypatch):
+    """A user's block whose forward only chains its children (learn2learn's ConvBlock) runs like an
+    nn.Sequential: the tasks stay side by side in the channels from one block to the next; a
+    residual block (not a chain) converts on its own."""
+    from meta_kernels.meta import batching
+    model = ChainedBlocks().double()
+    assert batching._chain(model.blocks[0]) == ["conv", "bn", "relu"]
+    assert batching._chain(model.blocks) == ["0", "1", "2", "3"]
+    assert batching._chain(model) is None  # a mean between its children
+    assert batching._chain(model.blocks[2]) is None  # x + relu(conv(x))
+    conversions = []
+    original = batching._to_channels
+    monkeypatch.setattr(batching, "_to_channels", lambda x, T: conversions.append(1) or original(x, T))
+    x = torch.randn(3, 5, 1, 12, 12, **F64)
+    params = {k: v.detach().expand(3, *v.shape) + 0.01 * torch.randn(3, *v.shape, **F64)
+              for k, v in model.named_parameters()}
+    out = BatchedModel(model)(params, (x,))
+    # before block 0, the residual block's own conv, block 3 (block by block: 4)
+    assert len(conversions) == 3
+    want = torch.stack([functional_call(model, {k: v[t] for k, v in params.items()}, (x[t],)) for t in range(3)])
+    torch.testing.assert_close(out, want, rtol=0, atol=1e-12)

@@ -31,9 +31,11 @@ import contextlib
 import copy
 import sys
 import warnings
+import weakref
 from dataclasses import dataclass, field
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
@@ -375,12 +377,13 @@ def _relu_pool(mods: list, i: int) -> int:
 
 
 class _TaskSequential:
-    """nn.Sequential whose runs of convs, batch norms and channel-wise layers keep the tasks side by
+    """nn.Sequential (or a module whose forward chains its children, see _chain) whose runs of convs, batch norms and channel-wise layers keep the tasks side by
     side in the channels ([N, T*C, *s]) instead of converting at every conv, and run the fused ops
     where their pattern occurs: conv 3x3 -> BN -> ReLU -> 2x2 max-pool of an input layer as
     conv3x3_bn_pool_relu, BN or ReLU followed by the pool as max_pool2x2_relu."""
 
-    def forward(self, x):
+    def forward(self, *args, **kwargs):
+        (x,) = (*args, *kwargs.values())  # a chain's forward takes one input, by position or by name
         mods = [m for _, m in _flat_sequential(self)]
         h, T, i = x, None, 0  # T is set while h is laid out [N, T*C, *s]
         while i < len(mods):
@@ -420,13 +423,54 @@ def _is_sequential(m: nn.Module) -> bool:
     return isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
 
 
+class _ChildrenAsLeaves(torch.fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return True
+
+
+_CHAINS: "weakref.WeakKeyDictionary[nn.Module, list[str] | None]" = weakref.WeakKeyDictionary()
+
+
+def _chain(m: nn.Module) -> list[str] | None:
+    """The names of the children that m's forward runs one after the other, each on the previous
+    one's output, or None when its forward does anything else. A Sequential's children in order;
+    a container of the user's own class (learn2learn's ConvBlock: conv -> normalize -> relu) from
+    its forward traced once by torch.fx, every child a leaf, nothing run."""
+    if _is_sequential(m):
+        return list(m._modules)
+    if not m._modules or _has_own_params(m) or type(m).forward is nn.Module.forward:
+        return None
+    if m in _CHAINS:
+        return _CHAINS[m]
+    names = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            graph = _ChildrenAsLeaves().trace(m)
+        nodes = list(graph.nodes)
+        first, calls, last = nodes[0], nodes[1:-1], nodes[-1]
+        previous = first
+        for node in calls:
+            if node.op != "call_module" or node.args != (previous,) or node.kwargs or node.target not in m._modules:
+                break
+            previous = node
+        else:
+            if first.op == "placeholder" and calls and last.op == "output" and last.args == (previous,):
+                names = [node.target for node in calls]
+    except Exception:  # noqa: BLE001 - not traceable (control flow on values, ...): not a chain
+        names = None
+    _CHAINS[m] = names
+    return names
+
+
 def _flat_sequential(seq: nn.Module, name: str = "") -> list[tuple[str, nn.Module]]:
-    """(full name, module) of a Sequential's children in the order they run, nested Sequentials
-    opened up, so that the tasks stay side by side in the channels across them."""
+    """(full name, module) of a chain's children (a Sequential's, or see _chain) in the order they
+    run, nested chains opened up, so that the tasks stay side by side in the channels across them."""
     out = []
-    for child_name, m in seq._modules.items():
+    for child_name in (seq._mk_chain if isinstance(seq, _TaskSequential) else _chain(seq)):
+        m = seq._modules[child_name]
         full = f"{name}.{child_name}" if name else child_name
-        opens = m is not None and (_is_sequential(m) or isinstance(m, _TaskSequential))  # an original or its view
+        opens = m is not None and (isinstance(m, _TaskSequential) or _chain(m) is not None)  # a view or an original
         out += _flat_sequential(m, full) if opens else [(full, m)]
     return out
 
@@ -651,8 +695,10 @@ def build_view(model: nn.Module) -> tuple[nn.Module, list[LayerPlan], list[tuple
             view._mk_mode = ["vmap"]
             plans.append(LayerPlan(name, type(m).__name__, "vmap over tasks (this layer only)"))
         else:  # a container or a layer without parameters
-            if _is_sequential(m):
+            chain = _chain(m)
+            if chain is not None:  # a Sequential, or a forward that chains its children
                 view.__class__ = _view_class(type(m), _TaskSequential)
+                view._mk_chain = chain
                 fused.update(_sequential_plans(m, name))
             if not m._modules:
                 plans.append(LayerPlan(name, type(m).__name__, fused.get(name, "as is (runs on the folded batch)")))
