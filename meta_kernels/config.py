@@ -178,6 +178,9 @@ class MAMLConfig:
     # through it), or "carried" (Reptile only) from the mean of the previous outer step's final
     # states, step count included, as Nichol et al.'s Reptile keeps one Adam across all tasks.
     inner_state: str = "per_task"
+    # Reptile: samples per inner step, each task's own, drawn without replacement from its examples
+    # and cycling (Nichol et al. take 10 of a task's 50 per step); 0: all of them every step.
+    inner_batch: int = 0
     second_order: bool | None = None
     backend: str = "auto"
     engine: str = "auto"
@@ -232,6 +235,11 @@ class MAMLConfig:
         _require(all(0 <= b < 1 for b in self.inner_betas), name, "inner_betas",
                  f"must be two numbers in [0, 1) (beta1, beta2), got {list(self.inner_betas)}")
         _require(0 < self.inner_eps <= FLOAT32_MAX, name, "inner_eps", f"must be > 0, got {self.inner_eps}")
+        _require(self.inner_batch >= 0, name, "inner_batch", f"must be >= 0 (0: every example each step), got "
+                 f"{self.inner_batch}")
+        _require(self.inner_batch == 0 or self.algo == "reptile", name, "inner_batch",
+                 f"draws each inner step's samples, for Reptile (no graph through the inner loop); algo={self.algo!r} "
+                 "adapts on the whole support set: use 0")
         _require(self.inner_state in INNER_STATES, name, "inner_state",
                  f"must be one of {', '.join(INNER_STATES)}, got {self.inner_state!r}")
         _require(self.inner_state == "per_task" or (self.algo == "reptile" and self.inner_optimizer != "sgd"), name,

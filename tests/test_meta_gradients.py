@@ -388,3 +388,31 @@ def test_reptile_meta_optimizer_update_steps_on_the_pseudo_gradient():
         MAMLConfig(algo="maml", reptile_update="meta_optimizer")
     with pytest.raises(ValueError, match="leave reptile_decay_steps at 0"):
         MAMLConfig(algo="reptile", reptile_update="meta_optimizer", reptile_decay_steps=10)
+
+
+def test_inner_mini_batches_take_each_tasks_examples_in_its_own_cycling_order():
+    """inner_batch (Reptile, Nichol et al.): step k of task t takes the examples at positions
+    k*b .. k*b+b-1 (mod N) of its own random order, drawn once per inner loop."""
+    from meta_kernels.meta.inner import adapt_tasks
+    from meta_kernels.meta.inner_common import InnerLoopSettings
+    xs, ys, _, _ = _linear_tasks(T=3, n=6)
+    model = nn.Linear(4, 1).double()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    settings = InnerLoopSettings(steps=4, first_order=True, no_graph=True, inner_batch=4, loss="mse")
+    torch.manual_seed(5)
+    got = adapt_tasks(params, (xs, ys), model=model, settings=settings, lrs=0.1).adapted
+    torch.manual_seed(5)
+    order = torch.rand(3, 6).argsort(1)
+    for t in range(3):
+        w, b = params["weight"].clone(), params["bias"].clone()
+        for k in range(4):
+            pick = order[t, (k * 4 + torch.arange(4)) % 6]
+            x, y = xs[t, pick], ys[t, pick]
+            residual = x @ w.T + b - y  # mse: mean of residual^2
+            w, b = w - 0.1 * 2 * residual.T @ x / 4, b - 0.1 * 2 * residual.mean(0)
+        torch.testing.assert_close(got["weight"][t], w, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got["bias"][t], b, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="inner_batch: draws each inner step's samples, for Reptile"):
+        MAMLConfig(algo="maml", inner_batch=4)
+    with pytest.raises(ValueError, match="only an inner loop without a graph"):
+        adapt_tasks(params, (xs, ys), model=model, settings=settings.replace(no_graph=False), lrs=0.1)

@@ -495,7 +495,8 @@ class MetaLearner(Learner):
         leaves it as it was), as it is part of what Reptile learned."""
         xs, ys, xq, yq = batch_parts(task_batch)
         lrs = self.inner_lrs()
-        settings = self.settings.replace(first_order=True, no_graph=True, engine="custom", on_nonfinite="raise")
+        settings = self.settings.replace(first_order=True, no_graph=True, engine="custom", on_nonfinite="raise",
+                                         inner_batch=0)
         with torch.no_grad():
             result = adapt_tasks(dict(self.model.named_parameters()), (xs, ys), model=self.task_model,
                                  settings=settings, lrs=_detached(lrs),

@@ -78,6 +78,9 @@ def adapt_tasks(params: dict[str, Tensor], support_batch, *, model, settings: In
     if settings.recompute and (settings.first_order or settings.no_graph or msl_weights is not None):
         raise ValueError("recompute=True rebuilds the second-order graph of MAML: it needs first_order=False, "
                          "no_graph=False and no multi-step loss (msl_weights)")
+    if settings.inner_batch and not settings.no_graph:
+        raise ValueError(f"inner_batch={settings.inner_batch} draws each inner step's samples, which only an inner loop "
+                         "without a graph (Reptile, evaluation) supports; use inner_batch=0")
     if start_state is not None and not (settings.no_graph and settings.optimizer.has_state):
         raise ValueError("start_state carries an inner optimizer's state, which runs without a graph (Reptile): it "
                          "needs no_graph=True and an inner optimizer with state ('momentum' or 'adam')")
@@ -230,12 +233,22 @@ def _run_steps(task_model: TaskModel, base: dict[str, Tensor], x: Tensor, y: Ten
         curve_acc.append(masked_mean(qa, task_ok))
         return curve_loss[-1], curve_acc[-1]
 
+    samples, batch = lead_tensor(x).shape[1], settings.inner_batch
+    if 0 < batch < samples:  # each task's examples in its own random order, `batch` a step, cycling
+        order = torch.rand(T, samples, device=lead_tensor(x).device).argsort(1)
+        rows = torch.arange(T, device=order.device).unsqueeze(1)
+        within = torch.arange(batch, device=order.device)
+
     for step in range(settings.steps):
         q_loss, q_acc = query_point(step)
+        xk, yk = x, y
+        if 0 < batch < samples:
+            picked = order[:, (step * batch + within) % samples]
+            xk, yk = map_inputs(lambda t: t[rows, picked], x), y[rows, picked]
         if recompute:
             starts.append(None if step == 0 else {k: v.detach().clone() for k, v in fast.items()})
             rng_states.append(_rng_state(lead_tensor(x).device))
-        grads, loss_t, acc_t = _task_gradients(task_model, fast, x, y, settings, step,
+        grads, loss_t, acc_t = _task_gradients(task_model, fast, xk, yk, settings, step,
                                                create_graph=not settings.first_order and not no_graph)
         if settings.proximal:  # iMAML: the proximal term's gradient, lambda * (phi - theta), no graph
             grads = [g + settings.proximal * (f.detach() - b.detach()) for g, f, b in zip(grads, fast.values(),

@@ -122,6 +122,10 @@ class InnerLoopSettings:
     adapt_params: tuple[str, ...] | Callable[[str, Tensor], bool] | None = None
     proximal: float = 0.0  # iMAML: the inner loss adds proximal / 2 * |fast - base|^2
     optimizer: InnerOptimizer = InnerOptimizer()
+    # Samples per inner step, each task's own, drawn without replacement from its examples in a
+    # random order that cycles (Nichol et al.'s inner mini-batches); 0, or at least the examples
+    # a task has: all of them every step. No graph only (Reptile).
+    inner_batch: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.steps, int) or self.steps < 1:
@@ -143,6 +147,8 @@ class InnerLoopSettings:
         if self.adapt_params is not None and not callable(self.adapt_params):
             object.__setattr__(self, "adapt_params", tuple(self.adapt_params))
         object.__setattr__(self, "optimizer", InnerOptimizer.of(self.optimizer))
+        if not isinstance(self.inner_batch, int) or self.inner_batch < 0:
+            raise ValueError(f"inner_batch must be an integer >= 0 (0: every example each step), got {self.inner_batch!r}")
         if self.optimizer.has_state and self.recompute:
             raise ValueError(f"recompute rebuilds each inner step from its starting weights alone, which the "
                              f"{self.optimizer.name!r} inner optimizer (with state) does not allow; use 'sgd'")
@@ -172,6 +178,7 @@ class InnerLoopSettings:
                        engine=config.engine, backend=config.backend, loss=config.loss,
                        on_nonfinite="skip" if config.skip_nonfinite_tasks else "raise",
                        proximal=config.imaml_lambda if config.algo == "imaml" else 0.0,
+                       inner_batch=config.inner_batch,
                        optimizer=InnerOptimizer(config.inner_optimizer, config.inner_momentum, config.inner_betas,
                                                 config.inner_eps))
         return settings.replace(**changes)
