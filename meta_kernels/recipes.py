@@ -81,12 +81,12 @@ def _reptile(dataset: str, n_way: int, published: float) -> Recipe:
                   (*(OMNIGLOT if omni else MINI), *COMMON, "maml.algo=reptile", f"episodes.n_way={n_way}",
                    f"episodes.k_shot={shots}", "episodes.q_query=1", f"maml.inner_steps={steps}",
                    "maml.inner_optimizer=adam", "maml.inner_betas=[0,0.999]", "maml.inner_lr=0.001",
-                   "maml.inner_state=carried", "maml.inner_clip=null",
+                   "maml.inner_state=carried", "maml.inner_batch=10", "maml.inner_clip=null",
                    "maml.meta_batch_size=5", "maml.reptile_epsilon=1.0", "maml.reptile_decay_steps=100000",
                    "mamlpp.bn_mode=transductive", f"model.filters={filters}", *_iterations(100000, 5, 100)),
                   test=dict(inner_steps=50, k_shot=1, q_query=1, episodes=10000),
-                  no_field=(f"inner mini-batches (10 images per inner step at training, "
-                            f"{5 if omni else 10} at test): every inner step here uses the whole support set",
+                  no_field=(f"test-time inner mini-batches ({5 if omni else 10} images per step): evaluation "
+                            "adapts on the whole support set each step (the same for 5-way 1-shot)",
                             "the paper's 20-way Omniglot column may differ from the 5-way one: same values used"))
 
 

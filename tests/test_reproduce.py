@@ -106,8 +106,8 @@ def test_every_recipe_resolves(capsys):
     assert RECIPES["maml_mini_imagenet_5w1s"].test["inner_steps"] == 10
     for name in ("reptile_omniglot_5w1s", "reptile_mini_imagenet_5w1s"):  # Nichol et al.'s inner Adam
         rep = RECIPES[name].config().maml
-        assert (rep.inner_optimizer, tuple(rep.inner_betas), rep.inner_lr, rep.inner_state) == (
-            "adam", (0.0, 0.999), 0.001, "carried")
+        assert (rep.inner_optimizer, tuple(rep.inner_betas), rep.inner_lr, rep.inner_state, rep.inner_batch) == (
+            "adam", (0.0, 0.999), 0.001, "carried", 10)
     pp = RECIPES["mamlpp_mini_imagenet_5w1s"].config()
     assert (pp.model.filters, pp.mamlpp.use_lslr, pp.mamlpp.bn_mode, pp.run.epochs) == (48, True, "per_step", 150)
 
