@@ -96,8 +96,10 @@ def test_every_accuracy_preset_validates(name, tmp_path):
     assert cfg.episodes.n_way == (20 if "20w" in name else 5)
     if name.endswith("mamlpp"):
         assert cfg.mamlpp.bn_mode == "per_step" and cfg.mamlpp.use_lslr and cfg.mamlpp.use_msl
-    if name.endswith("reptile"):  # Nichol et al.: Adam inside, without momentum
+    if name.endswith("reptile"):  # Nichol et al.: one Adam without momentum inside, mini-batches of 10
         assert cfg.maml.inner_optimizer == "adam" and cfg.maml.inner_betas[0] == 0
+        assert cfg.maml.inner_state == "carried" and cfg.maml.inner_batch == 10
+        assert cfg.episodes.k_shot + cfg.episodes.q_query == 10  # train shots a class
     runs = _bench_module("accuracy_runs")
     # Tested with at least 3 inner steps (Finn et al.), the FOMAML preset's 2 included
     assert runs.test_protocol(cfg) == {"q_query": 15, "inner_steps": max(cfg.maml.inner_steps, 3)}
