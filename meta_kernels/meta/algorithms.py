@@ -618,7 +618,7 @@ class MetaLearner(Learner):
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + v * (n if k != "skipped_tasks" else 1)
         adapted = [torch.cat([c[k] for c in adapted_chunks]) for k in params] if reptile else None
-        states = [[torch.cat(parts) for parts in zip(*kinds)] for kinds in zip(*state_chunks)] if carried else None
+        states = [[torch.cat(pieces) for pieces in zip(*kinds)] for kinds in zip(*state_chunks)] if carried else None
         return totals, adapted, states
 
     def _reptile_adapt(self, params, sub, lrs, log_inner_steps: bool = False):

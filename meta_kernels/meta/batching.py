@@ -377,8 +377,9 @@ def _relu_pool(mods: list, i: int) -> int:
 
 
 class _TaskSequential:
-    """nn.Sequential (or a module whose forward chains its children, see _chain) whose runs of convs, batch norms and channel-wise layers keep the tasks side by
-    side in the channels ([N, T*C, *s]) instead of converting at every conv, and run the fused ops
+    """nn.Sequential (or a module whose forward chains its children, see _chain) whose runs of
+    convs, batch norms and channel-wise layers keep the tasks side by side in the channels
+    ([N, T*C, *s]) instead of converting at every conv, and run the fused ops
     where their pattern occurs: conv 3x3 -> BN -> ReLU -> 2x2 max-pool of an input layer as
     conv3x3_bn_pool_relu, BN or ReLU followed by the pool as max_pool2x2_relu."""
 

@@ -233,18 +233,10 @@ def _run_steps(task_model: TaskModel, base: dict[str, Tensor], x: Tensor, y: Ten
         curve_acc.append(masked_mean(qa, task_ok))
         return curve_loss[-1], curve_acc[-1]
 
-    samples, batch = lead_tensor(x).shape[1], settings.inner_batch
-    if 0 < batch < samples:  # each task's examples in its own random order, `batch` a step, cycling
-        order = torch.rand(T, samples, device=lead_tensor(x).device).argsort(1)
-        rows = torch.arange(T, device=order.device).unsqueeze(1)
-        within = torch.arange(batch, device=order.device)
-
+    pick = _inner_batches(T, lead_tensor(x).shape[1], settings.inner_batch, lead_tensor(x).device)
     for step in range(settings.steps):
         q_loss, q_acc = query_point(step)
-        xk, yk = x, y
-        if 0 < batch < samples:
-            picked = order[:, (step * batch + within) % samples]
-            xk, yk = map_inputs(lambda t: t[rows, picked], x), y[rows, picked]
+        xk, yk = (x, y) if pick is None else pick(x, y, step)
         if recompute:
             starts.append(None if step == 0 else {k: v.detach().clone() for k, v in fast.items()})
             rng_states.append(_rng_state(lead_tensor(x).device))
@@ -313,6 +305,20 @@ def _run_steps(task_model: TaskModel, base: dict[str, Tensor], x: Tensor, y: Ten
     per_task = [torch.stack(v, 1) for v in zip(*curve_per_task)] if query is not None else [None, None]
     return AdaptResult(fast, logs, curve_loss, curve_acc, task_ok, msl_total, backward if recompute else None,
                        *per_task, optimizer_state=state)
+
+
+def _inner_batches(T: int, samples: int, batch: int, device):
+    """settings.inner_batch: (x, y, step) -> the step's `batch` examples of each task, taken in the
+    task's own random order and cycling; None when every step takes all `samples`."""
+    if not 0 < batch < samples:
+        return None
+    order = torch.rand(T, samples, device=device).argsort(1)
+    rows, within = torch.arange(T, device=device).unsqueeze(1), torch.arange(batch, device=device)
+
+    def pick(x, y: Tensor, step: int):
+        at = order[:, (step * batch + within) % samples]
+        return map_inputs(lambda t: t[rows, at], x), y[rows, at]
+    return pick
 
 
 _CLIP_SAID = False
