@@ -293,6 +293,9 @@ class MAMLPlusPlusConfig:
     weights, derivative-order annealing (first order before annealing_start_epoch), and the
     BatchNorm mode of the inner loop."""
     use_lslr: bool = False
+    # The meta learning rate of the LSLR table (None: maml.meta_lr, one group with the weights);
+    # its initial value is maml.inner_lr.
+    lslr_meta_lr: float | None = None
     use_msl: bool = False
     msl_weights: str = "uniform"
     use_annealing: bool = False
@@ -315,6 +318,9 @@ class MAMLPlusPlusConfig:
         _require(isinstance(self.annealing_start_epoch, int) and self.annealing_start_epoch >= 0, name,
                  "annealing_start_epoch", f"must be an integer >= 0, got {self.annealing_start_epoch!r}")
         _require(self.msl_decay_epochs >= 1, name, "msl_decay_epochs", f"must be >= 1, got {self.msl_decay_epochs}")
+        _require(self.lslr_meta_lr is None or (self.use_lslr and 0 < self.lslr_meta_lr <= FLOAT32_MAX), name,
+                 "lslr_meta_lr", f"is the LSLR table's meta learning rate: a number > 0 with use_lslr=true, got "
+                 f"{self.lslr_meta_lr} (use_lslr={self.use_lslr})")
 
 
 def bn_mode_error(bn_mode: str, maml: MAMLConfig) -> str | None:

@@ -59,6 +59,22 @@ def test_lslr_rates_stay_in_clamp_range_and_are_trained():
     assert not torch.equal(start, learner.lslr.detach())
 
 
+def test_lslr_takes_its_own_meta_learning_rate():
+    """mamlpp.lslr_meta_lr: the table is a second group of the meta-optimizer at that rate (Adam's
+    first step moves each entry by its lr), the weights keep maml.meta_lr."""
+    model = _conv4().float()
+    cfg = MAMLConfig(inner_steps=2, inner_lr=0.3, inner_clip=None, meta_lr=1e-4)
+    learner = MetaLearner(model, cfg, mamlpp=MAMLPlusPlusConfig(use_lslr=True, lslr_meta_lr=0.01,
+                                                                 bn_mode="transductive"))
+    assert [g["lr"] for g in learner.optimizer.param_groups] == [1e-4, 0.01]
+    start, weights = learner.lslr.detach().clone(), [p.detach().clone() for p in model.parameters()]
+    learner.step(tuple(t.float() if t.is_floating_point() else t for t in _tasks()))
+    assert abs(float((learner.lslr - start).abs().max()) - 0.01) < 1e-4
+    assert max(float((p - w).abs().max()) for p, w in zip(model.parameters(), weights)) < 1.1e-4
+    with pytest.raises(ValueError, match="lslr_meta_lr: is the LSLR table's meta learning rate"):
+        MAMLPlusPlusConfig(lslr_meta_lr=0.01)
+
+
 def test_msl_weightings_and_schedule():
     w = msl_weights("uniform", 5, epoch=0)
     torch.testing.assert_close(w, torch.full((5,), 0.2))

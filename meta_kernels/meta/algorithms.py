@@ -391,11 +391,16 @@ class MetaLearner(Learner):
                                     dict(model.named_parameters()))} if meta_sgd else None)
         extra = [p for p in (self.lslr, self.msl_logits) if p is not None] + list((self.meta_sgd_rates or {}).values())
         outer = torch.optim.Adam if config.meta_optimizer == "adam" else torch.optim.SGD
-        self.optimizer = optimizer or outer(list(model.parameters()) + extra, lr=config.meta_lr)
+        # LSLR with its own meta-lr: a second group (one group otherwise, as checkpoints expect)
+        own = [] if self.mamlpp.lslr_meta_lr is None else [{"params": [self.lslr], "lr": self.mamlpp.lslr_meta_lr}]
+        shared = [p for p in extra if not (own and p is self.lslr)]
+        self.optimizer = optimizer or outer([{"params": list(model.parameters()) + shared}, *own], lr=config.meta_lr)
         if optimizer is not None:
             _check_optimizer(optimizer, model)
-            if extra:
-                self.optimizer.add_param_group({"params": extra})
+            if shared:
+                self.optimizer.add_param_group({"params": shared})
+            for group in own:
+                self.optimizer.add_param_group(group)
         self.outer_steps = 0
         # inner_state='carried' (Reptile): the inner optimizer's state the next outer step's tasks start from
         self.carried_state: CarriedState | None = None
