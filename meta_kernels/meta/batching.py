@@ -468,10 +468,11 @@ def _flat_sequential(seq: nn.Module, name: str = "") -> list[tuple[str, nn.Modul
     """(full name, module) of a chain's children (a Sequential's, or see _chain) in the order they
     run, nested chains opened up, so that the tasks stay side by side in the channels across them."""
     out = []
-    for child_name in (seq._mk_chain if isinstance(seq, _TaskSequential) else _chain(seq)):
+    view = isinstance(seq, _TaskSequential)  # a view's chains are views already: no tracing on the forward path
+    for child_name in (seq._mk_chain if view else _chain(seq)):
         m = seq._modules[child_name]
         full = f"{name}.{child_name}" if name else child_name
-        opens = m is not None and (isinstance(m, _TaskSequential) or _chain(m) is not None)  # a view or an original
+        opens = m is not None and (isinstance(m, _TaskSequential) if view else _chain(m) is not None)
         out += _flat_sequential(m, full) if opens else [(full, m)]
     return out
 
