@@ -63,9 +63,35 @@ class DataclassModel(DictModel):
         return Output(out["features"], out["logits"])
 
 
+class DecoderModel(nn.Module):
+    """nn.TransformerDecoderLayer attending to its own embedded sequence as memory."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = nn.Linear(D, 8), nn.Linear(8, WAYS)
+        self.decoder = nn.TransformerDecoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+
+    def forward(self, x):
+        h = self.embed(x)
+        return self.head(self.decoder(h, h).mean(1))
+
+
+class UserSDPA(nn.Module):
+    """Attention written in the user's forward with F.scaled_dot_product_attention."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.head = nn.Linear(D, 3 * 8), nn.Linear(8, WAYS)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).unflatten(-1, (3, 2, 4)).permute(2, 0, 3, 1, 4)
+        return self.head(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2).mean(1))
+
+
 MODELS = {"lstm": lambda: LSTMClassifier(D, WAYS), "bigru": lambda: BiGRUClassifier(D, WAYS),
           "rnn": lambda: RNNClassifier(D, WAYS), "transformer": lambda: TransformerClassifier(D, WAYS),
-          "transformer_eval": lambda: TransformerClassifier(D, WAYS), "dict": DictModel,
+          "transformer_eval": lambda: TransformerClassifier(D, WAYS), "decoder": DecoderModel,
+          "decoder_eval": DecoderModel, "user_sdpa": UserSDPA, "dict": DictModel,
           "dataclass": DataclassModel, "reads_head_weight": ReadsHeadWeight, "bert_lora": bert_lora, "gpt2": gpt2}
 TOKENS = ("bert_lora", "gpt2")
 
@@ -109,7 +135,7 @@ def per_task_loop(model, params, batch, algo, adapted, steps=2, lr=0.3):
 def test_meta_gradients_equal_a_per_task_loop(name, algo):
     torch.manual_seed(0)
     model = MODELS[name]().double()
-    if name == "transformer_eval":
+    if name.endswith("_eval"):
         model.eval()
     params = {k: v for k, v in model.named_parameters() if v.requires_grad}
     if algo == "anil":
@@ -141,7 +167,7 @@ def test_explain_says_what_a_step_did(name):
     assert told.splitlines() == learner.task_model.explain()
     if name in ("lstm", "bigru", "rnn"):
         assert "one recurrence for all tasks" in told
-    if name.startswith("transformer") or name in TOKENS:
+    if name.startswith(("transformer", "decoder", "user_sdpa")) or name in TOKENS:
         assert "vmap" not in told and "loop" not in told
 
 
