@@ -68,7 +68,7 @@ symbols="$tmp/symbols"
 # (mangled) names in the registration strings, not in the dynamic table.
 { nm -C "$so" 2>/dev/null || true; strings -a "$so"; } >"$symbols"
 missing=0
-for kernel in sgd_step_kernel sumsq_kernel clip_finalize_kernel bn_forward_kernel bn_backward_kernel reptile_kernel \
+for kernel in sgd_step_kernel sumsq_kernel clip_finalize_kernel bn_forward_kernel bn_backward_kernel bn_double_backward_kernel reptile_kernel \
     pool_relu_kernel pool_relu_backward_kernel pool_relu_gather_kernel momentum_step_kernel adam_step_kernel; do
   if grep -q "$kernel" "$symbols"; then
     echo "build_cuda: kernel $kernel: present"

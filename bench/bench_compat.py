@@ -12,8 +12,8 @@ Cases (random Omniglot-shaped data, tests/peer_examples):
   conv4_l2l / conv4_higher   the same two loops on a user's nn.Sequential Conv4 (padding 1,
               batch statistics only: the model of the earlier rows of bench/RESULTS.md)
 Variants: original (learn2learn 0.2 from its sdist, the real higher), compat (import swapped),
-batched (the README's diff), and for higher_net batched-chunk8 (the README's low-memory line:
-8 tasks per innerloop_ctx).
+batched (the README's diff), and for higher_net batched-chunk8 / -chunk4 / -chunk2 (the README's
+low-memory line: 8, 4 or 2 tasks per innerloop_ctx).
 
     python bench/bench_compat.py                      # every case, 3 rounds, table + JSON + plot
     python bench/bench_compat.py --cases l2l_fc --rounds 5
@@ -45,7 +45,7 @@ CASES = {
     "conv4_higher": ("higher", "conv4", 32),
 }
 VARIANTS = ("original", "compat", "batched")
-EXTRA_VARIANTS = {"higher_net": ("batched-chunk8",)}
+EXTRA_VARIANTS = {"higher_net": ("batched-chunk8", "batched-chunk4", "batched-chunk2")}
 
 
 def make_step(case: str, variant: str, device: str = "cpu"):

@@ -77,6 +77,16 @@ inline void check_batch_norm_backward_args(const at::Tensor& grad_out, const at:
   MK_INVARIANT(grad_out.sizes() == x.sizes() && grad_out.device() == x.device(), "batch_norm_backward");
 }
 
+inline void check_batch_norm_double_backward_args(const at::Tensor& gg_x, const at::Tensor& gg_w, const at::Tensor& gg_b,
+                                                  const at::Tensor& grad_out, const at::Tensor& x,
+                                                  const at::Tensor& weight, const at::Tensor& mean,
+                                                  const at::Tensor& rstd) {
+  const char* op = "batch_norm_double_backward";
+  check_batch_norm_stats(x, {&weight, &mean, &rstd, &gg_w, &gg_b}, op);
+  for (const at::Tensor* t : {&grad_out, &gg_x})
+    MK_INVARIANT(t->sizes() == x.sizes() && t->device() == x.device() && floating(*t), op);
+}
+
 // sgd_step and sgd_step_ around a device's kernel(params, grads, outs, lrs, scale), which writes
 // p - lr * s[t] * g into outs (outs may alias contiguous params).
 template <typename Kernel>

@@ -24,6 +24,10 @@ TORCH_LIBRARY(meta_kernels, m) {
   m.def("batch_norm(Tensor x, Tensor weight, Tensor bias, float eps) -> (Tensor out, Tensor mean, Tensor rstd)");
   m.def("batch_norm_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor mean, Tensor rstd) -> "
         "(Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
+  // The gradients of <gg_x, grad_x> + <gg_w, grad_weight> + <gg_b, grad_bias> (batch_norm_backward's
+  // outputs) with respect to its five inputs: MAML's meta-gradient through an inner step's BN.
+  m.def("batch_norm_double_backward(Tensor gg_x, Tensor gg_w, Tensor gg_b, Tensor grad_out, Tensor x, Tensor weight, "
+        "Tensor mean, Tensor rstd) -> (Tensor d_grad_out, Tensor d_x, Tensor d_weight, Tensor d_mean, Tensor d_rstd)");
   // relu(max_pool2d(x, 2)) over the last two dims of x [..., H, W] (an odd last row / column is
   // dropped, as in max_pool2d), with each output's position (0-3) in its 2x2 window, or -1 where the
   // ReLU zeroes it: the backward routes grad_out to those positions.

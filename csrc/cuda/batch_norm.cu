@@ -6,7 +6,8 @@
 // under 2^31 elements). Forward: two passes for the statistics (mean, then centred squares) each
 // reduced with a fixed-order block reduction in the math type, then a third pass writing
 // (x - mean) * (w * rstd) + b. Backward: one pass for sum(go) and sum(go * (x - mean)), then
-// grad_x = a * go - k * (x - mean) - c0. weight, bias, mean and rstd are read on the device in
+// grad_x = a * go - k * (x - mean) - c0. Double backward: one pass for five sums of go, gg_x and
+// x - mean, then d_grad_out and d_x elementwise. weight, bias, mean and rstd are read on the device in
 // their own dtype and strides; grad_weight/grad_bias are written in weight's dtype.
 #include <cmath>
 
@@ -150,6 +151,60 @@ bn_backward_kernel(const scalar_t* __restrict__ go, const scalar_t* __restrict__
   }
 }
 
+// The double backward: one pass for five sums (xc = x - mean, u = gg_x), then d_grad_out and d_x.
+template <typename scalar_t, bool kSmall>
+__global__ void __launch_bounds__(512)
+bn_double_backward_kernel(const scalar_t* __restrict__ u, const scalar_t* __restrict__ go,
+                          const scalar_t* __restrict__ x, scalar_t* __restrict__ d_go, scalar_t* __restrict__ d_x,
+                          const ScalarRef gg_w, const ScalarRef gg_b, const ScalarRef w, const ScalarRef mean,
+                          const ScalarRef rstd, at::opmath_type<scalar_t>* __restrict__ d_w,
+                          at::opmath_type<scalar_t>* __restrict__ d_mean, at::opmath_type<scalar_t>* __restrict__ d_rstd,
+                          const int64_t groups, const int64_t N, const int64_t C, const int64_t M,
+                          const GroupIndex<kSmall> idx) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  __shared__ opmath_t shm[5 * 32];
+  for (int64_t grp = blockIdx.x; grp < groups; grp += gridDim.x) {
+    const int64_t t = grp / C, c = grp - t * C;
+    const int64_t base = (t * N * C + c) * idx.S;
+    const opmath_t mu = static_cast<opmath_t>(mean.load(t, c));
+    const opmath_t r = static_cast<opmath_t>(rstd.load(t, c));
+    opmath_t v[5] = {0, 0, 0, 0, 0};  // sum(go), sum(go xc), sum(u), sum(u xc), sum(u go)
+    for (int64_t m = threadIdx.x; m < M; m += blockDim.x) {
+      const int64_t o = base + idx(m);
+      const opmath_t d = static_cast<opmath_t>(go[o]);
+      const opmath_t e = static_cast<opmath_t>(u[o]);
+      const opmath_t xc = static_cast<opmath_t>(x[o]) - mu;
+      v[0] += d;
+      v[1] += d * xc;
+      v[2] += e;
+      v[3] += e * xc;
+      v[4] += e * d;
+    }
+    block_sum(v, shm);
+    const opmath_t inv_M = M > 0 ? opmath_t(1) / static_cast<opmath_t>(M) : opmath_t(0);
+    const opmath_t wg = static_cast<opmath_t>(w.load(t, c));
+    const opmath_t a = wg * r;
+    const opmath_t B = v[0], W = v[1] * r, U = v[2], V = v[3] * r;
+    const opmath_t cb = static_cast<opmath_t>(gg_b.load(t, c)) - a * U * inv_M;
+    const opmath_t cw = static_cast<opmath_t>(gg_w.load(t, c)) - a * V * inv_M;
+    const opmath_t d_a = v[4] - (B * U + W * V) * inv_M;
+    const opmath_t k = a * W * inv_M;
+    if (threadIdx.x == 0) {
+      d_w[grp] = r * d_a;
+      d_mean[grp] = -r * (cw * B - k * U);
+      d_rstd[grp] = wg * d_a + cw * v[1] - k * v[3];
+    }
+    // d_go = cb + xhat cw + a u; d_x = r (cw go - k u).
+    const opmath_t rcw = r * cw, rk = r * k;
+    for (int64_t m = threadIdx.x; m < M; m += blockDim.x) {
+      const int64_t o = base + idx(m);
+      const opmath_t e = static_cast<opmath_t>(u[o]);
+      d_go[o] = static_cast<scalar_t>(cb + (static_cast<opmath_t>(x[o]) - mu) * rcw + a * e);
+      d_x[o] = static_cast<scalar_t>(rcw * static_cast<opmath_t>(go[o]) - rk * e);
+    }
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm(const at::Tensor& x_in, const at::Tensor& weight_in,
                                                          const at::Tensor& bias_in, double eps) {
   check_batch_norm_forward_args(x_in, weight_in, bias_in);
@@ -218,11 +273,52 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(const at::Ten
   return {gx, gw, gb};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_double_backward(
+    const at::Tensor& gg_x_in, const at::Tensor& gg_w_in, const at::Tensor& gg_b_in, const at::Tensor& grad_out_in,
+    const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& mean_in, const at::Tensor& rstd_in) {
+  check_batch_norm_double_backward_args(gg_x_in, gg_w_in, gg_b_in, grad_out_in, x_in, weight_in, mean_in, rstd_in);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor go = grad_out_in.to(x.scalar_type()).contiguous();
+  const at::Tensor u = gg_x_in.to(x.scalar_type()).contiguous();
+  const Geometry geo(x);
+  const auto stat_dtype = math_dtype(x.scalar_type());
+  at::Tensor d_go = at::empty_like(x, at::MemoryFormat::Contiguous);
+  at::Tensor d_x = at::empty_like(x, at::MemoryFormat::Contiguous);
+  at::Tensor d_w = at::empty({geo.T, geo.C}, x.options().dtype(stat_dtype));
+  at::Tensor d_mean = at::empty({geo.T, geo.C}, x.options().dtype(stat_dtype));
+  at::Tensor d_rstd = at::empty({geo.T, geo.C}, x.options().dtype(stat_dtype));
+  const int64_t groups = geo.T * geo.C;
+  if (groups > 0) {
+    const ScalarSource gg_w = scalar_source(gg_w_in);
+    const ScalarSource gg_b = scalar_source(gg_b_in);
+    const ScalarSource w = scalar_source(weight_in);
+    const ScalarSource mean = scalar_source(mean_in);
+    const ScalarSource rstd = scalar_source(rstd_in);
+    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    MK_DISPATCH_FLOATING(x.scalar_type(), "batch_norm_double_backward_cuda", [&] {
+      using opmath_t = at::opmath_type<scalar_t>;
+      auto run = [&](auto small) {
+        constexpr bool kSmall = decltype(small)::value;
+        bn_double_backward_kernel<scalar_t, kSmall><<<grid_for(groups), geo.threads(), 0, stream>>>(
+            u.const_data_ptr<scalar_t>(), go.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+            d_go.data_ptr<scalar_t>(), d_x.data_ptr<scalar_t>(), gg_w.ref, gg_b.ref, w.ref, mean.ref, rstd.ref,
+            d_w.data_ptr<opmath_t>(), d_mean.data_ptr<opmath_t>(), d_rstd.data_ptr<opmath_t>(), groups, geo.N, geo.C,
+            geo.M, geo.index<kSmall>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      if (geo.small()) run(std::true_type()); else run(std::false_type());
+    });
+  }
+  return {d_go, d_x, d_w.to(weight_in.scalar_type()), d_mean.to(mean_in.scalar_type()), d_rstd.to(rstd_in.scalar_type())};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(meta_kernels, CUDA, m) {
   m.impl("batch_norm", &batch_norm);
   m.impl("batch_norm_backward", &batch_norm_backward);
+  m.impl("batch_norm_double_backward", &batch_norm_double_backward);
 }
 
 }  // namespace cuda

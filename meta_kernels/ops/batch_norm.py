@@ -1,5 +1,6 @@
 """batch_norm: training-mode batch norm with statistics per (task, channel) of x [T, N, C, *],
-and its fused backward with a closed-form double backward (second-order MAML through BN).
+its fused backward and fused double backward (second-order MAML through BN; where that result is
+differentiated again, the same closed form in differentiable torch ops).
 Checks, fake kernels, autograd and the front-end; kernels in csrc/cpu/batch_norm.cpp,
 csrc/cuda/batch_norm.cu and meta_kernels/triton/batch_norm.py."""
 from __future__ import annotations
@@ -58,6 +59,24 @@ def _fake_backward(grad_out, x, weight, mean, rstd):
     return (torch.empty_like(x, memory_format=torch.contiguous_format),
             torch.empty_like(weight, memory_format=torch.contiguous_format),
             torch.empty_like(weight, memory_format=torch.contiguous_format))
+
+
+def _fake_double_backward(gg_x, gg_w, gg_b, grad_out, x, weight, mean, rstd):
+    check_backward_args(grad_out, x, weight, mean, rstd)
+    _check_adjoints(gg_x, gg_w, gg_b, x, weight)
+    like_x = lambda: torch.empty_like(x, memory_format=torch.contiguous_format)
+    stat = lambda t: torch.empty_like(t, memory_format=torch.contiguous_format)
+    return like_x(), like_x(), stat(weight), stat(mean), stat(rstd)
+
+
+def _check_adjoints(gg_x, gg_w, gg_b, x, weight) -> None:
+    if gg_x.shape != x.shape:
+        raise ValueError(f"gg_x must have the shape of x {list(x.shape)}, got {list(gg_x.shape)}")
+    for name, t in (("gg_w", gg_w), ("gg_b", gg_b)):
+        if t.shape != weight.shape:
+            raise ValueError(f"{name} must be [T, C] like weight {list(weight.shape)}, got {list(t.shape)}")
+    for name, t in (("gg_x", gg_x), ("gg_w", gg_w), ("gg_b", gg_b)):
+        _checks.same_device(t, name, x, "x")
 
 
 # ---- autograd --------------------------------------------------------------------------------
@@ -156,8 +175,21 @@ def _backward_setup(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
-def _backward_backward(ctx, gg_x, gg_w, gg_b):
-    return double_backward(gg_x, gg_w, gg_b, *ctx.saved_tensors, needs=ctx.needs_input_grad)
+def _backward_autograd(ns):
+    """Autograd for `ns.batch_norm_backward`: the fused `ns.batch_norm_double_backward` (two passes
+    over the activations) when nothing differentiates the result again, else the closed form in
+    differentiable torch ops (third order, or no adjoint for grad_x)."""
+
+    def backward(ctx, gg_x, gg_w, gg_b):
+        go, x, weight, mean, rstd = ctx.saved_tensors
+        if gg_x is None or torch.is_grad_enabled():
+            return double_backward(gg_x, gg_w, gg_b, go, x, weight, mean, rstd, needs=ctx.needs_input_grad)
+        gg_w = weight.new_zeros(weight.shape) if gg_w is None else gg_w
+        gg_b = weight.new_zeros(weight.shape) if gg_b is None else gg_b
+        d_go, *rest = ns.batch_norm_double_backward(gg_x, gg_w, gg_b, go, x, weight, mean, rstd)
+        return tuple(d if need else None for d, need in zip((d_go.to(go.dtype), *rest), ctx.needs_input_grad))
+
+    return backward, _backward_setup
 
 
 # ---- front-end -------------------------------------------------------------------------------
@@ -264,8 +296,11 @@ def _opcheck_cases(device):
     rnd = lambda *s: torch.randn(*s, generator=g).to(device).requires_grad_()
     x, w, b = rnd(2, 3, 4, 5, 5), rnd(2, 4), rnd(2, 4)
     _, mean, rstd = reference.batch_norm(x.detach(), w.detach(), b.detach(), 1e-5)
+    plain = lambda *s: torch.randn(*s, generator=g).to(device)
     return [("batch_norm", (x, w, b, 1e-5)),
-            ("batch_norm_backward", (rnd(*x.shape), x, w, mean.requires_grad_(), rstd.requires_grad_()))]
+            ("batch_norm_backward", (rnd(*x.shape), x, w, mean.requires_grad_(), rstd.requires_grad_())),
+            ("batch_norm_double_backward", (plain(*x.shape), plain(2, 4), plain(2, 4), plain(*x.shape), x.detach(),
+                                            w.detach(), mean.detach(), rstd.detach()))]
 
 
 def _selfcheck(backend: str) -> None:
@@ -287,5 +322,11 @@ OP = _registry.add(_registry.OpDef(
              _registry.Kernel("batch_norm_backward",
                               "(Tensor grad_out, Tensor x, Tensor weight, Tensor mean, Tensor rstd) -> "
                               "(Tensor grad_x, Tensor grad_weight, Tensor grad_bias)",
-                              _fake_backward, lambda ns: (_backward_backward, _backward_setup))),
+                              _fake_backward, _backward_autograd),
+             # Not differentiable itself: used only where no graph is built (see _backward_autograd).
+             _registry.Kernel("batch_norm_double_backward",
+                              "(Tensor gg_x, Tensor gg_w, Tensor gg_b, Tensor grad_out, Tensor x, Tensor weight, "
+                              "Tensor mean, Tensor rstd) -> (Tensor d_grad_out, Tensor d_x, Tensor d_weight, "
+                              "Tensor d_mean, Tensor d_rstd)",
+                              _fake_double_backward)),
     backends=_backend.CONCRETE, opcheck_cases=_opcheck_cases, selfcheck=_selfcheck, triton_module="batch_norm"))

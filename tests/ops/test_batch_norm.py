@@ -127,6 +127,58 @@ def test_batch_norm_double_backward_closed_form(adjoints):
 
 
 @pytest.mark.parametrize("backend,device", [p for p in backend_devices() if p.values[0] != "reference"])
+@pytest.mark.parametrize("shape", BN_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_batch_norm_double_backward_kernel_matches_the_closed_form(backend, device, shape, dtype):
+    """The fused batch_norm_double_backward against the closed form in torch ops: in float64 on
+    the same inputs, and no worse than the closed form run in `dtype` itself."""
+    from meta_kernels.ops.batch_norm import double_backward as closed_form
+    ns = _registry.namespace(backend)
+    g = gen(11)
+    T, C = shape[0], shape[2]
+    x = (torch.randn(shape, generator=g, **F64) * 2 + 0.5).to(device)
+    w = torch.randn(T, C, generator=g, **F64).to(device)
+    _, mean, rstd = reference.batch_norm(x, w, torch.zeros_like(w), 1e-5)
+    go, gg_x = (torch.randn(shape, generator=g, **F64).to(device) for _ in range(2))
+    gg_w, gg_b = (torch.randn(T, C, generator=g, **F64).to(device) for _ in range(2))
+    args64 = (gg_x, gg_w, gg_b, go, x, w, mean, rstd)
+    truth = closed_form(*args64)
+    low = lambda t: t.to(dtype) if t.dim() > 2 else t  # activations in dtype, statistics as the ops keep them
+    ours = ns.batch_norm_double_backward(*map(low, args64))
+    theirs = closed_form(*map(low, args64))
+    names = ("d_grad_out", "d_x", "d_weight", "d_mean", "d_rstd")
+    for name, o, r, t in zip(names, ours, theirs, truth):
+        assert o.shape == t.shape, name
+        assert_no_worse_than_torch(o, r, t, dtype, factor=4.0, what=name)
+
+
+@pytest.mark.parametrize("backend,device", [p for p in backend_devices() if p.values[0] != "reference"])
+def test_batch_norm_meta_gradient_takes_the_fused_double_backward(backend, device, monkeypatch):
+    """A second-order step through batch_norm (MAML's) runs the fused double backward, and its
+    meta-gradient equals the one through the reference batch norm."""
+    ns = _registry.namespace(backend)
+    calls = []
+    fused = ns.batch_norm_double_backward
+    monkeypatch.setattr(ns, "batch_norm_double_backward", lambda *a: calls.append(1) or fused(*a), raising=False)
+    g = gen(12)
+    x = torch.randn(3, 4, 2, 5, 5, generator=g, **F64).to(device)
+    y = torch.randn(3, 4, 2, 5, 5, generator=g, **F64).to(device)
+
+    def meta_grad(bn):
+        w = torch.randn(3, 2, generator=gen(13), **F64).to(device).requires_grad_()
+        b = torch.randn(3, 2, generator=gen(14), **F64).to(device).requires_grad_()
+        inner = ((bn(x, w, b) - y) ** 2).sum()
+        gw, gb = torch.autograd.grad(inner, (w, b), create_graph=True)
+        outer = ((bn(x, w - 0.1 * gw, b - 0.1 * gb) - y) ** 2 * y).sum()
+        return torch.autograd.grad(outer, (w, b))
+
+    ours = meta_grad(lambda x, w, b: mk.batch_norm(x, w, b, backend=backend))
+    expected = meta_grad(lambda x, w, b: reference.batch_norm(x, w, b, 1e-5)[0])
+    assert calls, "the fused double backward did not run"
+    torch.testing.assert_close(ours, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend,device", [p for p in backend_devices() if p.values[0] != "reference"])
 def test_batch_norm_backward_op_gradients(backend, device):
     """The op's own backward (the closed form) checked to second order: its result stays
     differentiable under create_graph."""

@@ -148,6 +148,25 @@ void test_bn(at::ScalarType dtype) {
   auto bn_bwd = op<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                                  const at::Tensor&, const at::Tensor&)>(
       "meta_kernels::batch_norm_backward");
+  using T5 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+  auto bn_dbl = op<T5(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                      const at::Tensor&, const at::Tensor&, const at::Tensor&)>("meta_kernels::batch_norm_double_backward");
+  // The double backward's five results, emulated CUDA against the CPU kernel.
+  auto check_dbl = [&](const at::Tensor& go, const at::Tensor& x, const at::Tensor& w, const at::Tensor& m,
+                       const at::Tensor& r, double tol, const std::string& tag) {
+    const int64_t T = x.size(0), C = x.size(2);
+    const at::Tensor u = at::randn(x.sizes(), x.options());
+    const at::Tensor gw = at::randn({T, C}, at::kDouble).to(w.scalar_type()), gb = at::randn({T, C}, w.options());
+    const T5 want = bn_dbl.call(u, gw, gb, go, x, w, m, r);
+    const T5 got = mkc::batch_norm_double_backward(u, gw, gb, go, x, w, m, r);
+    check(same(std::get<0>(got), std::get<0>(want), tol * 10, tol * 10) &&
+              same(std::get<1>(got), std::get<1>(want), tol * 10, tol * 10),
+          tag + " double backward d_grad_out/d_x");
+    check(same(std::get<2>(got), std::get<2>(want), tol * 10, tol * 10) &&
+              same(std::get<3>(got), std::get<3>(want), tol * 10, tol * 10) &&
+              same(std::get<4>(got), std::get<4>(want), tol * 10, tol * 10),
+          tag + " double backward d_weight/d_mean/d_rstd");
+  };
   const auto o = at::TensorOptions().dtype(dtype);
   const std::vector<std::vector<int64_t>> shapes = {
       {2, 5, 3, 7, 7}, {1, 4, 2}, {3, 2, 4, 1, 1}, {2, 3, 2, 33}, {1, 75, 2, 3, 3}, {2, 0, 3, 4}, {2, 3, 2, 0}, {3, 2, 65, 5}};
@@ -168,6 +187,7 @@ void test_bn(at::ScalarType dtype) {
       auto [ggx, ggw, ggb] = mkc::batch_norm_backward(gout, x, w, wm, wr);
       check(same(ggb, wgb, tol, tol * 10) && same(ggw, wgw, tol, tol * 10), tag + " grad_weight/grad_bias");
       check(same(ggx, wgx, tol, tol * 10), tag + " grad_x");
+      check_dbl(gout, x, w, wm, wr, tol, tag);
     }
     // Non-contiguous x, float64 weight/bias for a float x, expanded weight (stride 0).
     const at::Tensor x = at::randn({2, 6, 3, 5}, o).transpose(1, 3).contiguous().transpose(1, 3);
@@ -182,6 +202,7 @@ void test_bn(at::ScalarType dtype) {
     auto [ggx, ggw, ggb] = mkc::batch_norm_backward(gout, x, w, wm, wr);
     check(same(ggx, wgx, tol, tol * 10) && same(ggw, wgw, tol, tol * 10) && same(ggb, wgb, tol, tol * 10),
           "batch_norm_backward mixed dtypes/strides " + name(dtype));
+    check_dbl(gout, x, w, wm, wr, tol, "batch_norm mixed dtypes/strides " + name(dtype));
   }
   mk_emu::force_large_index = false;
 }
