@@ -102,10 +102,10 @@ def child(case: str, variant: str, steps: int, device: str) -> dict:
     return row
 
 
-def run(cases, rounds: int, steps: int, device: str = "cpu") -> dict:
+def run(cases, rounds: int, steps: int, device: str = "cpu", only: set[str] | None = None) -> dict:
     results = {}
     for case in cases:
-        variants = VARIANTS + EXTRA_VARIANTS.get(case, ())
+        variants = [v for v in VARIANTS + EXTRA_VARIANTS.get(case, ()) if only is None or v in only]
         samples = {v: [] for v in variants}
         for r in range(rounds):
             for variant in variants:
@@ -172,6 +172,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=3, help="timed iterations per process")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--variants", default=None, help="comma-separated subset of the variants (default: all)")
     parser.add_argument("--child", nargs=2, metavar=("CASE", "VARIANT"), help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(HERE / "results" / "compat.json"))
     args = parser.parse_args()
@@ -183,7 +184,8 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
     from _common import machine
-    results = run(cases, args.rounds, args.steps, args.device)
+    only = None if args.variants is None else {v.strip() for v in args.variants.split(",") if v.strip()}
+    results = run(cases, args.rounds, args.steps, args.device, only)
     table = markdown(results)
     print(table)
     out = Path(args.out)

@@ -201,6 +201,48 @@ def test_batch_norm_forward_backward(benchmark, backend, T):
 
 @pytest.mark.parametrize("backend", OURS)
 @pytest.mark.parametrize("T", TASKS)
+def test_batch_norm_second_order(benchmark, backend, T):
+    """MAML's use of BN: the inner gradient with create_graph, then the meta-gradient through it
+    (our fused double backward vs aten's BatchNorm double backward), on the same four layers."""
+    benchmark.group = f"batch_norm second order T={T}"
+    g = torch.Generator().manual_seed(3)
+    layers = []
+    for hw in BN_SPATIAL:
+        x = torch.randn(T, 5, 64, hw, hw, generator=g).to(DEVICE).requires_grad_()
+        w = torch.rand(T, 64, generator=g).to(DEVICE).requires_grad_()
+        b = torch.randn(T, 64, generator=g).to(DEVICE).requires_grad_()
+        layers.append((x, w, b, torch.randn(T, 5, 64, hw, hw, generator=g).to(DEVICE)))
+
+    def run(bn):
+        for x, w, b, target in layers:
+            inner = (bn(x, w, b) * target).square().sum()
+            gx, gw, gb = torch.autograd.grad(inner, (x, w, b), create_graph=True)
+            torch.autograd.grad((gx * target).sum() + gw.square().sum() + gb.square().sum(), (x, w, b))
+
+    ours = lambda: run(lambda x, w, b: mk.batch_norm(x, w, b, backend=backend))
+    loop = lambda: run(lambda x, w, b: torch.stack([F.batch_norm(x[t], None, None, w[t], b[t], True)
+                                                    for t in range(x.shape[0])]))
+    medians = interleaved_medians({backend: ours, "closed form in torch ops": lambda: _composed(ours, backend),
+                                   "F.batch_norm loop": loop})
+    _record(benchmark, backend, medians, ours)
+
+
+def _composed(fn, backend):
+    """fn() with batch_norm's double backward in torch ops (its form before the fused kernel)."""
+    import sys
+    from meta_kernels.ops import _registry
+    closed_form = sys.modules["meta_kernels.ops.batch_norm"].double_backward
+    ns = _registry.namespace(backend)
+    fused = ns.batch_norm_double_backward
+    ns.batch_norm_double_backward = lambda *args: closed_form(*args)
+    try:
+        return fn()
+    finally:
+        ns.batch_norm_double_backward = fused
+
+
+@pytest.mark.parametrize("backend", OURS)
+@pytest.mark.parametrize("T", TASKS)
 def test_max_pool2x2_relu_forward_backward(benchmark, backend, T):
     """Conv4's four pool + ReLU layers on an Omniglot 5-way 1-shot 15-query set ([N, T*64, H, W]
     as in Conv4.forward_tasks), forward and backward, against F.relu(F.max_pool2d(x, 2))."""

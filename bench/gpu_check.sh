@@ -38,7 +38,7 @@ t0=$(date +%s)
   echo "== the peers' example loops on their models: original, import swapped, batched ($(( $(date +%s) - t0 )) s)"
   # The original learn2learn comes from its sdist in $META_KERNELS_CACHE (carry .cache: the device is offline).
   (cd bench && META_KERNELS_CACHE="${META_KERNELS_CACHE:-$repo/.cache}" timeout 150 "$py" bench_compat.py --device cuda \
-    --cases l2l_fc,l2l_cnn,higher_net --rounds 1 --steps 2 --out "$out/compat_gpu.json")
+    --cases l2l_fc,l2l_cnn,higher_net --rounds 1 --steps 2 --variants original,compat,batched,batched-chunk8 --out "$out/compat_gpu.json")
   echo "== sharded FOMAML, production_1b ViT on 1 GPU ($(( $(date +%s) - t0 )) s)"
   timeout 90 "$py" -m torch.distributed.run --standalone --nproc_per_node=1 bench/bench_sharded_gpu.py --steps 3 \
     || status=1
