@@ -3,6 +3,7 @@ fails at construction with the field named, not deep inside training."""
 from __future__ import annotations
 
 import dataclasses
+import re
 import math
 import numbers
 from dataclasses import dataclass
@@ -431,6 +432,8 @@ class RunConfig:
         unknown = [n for n in self.loggers if n not in LOGGERS]
         _require(not unknown, name, "loggers", f"unknown logger(s) {unknown}; choose from {', '.join(LOGGERS)}")
         _require(len(set(self.loggers)) == len(self.loggers), name, "loggers", f"lists a logger twice: {self.loggers}")
+        _require(re.fullmatch(r"cpu|mps|cuda(:\d+)?", self.device) is not None, name, "device",
+                 f"unknown device {self.device!r}; use cpu or cuda[:N] (cuda, cuda:0, cuda:1, ...)")
 
 
 SECTIONS = {"maml": MAMLConfig, "mamlpp": MAMLPlusPlusConfig, "episodes": EpisodeConfig, "data": DataConfig,

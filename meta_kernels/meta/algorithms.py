@@ -6,6 +6,7 @@
 `MetaLearner` runs whole outer steps (optimiser, task chunks, Reptile's update)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from meta_kernels import distributed
 from meta_kernels.config import ALGORITHMS, MAMLConfig, MAMLPlusPlusConfig, bn_mode_error
 from meta_kernels.meta.inner import adapt_tasks
 from meta_kernels.meta.inner_common import (AdaptResult, CarriedState, InnerLoopSettings, NonFiniteLossError, StepLog, as_task_batch,
+                                            check_devices, check_tensors, checked_flag,
                                             check_same_samples, compute_inputs,
                                             batch_parts, lead_tensor, map_inputs, query_pass)
 from meta_kernels.meta.batching import check_task_independence
@@ -26,7 +28,7 @@ from meta_kernels.meta.imaml import implicit_meta_gradient
 from meta_kernels.meta.learner import Learner, TaskScores, auac
 from meta_kernels.meta.mamlpp import LSLR_MAX, LSLR_MIN, msl_weights
 from meta_kernels.meta.task_model import TaskModel, as_task_model
-from meta_kernels.tensor_utils import compute_dtype, task_view
+from meta_kernels.tensor_utils import compute_dtype, task_view, to_compute
 
 
 @dataclass
@@ -53,8 +55,10 @@ def reptile_epsilon(config: MAMLConfig, outer_steps: int) -> float:
 
 
 def checked_config(config, who: str) -> MAMLConfig:
-    """`config` when it is a MAMLConfig; otherwise an error saying what to pass."""
+    """`config` when it is a MAMLConfig; otherwise an error saying what to pass. A config
+    changed after construction (cfg.algo = ...) is validated again, as a new one would be."""
     if isinstance(config, MAMLConfig):
+        dataclasses.replace(config)  # runs the checks of MAMLConfig.__post_init__ on the current values
         return config
     hint = " (a dict of fields: MAMLConfig(**fields))" if isinstance(config, dict) else ""
     raise TypeError(f"{who}: config must be a MAMLConfig, e.g. meta_kernels.MAMLConfig(algo='maml', inner_steps=5, "
@@ -365,6 +369,10 @@ class MetaLearner(Learner):
             raise ValueError(f"MetaLearner: no parameter of {type(model).__name__} requires grad, so it would train "
                              "nothing; unfreeze the parameters to meta-train (p.requires_grad_(True))")
         _check_compile(compile)
+        meta_sgd, debug_batching = checked_flag(meta_sgd, "meta_sgd"), checked_flag(debug_batching, "debug_batching")
+        if mamlpp is not None and not isinstance(mamlpp, MAMLPlusPlusConfig):
+            hint = " (a dict of fields: MAMLPlusPlusConfig(**fields))" if isinstance(mamlpp, dict) else ""
+            raise TypeError(f"MetaLearner: mamlpp must be a MAMLPlusPlusConfig or None{hint}; got {type(mamlpp).__name__}")
         self.model, self.config = model, config
         self.mamlpp = mamlpp or MAMLPlusPlusConfig(bn_mode="transductive")
         if compile and config.engine == "torch_func":
@@ -391,6 +399,14 @@ class MetaLearner(Learner):
                                     dict(model.named_parameters()))} if meta_sgd else None)
         extra = [p for p in (self.lslr, self.msl_logits) if p is not None] + list((self.meta_sgd_rates or {}).values())
         outer = torch.optim.Adam if config.meta_optimizer == "adam" else torch.optim.SGD
+        if optimizer is None and outer is torch.optim.Adam and any(p.dtype == torch.float16 for p in model.parameters()):
+            # Adam's second moment (g^2 / 1000) and eps (1e-8) underflow to 0 in float16: the first
+            # meta-update divides by zero. The inner loop itself computes in float32 either way.
+            raise ValueError("MetaLearner: the model's weights are float16, which torch.optim.Adam (the default "
+                             "meta_optimizer) cannot update: its second moment and eps underflow to 0 in float16 and "
+                             "the first meta-update makes every weight inf/NaN. Keep the model float32 (float16 inputs "
+                             "are fine: the inner loop runs in float32), use bfloat16 weights, set "
+                             "meta_optimizer='sgd', or pass optimizer=... of your own")
         # LSLR with its own meta-lr: a second group (one group otherwise, as checkpoints expect)
         own = [] if self.mamlpp.lslr_meta_lr is None else [{"params": [self.lslr], "lr": self.mamlpp.lslr_meta_lr}]
         shared = [p for p in extra if not (own and p is self.lslr)]
@@ -465,6 +481,11 @@ class MetaLearner(Learner):
                 {k: v.detach().clone() for k, v in self.meta_sgd_rates.items()}}
 
     def load_state_dict(self, state: dict) -> None:
+        missing = [k for k in ("outer_steps", "optimizer") if not isinstance(state, dict) or k not in state]
+        if missing:
+            got = list(state)[:6] if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"MetaLearner.load_state_dict: the state lacks {missing} (got {got}); pass what "
+                             "MetaLearner.state_dict() returned (a checkpoint's 'learner' entry)")
         for name in ("lslr", "msl_logits"):
             mine, saved = getattr(self, name), state.get(name)
             if (mine is None) != (saved is None) or (mine is not None and mine.shape != saved.shape):
@@ -519,6 +540,10 @@ class MetaLearner(Learner):
         the whole meta-batch: gradients (or Reptile's adapted weights) are summed over ranks, so
         every rank takes the step the unsharded meta-batch would give."""
         parts = batch_parts(task_batch)
+        device = next(self.model.parameters()).device
+        for (x, y), name in (((parts[0], parts[1]), "support"), ((parts[2], parts[3]), "query")):
+            check_tensors(x, y, name)
+            check_devices(x, y, device, name)
         single = self.config.loss == "cross_entropy" and parts[1].dim() == 1
         local = 1 if single else lead_tensor(parts[0]).shape[0]
         if local == 0:
@@ -526,8 +551,10 @@ class MetaLearner(Learner):
                              "inputs with T >= 1)")
         total = total_tasks or local
         if self.debug_batching and local >= 2:
+            # In the inner loop's compute dtype, weights and inputs alike (half weights meet float32 inputs there).
             dtype = compute_dtype(next(self.model.parameters()).dtype)
-            check_task_independence(self.model, compute_inputs(map_inputs(lambda t: t[:2], parts[0]), dtype))
+            weights = {k: to_compute(v.detach()) for k, v in self.model.named_parameters()}
+            check_task_independence(self.model, compute_inputs(map_inputs(lambda t: t[:2], parts[0]), dtype), weights)
             self.debug_batching = False
         self.optimizer.zero_grad(set_to_none=True)
         totals, adapted, states = self._accumulate(parts, single, local, total, epoch, track_curve, log_inner_steps)
@@ -554,6 +581,9 @@ class MetaLearner(Learner):
                           f"{self.config.inner_lr}) or set inner_clip. The metric adaptation_loss_growth tracks it "
                           "(said once)", stacklevel=2)
         if all_skipped:  # nothing was measured: NaN (null in metrics.jsonl), not 0.0
+            warnings.warn(f"MetaLearner: every task of the meta-batch ({total}) was skipped for a non-finite inner loss "
+                          f"(skip_nonfinite_tasks=True): no meta-update at outer step {self.outer_steps}; check the "
+                          "inputs for NaN / inf, or lower the inner lr", stacklevel=2)
             metrics = {k: (v if k == "skipped_tasks" else math.nan) for k, v in metrics.items()}
         return {**metrics, "skipped_step": float(not update)}
 

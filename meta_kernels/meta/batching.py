@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import sys
 import warnings
 import weakref
@@ -169,7 +170,7 @@ class _TaskLinear:
             return F.linear(x, w, b)
         T = _tasks_of(self, x.shape[0])
         w = w if _per_task(w, 2) else w.expand(T, *w.shape)
-        h = x.reshape(T, -1, x.shape[-1])
+        h = x.reshape(T, math.prod(x.shape[:-1]) // T, x.shape[-1])  # not -1: inputs with 0 features
         out = torch.bmm(h, w.transpose(1, 2))
         if b is not None:
             out = out + (b if _per_task(b, 1) else b.expand(T, -1)).unsqueeze(1)
@@ -185,7 +186,7 @@ class _TaskTransposedLinear:
             return self._mk_original_forward(x)
         T = _tasks_of(self, x.shape[0])
         w = w if _per_task(w, 2) else w.expand(T, *w.shape)
-        out = torch.bmm(x.reshape(T, -1, x.shape[-1]), w)
+        out = torch.bmm(x.reshape(T, math.prod(x.shape[:-1]) // T, x.shape[-1]), w)
         if b is not None:
             out = out + (b if _per_task(b, 1) else b.expand(T, -1)).unsqueeze(1)
         return out.reshape(*x.shape[:-1], w.shape[2])
@@ -394,7 +395,7 @@ class _TaskSequential:
                     T = m.weight.shape[0]
                     m.check_channels(h.shape[1])
                     h = _to_channels(h, T)
-                step = _fused_input_block(mods, i, h, T)
+                step = _fused_input_block(mods, i, h, T, x)
                 if step:
                     h, i = step
                     continue
@@ -406,8 +407,10 @@ class _TaskSequential:
                     (m.batch_stats_only() or not isinstance(m, _TaskStepBatchNorm)):
                 h = m.channels_forward(h, T)
                 if _relu_pool(mods, i + 1):
+                    _check_poolable(h, mods[i + 1], x)
                     h, i = ops.max_pool2x2_relu(h), i + 2
             elif T is not None and _relu_pool(mods, i):
+                _check_poolable(h, mods[i], x)
                 h, i = ops.max_pool2x2_relu(h), i + 1
             elif T is not None and isinstance(m, _CHANNELWISE):
                 h = m(h)
@@ -484,7 +487,18 @@ def _channels_affine(v: Tensor | None, T: int) -> Tensor | None:
     return (v if v.dim() == 2 else v.expand(T, -1)).reshape(1, -1)
 
 
-def _fused_input_block(mods: list, i: int, h: Tensor, T: int):
+def _check_poolable(h: Tensor, layer, x: Tensor) -> None:
+    """A 2x2 max-pool needs feature maps of at least 2x2: say so in terms of the images, not of the
+    fused op's internal layout."""
+    if h.dim() == 4 and (h.shape[-2] < 2 or h.shape[-1] < 2):
+        name = getattr(layer, "_mk_name", type(layer).__name__)
+        raise ValueError(f"layer {name}: its 2x2 pooling gets {h.shape[-2]}x{h.shape[-1]} feature maps, too small to pool: "
+                         f"the inputs' {x.shape[-2]}x{x.shape[-1]} images are too small for this model (Conv4's four "
+                         f"2x2 poolings need at least 16x16); resize the images to the size the model was built for (Conv4's image_size) "
+                         "or build it for theirs")
+
+
+def _fused_input_block(mods: list, i: int, h: Tensor, T: int, x: Tensor | None = None):
     """conv 3x3 (padding 1) -> BN (batch statistics) -> ReLU and 2x2 max-pool, on an input layer of
     1-4 channels per task, as the one conv3x3_bn_pool_relu op: (output, index after the block), or
     None when the pattern or the backend does not fit."""
@@ -497,6 +511,8 @@ def _fused_input_block(mods: list, i: int, h: Tensor, T: int):
     w, b = conv.weight, conv.bias
     if b is not None and not _per_task(b, 1):
         b = b.expand(T, *b.shape)
+    if x is not None:
+        _check_poolable(h, next(m for m in mods[i + 2:i + 4] if type(m) is not nn.ReLU), x)
     bn_weight, bn_bias = bn.pass_affine()
     gamma = _channels_affine(bn_weight, T)
     gamma = h.new_ones(w.shape[0] * w.shape[1]) if gamma is None else gamma.reshape(-1)

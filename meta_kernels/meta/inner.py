@@ -18,7 +18,7 @@ from torch import Tensor
 import meta_kernels.ops as ops
 from meta_kernels.meta.higher_engine import adapt_with_higher
 from meta_kernels.meta.inner_common import (AdaptResult, CarriedState, InnerLoopSettings, InnerOptimizer, NonFiniteLossError, StepLog, as_task_batch,
-                                            check_rates, check_same_samples, support_parts, compute_inputs, lead_tensor, lr_table, map_inputs, masked_mean,
+                                            check_devices, check_rates, check_same_samples, support_parts, compute_inputs, lead_tensor, lr_table, map_inputs, masked_mean,
                                             per_task_loss, query_pass)
 from meta_kernels.meta.task_model import TaskModel, as_task_model
 from meta_kernels.tensor_utils import compute_dtype, task_view, to_compute
@@ -84,13 +84,13 @@ def adapt_tasks(params: dict[str, Tensor], support_batch, *, model, settings: In
     if start_state is not None and not (settings.no_graph and settings.optimizer.has_state):
         raise ValueError("start_state carries an inner optimizer's state, which runs without a graph (Reptile): it "
                          "needs no_graph=True and an inner optimizer with state ('momentum' or 'adam')")
-    if not params:
-        raise ValueError("params is empty; pass model.named_parameters() as a dict")
     _check_params_of(params, task_model.model)
     x, y = as_task_batch(*support_parts(support_batch), "support", settings.loss)
+    check_devices(x, y, next(iter(params.values())).device, "support")
     query = None
     if query_batch is not None:
         query = as_task_batch(*support_parts(query_batch, "query_batch"), "query", settings.loss)
+        check_devices(*query, next(iter(params.values())).device, "query")
         check_same_samples(x, query[0])
         if lead_tensor(query[0]).shape[0] != lead_tensor(x).shape[0]:
             raise ValueError(f"support has {lead_tensor(x).shape[0]} tasks but query has "
@@ -136,16 +136,30 @@ def adapt_tasks(params: dict[str, Tensor], support_batch, *, model, settings: In
                 x = map_inputs(lambda t: torch.where(task_view(skipped, t), torch.zeros_like(t), t), x)
 
 
-def _check_params_of(params: dict[str, Tensor], model) -> None:
-    """params must be the model's own: its parameter names, each of its shape (or [T, *shape])."""
+def _check_params_of(params: dict[str, Tensor], model, who: str = "params") -> None:
+    """params must be the model's own: a dict of every one of its parameters by name, each of its
+    shape (or [T, *shape])."""
+    if not isinstance(params, dict):
+        raise TypeError(f"{who} must be a dict name -> tensor, dict(model.named_parameters()), got "
+                        f"{type(params).__name__}")
+    if not params:
+        raise ValueError(f"{who} is empty; pass model.named_parameters() as a dict")
+    not_tensors = [k for k, v in params.items() if not isinstance(v, Tensor)]
+    if not_tensors:
+        raise TypeError(f"{who} must map names to tensors; {not_tensors[:4]} are not tensors")
     own = dict(model.named_parameters())
     unknown = [k for k in params if k not in own]
     wrong = [f"{k} {list(v.shape)} (the model's is {list(own[k].shape)})" for k, v in params.items()
              if k in own and tuple(v.shape[-own[k].dim():] if own[k].dim() else v.shape[v.dim():]) != tuple(own[k].shape)]
     if unknown or wrong:
         found = f"unknown names {unknown[:4]}" if unknown else f"other shapes: {'; '.join(wrong[:3])}"
-        raise ValueError(f"params are not {type(model).__name__}'s: {found}; pass dict(model.named_parameters()) of "
+        raise ValueError(f"{who} are not {type(model).__name__}'s: {found}; pass dict(model.named_parameters()) of "
                          "the model given as model=")
+    missing = [k for k in own if k not in params]
+    if missing:
+        raise ValueError(f"{who} lack {missing[:6]}{' ...' if len(missing) > 6 else ''} of {type(model).__name__}: pass "
+                         "every parameter, dict(model.named_parameters()); to keep some fixed in the inner loop, name "
+                         "the adapted ones with adapt_params=...")
 
 
 def _elementwise_rates(lrs, adapted: list[str], params: dict[str, Tensor]) -> list[Tensor] | None:
@@ -155,6 +169,11 @@ def _elementwise_rates(lrs, adapted: list[str], params: dict[str, Tensor]) -> li
     missing = [k for k in adapted if k not in lrs]
     if missing:
         raise ValueError(f"per-element rates (Meta-SGD) need one rate tensor per adapted parameter; missing {missing}")
+    extra = [k for k in lrs if k not in adapted]
+    if extra:
+        raise ValueError(f"per-element rates (Meta-SGD) name {extra[:4]}, which {'is' if len(extra) == 1 else 'are'} "
+                         f"not adapted parameter(s) ({adapted[:6]}{' ...' if len(adapted) > 6 else ''}); give rates for "
+                         "the adapted parameters only")
     for k in adapted:
         if lrs[k].shape != params[k].shape:
             raise ValueError(f"the rates of {k} must have its shape {list(params[k].shape)}, got {list(lrs[k].shape)}")
@@ -406,7 +425,10 @@ def _task_gradients(task_model: TaskModel, fast: dict[str, Tensor], x: Tensor, y
         grads = [grads[k] if create_graph else grads[k].detach() for k in fast]
         return grads, loss_t, acc_t
     loss_t, acc_t = per_task_loss(task_model(fast, x, double_backward=create_graph, step=step, bn_mode=bn_mode), y, loss)
-    grads = torch.autograd.grad(loss_t.sum(), list(fast.values()), create_graph=create_graph)
+    # A weight the forward does not use gets a zero inner gradient (it stays as it is; the model may
+    # hold parameters it uses only in some configurations).
+    grads = torch.autograd.grad(loss_t.sum(), list(fast.values()), create_graph=create_graph, allow_unused=True,
+                                materialize_grads=True)
     return list(grads), loss_t, acc_t
 
 

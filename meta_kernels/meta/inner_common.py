@@ -4,6 +4,7 @@ rate table, and the query pass."""
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -90,6 +91,43 @@ class NonFiniteLossError(FloatingPointError):
     """The inner loop produced a NaN/inf loss or gradient; the message names the step and tasks."""
 
 
+def checked_flag(value, name: str) -> bool:
+    """A True / False switch (first_order, meta_sgd, ...): a bool, or the integers 0 / 1. A string
+    is refused: 'False' is truthy and would silently mean True."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1) or type(value).__name__ == "bool_":  # numpy's bool
+        return bool(value)
+    raise TypeError(f"{name} must be True or False, got {value!r}"
+                    + (" (a string: any non-empty string counts as True)" if isinstance(value, str) else ""))
+
+
+def _check_loss_signature(loss_fn: Callable) -> None:
+    """A loss callable is called as loss_fn(outputs, targets): refuse one that cannot take two
+    arguments now rather than at the first step (builtins without a signature are let through)."""
+    try:
+        signature = inspect.signature(loss_fn)
+    except (TypeError, ValueError):
+        return
+    try:
+        signature.bind(None, None)
+    except TypeError as exc:
+        fn = getattr(loss_fn, "__qualname__", type(loss_fn).__name__)
+        raise TypeError(f"loss_fn is called as loss_fn(outputs, targets) (one task's outputs and targets), but {fn}"
+                        f"{signature} cannot take those two arguments ({exc}); write it as "
+                        "lambda outputs, targets: ...") from None
+
+
+def checked_clip(value, who: str = "inner_clip"):
+    """An inner gradient clip: a finite number > 0, or None for no clipping."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ValueError(f"{who} must be a number > 0 (the largest inner gradient norm) or None (no clipping), "
+                         f"got {value!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class InnerLoopSettings:
     """How an inner loop runs; built once (from a MAMLConfig with `from_config`, or from `adapt`'s
@@ -128,8 +166,11 @@ class InnerLoopSettings:
     inner_batch: int = 0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.steps, int) or self.steps < 1:
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
+        for flag in ("first_order", "no_graph", "recompute"):
+            object.__setattr__(self, flag, checked_flag(getattr(self, flag), flag))
+        checked_clip(self.inner_clip)
         if self.engine not in ENGINES:
             raise ValueError(f"unknown engine {self.engine!r}; choose one of {', '.join(ENGINES)}")
         if self.engine == "auto":
@@ -141,6 +182,8 @@ class InnerLoopSettings:
         if not callable(self.loss) and self.loss not in LOSSES:
             raise ValueError(f"unknown loss {self.loss!r}; choose one of {', '.join(LOSSES)} or pass a callable "
                              "loss_fn(outputs, targets) -> scalar")
+        if callable(self.loss):
+            _check_loss_signature(self.loss)
         if isinstance(self.adapt_params, str):
             raise ValueError(f"adapt_params must be a collection of parameter names or a predicate(name, tensor), "
                              f"got the string {self.adapt_params!r}; write adapt_params=[{self.adapt_params!r}]")
@@ -301,7 +344,9 @@ def as_task_batch(x: Tensor, y: Tensor, name: str, loss: str | Callable = "cross
 
     cross_entropy: x [T, N, ...], y [T, N] integer classes (or one task: x [N, ...], y [N]).
     mse and a loss callable: x [T, N, ...], y [T, N, ...] targets. x may be several inputs (a
-    tuple or dict of tensors, each [T, N, ...]); every one must hold the same T and N."""
+    tuple or dict of tensors, each [T, N, ...]); every one must hold the same T and N.
+    cross_entropy also takes soft / one-hot targets: float y [T, N, C], C the model's outputs."""
+    check_tensors(x, y, name)
     if not isinstance(x, Tensor):
         lead = lead_tensor(x)
         shapes = []
@@ -324,16 +369,38 @@ def as_task_batch(x: Tensor, y: Tensor, name: str, loss: str | Callable = "cross
         raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
     if loss == "cross_entropy" and y.dim() == 1:
         x, y = x.unsqueeze(0), y.unsqueeze(0)
-    if y.dim() < 2 or x.dim() < 2 or x.shape[:2] != y.shape[:2] or (loss == "cross_entropy" and y.dim() != 2):
-        want = "y [T, N]" if loss == "cross_entropy" else "y [T, N, ...]"
+    soft = loss == "cross_entropy" and y.dim() == 3 and y.is_floating_point()  # soft / one-hot targets [T, N, C]
+    if y.dim() < 2 or x.dim() < 2 or x.shape[:2] != y.shape[:2] or (loss == "cross_entropy" and y.dim() != 2
+                                                                    and not soft):
+        want = "y [T, N] (or soft targets [T, N, C])" if loss == "cross_entropy" else "y [T, N, ...]"
         raise ValueError(f"{name}: x must be [T, N, ...] and {want}; got x {list(x.shape)} and y {list(y.shape)}")
     if y.shape[1] == 0:
         raise ValueError(f"{name} set is empty: it needs at least one example per task")
-    if loss == "cross_entropy":
+    if loss == "cross_entropy" and not soft:
         if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
             raise ValueError(f"{name} labels must be integer class indices for cross_entropy, got {y.dtype}")
         y = y.long()  # cross_entropy takes int64 targets only; any integer width is accepted here
     return x, y
+
+
+def check_tensors(x, y, name: str) -> None:
+    """x and y of a support / query set must be torch tensors (x may be a tuple or dict of them)."""
+    for what, v in (("x (the inputs)", x), ("y (the targets)", y)):
+        if type(v).__module__ == "numpy":
+            raise TypeError(f"{name}: {what} must be a torch tensor, got numpy.{type(v).__name__}; convert it with "
+                            "torch.from_numpy(...)")
+    if not isinstance(y, Tensor):
+        raise TypeError(f"{name}: y (the targets) must be a tensor: class indices [T, N] (or [N] for one task), or "
+                        f"[T, N, ...] targets; got {type(y).__name__}")
+
+
+def check_devices(x, y: Tensor, device: torch.device, name: str) -> None:
+    """The inputs, the targets and the model's weights must be on one device."""
+    lead = lead_tensor(x)
+    for what, t in (("inputs", lead), ("labels / targets", y)):
+        if t.device != device:
+            raise ValueError(f"{name} {what} are on {t.device}, but the model's weights on {device}: move them to one "
+                             f"device (e.g. x.to({str(device)!r}))")
 
 
 def _check_labels(y: Tensor, n_out: int, name: str) -> None:
@@ -346,11 +413,21 @@ def _check_labels(y: Tensor, n_out: int, name: str) -> None:
 def lr_table(lrs, steps: int, names: list[str], device, dtype=torch.float32) -> Tensor:
     """[steps, n_params] learning rates from a float, a per-parameter vector, or a full table
     (a float becomes a tensor of the params' precision, so float64 runs keep exact rates)."""
-    if isinstance(lrs, (int, float)):
+    if isinstance(lrs, (int, float)) and not isinstance(lrs, bool):
         if not 0 < lrs < math.inf:
             raise ValueError(f"inner lr must be > 0 and finite, got {lrs}")
         return torch.full((steps, len(names)), float(lrs), device=device, dtype=dtype)
-    lrs = torch.as_tensor(lrs, device=device)
+    if not isinstance(lrs, (Tensor, list, tuple)) or isinstance(lrs, Tensor) and lrs.is_complex():
+        raise ValueError(f"lrs (the inner learning rate) must be a float > 0, a [{len(names)}] tensor (one per "
+                         f"parameter), a [steps, {len(names)}] table or a dict of per-element rates, got "
+                         f"{type(lrs).__name__} {lrs!r}"[:400])
+    try:
+        lrs = torch.as_tensor(lrs, device=device)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"lrs (the inner learning rate) must be numbers: a float, one per parameter or a "
+                         f"[steps, {len(names)}] table, got {lrs!r} ({exc})"[:400]) from None
+    if lrs.dim() == 0:  # a 0-d tensor is one rate for every parameter and step (it keeps its graph)
+        lrs = lrs.reshape(1).expand(len(names))
     if not lrs.is_floating_point():  # integer rates: a list of ints, or an integer tensor
         lrs = lrs.to(dtype)
     if lrs.dim() == 1 and lrs.numel() == len(names):
@@ -403,6 +480,13 @@ def per_task_loss(outputs, y: Tensor, loss: str | Callable = "cross_entropy", na
             raise ValueError(f"{name}: model outputs {list(outputs.shape)} do not match targets {list(y.shape)}")
         per = (outputs - y.to(outputs.dtype)).pow(2).reshape(T, -1).mean(1)
         return per, torch.full((T,), math.nan, device=y.device)
+    if y.is_floating_point():  # soft / one-hot targets [T, N, C] (as_task_batch let only those through)
+        if outputs.shape != y.shape:
+            raise ValueError(f"{name}: soft targets {list(y.shape)} do not match the model's outputs "
+                             f"{list(outputs.shape)}: give one probability per output class ([T, N, C])")
+        per = F.cross_entropy(outputs.reshape(T * N, -1), y.to(outputs.dtype).reshape(T * N, -1),
+                              reduction="none").view(T, N).mean(1)
+        return per, _accuracy(outputs, y)
     _check_labels(y, outputs.shape[-1], name)
     per = F.cross_entropy(outputs.reshape(T * N, -1), y.reshape(-1), reduction="none").view(T, N).mean(1)
     return per, (outputs.detach().argmax(-1) == y).float().mean(1)
@@ -416,9 +500,19 @@ def _callable_loss(loss_fn: Callable, outputs, y: Tensor, name: str) -> Tensor:
         per = torch.func.vmap(loss_fn)(outputs, y)
     except Exception:  # noqa: BLE001 - e.g. .item() or data-dependent control flow inside loss_fn
         of_task = lambda t: map_structure(lambda v: v[t], outputs)
-        values = [loss_fn(of_task(t), y[t]) for t in range(T)]
-        bad = next((v for v in values if not isinstance(v, Tensor)), None)
-        if bad is not None:
+        try:
+            values = [loss_fn(of_task(t), y[t]) for t in range(T)]
+        except Exception as exc:  # targets whose last dim differs from the outputs' (one-hot of another width)
+            out = prediction(outputs)
+            if y.is_floating_point() and y.dim() == out.dim() >= 3 and y.shape[:-1] == out.shape[:-1] and \
+                    y.shape[-1] != out.shape[-1]:
+                raise ValueError(f"{name}: targets {list(y.shape)} do not match the model's outputs {list(out.shape)} "
+                                 f"(loss_fn raised {type(exc).__name__}: {str(exc).splitlines()[0][:120]}); give "
+                                 f"targets with {out.shape[-1]} classes, or a model with {y.shape[-1]} outputs") from exc
+            raise
+        bad = [v for v in values if not isinstance(v, Tensor)]
+        if bad:
+            bad = bad[0]
             raise TypeError(f"{name}: loss_fn returned {type(bad).__name__} ({bad!r}), not a tensor; compute the loss "
                             "from the outputs with torch operations (a Python number carries no gradient)")
         per = torch.stack(values)

@@ -8,11 +8,13 @@ learn2learn.algorithms.MAML:
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
-from meta_kernels.meta.inner import adapt
-from meta_kernels.meta.inner_common import compute_inputs
+from meta_kernels.meta.inner import _check_params_of, adapt
+from meta_kernels.meta.inner_common import check_tensors, checked_clip, checked_flag, compute_inputs, lead_tensor
 from meta_kernels.meta.task_model import TaskModel
 from meta_kernels.tensor_utils import compute_dtype
 
@@ -26,17 +28,21 @@ class MAML(nn.Module):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"MAML wraps an nn.Module, got {type(model).__name__}; pass your model: MAML(model, lr=0.4)")
-        if isinstance(lr, bool) or not isinstance(lr, (int, float, Tensor)) or \
-                (not isinstance(lr, Tensor) and not 0 < lr < float("inf")):
+        # A 0-d tensor is one rate, checked as a number is (it may be learned: it keeps its graph).
+        value = float(lr.detach()) if isinstance(lr, Tensor) and lr.dim() == 0 and lr.is_floating_point() else lr
+        if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)) or \
+                (not isinstance(value, Tensor) and not 0 < value < math.inf):
             raise ValueError(f"MAML: lr must be a finite number > 0 (the inner learning rate, e.g. lr=0.4), a per-"
                              f"parameter tensor or a per-step table, got {lr!r}")
         self.module = model
-        self.lr, self.first_order, self.inner_clip, self.engine, self.loss = lr, first_order, inner_clip, engine, loss
+        self.lr, self.inner_clip, self.engine, self.loss = lr, checked_clip(inner_clip, "MAML: inner_clip"), engine, loss
+        self.first_order = checked_flag(first_order, "MAML: first_order")
         self.adapt_params = adapt_params
         self.task_model = TaskModel(model, task_batching)
 
     def adapt(self, x: Tensor, y: Tensor, steps: int = 1) -> dict[str, Tensor]:
         """Adapted weights; a single task (y [N]) gives unbatched weights, T tasks give [T, ...]."""
+        check_tensors(x, y, "MAML.adapt")
         if torch.is_grad_enabled() and not any(p.requires_grad for p in self.module.parameters()):
             raise ValueError(f"MAML.adapt: no parameter of {type(self.module).__name__} requires grad, so there is "
                              "nothing to adapt or meta-train; unfreeze them (p.requires_grad_(True)), or adapt under "
@@ -53,8 +59,19 @@ class MAML(nn.Module):
         weights, half-precision inputs are converted as in `adapt`'s inner loop."""
         if params is None:
             return self.module(x)
-        x = compute_inputs(x, compute_dtype(next(iter(params.values())).dtype))
-        single = next(iter(params.values())).dim() == dict(self.module.named_parameters())[next(iter(params))].dim()
+        if isinstance(params, dict) and not params:
+            raise ValueError("MAML.forward: params is empty; pass the dict adapt() returned, or None for the model's "
+                             "own weights")
+        _check_params_of(params, self.module, "MAML.forward: params")
+        own = dict(self.module.named_parameters())
+        first = next(iter(params))
+        single = params[first].dim() == own[first].dim()
+        x = compute_inputs(x, compute_dtype(params[first].dtype))
         if single:
             return self.task_model({k: v.unsqueeze(0) for k, v in params.items()}, x.unsqueeze(0))[0]
+        T = params[first].shape[0]
+        if lead_tensor(x).shape[0] != T:
+            raise ValueError(f"MAML.forward: the adapted weights hold {T} task(s) but x holds "
+                             f"{lead_tensor(x).shape[0]} ({list(lead_tensor(x).shape)}: [T, N, ...]); pass the inputs of "
+                             "the tasks the weights were adapted on, one [N, ...] set per task")
         return self.task_model(params, x)

@@ -150,7 +150,9 @@ def explain(model: nn.Module, inputs=None, config=None, task_batching: str = "au
     task_model = TaskModel(model, task_batching)
     lines = []
     if config is not None:
+        from meta_kernels.meta.algorithms import checked_config
         from meta_kernels.meta.inner_common import InnerLoopSettings
+        config = checked_config(config, "explain")
         engine = InnerLoopSettings.from_config(config).engine
         clip = ("off" if config.inner_clip is None else
                 f"{config.inner_clip} (each task's inner gradient scaled to norm <= {config.inner_clip}; "

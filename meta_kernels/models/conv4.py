@@ -115,8 +115,10 @@ class Conv4(nn.Sequential):
 
     def __init__(self, in_channels: int = 1, n_way: int = 5, filters: int = 64, image_size: int = 28,
                  bn_steps: int = 1):
-        if n_way < 2:
-            raise ValueError(f"n_way must be >= 2, got {n_way}")
+        for name, value, least in (("in_channels", in_channels, 1), ("n_way", n_way, 2), ("filters", filters, 1),
+                                   ("image_size", image_size, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"Conv4: {name} must be an integer >= {least}, got {value!r}")
         if bn_steps < 1:
             raise ValueError(f"bn_steps must be >= 1 (inner steps + 1 for per-step BN), got {bn_steps}")
         blocks, c_in, size = [], in_channels, image_size
