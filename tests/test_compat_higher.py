@@ -76,7 +76,7 @@ def hand_adam(params, grad_fn, steps, lr, betas, eps, weight_decay, amsgrad):
                 v_max[i] = torch.maximum(v_max[i], v[i])
                 second = v_max[i]
             m_hat, v_hat = m[i] / (1 - betas[0] ** t), second / (1 - betas[1] ** t)
-            new.append(p - lr * m_hat / (v_hat.sqrt() + eps / (1 - betas[1] ** t) ** 0.5))
+            new.append(p - lr * m_hat / (v_hat.sqrt() + eps))  # torch.optim.Adam: eps after the bias correction
         params = new
     return params
 
@@ -101,6 +101,34 @@ def test_adam_equals_a_hand_written_differentiable_adam(amsgrad):
     assert_all_close(ours, [p.detach() for p in final], tol=1e-12)
     query = F.cross_entropy(torch.func.functional_call(model, dict(zip(names, final)), xq[0]), yq[0])
     assert_all_close(meta, list(torch.autograd.grad(query, list(model.parameters()))))
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+@pytest.mark.parametrize("amsgrad", [False, True])
+@pytest.mark.parametrize("eps", [1e-8, 1e-3])
+def test_diffopt_adam_steps_equal_torch_optim_adam(steps, amsgrad, eps):
+    """diffopt.step with Adam gives exactly torch.optim.Adam's weights (float64): eps is added
+    after the bias correction of sqrt(v), the step is lr / (1 - beta1^t). A large eps (1e-3) shows
+    where eps sits: inside the bias correction it would be 1 / sqrt(1 - beta2) = 31.6x larger at step 1."""
+    torch.manual_seed(3)
+    model = mlp().double()
+    ref = mlp().double()
+    ref.load_state_dict(model.state_dict())
+    xs, ys, _, _ = tasks(T=1)
+    settings = dict(lr=0.01, betas=(0.9, 0.999), eps=eps, weight_decay=0.01, amsgrad=amsgrad)
+    reference = torch.optim.Adam(ref.parameters(), **settings)
+    for _ in range(steps):
+        reference.zero_grad()
+        F.cross_entropy(ref(xs[0]), ys[0]).backward()
+        reference.step()
+    with higher.innerloop_ctx(model, torch.optim.Adam(model.parameters(), **settings)) as (fmodel, diffopt):
+        for _ in range(steps):
+            diffopt.step(F.cross_entropy(fmodel(xs[0]), ys[0]))
+        ours = [p.detach() for p in fmodel.parameters()]
+    moved = max(float((p - q).abs().max()) for p, q in zip(ours, model.parameters()))
+    assert moved > 1e-3  # the weights did move
+    for p, q in zip(ours, ref.parameters()):
+        torch.testing.assert_close(p, q.detach(), rtol=0, atol=1e-12)
 
 
 def test_parameter_groups_override_and_learned_rates():
@@ -196,7 +224,11 @@ def test_the_same_script_through_the_real_higher(make_model, inner):
     batch = tasks(T=2)
     make_opt = {"sgd_nesterov": lambda: torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9, nesterov=True,
                                                         weight_decay=1e-3),
-                "adam": lambda: torch.optim.Adam(model.parameters(), lr=0.01),
+                # higher 0.2.1 keeps PyTorch 1.5's Adam (eps inside the bias correction: sqrt(v) + eps, step
+                # lr * sqrt(1 - beta2^t) / (1 - beta1^t)); ours is torch.optim.Adam's (sqrt(v) / sqrt(1 - beta2^t)
+                # + eps, step lr / (1 - beta1^t): test_diffopt_adam_steps_equal_torch_optim_adam). With eps=0
+                # the two are the same update, so the rest of the script is compared exactly.
+                "adam": lambda: torch.optim.Adam(model.parameters(), lr=0.01, eps=0.0),
                 "sgd_learned_lr": lambda: torch.optim.SGD(model.parameters(), lr=0.1)}[inner]
     results = []
     for lib in (real_higher, higher):

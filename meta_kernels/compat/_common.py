@@ -292,7 +292,7 @@ def check_finite(loss: Tensor, step: int, who: str, allow: bool) -> None:
 
 
 def checked_rate(lr, who: str, name: str):
-    """A learning rate: a finite number, or a one-element tensor (a learned rate)."""
+    """A learning rate: a finite number > 0, or a one-element tensor (a learned rate)."""
     if isinstance(lr, Tensor):
         if lr.numel() != 1 or not lr.is_floating_point():
             raise ValueError(f"{who}: {name} must be a number or a one-element float tensor, got a {lr.dtype} tensor "
@@ -301,6 +301,8 @@ def checked_rate(lr, who: str, name: str):
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr):
         raise TypeError(f"{who}: {name} must be a finite number (the inner learning rate, e.g. {name}=0.4), "
                         f"got {lr!r}")
+    if lr <= 0:  # 0 adapts nothing, a negative rate ascends the loss (torch.optim refuses both too)
+        raise ValueError(f"{who}: {name} must be > 0 (the inner learning rate, e.g. {name}=0.4), got {lr!r}")
     return float(lr)
 
 

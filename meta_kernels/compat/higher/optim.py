@@ -6,7 +6,11 @@ weight decay), starting from the optimizer's state; weights with requires_grad=F
 every group, or unused by the loss stay as they are. `override={'lr': [...]}` replaces a setting by
 one value, or one per parameter group; values may be tensors that require grad (learned rates), as
 may `step(..., override=...)`. `track_higher_grads=False` takes first-order gradients and makes
-every step's weights fresh leaves, as higher does. Other optimizers raise, naming these two."""
+every step's weights fresh leaves, as higher does. Other optimizers raise, naming these two.
+
+Adam is torch.optim.Adam's update exactly (eps added to sqrt(v) / sqrt(1 - beta2^t), step lr / (1 - beta1^t));
+higher 0.2.1 keeps PyTorch 1.5's form, with eps inside the bias correction (31.6x larger at step 1
+with the default betas), so its weights differ from torch.optim.Adam's and ours by about eps."""
 from __future__ import annotations
 
 import math
@@ -15,7 +19,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor
 
-from meta_kernels.compat._common import check_finite, check_loss, sgd_update
+from meta_kernels.compat._common import check_finite, check_loss, checked_rate, sgd_update
 from meta_kernels.compat._tasks import checked_task_loss
 
 SUPPORTED_OPTIMIZERS = ("torch.optim.SGD", "torch.optim.Adam")
@@ -66,6 +70,7 @@ def _kind(opt_type: type) -> type:
 
 class DifferentiableOptimizer:
     """The inner optimizer's update as differentiable tensor operations."""
+    _kind_name = "the optimizer"
 
     def __init__(self, opt: torch.optim.Optimizer, reference_params: Iterable[Tensor], fmodel=None, device=None,
                  override: dict | None = None, grad_callback: Callable | None = None, track_higher_grads: bool = True,
@@ -74,6 +79,7 @@ class DifferentiableOptimizer:
             raise TypeError(f"{type(self).__name__} takes an existing torch.optim optimizer (the inner optimizer), got "
                             f"{type(opt).__name__}")
         reference = list(reference_params)
+        self._n_weights = len(reference)
         index_of = {id(p): i for i, p in enumerate(reference)}
         self.param_groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
         self._group_indices: list[list[int]] = []
@@ -101,8 +107,15 @@ class DifferentiableOptimizer:
             raise ValueError("maximize=True is not supported by the differentiable optimizers; negate the loss instead")
 
     def _apply_override(self, override: dict) -> None:
+        if not isinstance(override, dict):
+            raise TypeError(f"override must be a dict of hyperparameters, e.g. {{'lr': [0.1]}}, got {type(override).__name__}")
+        known = sorted(self.param_groups[0]) if self.param_groups else []
         for key, values in override.items():
+            if key not in known:
+                raise ValueError(f"override: unknown hyperparameter {key!r}; {self._kind_name} has {', '.join(known)}")
             values = list(values) if isinstance(values, (list, tuple)) else [values]
+            if key == "lr":  # as torch.optim refuses them: no NaN, inf, 0 or negative rate
+                values = [checked_rate(v, "override", "override['lr']") for v in values]
             if len(values) not in (1, len(self.param_groups)):
                 raise ValueError(f"override[{key!r}] holds {len(values)} values but the optimizer has "
                                  f"{len(self.param_groups)} parameter groups; pass one value, or one per group")
@@ -119,6 +132,10 @@ class DifferentiableOptimizer:
                 raise ValueError("pass params=... to step(): this optimizer has no fmodel to take the weights from")
             params = self._fmodel.fast_params
         params = list(params)
+        if len(params) != self._n_weights:
+            raise ValueError(f"diffopt.step: params holds {len(params)} tensors but the model has {self._n_weights} "
+                             "weights; pass one per tensor of model.parameters(), in that order (or leave params out: "
+                             "fmodel's fast weights)")
         tasks = getattr(self._fmodel, "tasks", None)
         if tasks is not None:  # the batched form: a sum over tasks of each task's loss
             loss = checked_task_loss(loss, tasks, "diffopt.step")
@@ -130,6 +147,10 @@ class DifferentiableOptimizer:
         check_finite(loss, self.steps, "diffopt.step", self.allow_nonfinite)
         targets = [p if p.requires_grad else torch.empty(0, requires_grad=True) for p in params]
         grads = list(torch.autograd.grad(loss, targets, create_graph=self._track_higher_grads, allow_unused=True))
+        if all(g is None for g in grads):
+            raise ValueError("diffopt.step: the loss does not depend on the fast weights (no gradient reaches any of "
+                             "them): compute it from fmodel's outputs, loss_fn(fmodel(x), y), not from the original "
+                             "model's or another copy's")
         grad_callback = grad_callback if grad_callback is not None else self._grad_callback
         if grad_callback is not None:
             grads = list(grad_callback(grads))
@@ -158,6 +179,7 @@ class DifferentiableOptimizer:
 
 class DifferentiableSGD(DifferentiableOptimizer):
     """torch.optim.SGD: weight decay, momentum with dampening, nesterov."""
+    _kind_name = "torch.optim.SGD"
 
     def _direction(self, group, state, p, g):
         if group["weight_decay"] != 0:
@@ -175,6 +197,7 @@ class DifferentiableSGD(DifferentiableOptimizer):
 
 class DifferentiableAdam(DifferentiableOptimizer):
     """torch.optim.Adam: bias-corrected moments, amsgrad, weight decay (L2, not decoupled)."""
+    _kind_name = "torch.optim.Adam"
 
     def _direction(self, group, state, p, g):
         beta1, beta2 = group["betas"]
@@ -196,8 +219,10 @@ class DifferentiableAdam(DifferentiableOptimizer):
             second = state["max_exp_avg_sq"] = torch.maximum(state["max_exp_avg_sq"], exp_avg_sq)
         else:
             second = exp_avg_sq
-        denom = second.sqrt() + group["eps"]
-        rate = group["lr"] * math.sqrt(1 - beta2 ** state["step"]) / (1 - beta1 ** state["step"])
+        # As torch.optim.Adam: eps is added to the bias-corrected root of the second moment,
+        # sqrt(v) / sqrt(1 - beta2^t) + eps, and the step is lr / (1 - beta1^t).
+        denom = second.sqrt() / math.sqrt(1 - beta2 ** state["step"]) + group["eps"]
+        rate = group["lr"] / (1 - beta1 ** state["step"])
         return exp_avg / denom, rate
 
 

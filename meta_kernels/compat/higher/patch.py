@@ -79,6 +79,13 @@ class FunctionalModule(nn.Module):
         if len(params) != n:
             raise ValueError(f"params holds {len(params)} tensors but the model has {n} weights; pass one per tensor of "
                              "model.parameters(), in that order")
+        names, originals = self._fast.runner.slots.param_names, self._fast.runner.slots.params
+        for i, (p, own) in enumerate(zip(params, originals)):
+            shape = list(p.shape) if isinstance(p, Tensor) else None
+            if shape is None or (shape != list(own.shape) and shape[1:] != list(own.shape)):
+                got = f"shape {shape}" if shape is not None else type(p).__name__
+                raise ValueError(f"params[{i}] has {got}, but the weight {names[i]} has {list(own.shape)}; pass the "
+                                 "tensors of model.parameters() (or the fast weights), in that order")
         if self.tasks is None:  # the batched form passes its weights to the engine at each call
             self._fast.set_weights(params)
         if self.track_higher_grads or not self._fast_params:
@@ -103,6 +110,10 @@ class FunctionalModule(nn.Module):
         if not self.track_higher_grads and time not in (-1, 0):
             raise ValueError("this fmodel does not track higher grads (track_higher_grads=False): only the latest "
                              "weights are kept; call parameters() or parameters(time=0)")
+        held = len(self._fast_params)
+        if isinstance(time, bool) or not isinstance(time, int) or not -held <= time < held:
+            raise ValueError(f"time={time!r}, but fmodel holds the weights of times 0..{held - 1} (0: the initial ones, "
+                             f"{held - 1}: after the last of its {held - 1} update(s)); -1 is the latest")
         return iter(self._fast_params[time])
 
     def train(self, mode: bool = True):

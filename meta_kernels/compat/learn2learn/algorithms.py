@@ -28,13 +28,14 @@ from torch import Tensor, nn
 from meta_kernels.compat._common import (FastModel, check_finite, check_loss, checked_rate, checked_tasks, clone_tree,
                                          runner_for, sgd_update, task_model_for)
 from meta_kernels.compat._tasks import checked_task_loss, inputs_tasks_first, task_outputs
+from meta_kernels.meta.inner_common import check_rates, checked_flag
 
 
 def clone_module(module: nn.Module, memo=None) -> nn.Module:
     """learn2learn's clone_module: the module tree with differentiable clones of its weights and
     the same buffers (a buffer that requires grad is cloned too)."""
     if not isinstance(module, nn.Module):
-        return module
+        raise TypeError(f"clone_module takes an nn.Module, got {type(module).__name__}")
     return clone_tree(module, weight=lambda p: p.clone(), buffer=lambda b: b.clone() if b.requires_grad else b, memo=memo)
 
 
@@ -119,9 +120,9 @@ class MAML(BaseLearner):
                  allow_nonfinite: bool = False):
         super().__init__(model)
         self.lr = checked_rate(lr, "MAML", "lr")
-        self.first_order = first_order
-        self.allow_nograd = allow_nograd
-        self.allow_unused = allow_nograd if allow_unused is None else allow_unused
+        self.first_order = checked_flag(first_order, "MAML: first_order")
+        self.allow_nograd = checked_flag(allow_nograd, "MAML: allow_nograd")
+        self.allow_unused = self.allow_nograd if allow_unused is None else checked_flag(allow_unused, "MAML: allow_unused")
         self.tasks, self.task_dim = checked_tasks(tasks, task_dim)
         self.allow_nonfinite = allow_nonfinite
 
@@ -150,9 +151,9 @@ class MAML(BaseLearner):
                                 _steps=self.__dict__.get("_steps", 0))
 
     def _options(self, first_order, allow_unused, allow_nograd):
-        return (self.first_order if first_order is None else first_order,
-                self.allow_unused if allow_unused is None else allow_unused,
-                self.allow_nograd if allow_nograd is None else allow_nograd)
+        return (self.first_order if first_order is None else checked_flag(first_order, "first_order"),
+                self.allow_unused if allow_unused is None else checked_flag(allow_unused, "allow_unused"),
+                self.allow_nograd if allow_nograd is None else checked_flag(allow_nograd, "allow_nograd"))
 
     def _adaptable_fast(self) -> FastModel:
         fast = self.__dict__.get("_fast")
@@ -178,12 +179,12 @@ class MetaSGD(BaseLearner):
         else:
             lrs = _checked_rates(lrs, model)
         self.lrs = lrs
-        self.first_order = first_order
+        self.first_order = checked_flag(first_order, "MetaSGD: first_order")
         self.tasks, self.task_dim = checked_tasks(tasks, task_dim)
         self.allow_nonfinite = allow_nonfinite
 
     def adapt(self, loss: Tensor, first_order: bool | None = None) -> None:
-        first_order = self.first_order if first_order is None else first_order
+        first_order = self.first_order if first_order is None else checked_flag(first_order, "first_order")
         fast = self.__dict__.get("_fast")
         if fast is None:
             raise RuntimeError("adapt() on the MetaSGD wrapper itself would overwrite the model's weights; adapt a "
@@ -251,9 +252,9 @@ class BatchedLearner:
               allow_nograd: bool | None = None) -> None:
         """One step for every task: `loss` is the sum over tasks of each task's loss (a torch loss
         function or task_sum(loss_fn) on this learner's outputs), or the [T] vector of them."""
-        first_order = self.first_order if first_order is None else first_order
-        allow_unused = self.allow_unused if allow_unused is None else allow_unused
-        allow_nograd = self.allow_nograd if allow_nograd is None else allow_nograd
+        first_order = self.first_order if first_order is None else checked_flag(first_order, "first_order")
+        allow_unused = self.allow_unused if allow_unused is None else checked_flag(allow_unused, "allow_unused")
+        allow_nograd = self.allow_nograd if allow_nograd is None else checked_flag(allow_nograd, "allow_nograd")
         loss = checked_task_loss(loss, self.tasks, "adapt")
         rates = self.rates
         direction = (lambda i, g: g) if rates is None else (lambda i, g: rates[i] * g)
@@ -325,4 +326,6 @@ def _checked_rates(lrs, model: nn.Module):
             shape = list(rate.shape) if isinstance(rate, Tensor) else type(rate).__name__
             raise ValueError(f"MetaSGD: the rate for {name} has shape {shape}, but the weight has {list(p.shape)}; "
                              "each rate tensor must have its weight's shape")
+        # Finite; below zero is allowed: learned rates may cross zero (Meta-SGD learns their sign).
+        check_rates(rate, f"MetaSGD: the rate for {name}", allow_negative=True)
     return lrs

@@ -10,7 +10,12 @@ from meta_kernels.compat.learn2learn.algorithms import clone_module
 
 def clone_parameters(param_list: Iterable[Tensor]) -> list[Tensor]:
     """Differentiable clones of the tensors."""
-    return [p.clone() for p in param_list]
+    params = list(param_list)
+    others = [type(p).__name__ for p in params if not isinstance(p, Tensor)]
+    if others:
+        kind = others[0]
+        raise TypeError(f"clone_parameters takes tensors (e.g. model.parameters()), got {kind}")
+    return [p.clone() for p in params]
 
 
 def update_module(module: nn.Module, updates: Sequence[Tensor] | None = None, memo: dict | None = None) -> nn.Module:
@@ -47,7 +52,7 @@ def detach_module(module: nn.Module, keep_requires_grad: bool = False) -> None:
     """Detaches every parameter (and every buffer that requires grad) of the module tree from its
     graph, in place; with keep_requires_grad the detached tensors still require grad."""
     if not isinstance(module, nn.Module):
-        return
+        raise TypeError(f"detach_module takes an nn.Module, got {type(module).__name__}")
     for m in module.modules():
         for key, p in m._parameters.items():
             if p is not None:
