@@ -7,6 +7,12 @@ Meta:  adapt, meta_loss, meta_backward, MetaLearner, MAML (learn2learn-style wra
        nn.Module runs its tasks batched (explain(model) says how each layer runs).
 CPU:   keep_freed_cpu_memory() lets glibc reuse the memory of large tensors (a faster CPU step).
 """
+import sys as _sys
+
+if _sys.argv and _sys.argv[0].replace("\\", "/").rsplit("/", 1)[-1] == "meta-kernels":  # the command line
+    from meta_kernels import _startup  # first thing: a Ctrl-C while the imports run is kept (see there)
+    _startup.catch_interrupts()
+
 from meta_kernels.config import EpisodeConfig, MAMLConfig
 from meta_kernels.malloc_tuning import keep_freed_cpu_memory
 from meta_kernels.meta import (MAML, DetachedGraphError, InnerOptimizer, MetaLearner, NonFiniteLossError, StepLog, TaskModel, adapt,

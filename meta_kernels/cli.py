@@ -27,8 +27,12 @@ def _cmd_demo(args) -> int:
 
 
 def _load_config(args):
-    from meta_kernels.config import MetaLearningFullConfig
-    config = MetaLearningFullConfig.load(args.config) if args.config else MetaLearningFullConfig.preset(args.preset)
+    from meta_kernels.config import ConfigError, MetaLearningFullConfig
+    if args.config and args.preset:
+        raise ConfigError(f"--config {args.config} and --preset {args.preset} exclude each other: the config file is the "
+                          "starting config; pass one of them (and --set for changes)")
+    config = MetaLearningFullConfig.load(args.config) if args.config else MetaLearningFullConfig.preset(
+        args.preset or args.default_preset)
     overrides = list(args.set or [])
     if args.data_root:
         overrides.append(f"run.data_root={args.data_root}")
@@ -75,7 +79,8 @@ def _fit_and_test(trainer, args) -> int:
         print(f"meta-kernels train: --test: no {best} (no validation ran: see run.val_every); not evaluated",
               file=sys.stderr)
     elif args.test and trainer.rank == 0:  # the result goes to the run's loggers too, as a 'test' record
-        result = evaluate_checkpoint(best, trainer.out / "test", split="test", loggers=trainer.loggers)
+        result = evaluate_checkpoint(best, trainer.out / "test", split="test", loggers=trainer.loggers,
+                                     factory=trainer.config.model.factory)  # named by --model already
         print(f"test: {result['accuracy']:.4f} +- {result['ci95']:.4f} over {result['episodes']} episodes; "
               f"adaptation curve {[round(a, 3) for a in result['curve_accuracy']]}")
     return 0
@@ -122,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_cmd_demo)
 
     train = sub.add_parser("train", help="meta-train on Omniglot, mini-ImageNet or a class-folder dataset")
-    train.add_argument("--preset", default="dev", help=f"starting config: one of {', '.join(MetaLearningFullConfig.PRESETS)} "
+    train.add_argument("--preset", help=f"starting config: one of {', '.join(MetaLearningFullConfig.PRESETS)} "
                        "(default dev; omniglot_*: the 30-minute CPU accuracy presets, README)")
     train.add_argument("--config", help="a YAML/JSON config file (instead of --preset)")
     train.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config field")
@@ -141,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default usr1, as SLURM sends); exit code 128 + the signal's number")
     train.add_argument("--test", action="store_true", help="evaluate the best checkpoint on the test split at the end")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
-    train.set_defaults(func=_cmd_train)
+    train.set_defaults(func=_cmd_train, default_preset="dev")
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint: accuracy +- 95%% CI, adaptation curve, AUAC")
     ev.add_argument("--checkpoint", required=True, help="a checkpoint file, or a sharded run's step-N.dcp folder")
@@ -157,11 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=_cmd_eval)
 
     mem = sub.add_parser("memory", help="memory per GPU of a sharded (FSDP) ViT config, computed by component")
-    mem.add_argument("--preset", default="production_1b", help="a preset (default production_1b)")
+    mem.add_argument("--preset", help="a preset (default production_1b)")
     mem.add_argument("--config", help="a YAML/JSON config file (instead of --preset)")
     mem.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config field")
     mem.add_argument("--gpus", type=int, nargs="+", default=[8], help="numbers of GPUs (default 8)")
-    mem.set_defaults(func=_cmd_memory, data_root=None)
+    mem.set_defaults(func=_cmd_memory, data_root=None, default_preset="production_1b")
 
     val = sub.add_parser("validate", help="op self-checks, a hand-computed meta-gradient, one CPU dev-mode epoch (about a minute)")
     val.set_defaults(func=_cmd_validate)
@@ -169,9 +174,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from meta_kernels import _startup
+    interrupted = _startup.take_over()  # a Ctrl-C from now on raises KeyboardInterrupt (handled below)
     args = build_parser().parse_args(argv)
+    if interrupted is not None:  # it came while the imports ran: nothing has started, nothing was saved
+        print(f"meta-kernels {args.command}: interrupted by {signal.Signals(interrupted).name} during start-up, before "
+              "anything ran; nothing was written", file=sys.stderr)
+        return 128 + interrupted
     try:
-        from meta_kernels.config import check_cli_count  # counts < 1 would run nothing or divide by zero
+        from meta_kernels.config import ConfigError, check_cli_count  # counts < 1 would run nothing or divide by zero
+        if getattr(args, "out", None) is not None and not str(args.out).strip():
+            raise ConfigError("--out: an empty path; name the output folder (e.g. --out runs/train): an empty one "
+                              "would write into the current directory")
         for flag in ("max_steps", "episodes", "steps", "meta_batch", "inner_steps", "query"):  # train / eval / demo
             check_cli_count("--" + flag.replace("_", "-"), getattr(args, flag, None))
         for gpus in getattr(args, "gpus", None) or []:  # memory --gpus

@@ -133,6 +133,10 @@ def user_model(factory: str, n_way: int, image_shape: tuple[int, ...]) -> torch.
                          f"{attr}({n_way}, {tuple(image_shape)}):\n{trace}") from exc
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"model.factory {factory!r} returned {type(model).__name__}, not an nn.Module")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError(f"model.factory {factory!r} built a model with no trainable parameters ({type(model).__name__} "
+                         f"holds {sum(1 for _ in model.parameters())} parameter(s), none requiring grad): meta-training "
+                         "would change nothing; return a model with trainable layers")
     _check_output_width(model, factory, n_way, image_shape)
     return model
 
@@ -337,7 +341,12 @@ class Trainer:
         return data, path
     def _resume(self) -> None:
         data, path = self._latest_intact()
-        diffs = config_differences(data["config"], self.config.to_dict())
+        saved = checkpoint_part(data, "config", path)
+        factory = (saved.get("model") or {}).get("factory")
+        if factory is not None and self.config.model.factory is None:
+            raise CheckpointError(f"cannot resume {path}: the run was trained with the model factory {factory!r}; pass "
+                                  f"--model {factory} again to resume it (from Python: model.factory in the config)")
+        diffs = config_differences(saved, self.config.to_dict())
         if diffs:
             raise CheckpointError("cannot resume: the config differs from the checkpoint's in fields that shape "
                                   "training:\n  " + "\n  ".join(diffs))
@@ -369,6 +378,10 @@ class Trainer:
         run counts the steps before it), and saves the step it stops at. On SIGTERM, SIGINT or
         the preemption signal (single-process runs) it saves the current step and raises
         TrainingInterrupted."""
+        if max_steps is not None and self.global_step >= max_steps and self.rank == 0:
+            warnings.warn(f"max_steps={max_steps} (--max-steps {max_steps}): the run in {self.out} is already at step "
+                          f"{self.global_step}, past it, so there is nothing to train; raise --max-steps to continue it",
+                          stacklevel=2)
         lock = run_folder_lock(self.out) if self.rank == 0 else contextlib.nullcontext()
         with lock, self._stop_signals() as stop:
             return self._fit(max_steps, stop)
@@ -566,10 +579,24 @@ def plot_adaptation_curve(curve: list[float], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def checkpoint_part(data, key: str, path) -> dict:
+    """data[key] of a loaded checkpoint ('config', 'model'), or an error saying the file is not a
+    complete meta_kernels training checkpoint."""
+    what = {"config": "config", "model": "model weights"}.get(key, repr(key))
+    if not isinstance(data, dict) or not isinstance(data.get(key), dict):
+        raise CheckpointError(f"{path} holds no {what} (its '{key}' entry is missing or not a mapping): not a "
+                              "complete meta_kernels training checkpoint; pass one that meta-kernels train saved "
+                              "(checkpoints/best.pt, last.pt or step-N.pt)")
+    return data[key]
+
+
 def check_checkpoint_factory(path, config: MetaLearningFullConfig, factory: str | None) -> None:
     """A checkpoint never chooses code to import: a model factory it names is imported only when
     the caller names the same one (`factory`, `--model` on the command line)."""
     wanted = config.model.factory
+    if wanted is None and factory is not None:
+        raise CheckpointError(f"--model {factory} (factory={factory!r}): {path} has no model factory: its model is "
+                              f"built in (arch {config.model.arch!r}), so --model is not needed; leave it out")
     if wanted is None or factory == wanted:
         return
     named = "" if factory is None else f"; you named {factory!r}, which is not it"
@@ -590,10 +617,11 @@ def load_checkpoint_model(path: str | os.PathLike, data: dict, config: MetaLearn
         load_sharded(path, state, collective=False)
         model.load_state_dict(state["model"])
     else:
+        weights = checkpoint_part(data, "model", path)
         try:
-            model.load_state_dict(data["model"])
+            model.load_state_dict(weights)
         except RuntimeError as exc:
-            missing, unexpected = _key_differences(model.state_dict(), data["model"])
+            missing, unexpected = _key_differences(model.state_dict(), weights)
             built = f"the factory {config.model.factory!r}" if config.model.factory else f"arch {config.model.arch!r}"
             raise CheckpointError(f"{path}: the model built by {built} does not match the checkpoint's weights: "
                                   f"missing {missing[:6] or 'none'}, unexpected {unexpected[:6] or 'none'}"
@@ -623,7 +651,7 @@ def evaluate_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike, epi
     factory: the model factory of a run on the user's own model, which must equal the checkpoint's
     (a checkpoint never makes us import code by itself)."""
     data = load_any_checkpoint(path)
-    config = MetaLearningFullConfig.from_dict(data["config"])
+    config = MetaLearningFullConfig.from_dict(checkpoint_part(data, "config", path))
     check_checkpoint_factory(path, config, factory)
     trained = config.maml.inner_steps
     steps = trained if inner_steps is None else inner_steps
