@@ -19,3 +19,7 @@ def raises(n_way: int, image_shape: tuple[int, ...]):
 
 def wrong_width(n_way: int, image_shape: tuple[int, ...]) -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(image_shape[0] * image_shape[1] * image_shape[2], n_way + 2))
+
+
+def no_params(n_way: int, image_shape: tuple[int, ...]) -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Identity())
