@@ -23,9 +23,20 @@ def catch_interrupts() -> None:
         pass
 
 
+_TOOK_OVER: list[bool] = []
+
+
 def take_over() -> int | None:
     """From now on SIGINT raises KeyboardInterrupt (the command's own handling); the signal that
     came during start-up, if any."""
     if signal.getsignal(signal.SIGINT) is _note:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        _TOOK_OVER.append(True)
     return _PENDING[0] if _PENDING else None
+
+
+def hand_back() -> None:
+    """When the command has decided its exit code: a later SIGINT (the second of a double Ctrl-C,
+    arriving while the process exits) no longer turns it into a death by signal."""
+    if _TOOK_OVER:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)

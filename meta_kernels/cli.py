@@ -176,6 +176,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from meta_kernels import _startup
     interrupted = _startup.take_over()  # a Ctrl-C from now on raises KeyboardInterrupt (handled below)
+    try:
+        return _main(argv, interrupted)
+    finally:
+        _startup.hand_back()
+
+
+def _main(argv: list[str] | None, interrupted: int | None) -> int:
     args = build_parser().parse_args(argv)
     if interrupted is not None:  # it came while the imports ran: nothing has started, nothing was saved
         print(f"meta-kernels {args.command}: interrupted by {signal.Signals(interrupted).name} during start-up, before "
