@@ -137,8 +137,8 @@ def adapt_tasks(params: dict[str, Tensor], support_batch, *, model, settings: In
 
 
 def _check_params_of(params: dict[str, Tensor], model, who: str = "params") -> None:
-    """params must be the model's own: a dict of every one of its parameters by name, each of its
-    shape (or [T, *shape])."""
+    """params must be the model's own: a dict of its parameters by name, each of its shape (or
+    [T, *shape]), every trainable one included (frozen ones may be left out)."""
     if not isinstance(params, dict):
         raise TypeError(f"{who} must be a dict name -> tensor, dict(model.named_parameters()), got "
                         f"{type(params).__name__}")
@@ -155,7 +155,7 @@ def _check_params_of(params: dict[str, Tensor], model, who: str = "params") -> N
         found = f"unknown names {unknown[:4]}" if unknown else f"other shapes: {'; '.join(wrong[:3])}"
         raise ValueError(f"{who} are not {type(model).__name__}'s: {found}; pass dict(model.named_parameters()) of "
                          "the model given as model=")
-    missing = [k for k in own if k not in params]
+    missing = [k for k, p in own.items() if k not in params and p.requires_grad]
     if missing:
         raise ValueError(f"{who} lack {missing[:6]}{' ...' if len(missing) > 6 else ''} of {type(model).__name__}: pass "
                          "every parameter, dict(model.named_parameters()); to keep some fixed in the inner loop, name "
