@@ -127,6 +127,14 @@ class ChainedBlocks(nn.Module):
         return self.head(self.blocks(x).mean((2, 3)))
 
 
+def one_channel_net():
+    """higher's example network's shape: Conv2d(1, C, 3) without padding -> BatchNorm (momentum 1) ->
+    ReLU -> MaxPool, then a dilated, strided conv (one input channel per task: the unfold path)."""
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4, momentum=1.0), nn.ReLU(inplace=True), nn.MaxPool2d(2, 2),
+                         nn.Conv2d(4, 1, 1), nn.Tanh(), nn.Conv2d(1, 3, 3, stride=2, padding=2, dilation=2, bias=False),
+                         nn.Flatten(), nn.Linear(3 * 3 * 3, 3))
+
+
 def _frozen_body():
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
     model[0].requires_grad_(False)
@@ -145,6 +153,7 @@ CASES = {
                                             {"tokens": torch.randint(0, 11, (6, 5), generator=g)}), 2),
     "unknown_layer": (lambda: nn.Sequential(nn.Linear(4, 5), Scale(5), nn.Tanh(), nn.Linear(5, 3)),
                       lambda g: ((torch.randn(6, 4, generator=g, **F64),), {}), 3),
+    "one_channel_input": (one_channel_net, lambda g: ((torch.randn(5, 1, 12, 12, generator=g, **F64),), {}), 3),
     "chained_blocks": (ChainedBlocks, lambda g: ((torch.randn(5, 1, 12, 12, generator=g, **F64),), {}), 3),
     "transformer": (Encoder, lambda g: ((torch.randn(4, 5, 3, generator=g, **F64),), {}), 4),
     "torch_transformer_layer": (TorchEncoder, lambda g: ((torch.randn(4, 5, 3, generator=g, **F64),), {}), 4),
@@ -365,3 +374,17 @@ def test_blocks_whose_forward_chains_their_children_keep_the_tasks_in_the_channe
     assert len(conversions) == 3
     want = torch.stack([functional_call(model, {k: v[t] for k, v in params.items()}, (x[t],)) for t in range(3)])
     torch.testing.assert_close(out, want, rtol=0, atol=1e-12)
+
+
+def test_one_input_channel_per_task_runs_as_patches_times_weights(monkeypatch):
+    """On the CPU a conv of one input channel per task runs as unfold + a batched matmul (what it
+    computes is checked against the per-task loop in test_meta_gradients_equal_a_per_task_loop)."""
+    from meta_kernels.meta import batching
+    calls = []
+    real = batching._single_channel_conv
+    monkeypatch.setattr(batching, "_single_channel_conv", lambda *a: calls.append(a[0].shape) or real(*a))
+    model = one_channel_net().double()
+    args, kwargs, _ = _task_inputs(CASES["one_channel_input"][1], 3, seed=1)
+    params = {k: v.expand(3, *v.shape) for k, v in model.named_parameters()}
+    BatchedModel(model)(params, args, kwargs, double_backward=True)
+    assert [list(s) for s in calls] == [[5, 3, 12, 12], [5, 3, 5, 5]]
