@@ -8,11 +8,14 @@ hits both alike) and stores the medians and ratios in extra_info; pytest-benchma
 statistics are for our op."""
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import meta_kernels as mk
+from meta_kernels.ops import _registry
 from _common import conv4_shapes, interleaved_medians, machine
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -174,25 +177,35 @@ def test_reptile_update(benchmark, backend, T):
 BN_SPATIAL = [28, 14, 7, 3]
 
 
-@pytest.mark.parametrize("backend", OURS)
-@pytest.mark.parametrize("T", TASKS)
-def test_batch_norm_forward_backward(benchmark, backend, T):
-    benchmark.group = f"batch_norm fwd+bwd T={T}"
-    g = torch.Generator().manual_seed(1)
+def _bn_layers(T: int, seed: int):
+    """(x, weight, bias, a tensor of x's shape) for each BN_SPATIAL layer, x [T, 5, 64, hw, hw]."""
+    g = torch.Generator().manual_seed(seed)
     layers = []
     for hw in BN_SPATIAL:
         x = torch.randn(T, 5, 64, hw, hw, generator=g).to(DEVICE).requires_grad_()
         w = torch.rand(T, 64, generator=g).to(DEVICE).requires_grad_()
         b = torch.randn(T, 64, generator=g).to(DEVICE).requires_grad_()
         layers.append((x, w, b, torch.randn(T, 5, 64, hw, hw, generator=g).to(DEVICE)))
+    return layers
+
+
+def _bn_per_task(x, w, b):
+    """The plain-PyTorch baseline: F.batch_norm task by task."""
+    return torch.stack([F.batch_norm(x[t], None, None, w[t], b[t], True) for t in range(x.shape[0])])
+
+
+@pytest.mark.parametrize("backend", OURS)
+@pytest.mark.parametrize("T", TASKS)
+def test_batch_norm_forward_backward(benchmark, backend, T):
+    benchmark.group = f"batch_norm fwd+bwd T={T}"
+    layers = _bn_layers(T, seed=1)
 
     def run(bn):
         for x, w, b, go in layers:
             torch.autograd.grad(bn(x, w, b), (x, w, b), go)
 
     ours = lambda: run(lambda x, w, b: mk.batch_norm(x, w, b, backend=backend))
-    loop = lambda: run(lambda x, w, b: torch.stack([F.batch_norm(x[t], None, None, w[t], b[t], True)
-                                                    for t in range(x.shape[0])]))
+    loop = lambda: run(_bn_per_task)
     vmapped = torch.func.vmap(lambda x, w, b: F.batch_norm(x, None, None, w, b, True))
     vmap = lambda: run(vmapped)
     medians = interleaved_medians({backend: ours, "F.batch_norm loop": loop, "F.batch_norm vmap": vmap})
@@ -205,13 +218,7 @@ def test_batch_norm_second_order(benchmark, backend, T):
     """MAML's use of BN: the inner gradient with create_graph, then the meta-gradient through it
     (our fused double backward vs aten's BatchNorm double backward), on the same four layers."""
     benchmark.group = f"batch_norm second order T={T}"
-    g = torch.Generator().manual_seed(3)
-    layers = []
-    for hw in BN_SPATIAL:
-        x = torch.randn(T, 5, 64, hw, hw, generator=g).to(DEVICE).requires_grad_()
-        w = torch.rand(T, 64, generator=g).to(DEVICE).requires_grad_()
-        b = torch.randn(T, 64, generator=g).to(DEVICE).requires_grad_()
-        layers.append((x, w, b, torch.randn(T, 5, 64, hw, hw, generator=g).to(DEVICE)))
+    layers = _bn_layers(T, seed=3)
 
     def run(bn):
         for x, w, b, target in layers:
@@ -220,8 +227,7 @@ def test_batch_norm_second_order(benchmark, backend, T):
             torch.autograd.grad((gx * target).sum() + gw.square().sum() + gb.square().sum(), (x, w, b))
 
     ours = lambda: run(lambda x, w, b: mk.batch_norm(x, w, b, backend=backend))
-    loop = lambda: run(lambda x, w, b: torch.stack([F.batch_norm(x[t], None, None, w[t], b[t], True)
-                                                    for t in range(x.shape[0])]))
+    loop = lambda: run(_bn_per_task)
     medians = interleaved_medians({backend: ours, "closed form in torch ops": lambda: _composed(ours, backend),
                                    "F.batch_norm loop": loop})
     _record(benchmark, backend, medians, ours)
@@ -229,8 +235,6 @@ def test_batch_norm_second_order(benchmark, backend, T):
 
 def _composed(fn, backend):
     """fn() with batch_norm's double backward in torch ops (its form before the fused kernel)."""
-    import sys
-    from meta_kernels.ops import _registry
     closed_form = sys.modules["meta_kernels.ops.batch_norm"].double_backward
     ns = _registry.namespace(backend)
     fused = ns.batch_norm_double_backward
