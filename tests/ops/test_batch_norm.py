@@ -37,6 +37,25 @@ def test_batch_norm_forward_backward_matches_reference(backend, device, shape, d
 
 
 @pytest.mark.parametrize("backend,device", backend_devices())
+@pytest.mark.parametrize("shape", [(2, 9, 3, 26, 26), (3, 40, 4)], ids=str)
+def test_batch_norm_statistics_keep_precision_far_from_zero(backend, device, shape):
+    """Activations of mean 1000 and spread 0.05 in float32: the statistics, merged from per-sample
+    partial sums, are no worse than torch's own float32 batch norm against float64."""
+    g = gen(11)
+    x64 = (torch.randn(shape, generator=g, dtype=torch.float64) * 0.05 + 1000).to(device)
+    x32 = x64.float()
+    T, C = shape[0], shape[2]
+    w, b = torch.ones(T, C, device=device), torch.zeros(T, C, device=device)
+    out, mean, var = mk.batch_norm(x32, w, b, backend=backend, return_stats=True)
+    truth = reference.batch_norm(x32.double(), w.double(), b.double(), 1e-5)[0]
+    torch_out = torch.stack([torch.nn.functional.batch_norm(x32[t], None, None, training=True) for t in range(T)])
+    assert_no_worse_than_torch(out, torch_out, truth, torch.float32, factor=4.0, what="out")
+    dims = [1] + list(range(3, len(shape)))
+    torch.testing.assert_close(mean.double(), x32.double().mean(dims), rtol=1e-6, atol=0)
+    torch.testing.assert_close(var.double(), x32.double().var(dims), rtol=1e-3, atol=0)  # unbiased, as returned
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
 def test_batch_norm_matches_functional_per_task(backend, device):
     """Against torch's own F.batch_norm applied task by task (training mode)."""
     x = torch.randn(4, 5, 3, 6, 6, dtype=torch.float64, device=device)
