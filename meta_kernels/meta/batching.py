@@ -156,7 +156,7 @@ class _TaskConv:
         padding = self.padding
         if self.padding_mode != "zeros":
             h, padding = F.pad(h, self._reversed_padding_repeated_twice, mode=self.padding_mode), 0
-        if h.dim() == 4 and h.device.type == "cpu" and w.shape[2] == 1 and self.groups == 1 and \
+        if h.dim() == 4 and h.device.type == "cpu" and T > 1 and w.shape[2] == 1 and self.groups == 1 and \
                 not isinstance(padding, str):
             return _single_channel_conv(h, w, b, T, self.stride, padding, self.dilation)
         w_flat, b_flat = w.reshape(T * w.shape[1], *w.shape[2:]), None if b is None else b.reshape(-1)
@@ -172,7 +172,8 @@ def _single_channel_conv(h: Tensor, w: Tensor, b: Tensor | None, T: int, stride,
     w [T, C_out, 1, kh, kw], as each task's patches times its weights in one batched matmul. On the
     CPU oneDNN runs a grouped conv of one channel per group several times slower per FLOP than the
     others (0.8 of the 3.3 s of convolutions in a step of higher's example network, for 1/11 of
-    their FLOPs); this form made those steps 8-14% faster (bench/RESULTS.md)."""
+    their FLOPs); this form made those steps 8-14% faster (bench/RESULTS.md). One task (T = 1) is no
+    grouped conv: oneDNN's own conv is faster there (OmniglotCNN's fused-op step 13.9 vs 15.5 ms)."""
     N, _, H, W = h.shape
     C_out, (kh, kw) = w.shape[1], w.shape[-2:]
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
