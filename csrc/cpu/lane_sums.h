@@ -27,5 +27,27 @@ inline T lanes_total(const T (&lanes)[kLanes]) {
   return total;
 }
 
+// acc[k] += the sum over s < size of term k, terms(s, v) writing element s's K terms into v; in
+// lanes when the block is long enough to fill them (a short one would pay more for the lanes'
+// set-up and totals than they save).
+template <int K, typename T, typename Terms>
+inline void add_terms(int64_t size, T (&acc)[K], Terms&& terms) {
+  if (size < kLanes) {
+    for (int64_t s = 0; s < size; ++s) {
+      T v[K];
+      terms(s, v);
+      for (int k = 0; k < K; ++k) acc[k] += v[k];
+    }
+    return;
+  }
+  T lanes[K][kLanes] = {};
+  for_each_lane(size, [&](int64_t s, int j) {
+    T v[K];
+    terms(s, v);
+    for (int k = 0; k < K; ++k) lanes[k][j] += v[k];
+  });
+  for (int k = 0; k < K; ++k) acc[k] += lanes_total(lanes[k]);
+}
+
 }  // namespace cpu
 }  // namespace meta_kernels
