@@ -22,8 +22,10 @@ TORCH_LIBRARY(meta_kernels, m) {
   m.def("clip_grad_norm(Tensor[] grads, float max_norm, float eps) -> (Tensor norm, Tensor factor)");
   // Per-(task, channel) batch norm of x [T, N, C, *] with affine weight/bias [T, C].
   m.def("batch_norm(Tensor x, Tensor weight, Tensor bias, float eps) -> (Tensor out, Tensor mean, Tensor rstd)");
-  m.def("batch_norm_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor mean, Tensor rstd) -> "
-        "(Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
+  // Its backward; grad_mean / grad_rstd (gradients for the forward's mean and rstd outputs, e.g. from
+  // a double backward) add their path through the statistics to grad_x in the same pass.
+  m.def("batch_norm_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor mean, Tensor rstd, "
+        "Tensor? grad_mean=None, Tensor? grad_rstd=None) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
   // The gradients of <gg_x, grad_x> + <gg_w, grad_weight> + <gg_b, grad_bias> (batch_norm_backward's
   // outputs) with respect to its five inputs: MAML's meta-gradient through an inner step's BN.
   m.def("batch_norm_double_backward(Tensor gg_x, Tensor gg_w, Tensor gg_b, Tensor grad_out, Tensor x, Tensor weight, "

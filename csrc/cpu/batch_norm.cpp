@@ -168,8 +168,10 @@ _Pragma("omp simd")
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(const at::Tensor& grad_out_in, const at::Tensor& x_in,
                                                                   const at::Tensor& weight_in, const at::Tensor& mean_in,
-                                                                  const at::Tensor& rstd_in) {
-  check_batch_norm_backward_args(grad_out_in, x_in, weight_in, mean_in, rstd_in);
+                                                                  const at::Tensor& rstd_in,
+                                                                  const c10::optional<at::Tensor>& grad_mean_in,
+                                                                  const c10::optional<at::Tensor>& grad_rstd_in) {
+  check_batch_norm_backward_args(grad_out_in, x_in, weight_in, mean_in, rstd_in, grad_mean_in, grad_rstd_in);
   const at::Tensor x = x_in.contiguous();
   const at::Tensor go = grad_out_in.to(x.scalar_type()).contiguous();
   const Geometry geo(x);
@@ -177,6 +179,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(const at::Ten
   const at::Tensor w = weight_in.to(stat_dtype).contiguous();
   const at::Tensor mean = mean_in.to(stat_dtype).contiguous();
   const at::Tensor rstd = rstd_in.to(stat_dtype).contiguous();
+  const at::Tensor gmean = stat_grad_or_zeros(grad_mean_in, x, stat_dtype);
+  const at::Tensor grstd = stat_grad_or_zeros(grad_rstd_in, x, stat_dtype);
   at::Tensor gx = at::empty_like(x, at::MemoryFormat::Contiguous);
   at::Tensor gw = at::empty({geo.T, geo.C}, x.options().dtype(stat_dtype));
   at::Tensor gb = at::empty({geo.T, geo.C}, x.options().dtype(stat_dtype));
@@ -189,6 +193,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(const at::Ten
     const opmath_t* wp = w.const_data_ptr<opmath_t>();
     const opmath_t* mp = mean.const_data_ptr<opmath_t>();
     const opmath_t* rp = rstd.const_data_ptr<opmath_t>();
+    const opmath_t* gmp = gmean.const_data_ptr<opmath_t>();
+    const opmath_t* grp = grstd.const_data_ptr<opmath_t>();
     opmath_t* gwp = gw.data_ptr<opmath_t>();
     opmath_t* gbp = gb.data_ptr<opmath_t>();
     // sum(go), sum(go * xc) per group (xc = x - mean).
@@ -200,7 +206,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(const at::Ten
         v[1] = v[0] * (static_cast<opmath_t>(xp[o + s]) - mu);
       });
     });
-    // grad_x = w r (go - mean(go) - xhat mean(go xhat)) = a go - k (x - mean) - c0.
+    // grad_x = w r (go - mean(go) - xhat mean(go xhat)) = a go - k (x - mean) - c0; the statistics'
+    // own gradients add grad_mean / M - grad_rstd r^3 (x - mean) / M (d mean/dx, d rstd/dx).
     const opmath_t inv_M = M > 0 ? opmath_t(1) / static_cast<opmath_t>(M) : opmath_t(0);
     std::vector<opmath_t> coef(static_cast<size_t>(geo.groups() * 3));
     for (int64_t g = 0; g < geo.groups(); ++g) {
@@ -208,8 +215,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(const at::Ten
       gbp[g] = sum_go;
       gwp[g] = sum_go_xc * r;
       coef[3 * g] = a;
-      coef[3 * g + 1] = a * r * r * sum_go_xc * inv_M;
-      coef[3 * g + 2] = a * sum_go * inv_M;
+      coef[3 * g + 1] = (a * sum_go_xc + grp[g] * r) * r * r * inv_M;
+      coef[3 * g + 2] = (a * sum_go - gmp[g]) * inv_M;
     }
     at::parallel_for(0, geo.rows(), geo.grain(), [&](int64_t lo, int64_t hi) {
       for_rows(geo, lo, hi, [&](int64_t r, int64_t g) {

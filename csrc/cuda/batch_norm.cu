@@ -113,7 +113,8 @@ bn_forward_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ out, co
 template <typename scalar_t, bool kSmall>
 __global__ void __launch_bounds__(512)
 bn_backward_kernel(const scalar_t* __restrict__ go, const scalar_t* __restrict__ x, scalar_t* __restrict__ gx,
-                   const ScalarRef w, const ScalarRef mean, const ScalarRef rstd, void* __restrict__ gw,
+                   const ScalarRef w, const ScalarRef mean, const ScalarRef rstd, const ScalarRef gmean,
+                   const ScalarRef grstd, void* __restrict__ gw,
                    void* __restrict__ gb, const int out_code, const int64_t groups, const int64_t N, const int64_t C,
                    const int64_t M, const GroupIndex<kSmall> idx) {
   using opmath_t = at::opmath_type<scalar_t>;
@@ -139,11 +140,12 @@ bn_backward_kernel(const scalar_t* __restrict__ go, const scalar_t* __restrict__
       store_as(gb, out_code, grp, static_cast<double>(sum_go));
       store_as(gw, out_code, grp, static_cast<double>(sum_go_xc * r));
     }
-    // grad_x = w r (go - mean(go) - xhat mean(go xhat)) = a go - k (x - mean) - c0.
+    // grad_x = w r (go - mean(go) - xhat mean(go xhat)) = a go - k (x - mean) - c0; the statistics'
+    // own gradients add grad_mean / M - grad_rstd r^3 (x - mean) / M.
     const opmath_t inv_M = M > 0 ? opmath_t(1) / static_cast<opmath_t>(M) : opmath_t(0);
     const opmath_t a = static_cast<opmath_t>(w.load(t, c)) * r;
-    const opmath_t k = a * r * r * sum_go_xc * inv_M;
-    const opmath_t c0 = a * sum_go * inv_M;
+    const opmath_t k = (a * sum_go_xc + static_cast<opmath_t>(grstd.load(t, c)) * r) * r * r * inv_M;
+    const opmath_t c0 = (a * sum_go - static_cast<opmath_t>(gmean.load(t, c))) * inv_M;
     for (int64_t m = threadIdx.x; m < M; m += blockDim.x) {
       const int64_t o = idx(m);
       gxg[o] = static_cast<scalar_t>(a * static_cast<opmath_t>(gog[o]) - k * (static_cast<opmath_t>(xg[o]) - mu) - c0);
@@ -236,8 +238,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm(const at::Tensor& x_in
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(const at::Tensor& grad_out_in, const at::Tensor& x_in,
                                                                   const at::Tensor& weight_in, const at::Tensor& mean_in,
-                                                                  const at::Tensor& rstd_in) {
-  check_batch_norm_backward_args(grad_out_in, x_in, weight_in, mean_in, rstd_in);
+                                                                  const at::Tensor& rstd_in,
+                                                                  const c10::optional<at::Tensor>& grad_mean_in,
+                                                                  const c10::optional<at::Tensor>& grad_rstd_in) {
+  check_batch_norm_backward_args(grad_out_in, x_in, weight_in, mean_in, rstd_in, grad_mean_in, grad_rstd_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   const at::Tensor go = grad_out_in.to(x.scalar_type()).contiguous();
@@ -257,13 +261,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(const at::Ten
     const ScalarSource w = scalar_source(weight_in);
     const ScalarSource mean = scalar_source(mean_in);
     const ScalarSource rstd = scalar_source(rstd_in);
+    const ScalarSource gmean = scalar_source(stat_grad_or_zeros(grad_mean_in, x, stat_dtype));
+    const ScalarSource grstd = scalar_source(stat_grad_or_zeros(grad_rstd_in, x, stat_dtype));
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     MK_DISPATCH_FLOATING(x.scalar_type(), "batch_norm_backward_cuda", [&] {
       auto run = [&](auto small) {
         constexpr bool kSmall = decltype(small)::value;
         bn_backward_kernel<scalar_t, kSmall><<<grid_for(groups), geo.threads(), 0, stream>>>(
             go.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(), w.ref, mean.ref,
-            rstd.ref, gw.data_ptr(), gb.data_ptr(), out_code, groups, geo.N, geo.C, geo.M, geo.index<kSmall>());
+            rstd.ref, gmean.ref, grstd.ref, gw.data_ptr(), gb.data_ptr(), out_code, groups, geo.N, geo.C, geo.M,
+            geo.index<kSmall>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
       if (geo.small()) run(std::true_type()); else run(std::false_type());

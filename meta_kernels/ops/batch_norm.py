@@ -35,15 +35,21 @@ def check_args(x: Tensor, weight: Tensor, bias: Tensor) -> None:
     _checks.same_device(bias, "bias", x, "x")
 
 
-def check_backward_args(grad_out: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor) -> None:
+def check_backward_args(grad_out: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor,
+                        grad_mean: Tensor | None = None, grad_rstd: Tensor | None = None) -> None:
     _check_x_weight(x, weight)
     if grad_out.shape != x.shape:
         raise ValueError(f"grad_out must have the shape of x {list(x.shape)}, got {list(grad_out.shape)}")
     if mean.shape != weight.shape or rstd.shape != weight.shape:
         raise ValueError(f"mean and rstd must be [T, C] like weight {list(weight.shape)}, "
                          f"got {list(mean.shape)} and {list(rstd.shape)}")
-    for name, t in (("grad_out", grad_out), ("mean", mean), ("rstd", rstd)):
-        _checks.same_device(t, name, x, "x")
+    for name, t in (("grad_mean", grad_mean), ("grad_rstd", grad_rstd)):
+        if t is not None and t.shape != weight.shape:
+            raise ValueError(f"{name} must be [T, C] like weight {list(weight.shape)}, got {list(t.shape)}")
+    for name, t in (("grad_out", grad_out), ("mean", mean), ("rstd", rstd), ("grad_mean", grad_mean),
+                    ("grad_rstd", grad_rstd)):
+        if t is not None:
+            _checks.same_device(t, name, x, "x")
 
 
 # ---- fake kernels ----------------------------------------------------------------------------
@@ -54,8 +60,8 @@ def _fake(x, weight, bias, eps):
     return torch.empty_like(x, memory_format=torch.contiguous_format), stats, torch.empty_like(stats)
 
 
-def _fake_backward(grad_out, x, weight, mean, rstd):
-    check_backward_args(grad_out, x, weight, mean, rstd)
+def _fake_backward(grad_out, x, weight, mean, rstd, grad_mean=None, grad_rstd=None):
+    check_backward_args(grad_out, x, weight, mean, rstd, grad_mean, grad_rstd)
     return (torch.empty_like(x, memory_format=torch.contiguous_format),
             torch.empty_like(weight, memory_format=torch.contiguous_format),
             torch.empty_like(weight, memory_format=torch.contiguous_format))
@@ -92,26 +98,21 @@ def _autograd(ns):
 
     def backward(ctx, grad_out, grad_mean, grad_rstd):
         x, weight, mean, rstd = ctx.saved_tensors
-        if grad_out is None:
-            grad_x, grad_w, grad_b = None, None, None
-        else:
-            grad_x, grad_w, grad_b = ns.batch_norm_backward(grad_out, x, weight, mean, rstd)
-        if grad_mean is not None or grad_rstd is not None:
-            # Direct use of the statistics: d mean/dx = 1/M, d rstd/dx = -rstd^3 (x - mean) / M.
-            shape = bn_stat_shape(x)
-            count = x.numel() // (x.shape[0] * x.shape[2])
-            base = torch.zeros_like(mean) if grad_mean is None else grad_mean / count
-            extra = base.reshape(shape).expand_as(x).to(x.dtype)
-            if grad_rstd is not None:
-                slope = (-grad_rstd * rstd.pow(3) / count).reshape(shape).to(x.dtype)
-                extra = torch.addcmul(extra, slope, x - mean.reshape(shape).to(x.dtype))
-            if grad_x is None:
-                grad_x = extra.contiguous()
-            elif torch.is_grad_enabled():
-                grad_x = grad_x + extra
-            else:  # the fused backward's fresh output: no graph, no other user
-                grad_x.add_(extra)
-        return grad_x, grad_w, grad_b, None
+        if grad_out is not None:
+            # The statistics' own gradients (MAML's meta-gradient: from the double backward) join
+            # grad_x inside the fused backward's pass.
+            return (*ns.batch_norm_backward(grad_out, x, weight, mean, rstd, grad_mean, grad_rstd), None)
+        if grad_mean is None and grad_rstd is None:
+            return None, None, None, None
+        # Only the statistics used: d mean/dx = 1/M, d rstd/dx = -rstd^3 (x - mean) / M.
+        shape = bn_stat_shape(x)
+        count = x.numel() // (x.shape[0] * x.shape[2])
+        base = torch.zeros_like(mean) if grad_mean is None else grad_mean / count
+        grad_x = base.reshape(shape).expand_as(x).to(x.dtype)
+        if grad_rstd is not None:
+            slope = (-grad_rstd * rstd.pow(3) / count).reshape(shape).to(x.dtype)
+            grad_x = torch.addcmul(grad_x, slope, x - mean.reshape(shape).to(x.dtype))
+        return grad_x.contiguous(), None, None, None
 
     return backward, setup
 
@@ -175,19 +176,44 @@ def _backward_setup(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
+def _statistics_term_grads(gg_x, x, mean, rstd, grad_mean, grad_rstd):
+    """Gradients of <gg_x, E>, E = grad_mean / M - grad_rstd rstd^3 (x - mean) / M (the part of
+    batch_norm_backward's grad_x that grad_mean / grad_rstd add), with respect to x, mean, rstd,
+    grad_mean and grad_rstd, in differentiable torch ops."""
+    shape, dims = bn_stat_shape(x), bn_reduce_dims(x)
+    count = x.numel() // (x.shape[0] * x.shape[2]) if x.numel() else 1
+    u = to_compute(gg_x)
+    r = rstd.to(u.dtype)
+    U, V = u.sum(dims), (u * (to_compute(x) - mean.to(u.dtype).reshape(shape))).sum(dims)
+    g_r = torch.zeros_like(r) if grad_rstd is None else to_compute(grad_rstd)
+    beta = -g_r * r.pow(3) / count
+    return ((u * beta.reshape(shape)).to(x.dtype), (-beta * U).to(mean.dtype), (-3 * g_r * r.pow(2) / count * V).to(rstd.dtype),
+            U / count, -r.pow(3) / count * V)
+
+
 def _backward_autograd(ns):
     """Autograd for `ns.batch_norm_backward`: the fused `ns.batch_norm_double_backward` (two passes
     over the activations) when nothing differentiates the result again, else the closed form in
-    differentiable torch ops (third order, or no adjoint for grad_x)."""
+    differentiable torch ops (third order, or no adjoint for grad_x); grad_mean / grad_rstd's part
+    of grad_x in torch ops (only a third-order gradient meets it)."""
 
     def backward(ctx, gg_x, gg_w, gg_b):
-        go, x, weight, mean, rstd = ctx.saved_tensors
+        go, x, weight, mean, rstd, grad_mean, grad_rstd = ctx.saved_tensors
+        needs = ctx.needs_input_grad
         if gg_x is None or torch.is_grad_enabled():
-            return double_backward(gg_x, gg_w, gg_b, go, x, weight, mean, rstd, needs=ctx.needs_input_grad)
-        gg_w = weight.new_zeros(weight.shape) if gg_w is None else gg_w
-        gg_b = weight.new_zeros(weight.shape) if gg_b is None else gg_b
-        d_go, *rest = ns.batch_norm_double_backward(gg_x, gg_w, gg_b, go, x, weight, mean, rstd)
-        return tuple(d if need else None for d, need in zip((d_go.to(go.dtype), *rest), ctx.needs_input_grad))
+            grads = double_backward(gg_x, gg_w, gg_b, go, x, weight, mean, rstd, needs=needs[:5])
+        else:
+            gg_w = weight.new_zeros(weight.shape) if gg_w is None else gg_w
+            gg_b = weight.new_zeros(weight.shape) if gg_b is None else gg_b
+            d_go, *rest = ns.batch_norm_double_backward(gg_x, gg_w, gg_b, go, x, weight, mean, rstd)
+            grads = tuple(d if need else None for d, need in zip((d_go.to(go.dtype), *rest), needs))
+        if gg_x is None or (grad_mean is None and grad_rstd is None):
+            return (*grads, None, None)
+        d_x, d_mean, d_rstd, d_gm, d_gr = _statistics_term_grads(gg_x, x, mean, rstd, grad_mean, grad_rstd)
+        plus = lambda base, extra, need: None if not need else extra if base is None else base + extra
+        return (grads[0], plus(grads[1], d_x, needs[1]), grads[2], plus(grads[3], d_mean, needs[3]),
+                plus(grads[4], d_rstd, needs[4]), d_gm.to(grad_mean.dtype) if needs[5] else None,
+                d_gr.to(grad_rstd.dtype) if needs[6] else None)
 
     return backward, _backward_setup
 
@@ -299,6 +325,7 @@ def _opcheck_cases(device):
     plain = lambda *s: torch.randn(*s, generator=g).to(device)
     return [("batch_norm", (x, w, b, 1e-5)),
             ("batch_norm_backward", (rnd(*x.shape), x, w, mean.requires_grad_(), rstd.requires_grad_())),
+            ("batch_norm_backward", (rnd(*x.shape), x, w, mean, rstd, rnd(2, 4), rnd(2, 4))),
             ("batch_norm_double_backward", (plain(*x.shape), plain(2, 4), plain(2, 4), plain(*x.shape), x.detach(),
                                             w.detach(), mean.detach(), rstd.detach()))]
 
@@ -320,7 +347,8 @@ OP = _registry.add(_registry.OpDef(
                               "(Tensor x, Tensor weight, Tensor bias, float eps) -> (Tensor out, Tensor mean, Tensor rstd)",
                               _fake, _autograd),
              _registry.Kernel("batch_norm_backward",
-                              "(Tensor grad_out, Tensor x, Tensor weight, Tensor mean, Tensor rstd) -> "
+                              "(Tensor grad_out, Tensor x, Tensor weight, Tensor mean, Tensor rstd, "
+                              "Tensor? grad_mean=None, Tensor? grad_rstd=None) -> "
                               "(Tensor grad_x, Tensor grad_weight, Tensor grad_bias)",
                               _fake_backward, _backward_autograd),
              # Not differentiable itself: used only where no graph is built (see _backward_autograd).

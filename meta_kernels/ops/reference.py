@@ -117,10 +117,11 @@ def batch_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> tuple[Ten
     return out.to(x.dtype), mean, rstd
 
 
-def batch_norm_backward(grad_out: Tensor, x: Tensor, weight: Tensor, mean: Tensor,
-                        rstd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradient of batch_norm's `out` with mean and rstd taken as given inputs (their own
-    dependence on x enters through batch_norm's autograd)."""
+def batch_norm_backward(grad_out: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor,
+                        grad_mean: Tensor | None = None, grad_rstd: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradient of batch_norm's `out` with mean and rstd taken as given inputs; grad_mean /
+    grad_rstd, gradients for the forward's mean and rstd outputs, add their path through the
+    statistics (d mean/dx = 1/M, d rstd/dx = -rstd^3 (x - mean) / M) to grad_x."""
     go, xm = to_compute(grad_out), to_compute(x)
     dims = bn_reduce_dims(x)
     count = xm.numel() // (x.shape[0] * x.shape[2]) if x.numel() else 1
@@ -129,6 +130,11 @@ def batch_norm_backward(grad_out: Tensor, x: Tensor, weight: Tensor, mean: Tenso
     grad_weight = (go * xhat).sum(dim=dims)
     a = (to_compute(weight) * rstd).reshape(bn_stat_shape(x))
     grad_x = a * (go - (grad_bias / count).reshape(bn_stat_shape(x)) - xhat * (grad_weight / count).reshape(bn_stat_shape(x)))
+    if grad_mean is not None:
+        grad_x = grad_x + (to_compute(grad_mean) / count).reshape(bn_stat_shape(x))
+    if grad_rstd is not None:
+        slope = -to_compute(grad_rstd) * rstd.to(go.dtype).pow(2) / count
+        grad_x = grad_x + xhat * slope.reshape(bn_stat_shape(x))
     return grad_x.to(x.dtype), grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)
 
 

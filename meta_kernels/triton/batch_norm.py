@@ -50,7 +50,7 @@ def _bn_forward_kernel(x_ptr, w_ptr, b_ptr, out_ptr, mean_ptr, rstd_ptr, N, C, S
 
 
 @triton.jit
-def _bn_backward_kernel(go_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, gx_ptr, gw_ptr, gb_ptr, N, C, S,
+def _bn_backward_kernel(go_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, gmean_ptr, grstd_ptr, gx_ptr, gw_ptr, gb_ptr, N, C, S,
                         COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
     g = tl.program_id(0).to(tl.int64)
     M = N * S
@@ -68,10 +68,11 @@ def _bn_backward_kernel(go_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, gx_ptr, gw_ptr
     sum_go_xc = tl.sum(acc_go_xc, axis=0)
     tl.store(gb_ptr + g, sum_go)
     tl.store(gw_ptr + g, sum_go_xc * rstd)
-    # grad_x = w rstd (go - mean(go) - xhat mean(go xhat)) = a go - k (x - mean) - a mean(go)
+    # grad_x = w rstd (go - mean(go) - xhat mean(go xhat)) = a go - k (x - mean) - a mean(go); the
+    # statistics' own gradients add grad_mean / M - grad_rstd rstd^3 (x - mean) / M.
     a = tl.load(w_ptr + g).to(COMPUTE) * rstd
-    k = a * rstd * rstd * sum_go_xc / M
-    c0 = a * sum_go / M
+    k = (a * sum_go_xc + tl.load(grstd_ptr + g).to(COMPUTE) * rstd) * rstd * rstd / M
+    c0 = (a * sum_go - tl.load(gmean_ptr + g).to(COMPUTE)) / M
     for start in range(0, M, BLOCK):
         offs, mask = _group_offsets(start, g, N, C, S, M, BLOCK)
         go = tl.load(go_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
@@ -147,17 +148,19 @@ def batch_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> tuple[Ten
     return out, mean, rstd
 
 
-def batch_norm_backward(grad_out: Tensor, x: Tensor, weight: Tensor, mean: Tensor,
-                        rstd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def batch_norm_backward(grad_out: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor,
+                        grad_mean: Tensor | None = None, grad_rstd: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     T, N, C, S = _geometry(x)
     x = x.contiguous()
     stat = compute_dtype(x.dtype)
     gx = torch.empty_like(x)
     gw = torch.empty((T, C), dtype=stat, device=x.device)
     gb = torch.empty((T, C), dtype=stat, device=x.device)
+    stat_grad = lambda t: torch.zeros((T, C), dtype=stat, device=x.device) if t is None else t.to(stat).contiguous()
     if T * C:
         _bn_backward_kernel[(T * C,)](grad_out.to(x.dtype).contiguous(), x, weight.to(stat).contiguous(),
-                                      mean.to(stat).contiguous(), rstd.to(stat).contiguous(), gx, gw, gb, N, C, S,
+                                      mean.to(stat).contiguous(), rstd.to(stat).contiguous(), stat_grad(grad_mean),
+                                      stat_grad(grad_rstd), gx, gw, gb, N, C, S,
                                       COMPUTE=tl_compute_dtype(x.dtype), BLOCK=BLOCK)
     return gx, gw.to(weight.dtype), gb.to(weight.dtype)
 

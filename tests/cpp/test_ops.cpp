@@ -107,7 +107,9 @@ void test_batch_norm(at::ScalarType dtype) {
   auto bn = op<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                              double)>("meta_kernels::batch_norm");
   auto bn_bwd = op<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                                 const at::Tensor&, const at::Tensor&)>(
+                                                                 const at::Tensor&, const at::Tensor&,
+                                                                 const c10::optional<at::Tensor>&,
+                                                                 const c10::optional<at::Tensor>&)>(
       "meta_kernels::batch_norm_backward");
   const auto o = at::TensorOptions().dtype(dtype);
   const int64_t T = 2, N = 4, C = 3;
@@ -129,7 +131,7 @@ void test_batch_norm(at::ScalarType dtype) {
   check(close(out, want_out, rtol_for(dtype), atol_for(dtype)), "batch_norm out" + tag);
 
   const at::Tensor go = at::randn_like(x);
-  auto [gx, gw, gb] = bn_bwd.call(go, x, w, mean, rstd);
+  auto [gx, gw, gb] = bn_bwd.call(go, x, w, mean, rstd, c10::nullopt, c10::nullopt);
   const double M = static_cast<double>(N * 5 * 5);
   const at::Tensor want_gb = go.sum(dims);
   const at::Tensor want_gw = (go * xhat).sum(dims);
@@ -138,6 +140,13 @@ void test_batch_norm(at::ScalarType dtype) {
   check(close(gb, want_gb, rtol_for(dtype), 10 * atol_for(dtype)), "batch_norm_backward grad_bias" + tag);
   check(close(gw, want_gw, rtol_for(dtype), 10 * atol_for(dtype)), "batch_norm_backward grad_weight" + tag);
   check(close(gx, want_gx, rtol_for(dtype), 10 * atol_for(dtype)), "batch_norm_backward grad_x" + tag);
+  // Gradients for the statistics outputs join grad_x: d mean/dx = 1/M, d rstd/dx = -rstd^3 (x - mean) / M.
+  const at::Tensor g_mean = at::randn({T, C}, o), g_rstd = at::randn({T, C}, o);
+  auto [sx, sw, sb] = bn_bwd.call(go, x, w, mean, rstd, g_mean, g_rstd);
+  const at::Tensor want_sx = want_gx + (g_mean / M).reshape(stat_shape) -
+                             (g_rstd * want_rstd.pow(3) / M).reshape(stat_shape) * xc;
+  check(close(sx, want_sx, rtol_for(dtype), 10 * atol_for(dtype)) && close(sw, want_gw, rtol_for(dtype), 10 * atol_for(dtype)),
+        "batch_norm_backward with grad_mean / grad_rstd" + tag);
 }
 
 void test_reptile_update(at::ScalarType dtype) {

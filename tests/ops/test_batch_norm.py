@@ -6,6 +6,7 @@ import torch
 
 import meta_kernels as mk
 from meta_kernels.ops import _registry, reference
+from meta_kernels.tensor_utils import compute_dtype
 from tests.conftest import DTYPES, F64, assert_no_worse_than_torch, backend_devices, check_grad_and_gradgrad, gen
 
 BN_SHAPES = [(1, 5, 3, 7, 7), (32, 5, 2, 3, 3), (3, 2, 4, 1, 1), (2, 7, 3, 33, 17), (4, 6, 5)]
@@ -198,16 +199,39 @@ def test_batch_norm_meta_gradient_takes_the_fused_double_backward(backend, devic
 
 
 @pytest.mark.parametrize("backend,device", [p for p in backend_devices() if p.values[0] != "reference"])
-def test_batch_norm_backward_op_gradients(backend, device):
+@pytest.mark.parametrize("statistics_grads", [False, True], ids=["grad_out", "with_grad_mean_rstd"])
+def test_batch_norm_backward_op_gradients(backend, device, statistics_grads):
     """The op's own backward (the closed form) checked to second order: its result stays
-    differentiable under create_graph."""
+    differentiable under create_graph, also in grad_mean / grad_rstd and their path into grad_x."""
     ns = _registry.namespace(backend)
     g = torch.Generator().manual_seed(6)
     x = torch.randn(2, 3, 2, 3, generator=g, **F64)
     w = torch.randn(2, 2, generator=g, **F64)
     _, mean, rstd = ns.batch_norm(x, w, torch.zeros_like(w), 1e-5)
-    inputs = [t.to(device).requires_grad_() for t in (torch.randn(x.shape, generator=g, **F64), x, w, mean, rstd)]
+    extra = (torch.randn(2, 2, generator=g, **F64), torch.randn(2, 2, generator=g, **F64)) if statistics_grads else ()
+    inputs = [t.to(device).requires_grad_() for t in (torch.randn(x.shape, generator=g, **F64), x, w, mean, rstd, *extra)]
     check_grad_and_gradgrad(lambda *ts: ns.batch_norm_backward(*ts), tuple(inputs))
+
+
+@pytest.mark.parametrize("backend,device", [p for p in backend_devices() if p.values[0] != "reference"])
+@pytest.mark.parametrize("shape", BN_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_batch_norm_backward_with_statistics_gradients_matches_reference(backend, device, shape, dtype):
+    """grad_mean / grad_rstd (MAML's meta-gradient brings them from the double backward) join grad_x
+    inside the fused backward: no worse than the reference formula in the same dtype."""
+    g = gen(12)
+    T, C = shape[0], shape[2]
+    x = (torch.randn(shape, generator=g, **F64) * 3 + 1).to(device)
+    go = torch.randn(shape, generator=g, **F64).to(device)
+    w, g_mean, g_rstd = (torch.randn(T, C, generator=g, **F64).to(device) for _ in range(3))
+    _, mean, rstd = reference.batch_norm(x, w, torch.zeros_like(w), 1e-5)
+    args = lambda dt: (go.to(dt), x.to(dt), w.to(dt), mean.to(compute_dtype(dt)), rstd.to(compute_dtype(dt)),
+                       g_mean.to(compute_dtype(dt)), g_rstd.to(compute_dtype(dt)))
+    ours = _registry.namespace(backend).batch_norm_backward(*args(dtype))
+    same = reference.batch_norm_backward(*args(dtype))
+    truth = reference.batch_norm_backward(*args(torch.float64))
+    for name, o, r, t in zip(("grad_x", "grad_weight", "grad_bias"), ours, same, truth):
+        assert_no_worse_than_torch(o, r, t, dtype, factor=4.0, what=name)
 
 
 @pytest.mark.parametrize("backend,device", backend_devices())

@@ -146,8 +146,8 @@ void test_bn(at::ScalarType dtype) {
   auto bn = op<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                              double)>("meta_kernels::batch_norm");
   auto bn_bwd = op<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                                 const at::Tensor&, const at::Tensor&)>(
-      "meta_kernels::batch_norm_backward");
+                                                                 const at::Tensor&, const at::Tensor&, const OptTensor&,
+                                                                 const OptTensor&)>("meta_kernels::batch_norm_backward");
   using T5 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
   auto bn_dbl = op<T5(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                       const at::Tensor&, const at::Tensor&, const at::Tensor&)>("meta_kernels::batch_norm_double_backward");
@@ -183,10 +183,15 @@ void test_bn(at::ScalarType dtype) {
       check(same(gm, wm, tol, tol) && same(gr, wr, tol, tol), tag + " mean/rstd");
       check(same(go_, wo, tol, tol), tag + " out");
       const at::Tensor gout = at::randn(shape, o);
-      auto [wgx, wgw, wgb] = bn_bwd.call(gout, x, w, wm, wr);
-      auto [ggx, ggw, ggb] = mkc::batch_norm_backward(gout, x, w, wm, wr);
+      auto [wgx, wgw, wgb] = bn_bwd.call(gout, x, w, wm, wr, c10::nullopt, c10::nullopt);
+      auto [ggx, ggw, ggb] = mkc::batch_norm_backward(gout, x, w, wm, wr, c10::nullopt, c10::nullopt);
       check(same(ggb, wgb, tol, tol * 10) && same(ggw, wgw, tol, tol * 10), tag + " grad_weight/grad_bias");
       check(same(ggx, wgx, tol, tol * 10), tag + " grad_x");
+      // With gradients for the statistics outputs (float64 for a float x: read in their own dtype).
+      const at::Tensor g_mean = at::randn({T, C}, at::kDouble), g_rstd = at::randn({T, C}, o);
+      auto [wsx, wsw, wsb] = bn_bwd.call(gout, x, w, wm, wr, g_mean, g_rstd);
+      auto [gsx, gsw, gsb] = mkc::batch_norm_backward(gout, x, w, wm, wr, g_mean, g_rstd);
+      check(same(gsx, wsx, tol, tol * 10) && same(gsw, wsw, tol, tol * 10), tag + " grad_x with grad_mean/grad_rstd");
       check_dbl(gout, x, w, wm, wr, tol, tag);
     }
     // Non-contiguous x, float64 weight/bias for a float x, expanded weight (stride 0).
@@ -198,8 +203,8 @@ void test_bn(at::ScalarType dtype) {
     check(!x.is_contiguous() && same(go_, wo, tol, tol) && same(gm, wm, tol, tol) && same(gr, wr, tol, tol),
           "batch_norm mixed dtypes/strides " + name(dtype));
     const at::Tensor gout = at::randn({2, 6, 3, 5}, o);
-    auto [wgx, wgw, wgb] = bn_bwd.call(gout, x, w, wm, wr);
-    auto [ggx, ggw, ggb] = mkc::batch_norm_backward(gout, x, w, wm, wr);
+    auto [wgx, wgw, wgb] = bn_bwd.call(gout, x, w, wm, wr, c10::nullopt, c10::nullopt);
+    auto [ggx, ggw, ggb] = mkc::batch_norm_backward(gout, x, w, wm, wr, c10::nullopt, c10::nullopt);
     check(same(ggx, wgx, tol, tol * 10) && same(ggw, wgw, tol, tol * 10) && same(ggb, wgb, tol, tol * 10),
           "batch_norm_backward mixed dtypes/strides " + name(dtype));
     check_dbl(gout, x, w, wm, wr, tol, "batch_norm mixed dtypes/strides " + name(dtype));
