@@ -187,8 +187,9 @@ def _statistics_term_grads(gg_x, x, mean, rstd, grad_mean, grad_rstd):
     U, V = u.sum(dims), (u * (to_compute(x) - mean.to(u.dtype).reshape(shape))).sum(dims)
     g_r = torch.zeros_like(r) if grad_rstd is None else to_compute(grad_rstd)
     beta = -g_r * r.pow(3) / count
-    return ((u * beta.reshape(shape)).to(x.dtype), (-beta * U).to(mean.dtype), (-3 * g_r * r.pow(2) / count * V).to(rstd.dtype),
-            U / count, -r.pow(3) / count * V)
+    d_x = (u * beta.reshape(shape)).to(x.dtype)
+    d_mean, d_rstd = (-beta * U).to(mean.dtype), (-3 * g_r * r.pow(2) / count * V).to(rstd.dtype)
+    return d_x, d_mean, d_rstd, U / count, -r.pow(3) / count * V
 
 
 def _backward_autograd(ns):
