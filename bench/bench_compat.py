@@ -17,6 +17,7 @@ low-memory line: 8, 4 or 2 tasks per innerloop_ctx).
 
     python bench/bench_compat.py                      # every case, 3 rounds, table + JSON + plot
     python bench/bench_compat.py --cases l2l_fc --rounds 5
+    python bench/bench_compat.py --swap-only --steps 10 # original vs compat alternating in one process
     pytest bench/bench_compat.py                      # pytest-benchmark: one quick in-process round
 
 Each row: median seconds per iteration (the example's outer step) over the rounds, each round the
@@ -102,6 +103,39 @@ def child(case: str, variant: str, steps: int, device: str) -> dict:
     return row
 
 
+def swap_child(case: str, steps: int, device: str) -> dict:
+    """The original and the import-swapped loop in one process, iterations alternating: the VM's
+    noise (the original's share of Python moves with it) hits both alike. No batched form here: it
+    turns on the process-wide reuse of freed memory, which would change the original's malloc too."""
+    from _common import interleaved_medians
+    steps_of = {v: make_step(case, v, device) for v in ("original", "compat")}
+    return interleaved_medians(steps_of, rounds=steps, inner=1, warmup=1)
+
+
+def run_swap(cases, rounds: int, steps: int, device: str) -> dict:
+    """--swap-only: per case, `rounds` fresh processes each timing original and compat alternately."""
+    results = {}
+    for case in cases:
+        ratios, medians = [], []
+        for r in range(rounds):
+            out = subprocess.run([sys.executable, __file__, "--swap-child", case, "--steps", str(steps), "--device",
+                                  device], capture_output=True, text=True, cwd=HERE)
+            if out.returncode != 0:
+                print(f"{case}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
+                continue
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            medians.append(row)
+            ratios.append(row["original"] / row["compat"])
+            print(f"  {case:13s} round {r + 1}: original {row['original']:.3f}, compat {row['compat']:.3f} s/step "
+                  f"({ratios[-1]:.2f}x)", file=sys.stderr, flush=True)
+        if ratios:
+            results[case] = {"original_s": statistics.median(m["original"] for m in medians),
+                             "compat_s": statistics.median(m["compat"] for m in medians),
+                             "ratio_median": statistics.median(ratios), "ratio_min": min(ratios),
+                             "ratio_max": max(ratios), "rounds": len(ratios)}
+    return results
+
+
 def run(cases, rounds: int, steps: int, device: str = "cpu", only: set[str] | None = None) -> dict:
     results = {}
     for case in cases:
@@ -173,17 +207,35 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=3, help="timed iterations per process")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--variants", default=None, help="comma-separated subset of the variants (default: all)")
+    parser.add_argument("--swap-only", action="store_true",
+                        help="original vs import swapped only, alternating iterations inside each process")
     parser.add_argument("--child", nargs=2, metavar=("CASE", "VARIANT"), help=argparse.SUPPRESS)
+    parser.add_argument("--swap-child", metavar="CASE", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(HERE / "results" / "compat.json"))
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(*args.child, args.steps, args.device)))
+        return 0
+    if args.swap_child:
+        print(json.dumps(swap_child(args.swap_child, args.steps, args.device)))
         return 0
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = [c for c in cases if c not in CASES]
     if unknown:
         parser.error(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
     from _common import machine
+    if args.swap_only:
+        results = run_swap(cases, args.rounds, args.steps, args.device)
+        print("| case | original s/step | compat s/step | x original (median of rounds) | min - max |\n"
+              "|---|---:|---:|---:|---|")
+        for case, r in results.items():
+            print(f"| {case} | {r['original_s']:.3f} | {r['compat_s']:.3f} | {r['ratio_median']:.2f}x | "
+                  f"{r['ratio_min']:.2f}-{r['ratio_max']:.2f}x |")
+        out = Path(args.out).with_name(Path(args.out).stem + "_swap.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"machine": machine(), "device": args.device, "results": results}, indent=1))
+        print(f"written: {out}", file=sys.stderr)
+        return 0
     only = None if args.variants is None else {v.strip() for v in args.variants.split(",") if v.strip()}
     results = run(cases, args.rounds, args.steps, args.device, only)
     table = markdown(results)
