@@ -81,10 +81,6 @@ inline void check_batch_norm_backward_args(const at::Tensor& grad_out, const at:
     if (t->has_value()) check_batch_norm_stats(x, {&t->value()}, "batch_norm_backward");
 }
 
-// grad_mean / grad_rstd of batch_norm_backward as [T, C] tensors in `dtype`, zeros where not given.
-inline at::Tensor stat_grad_or_zeros(const c10::optional<at::Tensor>& t, const at::Tensor& x, at::ScalarType dtype) {
-  return t.has_value() ? t->to(dtype).contiguous() : at::zeros({x.size(0), x.size(2)}, x.options().dtype(dtype));
-}
 
 inline void check_batch_norm_double_backward_args(const at::Tensor& gg_x, const at::Tensor& gg_w, const at::Tensor& gg_b,
                                                   const at::Tensor& grad_out, const at::Tensor& x,

@@ -98,22 +98,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm(const at::Tensor& x_in
     // row while it is in cache -- its mean and centred squares -- merged exactly (Chan et al.:
     // rows of equal size): the groups' centred squares are the rows' plus S times the squared
     // deviations of the row means from the group's.
-    std::vector<opmath_t> stats(static_cast<size_t>(geo.groups() * 2));
+    std::vector<opmath_t> var(static_cast<size_t>(geo.groups()));
     if (geo.long_rows()) {
       const opmath_t S = static_cast<opmath_t>(geo.S);
       std::vector<opmath_t> row_mean(static_cast<size_t>(geo.rows())), row_sq(static_cast<size_t>(geo.rows()));
       at::parallel_for(0, geo.rows(), geo.grain(), [&](int64_t lo, int64_t hi) {
         for (int64_t r = lo; r < hi; ++r) {
           const scalar_t* src = xp + r * geo.S;
-          opmath_t sums[kLanes] = {}, squares[kLanes] = {};
-          for_each_lane(geo.S, [&](int64_t s, int j) { sums[j] += static_cast<opmath_t>(src[s]); });
-          const opmath_t m = lanes_total(sums) / S;
-          for_each_lane(geo.S, [&](int64_t s, int j) {
+          opmath_t sum[1] = {}, sq[1] = {};
+          add_terms(geo.S, sum, [&](int64_t s, opmath_t (&v)[1]) { v[0] = static_cast<opmath_t>(src[s]); });
+          const opmath_t m = sum[0] / S;
+          add_terms(geo.S, sq, [&](int64_t s, opmath_t (&v)[1]) {
             const opmath_t d = static_cast<opmath_t>(src[s]) - m;
-            squares[j] += d * d;
+            v[0] = d * d;
           });
           row_mean[r] = m;
-          row_sq[r] = lanes_total(squares);
+          row_sq[r] = sq[0];
         }
       });
       at::parallel_for(0, geo.groups(), 64, [&](int64_t lo, int64_t hi) {
@@ -126,31 +126,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm(const at::Tensor& x_in
             sq += row_sq[r];
             spread += (row_mean[r] - mu) * (row_mean[r] - mu);
           }
-          stats[2 * g] = mu;
-          stats[2 * g + 1] = (sq + S * spread) * inv_M;
+          mp[g] = mu;
+          var[g] = (sq + S * spread) * inv_M;
         }
       });
     } else {
-      at::parallel_for(0, geo.groups(), 1, [&](int64_t lo, int64_t hi) {
-        for (int64_t g = lo; g < hi; ++g) {
-          opmath_t sum = 0, sq = 0;
-          for (int64_t n = 0; n < geo.N; ++n)
-            for (int64_t s = 0, o = geo.row(g, n) * geo.S; s < geo.S; ++s) sum += static_cast<opmath_t>(xp[o + s]);
-          const opmath_t mu = sum * inv_M;
-          for (int64_t n = 0; n < geo.N; ++n)
-            for (int64_t s = 0, o = geo.row(g, n) * geo.S; s < geo.S; ++s) {
-              const opmath_t d = static_cast<opmath_t>(xp[o + s]) - mu;
-              sq += d * d;
-            }
-          stats[2 * g] = mu;
-          stats[2 * g + 1] = sq * inv_M;
-        }
+      group_sums<1>(geo, mp, [&](int64_t, int64_t o, int64_t size, opmath_t (&acc)[1]) {
+        add_terms(size, acc, [&](int64_t s, opmath_t (&v)[1]) { v[0] = static_cast<opmath_t>(xp[o + s]); });
       });
+      for (int64_t g = 0; g < geo.groups(); ++g) mp[g] *= inv_M;
+      group_sums<1>(geo, var.data(), [&](int64_t g, int64_t o, int64_t size, opmath_t (&acc)[1]) {
+        const opmath_t mu = mp[g];
+        add_terms(size, acc, [&](int64_t s, opmath_t (&v)[1]) {
+          const opmath_t d = static_cast<opmath_t>(xp[o + s]) - mu;
+          v[0] = d * d;
+        });
+      });
+      for (int64_t g = 0; g < geo.groups(); ++g) var[g] *= inv_M;
     }
-    for (int64_t g = 0; g < geo.groups(); ++g) {
-      mp[g] = stats[2 * g];
-      rp[g] = opmath_t(1) / std::sqrt(stats[2 * g + 1] + static_cast<opmath_t>(eps));
-    }
+    for (int64_t g = 0; g < geo.groups(); ++g) rp[g] = opmath_t(1) / std::sqrt(var[g] + static_cast<opmath_t>(eps));
     at::parallel_for(0, geo.rows(), geo.grain(), [&](int64_t lo, int64_t hi) {
       for_rows(geo, lo, hi, [&](int64_t r, int64_t g) {
         // (x - mu) * scale + b rather than x * scale + shift: no cancellation when rstd is large.
@@ -179,8 +173,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(const at::Ten
   const at::Tensor w = weight_in.to(stat_dtype).contiguous();
   const at::Tensor mean = mean_in.to(stat_dtype).contiguous();
   const at::Tensor rstd = rstd_in.to(stat_dtype).contiguous();
-  const at::Tensor gmean = stat_grad_or_zeros(grad_mean_in, x, stat_dtype);
-  const at::Tensor grstd = stat_grad_or_zeros(grad_rstd_in, x, stat_dtype);
+  // Not given: read as zeros (no [T, C] zeros allocated per call).
+  const at::Tensor gmean = grad_mean_in.has_value() ? grad_mean_in->to(stat_dtype).contiguous() : at::Tensor();
+  const at::Tensor grstd = grad_rstd_in.has_value() ? grad_rstd_in->to(stat_dtype).contiguous() : at::Tensor();
   at::Tensor gx = at::empty_like(x, at::MemoryFormat::Contiguous);
   at::Tensor gw = at::empty({geo.T, geo.C}, x.options().dtype(stat_dtype));
   at::Tensor gb = at::empty({geo.T, geo.C}, x.options().dtype(stat_dtype));
@@ -193,8 +188,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(const at::Ten
     const opmath_t* wp = w.const_data_ptr<opmath_t>();
     const opmath_t* mp = mean.const_data_ptr<opmath_t>();
     const opmath_t* rp = rstd.const_data_ptr<opmath_t>();
-    const opmath_t* gmp = gmean.const_data_ptr<opmath_t>();
-    const opmath_t* grp = grstd.const_data_ptr<opmath_t>();
+    const opmath_t* gmp = gmean.defined() ? gmean.const_data_ptr<opmath_t>() : nullptr;
+    const opmath_t* grp = grstd.defined() ? grstd.const_data_ptr<opmath_t>() : nullptr;
     opmath_t* gwp = gw.data_ptr<opmath_t>();
     opmath_t* gbp = gb.data_ptr<opmath_t>();
     // sum(go), sum(go * xc) per group (xc = x - mean).
@@ -215,8 +210,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(const at::Ten
       gbp[g] = sum_go;
       gwp[g] = sum_go_xc * r;
       coef[3 * g] = a;
-      coef[3 * g + 1] = (a * sum_go_xc + grp[g] * r) * r * r * inv_M;
-      coef[3 * g + 2] = (a * sum_go - gmp[g]) * inv_M;
+      coef[3 * g + 1] = (a * sum_go_xc + (grp ? grp[g] : opmath_t(0)) * r) * r * r * inv_M;
+      coef[3 * g + 2] = (a * sum_go - (gmp ? gmp[g] : opmath_t(0))) * inv_M;
     }
     at::parallel_for(0, geo.rows(), geo.grain(), [&](int64_t lo, int64_t hi) {
       for_rows(geo, lo, hi, [&](int64_t r, int64_t g) {

@@ -261,8 +261,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(const at::Ten
     const ScalarSource w = scalar_source(weight_in);
     const ScalarSource mean = scalar_source(mean_in);
     const ScalarSource rstd = scalar_source(rstd_in);
-    const ScalarSource gmean = scalar_source(stat_grad_or_zeros(grad_mean_in, x, stat_dtype));
-    const ScalarSource grstd = scalar_source(stat_grad_or_zeros(grad_rstd_in, x, stat_dtype));
+    // grad_mean / grad_rstd read in their own dtype and strides, zeros where not given.
+    const auto stat_grad = [&](const c10::optional<at::Tensor>& t) {
+      return scalar_source(t.has_value() ? *t : at::zeros({geo.T, geo.C}, x.options().dtype(stat_dtype)));
+    };
+    const ScalarSource gmean = stat_grad(grad_mean_in), grstd = stat_grad(grad_rstd_in);
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     MK_DISPATCH_FLOATING(x.scalar_type(), "batch_norm_backward_cuda", [&] {
       auto run = [&](auto small) {
