@@ -108,8 +108,10 @@ def swap_child(case: str, steps: int, device: str) -> dict:
     noise (the original's share of Python moves with it) hits both alike. No batched form here: it
     turns on the process-wide reuse of freed memory, which would change the original's malloc too."""
     from _common import interleaved_medians
+    from meta_kernels.compat import _common
     steps_of = {v: make_step(case, v, device) for v in ("original", "compat")}
-    return interleaved_medians(steps_of, rounds=steps, inner=1, warmup=1)
+    row = interleaved_medians(steps_of, rounds=steps, inner=1, warmup=1)
+    return {**row, "plans": [runner.plan for runner in _common._RUNNERS.values()]}
 
 
 def run_swap(cases, rounds: int, steps: int, device: str) -> dict:
@@ -126,6 +128,7 @@ def run_swap(cases, rounds: int, steps: int, device: str) -> dict:
             row = json.loads(out.stdout.strip().splitlines()[-1])
             medians.append(row)
             ratios.append(row["original"] / row["compat"])
+            print(f"  {case:13s} round {r + 1}: compat's plan: {'; '.join(row['plans'])}", file=sys.stderr)
             print(f"  {case:13s} round {r + 1}: original {row['original']:.3f}, compat {row['compat']:.3f} s/step "
                   f"({ratios[-1]:.2f}x)", file=sys.stderr, flush=True)
         if ratios:

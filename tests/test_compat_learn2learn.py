@@ -375,17 +375,101 @@ def test_the_forward_path_is_chosen_by_measurement_once_per_model(monkeypatch, e
     assert next(clock) == before + 1
 
 
+class _ThreadProbe(torch.autograd.Function):
+    """Identity that records torch's thread count in its forward and backward."""
+    seen: list = []
+
+    @staticmethod
+    def forward(ctx, x):
+        _ThreadProbe.seen.append(("forward", torch.get_num_threads()))
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        _ThreadProbe.seen.append(("backward", torch.get_num_threads()))
+        return _ThreadProbe.apply(g)  # differentiable: the meta-gradient's backward passes here too
+
+
+class ProbedMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc2(_ThreadProbe.apply(torch.tanh(self.fc1(x))))
+
+
+@pytest.mark.parametrize("library", ["learn2learn", "higher"])
+def test_one_thread_chosen_by_measurement_holds_for_forward_and_inner_gradient_only(monkeypatch, library):
+    """Where the one-thread candidates measure faster, the forward and the inner gradient run on one
+    thread; the count is restored after each call (also when it raises), the meta-loss's backward
+    runs on the threads as set, and the meta-gradient is the per-task autograd's."""
+    from meta_kernels.compat import _common, higher
+    clock = iter(range(10_000))
+    real_exercise = _common._exercise
+
+    def exercise(forward, weights, second_order, threads):  # all threads: 5 ticks slower
+        for _ in range(5 if threads is None else 0):
+            next(clock)
+        return real_exercise(forward, weights, second_order, threads)
+
+    monkeypatch.setattr(_common.time, "perf_counter", lambda: next(clock) * 1e-3)
+    monkeypatch.setattr(_common, "_exercise", exercise)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(3)
+        model = ProbedMLP().double()
+        x, y = torch.randn(5, 6, dtype=torch.float64), torch.tensor([0, 1, 0, 1, 1])
+        names = [n for n, _ in model.named_parameters()]
+        params = list(model.parameters())
+        inner = torch.autograd.grad(F.cross_entropy(functional_call(model, dict(zip(names, params)), (x,)), y), params,
+                                    create_graph=True)
+        adapted = dict(zip(names, [p - 0.3 * g for p, g in zip(params, inner)]))
+        want = torch.autograd.grad(F.cross_entropy(functional_call(model, adapted, (x * 2,)), y), params)
+        _ThreadProbe.seen.clear()
+        if library == "learn2learn":
+            learner = l2l.algorithms.MAML(model, lr=0.3).clone()
+            out = learner(x)
+            assert _common.runner_for(model).plan.startswith("plain on one thread (no layer with a fused op")
+            _ThreadProbe.seen.clear()
+            learner.adapt(F.cross_entropy(out, y))
+            meta_loss = F.cross_entropy(learner(x * 2), y)
+        else:
+            fmodel = higher.patch.monkeypatch(model, copy_initial_weights=False)
+            diffopt = higher.optim.DifferentiableSGD(torch.optim.SGD(model.parameters(), lr=0.3), model.parameters(),
+                                                     fmodel=fmodel)
+            out = fmodel(x)
+            assert _common.runner_for(model).plan.startswith("plain on one thread")
+            _ThreadProbe.seen.clear()
+            diffopt.step(F.cross_entropy(out, y))
+            meta_loss = F.cross_entropy(fmodel(x * 2), y)
+        assert _ThreadProbe.seen == [("backward", 1), ("forward", 1), ("forward", 1)]  # inner grad, forward
+        assert torch.get_num_threads() == 2
+        _ThreadProbe.seen.clear()
+        meta_loss.backward()
+        assert _ThreadProbe.seen and all(n == 2 for _, n in _ThreadProbe.seen)
+        assert_all_close([p.grad for p in model.parameters()], want)
+        with pytest.raises(RuntimeError):
+            (learner if library == "learn2learn" else fmodel)(torch.randn(5, 7, dtype=torch.float64))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_models_the_fused_view_cannot_run_keep_their_own_layers():
     model = ReadsConvWeight().double()
     x = torch.randn(6, 1, 8, 8, dtype=torch.float64)
     learner = l2l.algorithms.MAML(model, lr=0.1).clone()
     torch.testing.assert_close(learner(x), model(x), rtol=1e-12, atol=1e-12)
     from meta_kernels.compat import _common
-    assert _common.runner_for(model).plan.startswith("plain (the fused-op view cannot run this model")
+    assert _common.runner_for(model).plan.startswith(("plain (the fused-op view cannot run this model",
+                                                      "plain on one thread (the fused-op view cannot run this model"))
     learner.adapt(F.cross_entropy(learner(x), torch.zeros(6, dtype=torch.long)))  # and adapts as it is
     mlp_model = mlp().double()
     l2l.algorithms.MAML(mlp_model, lr=0.1).clone()(x)
-    assert _common.runner_for(mlp_model).plan == "plain (no layer with a fused op)"
+    assert _common.runner_for(mlp_model).plan.startswith(("plain (no layer with a fused op",
+                                                          "plain on one thread (no layer with a fused op"))
 
 
 # ---- l2l.utils and l2l.nn, as ported scripts call them ---------------------------------------------

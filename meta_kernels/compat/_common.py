@@ -8,6 +8,7 @@ it again at every update; a learner here is a list of weights, and the model's o
 with them for the length of a call (restored after, also on an exception)."""
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -93,16 +94,22 @@ class ModelRunner:
     Two paths: `plain`, the model's own modules with the weights swapped in, and `engine`, the
     task-batching engine's view with T = 1, whose convs and batch norms run on the fused ops.
     Which is faster depends on the model (the fused ops save memory passes but cost a custom-op
-    call each: a win for a conv net with 64 channels, a loss for an MLP on 5 samples), so the
-    first differentiated call times both on its own inputs -- forward, gradient and, for second
-    order, the backward through that gradient, three alternating rounds, the fastest of each --
-    and keeps the faster for that model (`plan` says which and why). The timing leaves no trace:
-    buffers (running statistics) and the RNG state are restored after it."""
+    call each: a win for a conv net with 64 channels, a loss for an MLP on 5 samples). On a CPU
+    with several threads each path is also tried on one thread: a task of a few samples makes
+    ops too small to split, where a split's fork and join cost more than it saves (learn2learn's
+    OmniglotFC: bench/RESULTS.md) while a conv net's larger maps gain from the threads. The
+    first differentiated call times the candidates on its own inputs -- forward, gradient and,
+    for second order, the backward through that gradient, three alternating rounds, the fastest
+    of each -- and keeps the fastest for that model (`plan` says which and why). The thread
+    count chosen holds for the forward and the inner gradient (`threads()`, used by adapt() and
+    diffopt.step()), for the calling thread while our call runs, restored after; the backward
+    of the meta-loss runs as the user set it. The timing leaves no trace: buffers (running
+    statistics) and the RNG state are restored after it."""
 
     def __init__(self, model: nn.Module):
         self.model = model
         self.slots = Slots(model)
-        self.choice: dict[tuple, str] = {}
+        self.choice: dict[tuple, tuple[str, int | None]] = {}
         self.plan = "plain (not yet measured: no differentiated call so far)"
         self._engine = None
         fused = {f"{prefix}.{name}" if prefix else name
@@ -118,19 +125,26 @@ class ModelRunner:
         if not self.slots.current():
             self.__init__(self.model)
 
+    def _key(self, second_order: bool) -> tuple:
+        return second_order, self.slots.params[0].device.type if self.slots.params else "cpu"
+
     def __call__(self, weights: Sequence[Tensor] | None, buffers: Sequence[Tensor] | None, args: tuple, kwargs: dict,
                  second_order: bool = True):
-        key = (second_order, self.slots.params[0].device.type if self.slots.params else "cpu")
-        path = self.choice.get(key)
-        if path is None:
-            if self._engine is None:
-                path = self.choice[key] = "plain"
-                self.plan = "plain (no layer with a fused op)"
-            elif torch.is_grad_enabled() and any(w.requires_grad for w in (weights or self.slots.params)):
-                path = self._choose(key, weights, buffers, args, kwargs, second_order)
+        key = self._key(second_order)
+        choice = self.choice.get(key)
+        if choice is None:
+            if torch.is_grad_enabled() and any(w.requires_grad for w in (weights or self.slots.params)):
+                choice = self._choose(key, weights, buffers, args, kwargs, second_order)
             else:
-                path = "plain"
-        return self.run(path, weights, buffers, args, kwargs)
+                choice = ("plain", None)
+        path, threads = choice
+        with threads_set(threads):
+            return self.run(path, weights, buffers, args, kwargs)
+
+    def threads(self, second_order: bool):
+        """A context holding the thread count chosen for this model's inner work (or none yet)."""
+        choice = self.choice.get(self._key(second_order))
+        return threads_set(None if choice is None else choice[1])
 
     def run(self, path: str, weights, buffers, args: tuple, kwargs: dict):
         if path == "engine":
@@ -141,53 +155,90 @@ class ModelRunner:
             return self.slots.call_with(None, buffers, lambda: self._engine.one_task(params, args, kwargs))
         return self.slots.call_with(weights, buffers, lambda: self.model(*args, **kwargs))
 
-    def _choose(self, key, weights, buffers, args, kwargs, second_order: bool) -> str:
+    def _choose(self, key, weights, buffers, args, kwargs, second_order: bool) -> tuple[str, int | None]:
         saved = [b.detach().clone() for b in (buffers if buffers is not None else self.slots.buffers)]
         rng = torch.get_rng_state()
         cuda = torch.cuda.is_available() and any(w.is_cuda for w in self.slots.params)
-        times = {"plain": float("inf"), "engine": float("inf")}
+        paths = ["plain"] + (["engine"] if self._engine is not None else [])
+        thread_counts = [None] + ([1] if key[1] == "cpu" and torch.get_num_threads() > 1 else [])
+        times = {(path, n): float("inf") for path in paths for n in thread_counts}
+        if len(times) == 1:  # nothing to choose between
+            self.choice[key] = ("plain", None)
+            self.plan = "plain (no layer with a fused op, one thread)"
+            return self.choice[key]
         failed = ""
         try:
             for _ in range(_ROUNDS):
-                for path in list(times):
+                for candidate in list(times):
+                    if candidate not in times:  # the engine failed in this round
+                        continue
+                    path, n = candidate
                     start = time.perf_counter()
                     try:
                         _exercise(lambda: self.run(path, weights, buffers, args, kwargs),
-                                  weights if weights is not None else self.slots.params, second_order)
+                                  weights if weights is not None else self.slots.params, second_order, n)
                     except Exception as exc:  # noqa: BLE001 - the engine view cannot run this model: plain it is
                         if path == "plain":
                             raise
                         failed = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
-                        del times["engine"]
+                        times = {c: t for c, t in times.items() if c[0] != "engine"}
                         continue
                     if cuda:
                         torch.cuda.synchronize()
-                    times[path] = min(times[path], time.perf_counter() - start)
+                    times[candidate] = min(times[candidate], time.perf_counter() - start)
         finally:
             with torch.no_grad():
                 for b, s in zip(buffers if buffers is not None else self.slots.buffers, saved):
                     b.copy_(s)
             torch.set_rng_state(rng)
-        path = min(times, key=times.get)
-        self.choice[key] = path
-        order = "second" if second_order else "first"
-        if failed:
-            self.plan = f"plain (the fused-op view cannot run this model: {failed})"
-        else:
-            self.plan = (f"{path} ({order}-order step measured: model's own layers {times['plain'] * 1e3:.2f} ms, "
-                         f"fused ops {times['engine'] * 1e3:.2f} ms)")
-        return path
+        choice = self.choice[key] = min(times, key=times.get)
+        self.plan = _plan_text(choice, times, second_order, failed, self._engine is not None)
+        return choice
 
 
-def _exercise(forward: Callable, weights: Sequence[Tensor], second_order: bool) -> None:
-    """The work of an inner step: forward, gradient, and the backward through it for second order."""
-    out = forward()
-    leaves = [v for v in pytree.tree_leaves(out) if isinstance(v, Tensor) and v.requires_grad]
-    targets = [w for w in weights if w.requires_grad]
-    if not leaves or not targets:
-        return
-    loss = sum(v.float().square().mean() for v in leaves)
-    grads = torch.autograd.grad(loss, targets, create_graph=second_order, allow_unused=True)
+def _plan_text(choice, times: dict, second_order: bool, failed: str, has_engine: bool) -> str:
+    """E.g. 'plain on one thread (second-order step measured: model's own layers 3.10 ms, fused
+    ops 3.52 ms; on one thread: model's own layers 2.61 ms, fused ops 3.20 ms)'."""
+    labels = {"plain": "model's own layers", "engine": "fused ops"}
+    ms = lambda n: ", ".join(f"{labels[p]} {t * 1e3:.2f} ms" for (p, k), t in times.items() if k == n)
+    measured = ms(None) + (f"; on one thread: {ms(1)}" if any(k == 1 for _, k in times) else "")
+    reason = (f"the fused-op view cannot run this model: {failed}; " if failed else
+              "" if has_engine else "no layer with a fused op; ")
+    name = choice[0] + (" on one thread" if choice[1] == 1 else "")
+    return f"{name} ({reason}{'second' if second_order else 'first'}-order step measured: {measured})"
+
+
+def threads_set(n: int | None):
+    """A context running torch's intra-op work on n threads in the calling thread (None: as it is)."""
+    return contextlib.nullcontext() if n is None or n == torch.get_num_threads() else _ThreadCount(n)
+
+
+class _ThreadCount:
+    __slots__ = ("n", "before")
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __enter__(self):
+        self.before = torch.get_num_threads()
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.before)
+        return False
+
+
+def _exercise(forward: Callable, weights: Sequence[Tensor], second_order: bool, threads: int | None) -> None:
+    """The work of an inner step: forward and gradient on `threads`, and, for second order, the
+    backward through the gradient as the meta-loss's backward runs (on the threads as set)."""
+    with threads_set(threads):
+        out = forward()
+        leaves = [v for v in pytree.tree_leaves(out) if isinstance(v, Tensor) and v.requires_grad]
+        targets = [w for w in weights if w.requires_grad]
+        if not leaves or not targets:
+            return
+        loss = sum(v.float().square().mean() for v in leaves)
+        grads = torch.autograd.grad(loss, targets, create_graph=second_order, allow_unused=True)
     if second_order:
         total = sum((g * g).sum() for g in grads if g is not None and g.requires_grad)
         if isinstance(total, Tensor):

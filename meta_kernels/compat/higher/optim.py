@@ -13,6 +13,7 @@ higher 0.2.1 keeps PyTorch 1.5's form, with eps inside the bias correction (31.6
 with the default betas), so its weights differ from torch.optim.Adam's and ours by about eps."""
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterable
 
@@ -146,7 +147,8 @@ class DifferentiableOptimizer:
         self.steps += 1
         check_finite(loss, self.steps, "diffopt.step", self.allow_nonfinite)
         targets = [p if p.requires_grad else torch.empty(0, requires_grad=True) for p in params]
-        grads = list(torch.autograd.grad(loss, targets, create_graph=self._track_higher_grads, allow_unused=True))
+        with self._threads():
+            grads = list(torch.autograd.grad(loss, targets, create_graph=self._track_higher_grads, allow_unused=True))
         if all(g is None for g in grads):
             raise ValueError("diffopt.step: the loss does not depend on the fast weights (no gradient reaches any of "
                              "them): compute it from fmodel's outputs, loss_fn(fmodel(x), y), not from the original "
@@ -171,6 +173,13 @@ class DifferentiableOptimizer:
         if self._fmodel is not None:
             self._fmodel.update_params(new_params)
         return new_params
+
+    def _threads(self):
+        """The thread count the fmodel's runner chose for its inner work (see ModelRunner)."""
+        fast = getattr(self._fmodel, "_fast", None)
+        if fast is None or getattr(self._fmodel, "tasks", None) is not None:
+            return contextlib.nullcontext()
+        return fast.runner.threads(self._track_higher_grads)
 
     def _direction(self, group: dict, state: dict, p: Tensor, g: Tensor) -> tuple[Tensor, float | Tensor]:
         """(d, rate) of the update p - rate * d."""

@@ -273,8 +273,10 @@ class BatchedLearner:
 
 def _step(learner: BaseLearner, fast: FastModel, loss, direction, rates, second_order, allow_unused, allow_nograd):
     check_loss(loss, "adapt")
-    fast.set_weights(_updated(learner, fast.runner.slots.param_names, fast.weights, loss, direction, rates,
-                              second_order, allow_unused, allow_nograd))
+    with fast.runner.threads(second_order):
+        weights = _updated(learner, fast.runner.slots.param_names, fast.weights, loss, direction, rates, second_order,
+                           allow_unused, allow_nograd)
+    fast.set_weights(weights)
 
 
 def _updated(learner, names: list[str], weights: list[Tensor], loss: Tensor, direction, rates, second_order: bool,
