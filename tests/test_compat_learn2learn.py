@@ -404,7 +404,7 @@ def test_one_thread_chosen_by_measurement_holds_for_forward_and_inner_gradient_o
     """Where the one-thread candidates measure faster, the forward and the inner gradient run on one
     thread; the count is restored after each call (also when it raises), the meta-loss's backward
     runs on the threads as set, and the meta-gradient is the per-task autograd's."""
-    from meta_kernels.compat import _common, higher
+    from meta_kernels.compat import _common, higher, runner_plan
     clock = iter(range(10_000))
     real_exercise = _common._exercise
 
@@ -431,7 +431,7 @@ def test_one_thread_chosen_by_measurement_holds_for_forward_and_inner_gradient_o
         if library == "learn2learn":
             learner = l2l.algorithms.MAML(model, lr=0.3).clone()
             out = learner(x)
-            assert _common.runner_for(model).plan.startswith("plain on one thread (no layer with a fused op")
+            assert runner_plan(model).startswith("plain on one thread (no layer with a fused op")
             _ThreadProbe.seen.clear()
             learner.adapt(F.cross_entropy(out, y))
             meta_loss = F.cross_entropy(learner(x * 2), y)
@@ -440,7 +440,7 @@ def test_one_thread_chosen_by_measurement_holds_for_forward_and_inner_gradient_o
             diffopt = higher.optim.DifferentiableSGD(torch.optim.SGD(model.parameters(), lr=0.3), model.parameters(),
                                                      fmodel=fmodel)
             out = fmodel(x)
-            assert _common.runner_for(model).plan.startswith("plain on one thread")
+            assert runner_plan(model).startswith("plain on one thread")
             _ThreadProbe.seen.clear()
             diffopt.step(F.cross_entropy(out, y))
             meta_loss = F.cross_entropy(fmodel(x * 2), y)

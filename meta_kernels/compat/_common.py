@@ -98,13 +98,13 @@ class ModelRunner:
     with several threads each path is also tried on one thread: a task of a few samples makes
     ops too small to split, where a split's fork and join cost more than it saves (learn2learn's
     OmniglotFC: bench/RESULTS.md) while a conv net's larger maps gain from the threads. The
-    first differentiated call times the candidates on its own inputs -- forward, gradient and,
-    for second order, the backward through that gradient, three alternating rounds, the fastest
-    of each -- and keeps the fastest for that model (`plan` says which and why). The thread
-    count chosen holds for the forward and the inner gradient (`threads()`, used by adapt() and
-    diffopt.step()), for the calling thread while our call runs, restored after; the backward
-    of the meta-loss runs as the user set it. The timing leaves no trace: buffers (running
-    statistics) and the RNG state are restored after it."""
+    first differentiated call times the candidates on its own inputs -- a MAML step: forward,
+    inner gradient, forward with the adapted weights, the meta-loss's backward; three
+    alternating rounds, the fastest of each -- and keeps the fastest for that model (`plan` says
+    which and why). The thread count chosen holds for the forward and the inner gradient
+    (`threads()`, used by adapt() and diffopt.step()), for the calling thread while our call
+    runs, restored after; the meta-loss's backward runs as the user set it. The timing leaves no
+    trace: buffers (running statistics) and the RNG state are restored after it."""
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -175,7 +175,7 @@ class ModelRunner:
                     path, n = candidate
                     start = time.perf_counter()
                     try:
-                        _exercise(lambda: self.run(path, weights, buffers, args, kwargs),
+                        _exercise(lambda ws: self.run(path, ws, buffers, args, kwargs),
                                   weights if weights is not None else self.slots.params, second_order, n)
                     except Exception as exc:  # noqa: BLE001 - the engine view cannot run this model: plain it is
                         if path == "plain":
@@ -229,20 +229,28 @@ class _ThreadCount:
 
 
 def _exercise(forward: Callable, weights: Sequence[Tensor], second_order: bool, threads: int | None) -> None:
-    """The work of an inner step: forward and gradient on `threads`, and, for second order, the
-    backward through the gradient as the meta-loss's backward runs (on the threads as set)."""
+    """A MAML step on the call's inputs: forward(weights), the inner gradient and the forward with
+    the adapted weights on `threads` (as adapt() and the learner run them), then the meta-loss's
+    backward on the threads as set (as the user's backward runs)."""
+    targets = [w for w in weights if w.requires_grad]
     with threads_set(threads):
-        out = forward()
-        leaves = [v for v in pytree.tree_leaves(out) if isinstance(v, Tensor) and v.requires_grad]
-        targets = [w for w in weights if w.requires_grad]
-        if not leaves or not targets:
+        loss = _square_mean(forward(weights))
+        if loss is None or not targets:
             return
-        loss = sum(v.float().square().mean() for v in leaves)
-        grads = torch.autograd.grad(loss, targets, create_graph=second_order, allow_unused=True)
-    if second_order:
-        total = sum((g * g).sum() for g in grads if g is not None and g.requires_grad)
-        if isinstance(total, Tensor):
-            torch.autograd.grad(total, targets, allow_unused=True)
+        grads = iter(torch.autograd.grad(loss, targets, create_graph=second_order, allow_unused=True))
+        adapted = [w if not w.requires_grad else _stepped(w, next(grads)) for w in weights]
+        meta_loss = _square_mean(forward(adapted))
+    if meta_loss is not None and meta_loss.requires_grad:
+        torch.autograd.grad(meta_loss, targets, allow_unused=True)
+
+
+def _square_mean(out) -> Tensor | None:
+    leaves = [v for v in pytree.tree_leaves(out) if isinstance(v, Tensor) and v.requires_grad]
+    return sum(v.float().square().mean() for v in leaves) if leaves else None
+
+
+def _stepped(w: Tensor, g: Tensor | None) -> Tensor:
+    return w if g is None else w - 1e-3 * g
 
 
 _RUNNERS: "weakref.WeakKeyDictionary[nn.Module, ModelRunner]" = weakref.WeakKeyDictionary()
