@@ -85,8 +85,7 @@ def _collect(model: nn.Module, attr: str):
 # The layers whose task-aware forms run on the fused ops (batch_norm, conv3x3_bn_pool_relu,
 # max_pool2x2_relu): only models with one of them have an engine path worth measuring.
 _FUSED_LAYERS = (nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_ROUNDS = 3
-_ONE_THREAD_MARGIN = 0.05
+_ROUNDS = 5
 
 
 class ModelRunner:
@@ -100,7 +99,7 @@ class ModelRunner:
     ops too small to split, where a split's fork and join cost more than it saves (learn2learn's
     OmniglotFC: bench/RESULTS.md) while a conv net's larger maps gain from the threads. The
     first differentiated call times the candidates on its own inputs -- a MAML step: forward,
-    inner gradient, forward with the adapted weights, the meta-loss's backward; three
+    inner gradient, forward with the adapted weights, the meta-loss's backward; five
     alternating rounds, the fastest of each -- and keeps the fastest for that model (`plan` says
     which and why). The thread count chosen holds for the forward and the inner gradient
     (`threads()`, used by adapt() and diffopt.step()), for the calling thread while our call
@@ -192,13 +191,7 @@ class ModelRunner:
                 for b, s in zip(buffers if buffers is not None else self.slots.buffers, saved):
                     b.copy_(s)
             torch.set_rng_state(rng)
-        choice = min(times, key=times.get)
-        # Within _ONE_THREAD_MARGIN of the fastest, one thread: this short measurement is noisy, and
-        # on the users' loops one thread won in-process A/Bs of such near ties (bench/RESULTS.md).
-        alone = (choice[0], 1)
-        if choice[1] is None and times.get(alone, math.inf) <= times[choice] * (1 + _ONE_THREAD_MARGIN):
-            choice = alone
-        self.choice[key] = choice
+        choice = self.choice[key] = min(times, key=times.get)
         self.plan = _plan_text(choice, times, second_order, failed, self._engine is not None)
         return choice
 
