@@ -461,6 +461,20 @@ def test_one_thread_chosen_by_measurement_holds_for_forward_and_inner_gradient_o
         torch.set_num_threads(threads)
 
 
+def test_one_thread_is_not_tried_when_turned_off(monkeypatch):
+    from meta_kernels.compat import runner_plan
+    monkeypatch.setenv("META_KERNELS_COMPAT_ONE_THREAD", "0")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model = ProbedMLP().double()
+        x = torch.randn(5, 6, dtype=torch.float64)
+        l2l.algorithms.MAML(model, lr=0.3).clone()(x)
+        assert runner_plan(model) == "plain (no layer with a fused op, no other thread count to try)"
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_models_the_fused_view_cannot_run_keep_their_own_layers():
     model = ReadsConvWeight().double()
     x = torch.randn(6, 1, 8, 8, dtype=torch.float64)

@@ -103,8 +103,11 @@ class ModelRunner:
     alternating rounds, the fastest of each -- and keeps the fastest for that model (`plan` says
     which and why). The thread count chosen holds for the forward and the inner gradient
     (`threads()`, used by adapt() and diffopt.step()), for the calling thread while our call
-    runs, restored after; the meta-loss's backward runs as the user set it. The timing leaves no
-    trace: buffers (running statistics) and the RNG state are restored after it."""
+    runs, restored after; the meta-loss's backward runs as the user set it. (It is
+    torch.set_num_threads: a thread that starts using torch meanwhile starts on one thread, and
+    oneDNN's primitive cache is dropped at each switch; META_KERNELS_COMPAT_ONE_THREAD=0 leaves the
+    threads alone.) The timing leaves no trace: buffers (running statistics) and the RNG state are
+    restored after it."""
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -160,11 +163,13 @@ class ModelRunner:
         rng = torch.get_rng_state()
         cuda = torch.cuda.is_available() and any(w.is_cuda for w in self.slots.params)
         paths = ["plain"] + (["engine"] if self._engine is not None else [])
-        thread_counts = [None] + ([1] if key[1] == "cpu" and torch.get_num_threads() > 1 else [])
+        one_thread = (key[1] == "cpu" and torch.get_num_threads() > 1
+                      and os.environ.get("META_KERNELS_COMPAT_ONE_THREAD", "1") != "0")
+        thread_counts = [None] + ([1] if one_thread else [])
         times = {(path, n): float("inf") for path in paths for n in thread_counts}
         if len(times) == 1:  # nothing to choose between
             self.choice[key] = ("plain", None)
-            self.plan = "plain (no layer with a fused op, one thread)"
+            self.plan = "plain (no layer with a fused op, no other thread count to try)"
             return self.choice[key]
         failed = ""
         try:
