@@ -219,6 +219,7 @@ def threads_set(n: int | None):
 
 
 class _ThreadCount:
+    """threads_set's context (a class, not @contextmanager: it is entered several times per task)."""
     __slots__ = ("n", "before")
 
     def __init__(self, n: int):
@@ -243,7 +244,10 @@ def _exercise(forward: Callable, weights: Sequence[Tensor], second_order: bool, 
         if loss is None or not targets:
             return
         grads = iter(torch.autograd.grad(loss, targets, create_graph=second_order, allow_unused=True))
-        adapted = [w if not w.requires_grad else _stepped(w, next(grads)) for w in weights]
+        adapted = []
+        for w in weights:
+            g = next(grads) if w.requires_grad else None
+            adapted.append(w if g is None else w - 1e-3 * g)
         meta_loss = _square_mean(forward(adapted))
     if meta_loss is not None and meta_loss.requires_grad:
         torch.autograd.grad(meta_loss, targets, allow_unused=True)
@@ -252,10 +256,6 @@ def _exercise(forward: Callable, weights: Sequence[Tensor], second_order: bool, 
 def _square_mean(out) -> Tensor | None:
     leaves = [v for v in pytree.tree_leaves(out) if isinstance(v, Tensor) and v.requires_grad]
     return sum(v.float().square().mean() for v in leaves) if leaves else None
-
-
-def _stepped(w: Tensor, g: Tensor | None) -> Tensor:
-    return w if g is None else w - 1e-3 * g
 
 
 _RUNNERS: "weakref.WeakKeyDictionary[nn.Module, ModelRunner]" = weakref.WeakKeyDictionary()
