@@ -96,7 +96,7 @@ def test_batch_norm_shared_affine_and_running_stats(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", backend_devices())
-@pytest.mark.parametrize("shape", [(2, 3, 2, 2, 2), (1, 4, 3)], ids=str)
+@pytest.mark.parametrize("shape", [(2, 3, 2, 1, 2), (1, 4, 3)], ids=str)
 def test_batch_norm_gradients(backend, device, shape):
     g = torch.Generator().manual_seed(3)
     T, C = shape[0], shape[2]
@@ -111,7 +111,7 @@ def test_batch_norm_statistics_outputs_are_differentiable(backend, device):
     """The raw op also returns mean and rstd; gradients through them are right too."""
     ns = _registry.namespace(backend)
     g = torch.Generator().manual_seed(4)
-    x = torch.randn(2, 3, 2, 3, generator=g, **F64).to(device).requires_grad_()
+    x = torch.randn(2, 3, 2, 2, generator=g, **F64).to(device).requires_grad_()
     w = torch.randn(2, 2, generator=g, **F64).to(device).requires_grad_()
     b = torch.randn(2, 2, generator=g, **F64).to(device).requires_grad_()
     check_grad_and_gradgrad(lambda x, w, b: ns.batch_norm(x, w, b, 1e-5), (x, w, b))
@@ -211,7 +211,7 @@ def test_batch_norm_backward_op_gradients(backend, device, statistics_grads):
     differentiable under create_graph, also in grad_mean / grad_rstd and their path into grad_x."""
     ns = _registry.namespace(backend)
     g = torch.Generator().manual_seed(6)
-    x = torch.randn(2, 3, 2, 3, generator=g, **F64)
+    x = torch.randn(2, 3, 2, 2, generator=g, **F64)
     w = torch.randn(2, 2, generator=g, **F64)
     _, mean, rstd = ns.batch_norm(x, w, torch.zeros_like(w), 1e-5)
     extra = (torch.randn(2, 2, generator=g, **F64), torch.randn(2, 2, generator=g, **F64)) if statistics_grads else ()
