@@ -99,8 +99,8 @@ class ModelRunner:
     ops too small to split, where a split's fork and join cost more than it saves (learn2learn's
     OmniglotFC: bench/RESULTS.md) while a conv net's larger maps gain from the threads. The
     first differentiated call times the candidates on its own inputs -- a MAML step: forward,
-    inner gradient, forward with the adapted weights, the meta-loss's backward; five
-    alternating rounds, the fastest of each -- and keeps the fastest for that model (`plan` says
+    inner gradient, forward with the adapted weights, the meta-loss's backward; a warm-up round,
+    then five alternating rounds, the fastest of each -- and keeps the fastest for that model (`plan` says
     which and why). The thread count chosen holds for the forward and the inner gradient
     (`threads()`, used by adapt() and diffopt.step()), for the calling thread while our call
     runs, restored after; the meta-loss's backward runs as the user set it. (It is
@@ -173,7 +173,9 @@ class ModelRunner:
             return self.choice[key]
         failed = ""
         try:
-            for _ in range(_ROUNDS):
+            # Round 0 warms up, untimed: the first calls of a process pay one-time costs (allocator,
+            # BLAS and thread-pool set-up) that made the first measured candidates look slower.
+            for round_ in range(_ROUNDS + 1):
                 for candidate in list(times):
                     if candidate not in times:  # the engine failed in this round
                         continue
@@ -190,7 +192,8 @@ class ModelRunner:
                         continue
                     if cuda:
                         torch.cuda.synchronize()
-                    times[candidate] = min(times[candidate], time.perf_counter() - start)
+                    if round_:
+                        times[candidate] = min(times[candidate], time.perf_counter() - start)
         finally:
             with torch.no_grad():
                 for b, s in zip(buffers if buffers is not None else self.slots.buffers, saved):
