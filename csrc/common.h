@@ -81,7 +81,6 @@ inline void check_batch_norm_backward_args(const at::Tensor& grad_out, const at:
     if (t->has_value()) check_batch_norm_stats(x, {&t->value()}, "batch_norm_backward");
 }
 
-
 inline void check_batch_norm_double_backward_args(const at::Tensor& gg_x, const at::Tensor& gg_w, const at::Tensor& gg_b,
                                                   const at::Tensor& grad_out, const at::Tensor& x,
                                                   const at::Tensor& weight, const at::Tensor& mean,
