@@ -65,6 +65,28 @@ def test_learn2learn_example_swapped_and_batched_equal_the_original(original_l2l
             assert_close_lists(b, buffers)
 
 
+@pytest.mark.parametrize("model", ["omniglot_fc", "mlp"])
+def test_learn2learn_example_with_factored_linear_steps_equals_the_original(original_l2l, monkeypatch, model):
+    """The swapped loop with the runner's factored path taken whatever it measures (the wide
+    Linear weights of OmniglotFC and the MLP held as base - gᵀ x)."""
+    from meta_kernels.compat import _common
+
+    def choose(self, key, *args, **kwargs):
+        self.choice[key], self.unfactored_choice[key] = ("factored", None), ("plain", None)
+        return self.choice[key]
+
+    grads, buffers, log = run_l2l(MODELS[model], l2l=original_l2l)
+    monkeypatch.setattr(_common.ModelRunner, "_choose", choose)
+    factored = []
+    real_stepped = _common.FactoredWeight.stepped
+    monkeypatch.setattr(_common.FactoredWeight, "stepped", lambda self, g, x: factored.append(1) or real_stepped(self, g, x))
+    g, b, lg = run_l2l(MODELS[model])
+    assert factored
+    assert_close_lists(g, grads)
+    assert_close_lists(b, buffers)
+    assert lg[0]["meta_valid_error"] == pytest.approx(log[0]["meta_valid_error"], rel=1e-9)
+
+
 @pytest.mark.parametrize("model", MODELS)
 def test_higher_example_swapped_and_batched_equal_the_real_higher(model):
     real_higher = pytest.importorskip("higher")

@@ -410,10 +410,10 @@ def test_one_thread_chosen_by_measurement_holds_for_forward_and_inner_gradient_o
     real_exercise = _common._exercise
     slower = {"one": None, "all": 1}[faster]  # the candidates 5 ticks slower
 
-    def exercise(forward, weights, second_order, threads):
+    def exercise(runner, path, weights, buffers, args, kwargs, second_order, threads):
         for _ in range(5 if threads == slower else 0):
             next(clock)
-        return real_exercise(forward, weights, second_order, threads)
+        return real_exercise(runner, path, weights, buffers, args, kwargs, second_order, threads)
 
     monkeypatch.setattr(_common.time, "perf_counter", lambda: next(clock) * 1e-3)
     monkeypatch.setattr(_common, "_exercise", exercise)
@@ -481,8 +481,8 @@ def test_models_the_fused_view_cannot_run_keep_their_own_layers():
     learner = l2l.algorithms.MAML(model, lr=0.1).clone()
     torch.testing.assert_close(learner(x), model(x), rtol=1e-12, atol=1e-12)
     from meta_kernels.compat import _common
-    assert _common.runner_for(model).plan.startswith(("plain (the fused-op view cannot run this model",
-                                                      "plain on one thread (the fused-op view cannot run this model"))
+    assert _common.runner_for(model).plan.startswith(("plain (a path cannot run this model",
+                                                      "plain on one thread (a path cannot run this model"))
     learner.adapt(F.cross_entropy(learner(x), torch.zeros(6, dtype=torch.long)))  # and adapts as it is
     mlp_model = mlp().double()
     l2l.algorithms.MAML(mlp_model, lr=0.1).clone()(x)

@@ -11,14 +11,17 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import statistics
 import time
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from meta_kernels import ops
 from meta_kernels.malloc_tuning import keep_freed_cpu_memory
@@ -80,28 +83,177 @@ def _collect(model: nn.Module, attr: str):
     return tensors, slots
 
 
+# ---- Linear weights adapted in factored form -----------------------------------------------------
+
+class FactoredWeight:
+    """A Linear weight after SGD steps, held as base - gᵀ x: x [r, in] the layer's inputs and g
+    [r, out] the loss's gradients w.r.t. its outputs (times the rate) of every step so far. That
+    is what an SGD step adds to a Linear weight (dloss/dW = gᵀ x), of rank r = samples per step.
+    While r is small against the layer, a forward as F.linear(input, base) - (input xᵀ) g skips
+    forming the adapted weight, and the inner gradient w.r.t. the layer's outputs skips the weight
+    gradient's [out, in] product, in the inner step and again in the meta-loss's backward (a MAML
+    step on learn2learn's MLP on 5 samples: about half the time, bench/RESULTS.md). Anything else
+    that reads the weight gets it formed (`dense()`, kept), and from then on the layer runs on that."""
+    __slots__ = ("base", "g", "x", "dense_")
+
+    def __init__(self, base: Tensor, g: Tensor | None = None, x: Tensor | None = None):
+        self.base, self.g, self.x, self.dense_ = base, g, x, None
+
+    @property
+    def requires_grad(self) -> bool:
+        return self.base.requires_grad or (self.g is not None and self.g.requires_grad)
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.g is None else self.g.shape[0]
+
+    def dense(self) -> Tensor:
+        if self.dense_ is None:
+            # Never `base` itself: the inner gradient w.r.t. the formed weight must count only the
+            # uses of the formed weight, not the factored forwards' uses of base.
+            self.dense_ = self.base.view_as(self.base) if self.g is None else \
+                torch.addmm(self.base, self.g.t(), self.x, alpha=-1)
+        return self.dense_
+
+    def linear(self, x2d: Tensor, bias: Tensor | None) -> Tensor:
+        y = F.linear(x2d, self.base, bias)
+        return y if self.g is None else torch.addmm(y, x2d @ self.x.t(), self.g, alpha=-1)
+
+    def stepped(self, g: Tensor, x: Tensor) -> "FactoredWeight | Tensor":
+        """This weight minus gᵀ x; formed once the factors would cost more than the weight (rank above
+        in * out / (4 * (in + out)): the factored forward's two products against the dense one)."""
+        new = FactoredWeight(self.base, g if self.g is None else torch.cat([self.g, g]),
+                             x if self.x is None else torch.cat([self.x, x]))
+        out_features, in_features = self.base.shape
+        return new if new.rank <= factored_rank_limit(out_features, in_features) else FactoredWeight(new.dense())
+
+
+def factored_rank_limit(out_features: int, in_features: int) -> int:
+    return out_features * in_features // (4 * (out_features + in_features))
+
+
+def factorable_weights(model: nn.Module, slots: Slots) -> list[int]:
+    """Indices (in slots.params) of Linear weights large enough for factored steps to pay: a rank
+    limit of at least 8 (e.g. 64 x 64 and up; learn2learn's 5-way classifier heads are not)."""
+    return sorted({i for m, k, i in slots.param_slots
+                   if isinstance(m, nn.Linear) and k == "weight" and slots.params[i].dim() == 2
+                   and slots.params[i].is_floating_point() and factored_rank_limit(*slots.params[i].shape) >= 8})
+
+
+_METADATA = {getter for name in ("shape", "dtype", "device", "ndim", "requires_grad", "is_cuda", "layout")
+             for getter in [getattr(getattr(Tensor, name, None), "__get__", None)] if getter is not None} | \
+    {Tensor.size, Tensor.dim, Tensor.numel, Tensor.is_floating_point}
+
+
+class _FactoredLinears(TorchFunctionMode):
+    """During a forward with factored weights in the model's places (each as its `base` tensor):
+    F.linear with one of them runs factored and records (layer input, output) for the inner
+    gradient; any other use of one gets the formed weight, so every use sees the right values."""
+
+    def __init__(self, factored: dict[int, tuple[int, FactoredWeight]], records: list):
+        super().__init__()
+        self.factored, self.records = factored, records
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
+            hit = self.factored.get(id(weight))
+            if hit is not None and hit[1].dense_ is None:
+                x = args[0] if args else kwargs["input"]
+                bias = args[2] if len(args) > 2 else kwargs.get("bias")
+                x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+                y = hit[1].linear(x2d, bias)
+                if y.requires_grad:
+                    self.records.append((hit[0], x2d, y))
+                return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
+        if func not in _METADATA and self._mentions(args, kwargs):
+            args, kwargs = pytree.tree_map(self._formed, (args, kwargs))
+        return func(*args, **kwargs)
+
+    def _mentions(self, args, kwargs) -> bool:
+        for a in (*args, *kwargs.values()):
+            if id(a) in self.factored or (isinstance(a, (list, tuple)) and any(id(b) in self.factored for b in a)):
+                return True
+        return False
+
+    def _formed(self, a):
+        hit = self.factored.get(id(a))
+        return a if hit is None else hit[1].dense()
+
+
+def entry_grads(entries: Sequence, index: Sequence[int], records: Sequence, loss: Tensor, second_order: bool):
+    """The inner gradient of `loss` for the entries at `index` (tensors or FactoredWeights):
+    `direct[i]`, dloss/d(entry i) where the loss reads the tensor (or a formed weight), and
+    `outer[i]`, the (layer input, dloss/d output) pairs of entry i's factored forwards."""
+    targets, owners = [], []
+    for i in index:
+        w = entries[i]
+        if isinstance(w, FactoredWeight):
+            w = w.dense_
+        if w is not None:
+            targets.append(w)
+            owners.append((i, None))
+    adapted = set(index)
+    for i, x, y in records:
+        if i in adapted:
+            targets.append(y)
+            owners.append((i, x))
+    grads = torch.autograd.grad(loss, targets, retain_graph=second_order, create_graph=second_order, allow_unused=True)
+    direct, outer = {}, {}
+    for (i, x), g in zip(owners, grads):
+        if g is not None:
+            if x is None:
+                direct[i] = g
+            else:
+                outer.setdefault(i, []).append((x if second_order else x.detach(), g))
+    return direct, outer
+
+
+def stepped_entries(entries: Sequence, direct: dict, outer: dict, direction, rates) -> list:
+    """The entries after an SGD step with the gradients of entry_grads: w - rates[i] *
+    direction(i, grad). A factored entry takes its factored gradients as new factors (direction
+    must then be the gradient itself: MAML, not MetaSGD's per-element rates)."""
+    out = list(entries)
+    moved = list(direct)
+    formed = [entries[i].dense_ if isinstance(entries[i], FactoredWeight) else entries[i] for i in moved]
+    for i, new in zip(moved, sgd_update(formed, [direction(i, direct[i]) for i in moved], [rates[i] for i in moved])):
+        out[i] = FactoredWeight(new) if isinstance(entries[i], FactoredWeight) else new
+    for i, pairs in outer.items():
+        x = pairs[0][0] if len(pairs) == 1 else torch.cat([x for x, _ in pairs])
+        g = pairs[0][1] if len(pairs) == 1 else torch.cat([g for _, g in pairs])
+        out[i] = out[i].stepped(g * rates[i], x)
+    return out
+
+
+def formed(entries: Sequence) -> list[Tensor]:
+    return [e.dense() if isinstance(e, FactoredWeight) else e for e in entries]
+
+
 # ---- a forward with given weights, and the choice of path --------------------------------------
 
 # The layers whose task-aware forms run on the fused ops (batch_norm, conv3x3_bn_pool_relu,
 # max_pool2x2_relu): only models with one of them have an engine path worth measuring.
 _FUSED_LAYERS = (nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_ROUNDS = 5
+_ROUNDS = 7
 
 
 class ModelRunner:
     """Runs a model's forward for one task with given weights and buffers (None: the model's own).
 
-    Two paths: `plain`, the model's own modules with the weights swapped in, and `engine`, the
-    task-batching engine's view with T = 1, whose convs and batch norms run on the fused ops.
-    Which is faster depends on the model (the fused ops save memory passes but cost a custom-op
-    call each: a win for a conv net with 64 channels, a loss for an MLP on 5 samples). On a CPU
-    with several threads each path is also tried on one thread: a task of a few samples makes
+    Three paths: `plain`, the model's own modules with the weights swapped in; `factored`, the
+    same with the larger Linear weights of a MAML learner kept in factored form (FactoredWeight);
+    and `engine`, the task-batching engine's view with T = 1, whose convs and batch norms run on
+    the fused ops. Which is faster depends on the model (the fused ops save memory passes but cost
+    a custom-op call each: a win for a conv net with 64 channels, a loss for an MLP on 5 samples;
+    factored steps pay for wide Linear layers on few samples). On a CPU with several threads each
+    path is also tried on one thread: a task of a few samples makes
     ops too small to split, where a split's fork and join cost more than it saves (learn2learn's
     OmniglotFC: bench/RESULTS.md) while a conv net's larger maps gain from the threads. The
     first differentiated call times the candidates on its own inputs -- a MAML step: forward,
     inner gradient, forward with the adapted weights, the meta-loss's backward; a warm-up round,
-    then five alternating rounds, the fastest of each -- and keeps the fastest for that model (`plan` says
-    which and why). The thread count chosen holds for the forward and the inner gradient
+    then seven alternating rounds, the median of each -- and keeps the fastest for that model
+    (`plan` says which and why). The thread count chosen holds for the forward and the inner gradient
     (`threads()`, used by adapt() and diffopt.step()), for the calling thread while our call
     runs, restored after; the meta-loss's backward runs as the user set it. (It is
     torch.set_num_threads: a thread that starts using torch meanwhile starts on one thread, and
@@ -113,6 +265,8 @@ class ModelRunner:
         self.model = model
         self.slots = Slots(model)
         self.choice: dict[tuple, tuple[str, int | None]] = {}
+        self.unfactored_choice: dict[tuple, tuple[str, int | None]] = {}  # for learners that cannot factor
+        self.factorable = factorable_weights(model, self.slots)
         self.plan = "plain (not yet measured: no differentiated call so far)"
         self._engine = None
         fused = {f"{prefix}.{name}" if prefix else name
@@ -132,24 +286,41 @@ class ModelRunner:
         return second_order, self.slots.params[0].device.type if self.slots.params else "cpu"
 
     def __call__(self, weights: Sequence[Tensor] | None, buffers: Sequence[Tensor] | None, args: tuple, kwargs: dict,
-                 second_order: bool = True):
+                 second_order: bool = True, fast: "FastModel | None" = None):
+        """The forward; `fast` (whose entries are `weights`) lets a MAML learner's Linear weights be
+        factored and records its factored forwards."""
         key = self._key(second_order)
         choice = self.choice.get(key)
         if choice is None:
             if torch.is_grad_enabled() and any(w.requires_grad for w in (weights or self.slots.params)):
-                choice = self._choose(key, weights, buffers, args, kwargs, second_order)
+                choice = self._choose(key, formed(weights) if weights is not None else None, buffers, args, kwargs,
+                                      second_order)
             else:
                 choice = ("plain", None)
+        if choice[0] == "factored" and (fast is None or not fast.factorable):
+            choice = self.unfactored_choice[key]
         path, threads = choice
+        records = None
+        if path == "factored":
+            fast.factor(self.factorable)
+            weights, records = fast.entries, fast.records
         with threads_set(threads):
-            return self.run(path, weights, buffers, args, kwargs)
+            return self.run(path, weights, buffers, args, kwargs, records)
 
     def threads(self, second_order: bool):
         """A context holding the thread count chosen for this model's inner work (or none yet)."""
         choice = self.choice.get(self._key(second_order))
         return threads_set(None if choice is None else choice[1])
 
-    def run(self, path: str, weights, buffers, args: tuple, kwargs: dict):
+    def run(self, path: str, weights, buffers, args: tuple, kwargs: dict, records: list | None = None):
+        if path == "factored":
+            factored = {id(w.base): (i, w) for i, w in enumerate(weights)
+                        if isinstance(w, FactoredWeight) and w.dense_ is None}
+            swapped = [(w.base if w.dense_ is None else w.dense_) if isinstance(w, FactoredWeight) else w
+                       for w in weights]
+            with _FactoredLinears(factored, records):
+                return self.slots.call_with(swapped, buffers, lambda: self.model(*args, **kwargs))
+        weights = None if weights is None else formed(weights)
         if path == "engine":
             # The buffers go into the model's places, which the engine's view shares (functional_call
             # would restore a module registered under two names to the wrong tensor).
@@ -162,13 +333,13 @@ class ModelRunner:
         saved = [b.detach().clone() for b in (buffers if buffers is not None else self.slots.buffers)]
         rng = torch.get_rng_state()
         cuda = torch.cuda.is_available() and any(w.is_cuda for w in self.slots.params)
-        paths = ["plain"] + (["engine"] if self._engine is not None else [])
+        paths = ["plain"] + (["factored"] if self.factorable else []) + (["engine"] if self._engine is not None else [])
         one_thread = (key[1] == "cpu" and torch.get_num_threads() > 1
                       and os.environ.get("META_KERNELS_COMPAT_ONE_THREAD", "1") != "0")
         thread_counts = [None] + ([1] if one_thread else [])
-        times = {(path, n): float("inf") for path in paths for n in thread_counts}
+        times: dict[tuple, list[float]] = {(path, n): [] for path in paths for n in thread_counts}
         if len(times) == 1:  # nothing to choose between
-            self.choice[key] = ("plain", None)
+            self.choice[key] = self.unfactored_choice[key] = ("plain", None)
             self.plan = "plain (no layer with a fused op, no other thread count to try)"
             return self.choice[key]
         failed = ""
@@ -177,29 +348,33 @@ class ModelRunner:
             # BLAS and thread-pool set-up) that made the first measured candidates look slower.
             for round_ in range(_ROUNDS + 1):
                 for candidate in list(times):
-                    if candidate not in times:  # the engine failed in this round
+                    if candidate not in times:  # its path failed in this round
                         continue
                     path, n = candidate
                     start = time.perf_counter()
                     try:
-                        _exercise(lambda ws: self.run(path, ws, buffers, args, kwargs),
-                                  weights if weights is not None else self.slots.params, second_order, n)
+                        _exercise(self, path, weights if weights is not None else self.slots.params, buffers, args,
+                                  kwargs, second_order, n)
                     except Exception as exc:  # noqa: BLE001 - the engine view cannot run this model: plain it is
                         if path == "plain":
                             raise
                         failed = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
-                        times = {c: t for c, t in times.items() if c[0] != "engine"}
+                        times = {c: t for c, t in times.items() if c[0] != path}
                         continue
                     if cuda:
                         torch.cuda.synchronize()
                     if round_:
-                        times[candidate] = min(times[candidate], time.perf_counter() - start)
+                        times[candidate].append(time.perf_counter() - start)
         finally:
             with torch.no_grad():
                 for b, s in zip(buffers if buffers is not None else self.slots.buffers, saved):
                     b.copy_(s)
             torch.set_rng_state(rng)
+        # The median: a step's time is bimodal where large temporaries sometimes page-fault (the
+        # plain path's weight-sized gradients), and the loop meets both modes.
+        times = {c: statistics.median(t) for c, t in times.items()}
         choice = self.choice[key] = min(times, key=times.get)
+        self.unfactored_choice[key] = min((c for c in times if c[0] != "factored"), key=times.get)
         self.plan = _plan_text(choice, times, second_order, failed, self._engine is not None)
         return choice
 
@@ -207,10 +382,10 @@ class ModelRunner:
 def _plan_text(choice, times: dict, second_order: bool, failed: str, has_engine: bool) -> str:
     """E.g. 'plain on one thread (second-order step measured: model's own layers 3.10 ms, fused
     ops 3.52 ms; on one thread: model's own layers 2.61 ms, fused ops 3.20 ms)'."""
-    labels = {"plain": "model's own layers", "engine": "fused ops"}
+    labels = {"plain": "model's own layers", "factored": "factored Linear steps", "engine": "fused ops"}
     ms = lambda n: ", ".join(f"{labels[p]} {t * 1e3:.2f} ms" for (p, k), t in times.items() if k == n)
     measured = ms(None) + (f"; on one thread: {ms(1)}" if any(k == 1 for _, k in times) else "")
-    reason = (f"the fused-op view cannot run this model: {failed}; " if failed else
+    reason = (f"a path cannot run this model: {failed}; " if failed else
               "" if has_engine else "no layer with a fused op; ")
     name = choice[0] + (" on one thread" if choice[1] == 1 else "")
     return f"{name} ({reason}{'second' if second_order else 'first'}-order step measured: {measured})"
@@ -237,23 +412,23 @@ class _ThreadCount:
         return False
 
 
-def _exercise(forward: Callable, weights: Sequence[Tensor], second_order: bool, threads: int | None) -> None:
-    """A MAML step on the call's inputs: forward(weights), the inner gradient and the forward with
-    the adapted weights on `threads` (as adapt() and the learner run them), then the meta-loss's
-    backward on the threads as set (as the user's backward runs)."""
-    targets = [w for w in weights if w.requires_grad]
+def _exercise(runner: ModelRunner, path: str, weights: Sequence[Tensor], buffers, args: tuple, kwargs: dict,
+              second_order: bool, threads: int | None) -> None:
+    """A MAML step on the call's inputs along `path`: the forward, the inner gradient and the
+    forward with the adapted weights on `threads` (as adapt() and the learner run them), then the
+    meta-loss's backward on the threads as set (as the user's backward runs)."""
+    entries = [FactoredWeight(w) if path == "factored" and i in runner.factorable else w for i, w in enumerate(weights)]
+    index = [i for i, w in enumerate(weights) if w.requires_grad]
+    records: list = []
     with threads_set(threads):
-        loss = _square_mean(forward(weights))
-        if loss is None or not targets:
+        loss = _square_mean(runner.run(path, entries, buffers, args, kwargs, records))
+        if loss is None or not index:
             return
-        grads = iter(torch.autograd.grad(loss, targets, create_graph=second_order, allow_unused=True))
-        adapted = []
-        for w in weights:
-            g = next(grads) if w.requires_grad else None
-            adapted.append(w if g is None else w - 1e-3 * g)
-        meta_loss = _square_mean(forward(adapted))
+        direct, outer = entry_grads(entries, index, records, loss, second_order)
+        adapted = stepped_entries(entries, direct, outer, lambda i, g: g, [1e-3] * len(entries))
+        meta_loss = _square_mean(runner.run(path, adapted, buffers, args, kwargs, []))
     if meta_loss is not None and meta_loss.requires_grad:
-        torch.autograd.grad(meta_loss, targets, allow_unused=True)
+        torch.autograd.grad(meta_loss, [weights[i] for i in index], allow_unused=True)
 
 
 def _square_mean(out) -> Tensor | None:
@@ -276,22 +451,36 @@ def runner_for(model: nn.Module) -> ModelRunner:
 
 class FastModel:
     """A model run with a learner's own weights (aligned with runner.slots.params) and buffers
-    (None: the model's own). Code that reaches into the learner's modules (`learner.module.fc`,
-    `learner.eval()`) gets a copy of the tree holding these tensors (`tree()`); from then on this
-    learner runs that copy, kept in step with every update."""
-    __slots__ = ("runner", "weights", "buffers", "_tree", "_tree_slots")
+    (None: the model's own). `entries` holds each weight as a tensor or, for a MAML learner
+    (`factorable`) on the runner's factored path, a FactoredWeight; `weights` gives them all as
+    tensors. Code that reaches into the learner's modules (`learner.module.fc`, `learner.eval()`)
+    gets a copy of the tree holding these tensors (`tree()`); from then on this learner runs that
+    copy, kept in step with every update."""
+    __slots__ = ("runner", "entries", "buffers", "factorable", "records", "_tree", "_tree_slots")
 
-    def __init__(self, runner: ModelRunner, weights: Sequence[Tensor], buffers: Sequence[Tensor] | None = None):
-        self.runner, self.weights, self.buffers = runner, list(weights), buffers
+    def __init__(self, runner: ModelRunner, weights: Sequence, buffers: Sequence[Tensor] | None = None,
+                 factorable: bool = False):
+        self.runner, self.entries, self.buffers, self.factorable = runner, list(weights), buffers, factorable
+        self.records: list = []  # (entry index, layer input, layer output) of the factored forwards since the last step
         self._tree = self._tree_slots = None
+
+    @property
+    def weights(self) -> list[Tensor]:
+        return formed(self.entries)
 
     def __call__(self, args: tuple, kwargs: dict, second_order: bool):
         if self._tree is not None:
             return self._tree(*args, **kwargs)
-        return self.runner(self.weights, self.buffers, args, kwargs, second_order)
+        return self.runner(self.entries, self.buffers, args, kwargs, second_order, fast=self)
 
-    def set_weights(self, weights: Sequence[Tensor]) -> None:
-        self.weights = list(weights)
+    def factor(self, index: Sequence[int]) -> None:
+        """Holds the weights at `index` (Linear weights) as FactoredWeights from now on."""
+        for i in index:
+            if isinstance(self.entries[i], Tensor) and self.entries[i].requires_grad:
+                self.entries[i] = FactoredWeight(self.entries[i])
+
+    def set_weights(self, entries: Sequence) -> None:
+        self.entries, self.records = list(entries), []
         if self._tree is not None:
             self._tree_slots.put(self.weights, None)
 

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from meta_kernels.compat._common import (FastModel, check_finite, check_loss, checked_rate, checked_tasks, clone_tree,
-                                         runner_for, sgd_update, task_model_for)
+                                         entry_grads, runner_for, stepped_entries, task_model_for)
 from meta_kernels.compat._tasks import checked_task_loss, inputs_tasks_first, task_outputs
 from meta_kernels.meta.inner_common import check_rates, checked_flag
 
@@ -95,14 +95,17 @@ class BaseLearner(nn.Module):
         fast = self.__dict__.get("_fast")
         return self._modules["module"] if fast is None else fast.runner.model
 
-    def _weights(self) -> list[Tensor]:
+    def _weights(self, factored: bool = False) -> list:
+        """The weights as tensors (factored: as the learner holds them, FactoredWeights kept)."""
         fast = self.__dict__.get("_fast")
-        return list(runner_for(self._modules["module"]).slots.params) if fast is None else fast.weights
+        if fast is None:
+            return list(runner_for(self._modules["module"]).slots.params)
+        return list(fast.entries) if factored else fast.weights
 
-    def _clone_with(self, weights: list[Tensor], **attrs) -> "BaseLearner":
+    def _clone_with(self, weights: list, factorable: bool = False, **attrs) -> "BaseLearner":
         clone = type(self).__new__(type(self))
         nn.Module.__init__(clone)
-        clone.__dict__.update(attrs, _fast=FastModel(runner_for(self._base_model()), weights))
+        clone.__dict__.update(attrs, _fast=FastModel(runner_for(self._base_model()), weights, factorable=factorable))
         return clone
 
 
@@ -131,7 +134,7 @@ class MAML(BaseLearner):
         """One gradient step on `loss`, in place: every adapted weight w becomes w - lr * dloss/dw."""
         first_order, allow_unused, allow_nograd = self._options(first_order, allow_unused, allow_nograd)
         fast = self._adaptable_fast()
-        _step(self, fast, loss, lambda i, g: g, [self.lr] * len(fast.weights), not first_order, allow_unused,
+        _step(self, fast, loss, lambda i, g: g, [self.lr] * len(fast.entries), not first_order, allow_unused,
               allow_nograd)
 
     def clone(self, first_order: bool | None = None, allow_unused: bool | None = None,
@@ -146,7 +149,8 @@ class MAML(BaseLearner):
                                   allow_unused=allow_unused, allow_nograd=allow_nograd,
                                   allow_nonfinite=self.allow_nonfinite,
                                   weights=None if "_fast" not in self.__dict__ else self._weights())
-        return self._clone_with(self._weights(), lr=self.lr, first_order=first_order, allow_unused=allow_unused,
+        return self._clone_with(self._weights(factored=True), True, lr=self.lr, first_order=first_order,
+                                allow_unused=allow_unused,
                                 allow_nograd=allow_nograd, tasks=None, task_dim=0, allow_nonfinite=self.allow_nonfinite,
                                 _steps=self.__dict__.get("_steps", 0))
 
@@ -190,7 +194,7 @@ class MetaSGD(BaseLearner):
             raise RuntimeError("adapt() on the MetaSGD wrapper itself would overwrite the model's weights; adapt a "
                                "clone: learner = meta_sgd.clone(); learner.adapt(loss)")
         rates = list(self.lrs)
-        _step(self, fast, loss, lambda i, g: rates[i] * g, [1.0] * len(fast.weights), not first_order, False, False)
+        _step(self, fast, loss, lambda i, g: rates[i] * g, [1.0] * len(fast.entries), not first_order, False, False)
 
     def clone(self, *, tasks: int | None = None, task_dim: int | None = None):
         """A learner whose weights and rates are differentiable clones of these (rates stay shared
@@ -274,14 +278,15 @@ class BatchedLearner:
 def _step(learner: BaseLearner, fast: FastModel, loss, direction, rates, second_order, allow_unused, allow_nograd):
     check_loss(loss, "adapt")
     with fast.runner.threads(second_order):
-        weights = _updated(learner, fast.runner.slots.param_names, fast.weights, loss, direction, rates, second_order,
-                           allow_unused, allow_nograd)
-    fast.set_weights(weights)
+        entries = _updated(learner, fast.runner.slots.param_names, fast.entries, loss, direction, rates, second_order,
+                           allow_unused, allow_nograd, fast.records)
+    fast.set_weights(entries)
 
 
-def _updated(learner, names: list[str], weights: list[Tensor], loss: Tensor, direction, rates, second_order: bool,
-             allow_unused: bool, allow_nograd: bool) -> list[Tensor]:
-    """The weights after one step: w_i - rates[i] * direction(i, dloss/dw_i) for the adapted ones."""
+def _updated(learner, names: list[str], weights: list, loss: Tensor, direction, rates, second_order: bool,
+             allow_unused: bool, allow_nograd: bool, records=()) -> list:
+    """The weights after one step: w_i - rates[i] * direction(i, dloss/dw_i) for the adapted ones
+    (tensors, or FactoredWeights with the factored forwards `records` since the last step)."""
     frozen = [name for name, w in zip(names, weights) if not w.requires_grad]
     if frozen and not allow_nograd:
         raise ValueError(f"cannot adapt {', '.join(frozen)}: requires_grad is False; pass allow_nograd=True "
@@ -299,20 +304,15 @@ def _updated(learner, names: list[str], weights: list[Tensor], loss: Tensor, dir
                          "False): compute it from the learner's outputs, outside torch.no_grad()")
     step = learner.__dict__.get("_steps", 0) + 1
     check_finite(loss, step, "adapt", learner.__dict__.get("allow_nonfinite", False))
-    grads = torch.autograd.grad(loss, [weights[i] for i in index], retain_graph=second_order,
-                                create_graph=second_order, allow_unused=True)
-    unused = [names[i] for i, g in zip(index, grads) if g is None]
+    direct, outer = entry_grads(weights, index, records, loss, second_order)
+    unused = [names[i] for i in index if i not in direct and i not in outer]
     if len(unused) == len(index):
         raise ValueError("the loss does not depend on any of the learner's current weights: was it computed before "
                          "the last adapt(), or from another learner? compute it from this learner's outputs")
     if unused and not allow_unused:
         raise ValueError(f"the loss does not depend on {', '.join(unused)}; pass allow_unused=True (to MAML(...), "
                          f"clone() or adapt()) to leave such weights as they are")
-    moved = [(i, g) for i, g in zip(index, grads) if g is not None]
-    new = sgd_update([weights[i] for i, _ in moved], [direction(i, g) for i, g in moved], [rates[i] for i, _ in moved])
-    out = list(weights)
-    for (i, _), w in zip(moved, new):
-        out[i] = w
+    out = stepped_entries(weights, direct, outer, direction, rates)
     learner.__dict__["_last_loss"] = weakref.ref(loss)
     learner.__dict__["_steps"] = step
     return out
