@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
 
 from meta_kernels import ops
 from meta_kernels.malloc_tuning import keep_freed_cpu_memory
@@ -145,41 +144,54 @@ _METADATA = {getter for name in ("shape", "dtype", "device", "ndim", "requires_g
     {Tensor.size, Tensor.dim, Tensor.numel, Tensor.is_floating_point}
 
 
-class _FactoredLinears(TorchFunctionMode):
-    """During a forward with factored weights in the model's places (each as its `base` tensor):
-    F.linear with one of them runs factored and records (layer input, output) for the inner
-    gradient; any other use of one gets the formed weight, so every use sees the right values."""
+class _Placeholder(Tensor):
+    """What a factored weight's places hold during a forward: its base, as a subclass whose ops
+    come here (ops on other tensors cost nothing extra). F.linear with it runs factored and records
+    (layer input, output) for the inner gradient; any other use gets the formed weight, so every
+    use sees the adapted values."""
+    _factored: tuple  # (entry index, FactoredWeight, the FastModel's records)
 
-    def __init__(self, factored: dict[int, tuple[int, FactoredWeight]], records: list):
-        super().__init__()
-        self.factored, self.records = factored, records
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.linear:
             weight = args[1] if len(args) > 1 else kwargs.get("weight")
-            hit = self.factored.get(id(weight))
-            if hit is not None and hit[1].dense_ is None:
-                x = args[0] if args else kwargs["input"]
-                bias = args[2] if len(args) > 2 else kwargs.get("bias")
-                x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-                y = hit[1].linear(x2d, bias)
-                if y.requires_grad:
-                    self.records.append((hit[0], x2d, y))
-                return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
-        if func not in _METADATA and self._mentions(args, kwargs):
-            args, kwargs = pytree.tree_map(self._formed, (args, kwargs))
+            if isinstance(weight, _Placeholder):
+                return _factored_linear(weight, args[0] if args else kwargs["input"],
+                                        args[2] if len(args) > 2 else kwargs.get("bias"))
+        if func in _METADATA:
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **kwargs)
+        args, kwargs = pytree.tree_map_only(_Placeholder, lambda a: a._factored[1].dense(), (args, kwargs))
         return func(*args, **kwargs)
 
-    def _mentions(self, args, kwargs) -> bool:
-        for a in (*args, *kwargs.values()):
-            if id(a) in self.factored or (isinstance(a, (list, tuple)) and any(id(b) in self.factored for b in a)):
-                return True
-        return False
 
-    def _formed(self, a):
-        hit = self.factored.get(id(a))
-        return a if hit is None else hit[1].dense()
+def _placeholder(index: int, factored: FactoredWeight, records: list) -> Tensor:
+    placeholder = factored.base.as_subclass(_Placeholder)
+    placeholder._factored = (index, factored, records)
+    return placeholder
+
+
+def _factored_linear(placeholder: _Placeholder, x: Tensor, bias: Tensor | None) -> Tensor:
+    """F.linear(x, the factored weight, bias), recording (input, output) for the inner gradient."""
+    index, factored, records = placeholder._factored
+    if factored.dense_ is not None:  # formed by another use since: from then on the layer runs on it
+        return F.linear(x, factored.dense_, bias)
+    x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    y = factored.linear(x2d, bias)
+    if y.requires_grad:
+        records.append((index, x2d, y))
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
+
+
+class _LinearForward:
+    __slots__ = ("module", "placeholder")
+
+    def __init__(self, module: nn.Module, placeholder: _Placeholder):
+        self.module, self.placeholder = module, placeholder
+
+    def __call__(self, input: Tensor) -> Tensor:
+        return _factored_linear(self.placeholder, input, self.module.bias)
 
 
 def entry_grads(entries: Sequence, index: Sequence[int], records: Sequence, loss: Tensor, second_order: bool):
@@ -267,6 +279,10 @@ class ModelRunner:
         self.choice: dict[tuple, tuple[str, int | None]] = {}
         self.unfactored_choice: dict[tuple, tuple[str, int | None]] = {}  # for learners that cannot factor
         self.factorable = factorable_weights(model, self.slots)
+        # The nn.Linear modules (forward not overridden) holding a factorable weight.
+        self._linears = [(m, i) for m, k, i in self.slots.param_slots
+                         if k == "weight" and i in self.factorable and type(m).forward is nn.Linear.forward]
+        self._linear_index = {id(m): i for m, i in self._linears}
         self.plan = "plain (not yet measured: no differentiated call so far)"
         self._engine = None
         fused = {f"{prefix}.{name}" if prefix else name
@@ -314,12 +330,19 @@ class ModelRunner:
 
     def run(self, path: str, weights, buffers, args: tuple, kwargs: dict, records: list | None = None):
         if path == "factored":
-            factored = {id(w.base): (i, w) for i, w in enumerate(weights)
-                        if isinstance(w, FactoredWeight) and w.dense_ is None}
-            swapped = [(w.base if w.dense_ is None else w.dense_) if isinstance(w, FactoredWeight) else w
-                       for w in weights]
-            with _FactoredLinears(factored, records):
+            records = [] if records is None else records
+            swapped = [w if not isinstance(w, FactoredWeight) else w.dense_ if w.dense_ is not None else
+                       _placeholder(i, w, records) for i, w in enumerate(weights)]
+            # nn.Linear modules call the factored forward directly (a forward in the instance's
+            # dict, removed after): the placeholder's __torch_function__ costs more per call.
+            linears = [m for m, i in self._linears if isinstance(swapped[i], _Placeholder) and "forward" not in m.__dict__]
+            for m in linears:
+                m.__dict__["forward"] = _LinearForward(m, swapped[self._linear_index[id(m)]])
+            try:
                 return self.slots.call_with(swapped, buffers, lambda: self.model(*args, **kwargs))
+            finally:
+                for m in linears:
+                    del m.__dict__["forward"]
         weights = None if weights is None else formed(weights)
         if path == "engine":
             # The buffers go into the model's places, which the engine's view shares (functional_call
