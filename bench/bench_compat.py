@@ -18,7 +18,8 @@ low-memory line: 8, 4 or 2 tasks per innerloop_ctx).
     python bench/bench_compat.py                      # every case, 3 rounds, table + JSON + plot
     python bench/bench_compat.py --cases l2l_fc --rounds 5
     python bench/bench_compat.py --swap-only --steps 10 # original vs compat alternating in one process
-    python bench/bench_compat.py --thread-ab --steps 10 # also compat forced to one thread
+    python bench/bench_compat.py --thread-ab --steps 10 # compat forced to all threads / to one
+    python bench/bench_compat.py --factored-ab --steps 10 # compat forced to its own layers / factored
     pytest bench/bench_compat.py                      # pytest-benchmark: one quick in-process round
 
 Each row: median seconds per iteration (the example's outer step) over the rounds, each round the
@@ -115,10 +116,15 @@ def swap_child(case: str, steps: int, device: str) -> dict:
     return {**row, "plans": [runner.plan for runner in _common._RUNNERS.values()]}
 
 
-def thread_child(case: str, steps: int, device: str) -> dict:
-    """The import-swapped loop with its runner's thread count forced to all threads and to one,
-    iterations alternating in one process beside the original: what the runner's choice is worth
-    on the user's loop (its own measurement times a single MAML step)."""
+# In-process A/Bs of the import-swapped loop, the runner's choice forced each way (--thread-ab, --factored-ab).
+AB = {"threads": ("all threads", "one thread"), "factored": ("plain Linear steps", "factored Linear steps")}
+
+
+def ab_child(case: str, steps: int, device: str, kind: str) -> dict:
+    """The import-swapped loop with its runner's choice forced to A and to B (kind "threads": all
+    threads / one, the path as chosen; "factored": the model's own layers / factored Linear steps,
+    the threads as chosen), iterations alternating in one process beside the original: what the
+    runner's choice is worth on the user's loop (its own measurement times a single MAML step)."""
     from _common import interleaved_medians
     from meta_kernels.compat import _common
     original, compat = make_step(case, "original", device), make_step(case, "compat", device)
@@ -126,27 +132,29 @@ def thread_child(case: str, steps: int, device: str) -> dict:
     (runner,) = _common._RUNNERS.values()
     plan = runner.plan
 
-    def forced(threads):
+    def forced(b: bool):
         def step():
-            for key, (path, _) in runner.choice.items():
-                runner.choice[key] = (path, threads)
+            for key, (path, threads) in list(runner.choice.items()):
+                runner.choice[key] = ((path, 1 if b else None) if kind == "threads" else
+                                      ("factored" if b else "plain", threads))
             compat()
         return step
 
-    row = interleaved_medians({"original": original, "compat": forced(None), "compat_one_thread": forced(1)},
+    row = interleaved_medians({"original": original, "compat": forced(False), "compat_b": forced(True)},
                               rounds=steps, inner=1, warmup=1)
     return {**row, "plans": [plan]}
 
 
-def run_swap(cases, rounds: int, steps: int, device: str, threads: bool = False) -> dict:
+def run_swap(cases, rounds: int, steps: int, device: str, ab: str | None = None) -> dict:
     """--swap-only: per case, `rounds` fresh processes each timing original and compat alternately
-    (threads: also compat forced to one thread, --thread-ab)."""
+    (ab: compat forced both ways of an AB choice, --thread-ab / --factored-ab)."""
     results = {}
     for case in cases:
         ratios, medians = [], []
         for r in range(rounds):
-            out = subprocess.run([sys.executable, __file__, "--thread-child" if threads else "--swap-child", case,
-                                  "--steps", str(steps), "--device", device], capture_output=True, text=True, cwd=HERE)
+            child_args = ["--ab-child", ab, case] if ab else ["--swap-child", case]
+            out = subprocess.run([sys.executable, __file__, *child_args, "--steps", str(steps), "--device", device],
+                                 capture_output=True, text=True, cwd=HERE)
             if out.returncode != 0:
                 print(f"{case}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
                 continue
@@ -154,18 +162,19 @@ def run_swap(cases, rounds: int, steps: int, device: str, threads: bool = False)
             medians.append(row)
             ratios.append(row["original"] / row["compat"])
             print(f"  {case:13s} round {r + 1}: compat's plan: {'; '.join(row['plans'])}", file=sys.stderr)
-            one = f", one thread {row['compat_one_thread']:.3f}" if threads else ""
-            print(f"  {case:13s} round {r + 1}: original {row['original']:.3f}, compat {row['compat']:.3f}{one} s/step "
+            b = f", {AB[ab][1]} {row['compat_b']:.3f}" if ab else ""
+            print(f"  {case:13s} round {r + 1}: original {row['original']:.3f}, compat {row['compat']:.3f}{b} s/step "
                   f"({ratios[-1]:.2f}x)", file=sys.stderr, flush=True)
         if ratios:
             results[case] = {"original_s": statistics.median(m["original"] for m in medians),
                              "compat_s": statistics.median(m["compat"] for m in medians),
                              "ratio_median": statistics.median(ratios), "ratio_min": min(ratios),
                              "ratio_max": max(ratios), "rounds": len(ratios)}
-            if threads:
-                gains = [m["compat"] / m["compat_one_thread"] for m in medians]
-                results[case].update(one_thread_s=statistics.median(m["compat_one_thread"] for m in medians),
-                                     one_thread_gain_median=statistics.median(gains), one_thread_gains=gains)
+            if ab:
+                gains = [m["compat"] / m["compat_b"] for m in medians]
+                results[case].update(compat_b_s=statistics.median(m["compat_b"] for m in medians),
+                                     b_gain_median=statistics.median(gains), b_gains=gains,
+                                     b_x_original=[m["original"] / m["compat_b"] for m in medians])
     return results
 
 
@@ -243,10 +252,12 @@ def main() -> int:
     parser.add_argument("--swap-only", action="store_true",
                         help="original vs import swapped only, alternating iterations inside each process")
     parser.add_argument("--thread-ab", action="store_true",
-                        help="as --swap-only, with the compat loop also forced to one thread (the runner's choice)")
+                        help="as --swap-only, the compat loop forced to all threads and to one (the runner's choice)")
+    parser.add_argument("--factored-ab", action="store_true",
+                        help="as --swap-only, the compat loop forced to its own layers and to factored Linear steps")
     parser.add_argument("--child", nargs=2, metavar=("CASE", "VARIANT"), help=argparse.SUPPRESS)
     parser.add_argument("--swap-child", metavar="CASE", help=argparse.SUPPRESS)
-    parser.add_argument("--thread-child", metavar="CASE", help=argparse.SUPPRESS)
+    parser.add_argument("--ab-child", nargs=2, metavar=("KIND", "CASE"), help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(HERE / "results" / "compat.json"))
     args = parser.parse_args()
     if args.child:
@@ -255,29 +266,33 @@ def main() -> int:
     if args.swap_child:
         print(json.dumps(swap_child(args.swap_child, args.steps, args.device)))
         return 0
-    if args.thread_child:
-        print(json.dumps(thread_child(args.thread_child, args.steps, args.device)))
+    if args.ab_child:
+        kind, case = args.ab_child
+        print(json.dumps(ab_child(case, args.steps, args.device, kind)))
         return 0
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = [c for c in cases if c not in CASES]
     if unknown:
         parser.error(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
     from _common import machine
-    if args.swap_only or args.thread_ab:
-        results = run_swap(cases, args.rounds, args.steps, args.device, threads=args.thread_ab)
-        if args.thread_ab:
-            print("| case | original s/step | compat, all threads | compat, one thread | one thread's gain per "
-                  "process |\n|---|---:|---:|---:|---|")
+    ab = "threads" if args.thread_ab else "factored" if args.factored_ab else None
+    if args.swap_only or ab:
+        results = run_swap(cases, args.rounds, args.steps, args.device, ab)
+        if ab:
+            a_name, b_name = AB[ab]
+            print(f"| case | original s/step | compat, {a_name} | compat, {b_name} | {b_name}: gain per process | "
+                  f"{b_name}: x original per process |\n|---|---:|---:|---:|---|---|")
             for case, r in results.items():
-                print(f"| {case} | {r['original_s']:.3f} | {r['compat_s']:.3f} | {r['one_thread_s']:.3f} | "
-                      f"{', '.join(f'{g:.2f}x' for g in r['one_thread_gains'])} |")
+                print(f"| {case} | {r['original_s']:.3f} | {r['compat_s']:.3f} | {r['compat_b_s']:.3f} | "
+                      f"{', '.join(f'{g:.2f}x' for g in r['b_gains'])} | "
+                      f"{', '.join(f'{g:.2f}x' for g in r['b_x_original'])} |")
         else:
             print("| case | original s/step | compat s/step | x original (median of rounds) | min - max |\n"
                   "|---|---:|---:|---:|---|")
             for case, r in results.items():
                 print(f"| {case} | {r['original_s']:.3f} | {r['compat_s']:.3f} | {r['ratio_median']:.2f}x | "
                       f"{r['ratio_min']:.2f}-{r['ratio_max']:.2f}x |")
-        out = Path(args.out).with_name(Path(args.out).stem + ("_threads.json" if args.thread_ab else "_swap.json"))
+        out = Path(args.out).with_name(Path(args.out).stem + (f"_{ab}.json" if ab else "_swap.json"))
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"machine": machine(), "device": args.device, "results": results}, indent=1))
         print(f"written: {out}", file=sys.stderr)
