@@ -4,8 +4,9 @@
     from meta_kernels.compat import higher               # was: import higher
 
 Both keep their library's documented behaviour, faster (a learner is a list of weights run
-through the model's own modules, or the fused ops where that measured faster for the model; one
-multi-tensor call per update). The batched forms (`MAML(..., tasks=T)`, `innerloop_ctx(...,
+through the model's own modules, or the fused ops, or -- for a MAML learner's wide Linear
+weights -- in factored form, whichever measured faster for the model; one multi-tensor call per
+update). The batched forms (`MAML(..., tasks=T)`, `innerloop_ctx(...,
 tasks=T)`) adapt T tasks at once on the task-batching engine; torch's loss functions on their
 outputs sum over tasks, `task_sum(loss_fn)` does it for any other. README, "Coming from
 learn2learn / higher", lists what is not supported."""

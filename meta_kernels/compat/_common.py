@@ -393,8 +393,8 @@ class ModelRunner:
                 for b, s in zip(buffers if buffers is not None else self.slots.buffers, saved):
                     b.copy_(s)
             torch.set_rng_state(rng)
-        # The median: a step's time is bimodal where large temporaries sometimes page-fault (the
-        # plain path's weight-sized gradients), and the loop meets both modes.
+        # The median, not the fastest round: a step's time here is bimodal (the plain path's
+        # weight-sized temporaries, bench/RESULTS.md), and the user's loop meets both modes.
         times = {c: statistics.median(t) for c, t in times.items()}
         choice = self.choice[key] = min(times, key=times.get)
         self.unfactored_choice[key] = min((c for c in times if c[0] != "factored"), key=times.get)

@@ -10,8 +10,9 @@ As in learn2learn:
   `first_order`; the learner changes in place.
 
 What is faster: a clone is a list of weights, not a copy of the module tree; the model's own
-modules run with those weights swapped in, or on the fused ops where that measured faster for the
-model (meta_kernels.compat._common.ModelRunner); an update is one multi-tensor call. `learner.module`
+modules run with those weights swapped in, or on the fused ops, and a MAML learner's wide Linear
+weights are stepped in factored form, where that measured faster for the model
+(meta_kernels.compat._common.ModelRunner, FactoredWeight); an update is one multi-tensor call. `learner.module`
 and the model's attributes (`learner.features`) are still there: the first access copies the tree.
 
 What differs: errors where learn2learn printed a traceback and failed later (a frozen weight
