@@ -187,3 +187,31 @@ def test_the_factored_path_is_taken_by_measurement(monkeypatch, factored_faster)
     plan = _common.runner_for(model).plan
     assert plan.startswith("factored" if factored_faster else "plain") and "factored Linear steps" in plan
     assert any(isinstance(e, _common.FactoredWeight) for e in learner._fast.entries) == factored_faster
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3])
+@pytest.mark.parametrize("first_order", [False, True])
+def test_batched_learner_factored_meta_gradients_equal_the_per_task_sum(steps, first_order):
+    """MAML(..., tasks=T): the engine's Linear layers take the factored weights per task ([T, r, *]
+    factors on one shared base); the meta-gradient of the summed query loss is the sum of each
+    task's autograd one."""
+    from meta_kernels.compat import task_sum
+    T = 3
+    torch.manual_seed(4)
+    model = wide_mlp().double()
+    tasks = [data((6, 1, 8, 8), seed=10 + t) for t in range(T)]
+    want = [sum(ws) for ws in zip(*(reference_meta_grads(model, *task, steps, first_order) for task in tasks))]
+    xs, ys, xq, yq = (torch.stack([task[k] for task in tasks]) for k in range(4))
+    learner = l2l.algorithms.MAML(model, lr=LR, first_order=first_order).clone(tasks=T)
+    assert sum(isinstance(w, _common.FactoredWeight) for w in learner._weights) == 2  # 64 -> 96, 96 -> 64
+    loss = task_sum(F.cross_entropy)
+    for _ in range(steps):
+        learner.adapt(loss(learner(xs), ys))
+    if steps == 1:
+        assert all(w.g is not None and w.g.shape[:2] == (T, 6) for w in learner._weights
+                   if isinstance(w, _common.FactoredWeight))
+    loss(learner(xq), yq).backward()
+    for p, w in zip(model.parameters(), want):
+        torch.testing.assert_close(p.grad, w, rtol=1e-10, atol=1e-10)
+    formed = list(learner.parameters())  # the T adapted weights, formed on request
+    assert formed[0].shape == (T, 96, 64)

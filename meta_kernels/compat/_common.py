@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from meta_kernels import ops
 from meta_kernels.malloc_tuning import keep_freed_cpu_memory
-from meta_kernels.meta.batching import BatchedModel
+from meta_kernels.meta.batching import BatchedModel, _TaskLinear
 from meta_kernels.meta.inner_common import NonFiniteLossError
 from meta_kernels.meta.task_model import TaskModel
 
@@ -92,7 +92,11 @@ class FactoredWeight:
     forming the adapted weight, and the inner gradient w.r.t. the layer's outputs skips the weight
     gradient's [out, in] product, in the inner step and again in the meta-loss's backward (a MAML
     step on learn2learn's MLP on 5 samples: about half the time, bench/RESULTS.md). Anything else
-    that reads the weight gets it formed (`dense()`, kept), and from then on the layer runs on that."""
+    that reads the weight gets it formed (`dense()`, kept), and from then on the layer runs on that.
+
+    For T tasks at once (the batched learners) every part carries the task dim: base [T, out, in]
+    (an expand of one shared weight at first: its product stays one GEMM), g [T, r, out], x [T, r,
+    in] -- never the T adapted [out, in] weights (the MLP's batched MAML step: 10x faster)."""
     __slots__ = ("base", "g", "x", "dense_")
 
     def __init__(self, base: Tensor, g: Tensor | None = None, x: Tensor | None = None):
@@ -104,26 +108,37 @@ class FactoredWeight:
 
     @property
     def rank(self) -> int:
-        return 0 if self.g is None else self.g.shape[0]
+        return 0 if self.g is None else self.g.shape[-2]
 
     def dense(self) -> Tensor:
         if self.dense_ is None:
             # Never `base` itself: the inner gradient w.r.t. the formed weight must count only the
             # uses of the formed weight, not the factored forwards' uses of base.
-            self.dense_ = self.base.view_as(self.base) if self.g is None else \
-                torch.addmm(self.base, self.g.t(), self.x, alpha=-1)
+            if self.g is None:
+                self.dense_ = self.base.view_as(self.base)
+            elif self.base.dim() == 2:
+                self.dense_ = torch.addmm(self.base, self.g.t(), self.x, alpha=-1)
+            else:
+                self.dense_ = torch.baddbmm(self.base, self.g.transpose(1, 2), self.x, alpha=-1)
         return self.dense_
 
-    def linear(self, x2d: Tensor, bias: Tensor | None) -> Tensor:
-        y = F.linear(x2d, self.base, bias)
-        return y if self.g is None else torch.addmm(y, x2d @ self.x.t(), self.g, alpha=-1)
+    def linear(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        """x [n, in] -> [n, out]; per task, x [T, n, in] -> [T, n, out] (bias [out] or [T, out])."""
+        if self.base.dim() == 2:
+            y = F.linear(x, self.base, bias)
+            return y if self.g is None else torch.addmm(y, x @ self.x.t(), self.g, alpha=-1)
+        shared = self.base.stride(0) == 0
+        y = F.linear(x, self.base[0]) if shared else torch.bmm(x, self.base.transpose(1, 2))
+        if bias is not None:
+            y = y + (bias.unsqueeze(1) if bias.dim() == 2 else bias)
+        return y if self.g is None else torch.baddbmm(y, torch.bmm(x, self.x.transpose(1, 2)), self.g, alpha=-1)
 
-    def stepped(self, g: Tensor, x: Tensor) -> "FactoredWeight | Tensor":
+    def stepped(self, g: Tensor, x: Tensor) -> "FactoredWeight":
         """This weight minus gᵀ x; formed once the factors would cost more than the weight (rank above
         in * out / (4 * (in + out)): the factored forward's two products against the dense one)."""
-        new = FactoredWeight(self.base, g if self.g is None else torch.cat([self.g, g]),
-                             x if self.x is None else torch.cat([self.x, x]))
-        out_features, in_features = self.base.shape
+        new = FactoredWeight(self.base, g if self.g is None else torch.cat([self.g, g], dim=-2),
+                             x if self.x is None else torch.cat([self.x, x], dim=-2))
+        out_features, in_features = self.base.shape[-2:]
         return new if new.rank <= factored_rank_limit(out_features, in_features) else FactoredWeight(new.dense())
 
 
@@ -137,6 +152,17 @@ def factorable_weights(model: nn.Module, slots: Slots) -> list[int]:
     return sorted({i for m, k, i in slots.param_slots
                    if isinstance(m, nn.Linear) and k == "weight" and slots.params[i].dim() == 2
                    and slots.params[i].is_floating_point() and factored_rank_limit(*slots.params[i].shape) >= 8})
+
+
+def engine_factorable(model: nn.Module, task_model: TaskModel) -> list[int]:
+    """factorable_weights (indices in model.parameters() order) of the Linear layers that the
+    task-batching engine runs as one batched product (not those under a per-layer fallback)."""
+    if task_model.engine is None:
+        return []
+    batched = {id(original) for view, original in task_model.engine._pairs if isinstance(view, _TaskLinear)}
+    slots = Slots(model)
+    return [i for i in factorable_weights(model, slots)
+            if any(id(m) in batched for m, k, j in slots.param_slots if j == i and k == "weight")]
 
 
 _METADATA = {getter for name in ("shape", "dtype", "device", "ndim", "requires_grad", "is_cuda", "layout")
@@ -165,23 +191,32 @@ class _Placeholder(Tensor):
         args, kwargs = pytree.tree_map_only(_Placeholder, lambda a: a._factored[1].dense(), (args, kwargs))
         return func(*args, **kwargs)
 
+    def task_linear(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        """The task-batching engine's Linear asks its weight for this (meta/batching.py)."""
+        return _factored_linear(self, x, bias)
 
-def _placeholder(index: int, factored: FactoredWeight, records: list) -> Tensor:
-    placeholder = factored.base.as_subclass(_Placeholder)
-    placeholder._factored = (index, factored, records)
-    return placeholder
+
+def placeholder(index: int, factored: FactoredWeight, records: list) -> Tensor:
+    """What goes into a factored weight's places for a forward: its formed weight once formed,
+    else a _Placeholder recording the factored forwards into `records`."""
+    if factored.dense_ is not None:
+        return factored.dense_
+    held = factored.base.as_subclass(_Placeholder)
+    held._factored = (index, factored, records)
+    return held
 
 
 def _factored_linear(placeholder: _Placeholder, x: Tensor, bias: Tensor | None) -> Tensor:
-    """F.linear(x, the factored weight, bias), recording (input, output) for the inner gradient."""
+    """F.linear(x, the factored weight, bias), recording (input, output) for the inner gradient.
+    Per task (the engine's Linear): x [T, n, in], bias [out] or [T, out]."""
     index, factored, records = placeholder._factored
     if factored.dense_ is not None:  # formed by another use since: from then on the layer runs on it
-        return F.linear(x, factored.dense_, bias)
-    x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    y = factored.linear(x2d, bias)
+        return FactoredWeight(factored.dense_).linear(x, bias)
+    lead = x if factored.base.dim() == 3 or x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    y = factored.linear(lead, bias)
     if y.requires_grad:
-        records.append((index, x2d, y))
-    return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
+        records.append((index, lead, y))
+    return y if lead is x else y.view(*x.shape[:-1], y.shape[-1])
 
 
 class _LinearForward:
@@ -331,8 +366,7 @@ class ModelRunner:
     def run(self, path: str, weights, buffers, args: tuple, kwargs: dict, records: list | None = None):
         if path == "factored":
             records = [] if records is None else records
-            swapped = [w if not isinstance(w, FactoredWeight) else w.dense_ if w.dense_ is not None else
-                       _placeholder(i, w, records) for i, w in enumerate(weights)]
+            swapped = [placeholder(i, w, records) if isinstance(w, FactoredWeight) else w for i, w in enumerate(weights)]
             # nn.Linear modules call the factored forward directly (a forward in the instance's
             # dict, removed after): the placeholder's __torch_function__ costs more per call.
             linears = [m for m, i in self._linears if isinstance(swapped[i], _Placeholder) and "forward" not in m.__dict__]

@@ -193,6 +193,11 @@ def _single_channel_conv(h: Tensor, w: Tensor, b: Tensor | None, T: int, stride,
 class _TaskLinear:
     def forward(self, x: Tensor) -> Tensor:
         w, b = self.weight, self.bias
+        task_linear = getattr(w, "task_linear", None)  # a weight held in another form (compat's FactoredWeight)
+        if task_linear is not None:
+            T = _tasks_of(self, x.shape[0])
+            out = task_linear(x.reshape(T, math.prod(x.shape[:-1]) // T, x.shape[-1]), b)
+            return out.reshape(*x.shape[:-1], out.shape[-1])
         if not _per_task(w, 2) and not _per_task(b, 1):
             return F.linear(x, w, b)
         T = _tasks_of(self, x.shape[0])

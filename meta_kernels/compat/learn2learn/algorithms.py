@@ -26,8 +26,9 @@ import weakref
 import torch
 from torch import Tensor, nn
 
-from meta_kernels.compat._common import (FastModel, check_finite, check_loss, checked_rate, checked_tasks, clone_tree,
-                                         entry_grads, runner_for, stepped_entries, task_model_for)
+from meta_kernels.compat._common import (FactoredWeight, FastModel, check_finite, check_loss, checked_rate,
+                                         checked_tasks, clone_tree, engine_factorable, entry_grads, formed, placeholder,
+                                         runner_for, stepped_entries, task_model_for)
 from meta_kernels.compat._tasks import checked_task_loss, inputs_tasks_first, task_outputs
 from meta_kernels.meta.inner_common import check_rates, checked_flag
 
@@ -237,21 +238,28 @@ class BatchedLearner:
         self._engine = task_model_for(model)
         self._names = [name for name, _ in model.named_parameters()]
         base = list(model.parameters()) if weights is None else weights
-        self._weights = [w if w.dim() > p.dim() else w.unsqueeze(0).expand(tasks, *w.shape)
+        self._weights = [w if isinstance(w, FactoredWeight) or w.dim() > p.dim() else w.unsqueeze(0).expand(tasks, *w.shape)
                          for w, p in zip(base, model.parameters())]
+        self._records: list = []  # the factored forwards since the last step
+        if rates is None:  # MAML: wide Linear weights stepped in factored form (not MetaSGD's per-element rates)
+            for i in engine_factorable(model, self._engine):
+                if isinstance(self._weights[i], Tensor) and self._weights[i].requires_grad:
+                    self._weights[i] = FactoredWeight(self._weights[i])
 
     def __call__(self, *args, **kwargs):
         inputs = args[0] if len(args) == 1 and not kwargs else (args, kwargs)
         inputs = inputs_tasks_first(inputs, self.task_dim, self.tasks, "this learner")
-        out = self._engine(dict(zip(self._names, self._weights)), inputs,
+        weights = [placeholder(i, w, self._records) if isinstance(w, FactoredWeight) else w
+                   for i, w in enumerate(self._weights)]
+        out = self._engine(dict(zip(self._names, weights)), inputs,
                            double_backward=not self.first_order and torch.is_grad_enabled())
         return task_outputs(out, self.task_dim)
 
     def parameters(self):
-        return iter(self._weights)
+        return iter(formed(self._weights))
 
     def named_parameters(self):
-        return iter(zip(self._names, self._weights))
+        return iter(zip(self._names, formed(self._weights)))
 
     def adapt(self, loss: Tensor, first_order: bool | None = None, allow_unused: bool | None = None,
               allow_nograd: bool | None = None) -> None:
@@ -264,7 +272,8 @@ class BatchedLearner:
         rates = self.rates
         direction = (lambda i, g: g) if rates is None else (lambda i, g: rates[i] * g)
         self._weights = _updated(self, self._names, self._weights, loss, direction, [self.lr] * len(self._weights),
-                                 not first_order, allow_unused, allow_nograd)
+                                 not first_order, allow_unused, allow_nograd, self._records)
+        self._records = []
 
     def clone(self) -> "BatchedLearner":
         clone = BatchedLearner(self.module, self.tasks, self.lr, task_dim=self.task_dim, first_order=self.first_order,
