@@ -79,7 +79,8 @@ def test_learn2learn_example_with_factored_linear_steps_equals_the_original(orig
     monkeypatch.setattr(_common.ModelRunner, "_choose", choose)
     factored = []
     real_stepped = _common.FactoredWeight.stepped
-    monkeypatch.setattr(_common.FactoredWeight, "stepped", lambda self, g, x: factored.append(1) or real_stepped(self, g, x))
+    monkeypatch.setattr(_common.FactoredWeight, "stepped",
+                        lambda self, g, x: factored.append(1) or real_stepped(self, g, x))
     g, b, lg = run_l2l(MODELS[model])
     assert factored
     assert_close_lists(g, grads)

@@ -116,8 +116,8 @@ def test_weights_read_between_steps_are_the_adapted_ones(force_path):
         out = learner(xs)  # forward first (factored), then the weights are read for the penalty
         loss = F.cross_entropy(out, ys) + 1e-3 * sum(w.square().sum() for w in learner.parameters())
         if step == 0:
-            by_hand = [p - LR * g for p, g in zip(model.parameters(),
-                                                 torch.autograd.grad(loss, list(model.parameters()), retain_graph=True))]
+            grads = torch.autograd.grad(loss, list(model.parameters()), retain_graph=True)
+            by_hand = [p - LR * g for p, g in zip(model.parameters(), grads)]
         learner.adapt(loss)
         if step == 0:
             for got, w in zip(learner.parameters(), by_hand):

@@ -206,10 +206,10 @@ def placeholder(index: int, factored: FactoredWeight, records: list) -> Tensor:
     return held
 
 
-def _factored_linear(placeholder: _Placeholder, x: Tensor, bias: Tensor | None) -> Tensor:
+def _factored_linear(held: _Placeholder, x: Tensor, bias: Tensor | None) -> Tensor:
     """F.linear(x, the factored weight, bias), recording (input, output) for the inner gradient.
     Per task (the engine's Linear): x [T, n, in], bias [out] or [T, out]."""
-    index, factored, records = placeholder._factored
+    index, factored, records = held._factored
     if factored.dense_ is not None:  # formed by another use since: from then on the layer runs on it
         return FactoredWeight(factored.dense_).linear(x, bias)
     lead = x if factored.base.dim() == 3 or x.dim() == 2 else x.reshape(-1, x.shape[-1])
@@ -220,13 +220,14 @@ def _factored_linear(placeholder: _Placeholder, x: Tensor, bias: Tensor | None) 
 
 
 class _LinearForward:
-    __slots__ = ("module", "placeholder")
+    """An nn.Linear's forward with its factored weight (set as the instance's `forward`)."""
+    __slots__ = ("module", "held")
 
-    def __init__(self, module: nn.Module, placeholder: _Placeholder):
-        self.module, self.placeholder = module, placeholder
+    def __init__(self, module: nn.Module, held: _Placeholder):
+        self.module, self.held = module, held
 
     def __call__(self, input: Tensor) -> Tensor:
-        return _factored_linear(self.placeholder, input, self.module.bias)
+        return _factored_linear(self.held, input, self.module.bias)
 
 
 def entry_grads(entries: Sequence, index: Sequence[int], records: Sequence, loss: Tensor, second_order: bool):
@@ -317,7 +318,6 @@ class ModelRunner:
         # The nn.Linear modules (forward not overridden) holding a factorable weight.
         self._linears = [(m, i) for m, k, i in self.slots.param_slots
                          if k == "weight" and i in self.factorable and type(m).forward is nn.Linear.forward]
-        self._linear_index = {id(m): i for m, i in self._linears}
         self.plan = "plain (not yet measured: no differentiated call so far)"
         self._engine = None
         fused = {f"{prefix}.{name}" if prefix else name
@@ -366,16 +366,18 @@ class ModelRunner:
     def run(self, path: str, weights, buffers, args: tuple, kwargs: dict, records: list | None = None):
         if path == "factored":
             records = [] if records is None else records
-            swapped = [placeholder(i, w, records) if isinstance(w, FactoredWeight) else w for i, w in enumerate(weights)]
+            swapped = [placeholder(i, w, records) if isinstance(w, FactoredWeight) else w
+                       for i, w in enumerate(weights)]
             # nn.Linear modules call the factored forward directly (a forward in the instance's
             # dict, removed after): the placeholder's __torch_function__ costs more per call.
-            linears = [m for m, i in self._linears if isinstance(swapped[i], _Placeholder) and "forward" not in m.__dict__]
-            for m in linears:
-                m.__dict__["forward"] = _LinearForward(m, swapped[self._linear_index[id(m)]])
+            linears = [(m, swapped[i]) for m, i in self._linears
+                       if isinstance(swapped[i], _Placeholder) and "forward" not in m.__dict__]
+            for m, held in linears:
+                m.__dict__["forward"] = _LinearForward(m, held)
             try:
                 return self.slots.call_with(swapped, buffers, lambda: self.model(*args, **kwargs))
             finally:
-                for m in linears:
+                for m, _ in linears:
                     del m.__dict__["forward"]
         weights = None if weights is None else formed(weights)
         if path == "engine":
@@ -412,7 +414,7 @@ class ModelRunner:
                     try:
                         _exercise(self, path, weights if weights is not None else self.slots.params, buffers, args,
                                   kwargs, second_order, n)
-                    except Exception as exc:  # noqa: BLE001 - the engine view cannot run this model: plain it is
+                    except Exception as exc:  # noqa: BLE001 - a path that cannot run this model is dropped
                         if path == "plain":
                             raise
                         failed = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"

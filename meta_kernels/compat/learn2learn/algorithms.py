@@ -12,8 +12,9 @@ As in learn2learn:
 What is faster: a clone is a list of weights, not a copy of the module tree; the model's own
 modules run with those weights swapped in, or on the fused ops, and a MAML learner's wide Linear
 weights are stepped in factored form, where that measured faster for the model
-(meta_kernels.compat._common.ModelRunner, FactoredWeight); an update is one multi-tensor call. `learner.module`
-and the model's attributes (`learner.features`) are still there: the first access copies the tree.
+(meta_kernels.compat._common.ModelRunner, FactoredWeight); an update is one multi-tensor call.
+`learner.module` and the model's attributes (`learner.features`) are still there: the first access
+copies the tree.
 
 What differs: errors where learn2learn printed a traceback and failed later (a frozen weight
 without `allow_nograd`, an unused weight without `allow_unused`, a stale or non-scalar loss), and
@@ -238,8 +239,8 @@ class BatchedLearner:
         self._engine = task_model_for(model)
         self._names = [name for name, _ in model.named_parameters()]
         base = list(model.parameters()) if weights is None else weights
-        self._weights = [w if isinstance(w, FactoredWeight) or w.dim() > p.dim() else w.unsqueeze(0).expand(tasks, *w.shape)
-                         for w, p in zip(base, model.parameters())]
+        self._weights = [w if isinstance(w, FactoredWeight) or w.dim() > p.dim() else
+                         w.unsqueeze(0).expand(tasks, *w.shape) for w, p in zip(base, model.parameters())]
         self._records: list = []  # the factored forwards since the last step
         if rates is None:  # MAML: wide Linear weights stepped in factored form (not MetaSGD's per-element rates)
             for i in engine_factorable(model, self._engine):
