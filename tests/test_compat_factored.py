@@ -215,3 +215,39 @@ def test_batched_learner_factored_meta_gradients_equal_the_per_task_sum(steps, f
         torch.testing.assert_close(p.grad, w, rtol=1e-10, atol=1e-10)
     formed = list(learner.parameters())  # the T adapted weights, formed on request
     assert formed[0].shape == (T, 96, 64)
+
+
+def test_float32_factored_error_no_worse_than_the_dense_steps(force_path):
+    """In float32 the factored products round differently from the dense ones: their meta-gradient's
+    error against float64 stays within twice the dense (own layers) path's error."""
+    torch.manual_seed(5)
+    model64 = wide_mlp().double()
+    xs, ys, xq, yq = data((6, 1, 8, 8), seed=5)
+    want = reference_meta_grads(model64, xs, ys, xq, yq, 1, False)
+    errors = {}
+    for path in ("plain", "factored"):
+        force_path(path)
+        model = wide_mlp()
+        model.load_state_dict(model64.state_dict())
+        learner = l2l.algorithms.MAML(model, lr=LR).clone()
+        learner.adapt(F.cross_entropy(learner(xs.float()), ys))
+        F.cross_entropy(learner(xq.float()), yq).backward()
+        errors[path] = max(float((p.grad.double() - w).abs().max() / w.abs().max()) for p, w in zip(model.parameters(), want))
+    assert errors["factored"] <= 2 * errors["plain"] + 1e-7, errors
+
+
+def test_eval_forward_without_grad_and_module_access_after_factored_steps(force_path):
+    force_path("factored")
+    torch.manual_seed(6)
+    model = wide_mlp().double()
+    xs, ys, xq, _ = data((6, 1, 8, 8), seed=6)
+    learner = l2l.algorithms.MAML(model, lr=LR).clone()
+    learner.adapt(F.cross_entropy(learner(xs), ys))
+    with torch.no_grad():
+        out = learner(xq)  # factored, nothing recorded
+    assert not learner._fast.records
+    weights = [w.detach() for w in learner.parameters()]  # formed from here on: the adapted values
+    names = [n for n, _ in model.named_parameters()]
+    torch.testing.assert_close(out, functional_call(model, dict(zip(names, weights)), (xq,)), rtol=1e-12, atol=1e-12)
+    learner.eval()  # reaches into the modules: the tree copy holds the formed weights
+    torch.testing.assert_close(learner(xq), out, rtol=1e-12, atol=1e-12)
