@@ -9,6 +9,7 @@ Cases (random Omniglot-shaped data, tests/peer_examples):
               statistics, momentum 1): SGD 0.1, 5 steps, 5-way 5-shot 15-query, 32 tasks
   l2l_cnn     learn2learn's loop on its OmniglotCNN (running statistics), 16 tasks + 16 validation
   l2l_mlp     learn2learn's loop on a plain MLP (784-256-128-5, no normalisation), 32 + 32 tasks
+  higher_mlp  higher's loop on that MLP (5 SGD steps on 25 support samples, 32 tasks)
   conv4_l2l / conv4_higher   the same two loops on a user's nn.Sequential Conv4 (padding 1,
               batch statistics only: the model of the earlier rows of bench/RESULTS.md)
 Variants: original (learn2learn 0.2 from its sdist, the real higher), compat (import swapped),
@@ -44,6 +45,7 @@ CASES = {
     "higher_net": ("higher", "higher_net", 32),
     "l2l_cnn": ("l2l", "omniglot_cnn", 16),
     "l2l_mlp": ("l2l", "mlp", 32),
+    "higher_mlp": ("higher", "mlp", 32),
     "conv4_l2l": ("l2l", "conv4", 32),
     "conv4_higher": ("higher", "conv4", 32),
 }

@@ -434,19 +434,22 @@ class ModelRunner:
         times = {c: statistics.median(t) for c, t in times.items()}
         choice = self.choice[key] = min(times, key=times.get)
         self.unfactored_choice[key] = min((c for c in times if c[0] != "factored"), key=times.get)
-        self.plan = _plan_text(choice, times, second_order, failed, self._engine is not None)
+        self.plan = _plan_text(choice, self.unfactored_choice[key], times, second_order, failed,
+                               self._engine is not None)
         return choice
 
 
-def _plan_text(choice, times: dict, second_order: bool, failed: str, has_engine: bool) -> str:
+def _plan_text(choice, unfactored, times: dict, second_order: bool, failed: str, has_engine: bool) -> str:
     """E.g. 'plain on one thread (second-order step measured: model's own layers 3.10 ms, fused
-    ops 3.52 ms; on one thread: model's own layers 2.61 ms, fused ops 3.20 ms)'."""
+    ops 3.52 ms; on one thread: model's own layers 2.61 ms, fused ops 3.20 ms)'; a factored choice
+    also names what learners that cannot factor (MetaSGD, higher) take."""
     labels = {"plain": "model's own layers", "factored": "factored Linear steps", "engine": "fused ops"}
     ms = lambda n: ", ".join(f"{labels[p]} {t * 1e3:.2f} ms" for (p, k), t in times.items() if k == n)
     measured = ms(None) + (f"; on one thread: {ms(1)}" if any(k == 1 for _, k in times) else "")
     reason = (f"a path cannot run this model: {failed}; " if failed else
               "" if has_engine else "no layer with a fused op; ")
-    name = choice[0] + (" on one thread" if choice[1] == 1 else "")
+    label = lambda c: c[0] + (" on one thread" if c[1] == 1 else "")
+    name = label(choice) + (f" for MAML learners, {label(unfactored)} for others" if choice[0] == "factored" else "")
     return f"{name} ({reason}{'second' if second_order else 'first'}-order step measured: {measured})"
 
 
