@@ -164,8 +164,73 @@ def test_metasgd_on_a_factored_choice_runs_unfactored(force_path):
 def test_only_wide_linear_weights_are_factorable():
     model = nn.Sequential(nn.Linear(64, 96), nn.Linear(96, 5), nn.Conv1d(3, 64, 3), nn.Linear(16, 16))
     runner = _common.ModelRunner(model)
-    assert runner.factorable == [0]  # 96 x 64: limit 9; 5 x 96: 1; 16 x 16: 2; the conv is no Linear
-    assert _common.factored_rank_limit(256, 784) == 48
+    assert runner.factorable == [0]  # 96 x 64: rank limit 38; 5 x 96: 4; 16 x 16: 8; the conv is no Linear
+    assert _common.factored_rank_limit(256, 784) == 192  # the factors hold no more numbers than the weight
+
+
+def test_a_weight_past_its_rank_limit_is_formed_and_stays_exact(force_path, monkeypatch):
+    force_path("factored")
+    torch.manual_seed(7)
+    model = wide_mlp().double()
+    xs, ys, xq, yq = data((6, 1, 8, 8), seed=7)
+    want = reference_meta_grads(model, xs, ys, xq, yq, 3, False)
+    learner = l2l.algorithms.MAML(model, lr=LR).clone()
+    out = learner(xs)  # the runner finds the factorable weights with the real limit
+    monkeypatch.setattr(_common, "factored_rank_limit", lambda out_features, in_features: 8)
+    ranks = []
+    for _ in range(3):
+        learner.adapt(F.cross_entropy(out, ys))
+        ranks.append(learner._fast.entries[0].rank)
+        out = learner(xs)
+    assert ranks == [6, 0, 6]  # formed at the second step (12 > 8), factored again from there
+    F.cross_entropy(learner(xq), yq).backward()
+    for p, w in zip(model.parameters(), want):
+        torch.testing.assert_close(p.grad, w, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_higher_sgd_factored_steps_equal_autograd(force_path, steps):
+    """higher's innerloop_ctx with plain SGD (two parameter groups, two rates): fmodel's wide
+    Linear weights stepped factored; meta-gradient and fmodel's weights at every time equal
+    autograd's per-task steps."""
+    from meta_kernels.compat import higher
+    force_path("factored")
+    torch.manual_seed(8)
+    model = wide_mlp().double()
+    xs, ys, xq, yq = data((6, 1, 8, 8), seed=8)
+    params = list(model.parameters())
+    rates = [0.3 if i < 2 else 0.1 for i in range(len(params))]
+    names = [n for n, _ in model.named_parameters()]
+    weights, history = list(params), [list(params)]
+    for _ in range(steps):
+        grads = torch.autograd.grad(F.cross_entropy(functional_call(model, dict(zip(names, weights)), (xs,)), ys),
+                                    weights, create_graph=True)
+        weights = [w - r * g for w, r, g in zip(weights, rates, grads)]
+        history.append(weights)
+    want = torch.autograd.grad(F.cross_entropy(functional_call(model, dict(zip(names, weights)), (xq,)), yq), params)
+    opt = torch.optim.SGD([{"params": params[:2], "lr": 0.3}, {"params": params[2:], "lr": 0.1}])
+    with higher.innerloop_ctx(model, opt, copy_initial_weights=False) as (fmodel, diffopt):
+        for _ in range(steps):
+            new = diffopt.step(F.cross_entropy(fmodel(xs), ys))
+        assert any(isinstance(e, _common.FactoredWeight) and e.g is not None for e in fmodel._fast.entries)
+        assert len(new) == len(params)
+        F.cross_entropy(fmodel(xq), yq).backward()
+        for time, expected in enumerate(history):
+            for got, w in zip(fmodel.parameters(time=time), expected):
+                torch.testing.assert_close(got, w, rtol=1e-10, atol=1e-10)
+    for p, w in zip(model.parameters(), want):
+        torch.testing.assert_close(p.grad, w, rtol=1e-10, atol=1e-10)
+
+
+def test_higher_with_momentum_keeps_tensors(force_path):
+    from meta_kernels.compat import higher
+    force_path("factored")
+    model = wide_mlp().double()
+    xs, ys, _, _ = data((6, 1, 8, 8), seed=9)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with higher.innerloop_ctx(model, opt) as (fmodel, diffopt):
+        diffopt.step(F.cross_entropy(fmodel(xs), ys))
+        assert not any(isinstance(e, _common.FactoredWeight) for e in fmodel._fast.entries)
 
 
 @pytest.mark.parametrize("factored_faster", [True, False])

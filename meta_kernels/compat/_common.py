@@ -134,8 +134,8 @@ class FactoredWeight:
         return y if self.g is None else torch.baddbmm(y, torch.bmm(x, self.x.transpose(1, 2)), self.g, alpha=-1)
 
     def stepped(self, g: Tensor, x: Tensor) -> "FactoredWeight":
-        """This weight minus gᵀ x; formed once the factors would cost more than the weight (rank above
-        in * out / (4 * (in + out)): the factored forward's two products against the dense one)."""
+        """This weight minus gᵀ x; formed once the factors would hold more numbers than the weight
+        (rank above in * out / (in + out))."""
         new = FactoredWeight(self.base, g if self.g is None else torch.cat([self.g, g], dim=-2),
                              x if self.x is None else torch.cat([self.x, x], dim=-2))
         out_features, in_features = self.base.shape[-2:]
@@ -143,15 +143,15 @@ class FactoredWeight:
 
 
 def factored_rank_limit(out_features: int, in_features: int) -> int:
-    return out_features * in_features // (4 * (out_features + in_features))
+    return out_features * in_features // (out_features + in_features)
 
 
 def factorable_weights(model: nn.Module, slots: Slots) -> list[int]:
     """Indices (in slots.params) of Linear weights large enough for factored steps to pay: a rank
-    limit of at least 8 (e.g. 64 x 64 and up; learn2learn's 5-way classifier heads are not)."""
+    limit of at least 32 (e.g. 64 x 64 and up; learn2learn's 5-way classifier heads are not)."""
     return sorted({i for m, k, i in slots.param_slots
                    if isinstance(m, nn.Linear) and k == "weight" and slots.params[i].dim() == 2
-                   and slots.params[i].is_floating_point() and factored_rank_limit(*slots.params[i].shape) >= 8})
+                   and slots.params[i].is_floating_point() and factored_rank_limit(*slots.params[i].shape) >= 32})
 
 
 def engine_factorable(model: nn.Module, task_model: TaskModel) -> list[int]:

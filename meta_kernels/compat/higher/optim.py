@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
 
-from meta_kernels.compat._common import check_finite, check_loss, checked_rate, sgd_update
+from meta_kernels.compat._common import (FactoredWeight, check_finite, check_loss, checked_rate, entry_grads, formed,
+                                         sgd_update, stepped_entries)
 from meta_kernels.compat._tasks import checked_task_loss
 
 SUPPORTED_OPTIMIZERS = ("torch.optim.SGD", "torch.optim.Adam")
@@ -102,6 +103,9 @@ class DifferentiableOptimizer:
             self._apply_override(override)
         self._fmodel, self._track_higher_grads, self._grad_callback = fmodel, track_higher_grads, grad_callback
         self.allow_nonfinite, self.steps = allow_nonfinite, 0  # ours: a NaN / inf loss raises unless allowed
+        fast = self._factored_fast()
+        if fast is not None:  # the fmodel's runner may hold its wide Linear weights factored (see step)
+            fast.factorable = True
 
     def _check_group(self, group: dict) -> None:
         if group.get("maximize", False):
@@ -128,6 +132,7 @@ class DifferentiableOptimizer:
         """One differentiable update on `loss`; returns the new fast weights (also set on fmodel)."""
         if override is not None:
             self._apply_override(override)
+        from_fmodel = params is None
         if params is None:
             if self._fmodel is None:
                 raise ValueError("pass params=... to step(): this optimizer has no fmodel to take the weights from")
@@ -146,6 +151,9 @@ class DifferentiableOptimizer:
                              "compute it from fmodel's outputs, outside torch.no_grad()")
         self.steps += 1
         check_finite(loss, self.steps, "diffopt.step", self.allow_nonfinite)
+        fast = self._factored_fast() if from_fmodel and grad_callback is None else None
+        if fast is not None:
+            return self._factored_step(fast, loss)
         targets = [p if p.requires_grad else torch.empty(0, requires_grad=True) for p in params]
         with self._threads():
             grads = list(torch.autograd.grad(loss, targets, create_graph=self._track_higher_grads, allow_unused=True))
@@ -173,6 +181,34 @@ class DifferentiableOptimizer:
         if self._fmodel is not None:
             self._fmodel.update_params(new_params)
         return new_params
+
+    def _factored_fast(self):
+        """The fmodel's FastModel where this optimizer's step is plain SGD (no momentum, no weight
+        decay, no grad_callback, second order): then an SGD step adds gᵀ x to a Linear weight, and
+        the fmodel's runner may hold its wide Linear weights as FactoredWeights (see
+        meta_kernels.compat._common). Else None."""
+        fast = getattr(self._fmodel, "_fast", None)
+        plain_sgd = type(self) is DifferentiableSGD and all(
+            g["momentum"] == 0 and g["weight_decay"] == 0 for g in self.param_groups)
+        if fast is None or getattr(self._fmodel, "tasks", None) is not None or not plain_sgd \
+                or self._grad_callback is not None or not self._track_higher_grads:
+            return None
+        return fast
+
+    def _factored_step(self, fast, loss: Tensor) -> "FastWeights":
+        """step() on the fmodel's own weights, which may be factored: w - lr * dloss/dw per group."""
+        entries = fast.entries
+        rate_of = {i: group["lr"] for group, indices in zip(self.param_groups, self._group_indices) for i in indices}
+        index = [i for i in rate_of if entries[i].requires_grad]
+        with self._threads():
+            direct, outer = entry_grads(entries, index, fast.records, loss, True)
+        if not direct and not outer:
+            raise ValueError("diffopt.step: the loss does not depend on the fast weights (no gradient reaches any of "
+                             "them): compute it from fmodel's outputs, loss_fn(fmodel(x), y), not from the original "
+                             "model's or another copy's")
+        new = stepped_entries(entries, direct, outer, lambda i, g: g, [rate_of.get(i, 0.0) for i in range(len(entries))])
+        self._fmodel._set_entries(new)
+        return FastWeights(new)
 
     def _threads(self):
         """The thread count the fmodel's runner chose for its inner work (see ModelRunner)."""
@@ -233,6 +269,20 @@ class DifferentiableAdam(DifferentiableOptimizer):
         denom = second.sqrt() / math.sqrt(1 - beta2 ** state["step"]) + group["eps"]
         rate = group["lr"] / (1 - beta1 ** state["step"])
         return exp_avg / denom, rate
+
+
+class FastWeights(Sequence):
+    """What step() returns after a factored step: the new fast weights, each formed when read
+    (reading them all, as fmodel.fast_params does, makes the fmodel run on the formed weights)."""
+
+    def __init__(self, entries: list):
+        self._entries = entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __getitem__(self, i):
+        return formed(self._entries[i]) if isinstance(i, slice) else formed([self._entries[i]])[0]
 
 
 def _zero_grad_where(t: Tensor, mask: Tensor) -> None:

@@ -6,7 +6,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from meta_kernels.compat._common import FastModel, checked_tasks, runner_for, task_model_for
+from meta_kernels.compat._common import FastModel, checked_tasks, formed, runner_for, task_model_for
 from meta_kernels.compat._tasks import inputs_tasks_first, task_outputs
 
 
@@ -66,7 +66,7 @@ class FunctionalModule(nn.Module):
 
     @property
     def fast_params(self) -> list[Tensor]:
-        return self._fast_params[-1]
+        return formed(self._fast_params[-1])
 
     @fast_params.setter
     def fast_params(self, value: Iterable[Tensor]) -> None:
@@ -86,12 +86,17 @@ class FunctionalModule(nn.Module):
                 got = f"shape {shape}" if shape is not None else type(p).__name__
                 raise ValueError(f"params[{i}] has {got}, but the weight {names[i]} has {list(own.shape)}; pass the "
                                  "tensors of model.parameters() (or the fast weights), in that order")
+        self._set_entries(params)
+
+    def _set_entries(self, entries: list) -> None:
+        """The fast weights after an update: tensors, or (DifferentiableSGD's factored steps)
+        FactoredWeights, formed when read (fast_params, parameters())."""
         if self.tasks is None:  # the batched form passes its weights to the engine at each call
-            self._fast.set_weights(params)
+            self._fast.set_weights(entries)
         if self.track_higher_grads or not self._fast_params:
-            self._fast_params.append(params)
+            self._fast_params.append(entries)
         else:
-            self._fast_params[0] = params
+            self._fast_params[0] = entries
 
     def forward(self, *args, params: Iterable[Tensor] | None = None, **kwargs):
         if params is not None:
@@ -114,7 +119,7 @@ class FunctionalModule(nn.Module):
         if isinstance(time, bool) or not isinstance(time, int) or not -held <= time < held:
             raise ValueError(f"time={time!r}, but fmodel holds the weights of times 0..{held - 1} (0: the initial ones, "
                              f"{held - 1}: after the last of its {held - 1} update(s)); -1 is the latest")
-        return iter(self._fast_params[time])
+        return iter(formed(self._fast_params[time]))
 
     def train(self, mode: bool = True):
         if self.tasks is None:
