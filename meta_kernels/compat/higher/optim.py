@@ -136,7 +136,7 @@ class DifferentiableOptimizer:
         if params is None:
             if self._fmodel is None:
                 raise ValueError("pass params=... to step(): this optimizer has no fmodel to take the weights from")
-            params = self._fmodel.fast_params
+            params = self._fmodel._fast_params[-1]  # as held: factored weights are formed only if needed below
         params = list(params)
         if len(params) != self._n_weights:
             raise ValueError(f"diffopt.step: params holds {len(params)} tensors but the model has {self._n_weights} "
@@ -154,6 +154,7 @@ class DifferentiableOptimizer:
         fast = self._factored_fast() if from_fmodel and grad_callback is None else None
         if fast is not None:
             return self._factored_step(fast, loss)
+        params = formed(params)
         targets = [p if p.requires_grad else torch.empty(0, requires_grad=True) for p in params]
         with self._threads():
             grads = list(torch.autograd.grad(loss, targets, create_graph=self._track_higher_grads, allow_unused=True))
