@@ -20,8 +20,8 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
-from meta_kernels.compat._common import (FactoredWeight, check_finite, check_loss, checked_rate, entry_grads, formed,
-                                         sgd_update, stepped_entries)
+from meta_kernels.compat._common import (check_finite, check_loss, checked_rate, entry_grads, formed, sgd_update,
+                                         stepped_entries)
 from meta_kernels.compat._tasks import checked_task_loss
 
 SUPPORTED_OPTIMIZERS = ("torch.optim.SGD", "torch.optim.Adam")
@@ -103,9 +103,9 @@ class DifferentiableOptimizer:
             self._apply_override(override)
         self._fmodel, self._track_higher_grads, self._grad_callback = fmodel, track_higher_grads, grad_callback
         self.allow_nonfinite, self.steps = allow_nonfinite, 0  # ours: a NaN / inf loss raises unless allowed
-        fast = self._factored_fast()
+        fast = getattr(fmodel, "_fast", None)
         if fast is not None:  # the fmodel's runner may hold its wide Linear weights factored (see step)
-            fast.factorable = True
+            fast.factorable = self._factored_fast() is not None
 
     def _check_group(self, group: dict) -> None:
         if group.get("maximize", False):
