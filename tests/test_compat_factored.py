@@ -73,6 +73,11 @@ def reference_meta_grads(model, xs, ys, xq, yq, steps, first_order, penalty=Fals
     return torch.autograd.grad(F.cross_entropy(functional_call(model, dict(zip(names, weights)), (xq,)), yq), params)
 
 
+def assert_meta_grads(model, want):
+    for p, w in zip(model.parameters(), want):
+        torch.testing.assert_close(p.grad, w, rtol=1e-10, atol=1e-10)
+
+
 def data(shape, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = lambda: torch.randn(*shape, generator=g, dtype=torch.float64)
@@ -99,8 +104,7 @@ def test_factored_meta_gradients_equal_autograd(force_path, name, steps, first_o
     if steps == 1 and name != "reads_weight":  # one step's rank (6 or 2 x 12) is within the limit
         assert any(e.g is not None and e.dense_ is None for e in factored)
     F.cross_entropy(learner(xq), yq).backward()
-    for p, w in zip(model.parameters(), want):
-        torch.testing.assert_close(p.grad, w, rtol=1e-10, atol=1e-10)
+    assert_meta_grads(model, want)
 
 
 def test_weights_read_between_steps_are_the_adapted_ones(force_path):
@@ -123,8 +127,7 @@ def test_weights_read_between_steps_are_the_adapted_ones(force_path):
             for got, w in zip(learner.parameters(), by_hand):
                 torch.testing.assert_close(got, w, rtol=1e-12, atol=1e-12)
     F.cross_entropy(learner(xq), yq).backward()
-    for p, w in zip(model.parameters(), want):
-        torch.testing.assert_close(p.grad, w, rtol=1e-10, atol=1e-10)
+    assert_meta_grads(model, want)
 
 
 def test_clone_of_an_adapted_learner_and_module_access_keep_the_factors(force_path):
@@ -140,8 +143,7 @@ def test_clone_of_an_adapted_learner_and_module_access_keep_the_factors(force_pa
     again.adapt(F.cross_entropy(again(xs), ys))
     torch.testing.assert_close(again.module[1].weight, list(again.parameters())[0], rtol=0, atol=0)
     F.cross_entropy(again(xq), yq).backward()
-    for p, w in zip(model.parameters(), want):
-        torch.testing.assert_close(p.grad, w, rtol=1e-10, atol=1e-10)
+    assert_meta_grads(model, want)
 
 
 def test_metasgd_on_a_factored_choice_runs_unfactored(force_path):
@@ -157,8 +159,7 @@ def test_metasgd_on_a_factored_choice_runs_unfactored(force_path):
     learner.adapt(F.cross_entropy(learner(xs), ys))
     assert not any(isinstance(e, _common.FactoredWeight) for e in learner._fast.entries)
     F.cross_entropy(learner(xq), yq).backward()
-    for p, w in zip(model.parameters(), want):
-        torch.testing.assert_close(p.grad, w, rtol=1e-10, atol=1e-10)
+    assert_meta_grads(model, want)
 
 
 def test_only_wide_linear_weights_are_factorable():
@@ -184,8 +185,7 @@ def test_a_weight_past_its_rank_limit_is_formed_and_stays_exact(force_path, monk
         out = learner(xs)
     assert ranks == [6, 0, 6]  # formed at the second step (12 > 8), factored again from there
     F.cross_entropy(learner(xq), yq).backward()
-    for p, w in zip(model.parameters(), want):
-        torch.testing.assert_close(p.grad, w, rtol=1e-10, atol=1e-10)
+    assert_meta_grads(model, want)
 
 
 @pytest.mark.parametrize("steps", [1, 3])
@@ -218,8 +218,7 @@ def test_higher_sgd_factored_steps_equal_autograd(force_path, steps):
         for time, expected in enumerate(history):
             for got, w in zip(fmodel.parameters(time=time), expected):
                 torch.testing.assert_close(got, w, rtol=1e-10, atol=1e-10)
-    for p, w in zip(model.parameters(), want):
-        torch.testing.assert_close(p.grad, w, rtol=1e-10, atol=1e-10)
+    assert_meta_grads(model, want)
 
 
 def test_higher_with_momentum_keeps_tensors(force_path):
@@ -277,8 +276,7 @@ def test_batched_learner_factored_meta_gradients_equal_the_per_task_sum(steps, f
         assert all(w.g is not None and w.g.shape[:2] == (T, 6) for w in learner._weights
                    if isinstance(w, _common.FactoredWeight))
     loss(learner(xq), yq).backward()
-    for p, w in zip(model.parameters(), want):
-        torch.testing.assert_close(p.grad, w, rtol=1e-10, atol=1e-10)
+    assert_meta_grads(model, want)
     formed = list(learner.parameters())  # the T adapted weights, formed on request
     assert formed[0].shape == (T, 96, 64)
 

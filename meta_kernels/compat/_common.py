@@ -160,9 +160,9 @@ def engine_factorable(model: nn.Module, task_model: TaskModel) -> list[int]:
     if task_model.engine is None:
         return []
     batched = {id(original) for view, original in task_model.engine._pairs if isinstance(view, _TaskLinear)}
-    slots = Slots(model)
-    return [i for i in factorable_weights(model, slots)
-            if any(id(m) in batched for m, k, j in slots.param_slots if j == i and k == "weight")]
+    runner = runner_for(model)  # its slots and factorable weights, found once per model
+    return [i for i in runner.factorable
+            if any(id(m) in batched for m, k, j in runner.slots.param_slots if j == i and k == "weight")]
 
 
 _METADATA = {getter for name in ("shape", "dtype", "device", "ndim", "requires_grad", "is_cuda", "layout")
