@@ -2,6 +2,7 @@
 batched form `clone(tasks=T)` against our meta_loss and a per-task loop."""
 import copy
 import gc
+import warnings
 import weakref
 
 import pytest
@@ -488,6 +489,63 @@ def test_models_the_fused_view_cannot_run_keep_their_own_layers():
     l2l.algorithms.MAML(mlp_model, lr=0.1).clone()(x)
     assert _common.runner_for(mlp_model).plan.startswith(("plain (no layer with a fused op",
                                                           "plain on one thread (no layer with a fused op"))
+
+
+class TinyAttention(nn.Module):
+    """Two-head self-attention through F.scaled_dot_product_attention (torch's fused CPU kernel:
+    no double backward), mean over the sequence, a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.head = nn.Linear(4, 24), nn.Linear(8, WAYS)
+
+    def forward(self, x):  # x [N, length, 4]
+        q, k, v = self.qkv(x).unflatten(-1, (3, 2, 4)).permute(2, 0, 3, 1, 4)  # each [N, heads, length, 4]
+        return self.head(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2).mean(1))
+
+
+@pytest.mark.parametrize("lib", ["ours", "original"])
+def test_a_model_without_second_order_fails_where_the_original_fails(lib, request):
+    """A model whose second-order MAML step cannot be taken (attention on torch's fused CPU kernel)
+    fails in the user's loop where the original learn2learn fails -- the meta-loss's backward --
+    not in the runner's measurement at the first forward; ours says so beforehand, with the fix."""
+    library = l2l if lib == "ours" else request.getfixturevalue("original_l2l")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # two thread counts: the runner measures
+    try:
+        torch.manual_seed(0)
+        model = TinyAttention()
+        x, y = torch.randn(6, 5, 4), torch.arange(6) % WAYS
+        learner = library.algorithms.MAML(model, lr=0.1).clone()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            learner.adapt(F.cross_entropy(learner(x), y))
+            query_loss = F.cross_entropy(learner(x), y)
+        with pytest.raises(RuntimeError, match="scaled_dot_product"):
+            query_loss.backward()
+        said = [str(w.message) for w in caught if "meta_kernels.compat" in str(w.message)]
+        if lib == "original":
+            assert not said
+            return
+        from meta_kernels.compat import runner_plan
+        assert runner_plan(model).startswith("plain (not measured: a second-order MAML step through this model "
+                                             "raised RuntimeError")
+        assert len(said) == 1 and "TinyAttention raised RuntimeError" in said[0], said
+        assert "sdpa_kernel(SDPBackend.MATH)" in said[0] and "first_order=True" in said[0]
+        # Either fix runs: first order (no double backward; measured), or the math backend.
+        first_order = l2l.algorithms.MAML(model, lr=0.1, first_order=True).clone()
+        first_order.adapt(F.cross_entropy(first_order(x), y))
+        F.cross_entropy(first_order(x), y).backward()
+        assert "first-order step measured" in runner_plan(model)
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        with sdpa_kernel(SDPBackend.MATH):
+            other = TinyAttention()
+            learner = l2l.algorithms.MAML(other, lr=0.1).clone()
+            learner.adapt(F.cross_entropy(learner(x), y))
+            F.cross_entropy(learner(x), y).backward()
+        assert "second-order step measured" in runner_plan(other)
+    finally:
+        torch.set_num_threads(threads)
 
 
 # ---- l2l.utils and l2l.nn, as ported scripts call them ---------------------------------------------

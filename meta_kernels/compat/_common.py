@@ -414,10 +414,16 @@ class ModelRunner:
                     try:
                         _exercise(self, path, weights if weights is not None else self.slots.params, buffers, args,
                                   kwargs, second_order, n)
+                    except _StepFailed as exc:
+                        if path == "plain":  # the model's own step fails: the user's loop will meet it
+                            return self._unmeasured(key, exc.__cause__, second_order)
+                        failed = _first_line(exc.__cause__)
+                        times = {c: t for c, t in times.items() if c[0] != path}
+                        continue
                     except Exception as exc:  # noqa: BLE001 - a path that cannot run this model is dropped
-                        if path == "plain":
+                        if path == "plain":  # the model's own forward fails on these inputs: as the user's would
                             raise
-                        failed = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+                        failed = _first_line(exc)
                         times = {c: t for c, t in times.items() if c[0] != path}
                         continue
                     if cuda:
@@ -437,6 +443,29 @@ class ModelRunner:
         self.plan = _plan_text(choice, self.unfactored_choice[key], times, second_order, failed,
                                self._engine is not None)
         return choice
+
+    def _unmeasured(self, key, exc: BaseException, second_order: bool) -> tuple[str, int | None]:
+        """The model's own layers, unmeasured, after a MAML step through them raised: the same step
+        in the user's loop raises there (at adapt() or the meta-loss's backward), as with the
+        original library -- not here, in a forward that the original runs without error."""
+        self.choice[key] = self.unfactored_choice[key] = ("plain", None)
+        order = "second" if second_order else "first"
+        self.plan = f"plain (not measured: a {order}-order MAML step through this model raised {_first_line(exc)})"
+        hint = ("; attention through torch's fused CPU kernels has no double backward: run the loop under "
+                "torch.nn.attention.sdpa_kernel(SDPBackend.MATH), or use first_order=True"
+                if "scaled_dot_product" in str(exc) else "")
+        warnings.warn(f"meta_kernels.compat: a {order}-order MAML step through {type(self.model).__name__} raised "
+                      f"{_first_line(exc)}; the learner runs the model's own layers, unmeasured, and the same step "
+                      f"in your loop is expected to raise it there, as with the original library{hint}", stacklevel=2)
+        return self.choice[key]
+
+
+class _StepFailed(Exception):
+    """_exercise's failure after the forward (the inner gradient, the meta-loss's backward); the cause is chained."""
+
+
+def _first_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
 
 
 def _plan_text(choice, unfactored, times: dict, second_order: bool, failed: str, has_engine: bool) -> str:
@@ -486,11 +515,17 @@ def _exercise(runner: ModelRunner, path: str, weights: Sequence[Tensor], buffers
         loss = _square_mean(runner.run(path, entries, buffers, args, kwargs, records))
         if loss is None or not index:
             return
-        direct, outer = entry_grads(entries, index, records, loss, second_order)
-        adapted = stepped_entries(entries, direct, outer, lambda i, g: g, [1e-3] * len(entries))
-        meta_loss = _square_mean(runner.run(path, adapted, buffers, args, kwargs, []))
+        try:
+            direct, outer = entry_grads(entries, index, records, loss, second_order)
+            adapted = stepped_entries(entries, direct, outer, lambda i, g: g, [1e-3] * len(entries))
+            meta_loss = _square_mean(runner.run(path, adapted, buffers, args, kwargs, []))
+        except Exception as exc:  # noqa: BLE001 - told apart from a failing first forward
+            raise _StepFailed() from exc
     if meta_loss is not None and meta_loss.requires_grad:
-        torch.autograd.grad(meta_loss, [weights[i] for i in index], allow_unused=True)
+        try:
+            torch.autograd.grad(meta_loss, [weights[i] for i in index], allow_unused=True)
+        except Exception as exc:  # noqa: BLE001
+            raise _StepFailed() from exc
 
 
 def _square_mean(out) -> Tensor | None:
