@@ -12,6 +12,11 @@ Cases (random Omniglot-shaped data, tests/peer_examples):
   higher_mlp  higher's loop on that MLP (5 SGD steps on 25 support samples, 32 tasks)
   conv4_l2l / conv4_higher   the same two loops on a user's nn.Sequential Conv4 (padding 1,
               batch statistics only: the model of the earlier rows of bench/RESULTS.md)
+  l2l_row_lstm, l2l_row_transformer, l2l_resnet12, l2l_ln_mlp   learn2learn's loop on other models a
+              user brings (meta_kernels.models.plain): an LSTM and a 2-layer Transformer encoder reading
+              the image as a sequence of its 28 rows (the Transformer under the math attention backend: the
+              fused CPU kernel has no double backward), a ResNet-12 (widths 16-128, 4 tasks), a
+              784-256-5 MLP with LayerNorm: "never slower than the original, on any model"
 Variants: original (learn2learn 0.2 from its sdist, the real higher), compat (import swapped),
 batched (the README's diff), and for higher_net batched-chunk8 / -chunk4 / -chunk2 (the README's
 low-memory line: 8, 4 or 2 tasks per innerloop_ctx).
@@ -48,9 +53,34 @@ CASES = {
     "higher_mlp": ("higher", "mlp", 32),
     "conv4_l2l": ("l2l", "conv4", 32),
     "conv4_higher": ("higher", "conv4", 32),
+    "l2l_row_lstm": ("l2l", "row_lstm", 16),
+    "l2l_row_transformer": ("l2l", "row_transformer", 16),
+    "l2l_resnet12": ("l2l", "resnet12", 4),
+    "l2l_ln_mlp": ("l2l", "ln_mlp", 32),
 }
 VARIANTS = ("original", "compat", "batched")
 EXTRA_VARIANTS = {"higher_net": ("batched-chunk8", "batched-chunk4", "batched-chunk2")}
+
+
+def _user_models() -> dict:
+    from torch import nn
+    from meta_kernels.models.plain import LSTMClassifier, ResNet12, TransformerClassifier
+
+    class Rows(nn.Module):
+        """An image [N, 1, 28, 28] read as a sequence of its 28 rows."""
+
+        def __init__(self, inner: nn.Module):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x.flatten(1, 2))
+
+    return {"row_lstm": lambda: Rows(LSTMClassifier(28, 5, hidden=64)),
+            "row_transformer": lambda: Rows(TransformerClassifier(28, 5, dim=32)),
+            "resnet12": lambda: ResNet12(5, widths=(16, 32, 64, 128), in_channels=1),
+            "ln_mlp": lambda: nn.Sequential(nn.Flatten(), nn.Linear(784, 256), nn.LayerNorm(256), nn.ReLU(),
+                                            nn.Linear(256, 5))}
 
 
 def make_step(case: str, variant: str, device: str = "cpu"):
@@ -59,7 +89,7 @@ def make_step(case: str, variant: str, device: str = "cpu"):
     import peer_examples as pe
     from meta_kernels.models import peers, sequential_conv4
     loop, model_name, tasks = CASES[case]
-    make = {"conv4": sequential_conv4, **peers.PEER_MODELS}[model_name]
+    make = {"conv4": sequential_conv4, **peers.PEER_MODELS, **_user_models()}[model_name]
     names = {}
     if variant == "original":
         if loop == "l2l":
@@ -78,7 +108,15 @@ def make_step(case: str, variant: str, device: str = "cpu"):
     model = make().to(device)
     if loop == "l2l":
         tasksets = pe.random_tasksets()
-        return lambda: module.main(model, tasksets, meta_batch_size=tasks, device=torch.device(device))
+        step = lambda: module.main(model, tasksets, meta_batch_size=tasks, device=torch.device(device))
+        if model_name == "row_transformer":  # second order through attention: the math backend, as users must
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            def under_math():
+                with sdpa_kernel(SDPBackend.MATH):
+                    return step()
+            return under_math
+        return step
     db, opt = pe.RandomNShot(batchsz=tasks, device=device), torch.optim.Adam(model.parameters(), 1e-3)
     return lambda: module.train(db, model, device, opt, 0, [])
 
