@@ -155,6 +155,21 @@ def test_the_no_graph_paths_take_the_same_steps(optimizer):
     assert all(math.isfinite(log.update_norm) and log.update_norm > 0 for log in logs)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_the_logged_update_norm_is_the_step_taken(dtype):
+    """SGD with a rate per weight: each task's update norm, sqrt(sum_i (lr_i ||g_i||)^2) from the
+    batched gradients (strided for Linear weights), is the norm of the weights' change; the log
+    holds its mean over the tasks."""
+    model = mlp().to(dtype)
+    xs, ys, _, _ = tasks("mlp")
+    params = dict(model.named_parameters())
+    rates = [0.05 * (i + 1) for i in range(len(params))]  # one per parameter, in order
+    adapted, logs = mk.adapt(params, (xs.to(dtype), ys), model=model, steps=1, lrs=rates, first_order=True)
+    change = torch.stack([(adapted[k] - p).detach().flatten(1).double().pow(2).sum(1) for k, p in params.items()])
+    want = float(change.sum(0).sqrt().mean())
+    assert logs[0].update_norm == pytest.approx(want, rel=1e-6)  # the log's rates are float32
+
+
 def test_a_dead_relu_leaves_the_adam_meta_gradient_finite():
     """A hidden unit that no input activates: its weights' inner gradient is exactly 0 at every
     step, so Adam's second moment is 0 there (d sqrt(v) at v = 0)."""

@@ -21,7 +21,7 @@ std::tuple<at::Tensor, at::Tensor> clip_grad_norm(at::TensorList grads, double m
   std::vector<Chunk> items;
   std::vector<int64_t> item_task;
   for (int64_t i = 0; i < n; ++i) {
-    g[i] = grads[i].contiguous();
+    g[i] = task_blocks_dense(grads[i]) ? grads[i] : grads[i].contiguous();
     const int64_t inner = T > 0 ? g[i].numel() / T : 0;
     for (int64_t t = 0; t < T; ++t)
       for (int64_t b = 0; b < inner; b += kChunk) {

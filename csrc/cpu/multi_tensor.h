@@ -24,6 +24,14 @@ inline std::vector<Chunk> make_chunks(const std::vector<int64_t>& numels, int64_
   return chunks;
 }
 
+// Whether t's elements of each task (dim 0) fill one contiguous block of memory, in some order:
+// a reduction over each task's elements (a sum of squares) may then read that block as it lies,
+// e.g. a bmm's weight gradient [T, out, in] laid out as [T, in, out] (no copy needed).
+inline bool task_blocks_dense(const at::Tensor& t) {
+  return t.is_contiguous() ||
+         (t.dim() > 0 && t.is_non_overlapping_and_dense() && t.stride(0) * t.size(0) == t.numel());
+}
+
 // Runs fn(chunk) for every chunk, in parallel when there is more than one.
 template <typename F>
 void for_each_chunk(const std::vector<Chunk>& chunks, const F& fn) {

@@ -6,6 +6,13 @@ namespace meta_kernels {
 namespace cpu {
 namespace {
 
+// [T, 1, ..., 1]: a per-task factor broadcast over a [T, ...] tensor.
+std::vector<int64_t> task_shape(const at::Tensor& t) {
+  std::vector<int64_t> shape(std::max<int64_t>(t.dim(), 1), 1);
+  shape[0] = t.dim() > 0 ? t.size(0) : 1;
+  return shape;
+}
+
 // Writes p - lr * s[t] * g into out for every tensor; out may alias p (the in-place op).
 void sgd_kernel(at::TensorList params, at::TensorList grads, std::vector<at::Tensor>& outs, const at::Tensor& lrs,
                 const c10::optional<at::Tensor>& scale) {
@@ -18,6 +25,17 @@ void sgd_kernel(at::TensorList params, at::TensorList grads, std::vector<at::Ten
   std::vector<at::Tensor> p(n), g(n);
   std::vector<int64_t> numels(n), inner(n);
   for (int64_t i = 0; i < n; ++i) {
+    const auto dtype = params[i].scalar_type();
+    if ((!params[i].is_contiguous() || !grads[i].is_contiguous()) && (dtype == at::kFloat || dtype == at::kDouble)) {
+      // A base expanded over the tasks, a bmm's strided weight gradient: one strided pass of aten
+      // into out, instead of a contiguous copy of each (T copies of the weights) before the loop.
+      // (Half types keep the copies: their rates must stay in float32 for the product.)
+      const at::Tensor coef = s != nullptr ? scale_d.view(task_shape(params[i])) * -lr[i]
+                                           : at::scalar_tensor(-lr[i], lrs_d.options());
+      at::addcmul_out(outs[i], params[i], grads[i], coef.to(dtype));
+      numels[i] = inner[i] = 0;  // no chunks in the fused loop
+      continue;
+    }
     p[i] = params[i].contiguous();
     g[i] = grads[i].contiguous();
     numels[i] = p[i].numel();

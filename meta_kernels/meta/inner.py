@@ -432,6 +432,12 @@ def _task_gradients(task_model: TaskModel, fast: dict[str, Tensor], x: Tensor, y
     return list(grads), loss_t, acc_t
 
 
+def _task_norms(d: Tensor) -> Tensor:
+    """The L2 norm of each task's slice of d [T, ...], in float32 at least."""
+    d = d if d.dtype == torch.float64 else d.float()
+    return d.abs() if d.dim() == 1 else torch.linalg.vector_norm(d, dim=tuple(range(1, d.dim())))
+
+
 def _step_log(step, loss_t, acc_t, norm, factor, directions, lr_step, task_ok, q_loss, q_acc,
               directions_scaled: bool = False) -> StepLog:
     """directions: the gradients (SGD), or the optimizer's steps, which hold the clip factor
@@ -439,7 +445,8 @@ def _step_log(step, loss_t, acc_t, norm, factor, directions, lr_step, task_ok, q
     with torch.no_grad():
         lr = lr_step.detach().float()
         # ||update|| per task = sqrt(sum_i (lr_i * factor_t)^2 ||d_i,t||^2)
-        sq = torch.stack([d.detach().float().reshape(d.shape[0], -1).pow(2).sum(1) for d in directions])  # [n, T]
+        # One read of each direction (a weight gradient of a bmm is strided: reshape would copy it).
+        sq = torch.stack([_task_norms(d.detach()).square() for d in directions])  # [n, T]
         upd = (lr.pow(2).unsqueeze(1) * sq).sum(0).sqrt()
         if factor is not None and not directions_scaled:
             upd = upd * factor.detach().float()

@@ -13,6 +13,7 @@ from tests.conftest import (
     assert_no_worse_than_torch,
     backend_devices,
     check_grad_and_gradgrad,
+    gen,
     small_lists,
     tensor_lists,
 )
@@ -35,6 +36,26 @@ def test_clip_grad_norm_matches_reference(backend, device, shapes, T, dtype):
                                what="norm")
     assert_no_worse_than_torch(factor, torch_factor, true_factor, torch.float32 if dtype == torch.bfloat16 else dtype,
                                what="factor")
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_clip_grad_norm_of_strided_gradients(backend, device, dtype):
+    """Each task's block read as it lies (a bmm's transposed weight gradient), and layouts whose
+    tasks interleave in memory, are sliced, or broadcast (copied first): the reference's norms."""
+    T = 6
+    g = lambda *s, seed: torch.randn(*s, generator=gen(seed), dtype=torch.float64).to(device, dtype)
+    grads = [g(T, 13, 7, seed=1).transpose(1, 2),                 # tasks in blocks, transposed inside
+             g(9, T, 4, seed=2).transpose(0, 1),                  # tasks interleaved
+             g(T, 10, 6, seed=3)[:, ::2],                         # sliced
+             g(1, 5, seed=4).expand(T, 5),                        # broadcast over the tasks
+             g(T, 3, seed=5)]
+    norm, factor = mk.clip_grad_norm(grads, 2.0, backend=backend)
+    torch_norm, torch_factor = reference.clip_grad_norm(grads, 2.0, 1e-6)
+    true_norm, true_factor = reference.clip_grad_norm(as_float64(grads), 2.0, 1e-6)
+    kind = torch.float32 if dtype == torch.bfloat16 else dtype
+    assert_no_worse_than_torch(norm, torch_norm, true_norm, kind, what="norm")
+    assert_no_worse_than_torch(factor, torch_factor, true_factor, kind, what="factor")
 
 
 @pytest.mark.parametrize("backend,device", backend_devices())

@@ -68,6 +68,27 @@ def test_sgd_step_non_contiguous_inputs(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", backend_devices())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("with_scale", [True, False])
+def test_sgd_step_from_a_base_expanded_over_tasks(backend, device, dtype, with_scale):
+    """The inner loop's first step: the shared weights expanded to [T, ...] (stride 0) and a
+    batched weight gradient laid out transposed, as a bmm gives it."""
+    T = 32
+    bases = [torch.randn(7, 13, generator=gen(11)).to(device, dtype), torch.randn(5, generator=gen(12)).to(device, dtype)]
+    params = [b.expand(T, *b.shape) for b in bases]
+    grads = [torch.randn(T, 13, 7, generator=gen(13)).to(device, dtype).transpose(1, 2),
+             torch.randn(T, 5, generator=gen(14)).to(device, dtype)]
+    lrs = torch.tensor([0.1, 0.3], device=device)
+    scale = torch.rand(T, generator=gen(15)).to(device) if with_scale else None
+    ours = mk.sgd_step(params, grads, lrs, scale, backend=backend)
+    torch_same = reference.sgd_step(params, grads, lrs, scale)
+    truth = reference.sgd_step(as_float64(params), as_float64(grads), lrs.double(), None if scale is None else scale.double())
+    for i, (o, r, t) in enumerate(zip(ours, torch_same, truth)):
+        assert o.shape == params[i].shape and o.dtype == dtype and o.is_contiguous()
+        assert_no_worse_than_torch(o, r, t, dtype, what=f"sgd_step[{i}]")
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
 @pytest.mark.parametrize("with_scale", [False, True])
 def test_sgd_step_gradients(backend, device, with_scale):
     g = torch.Generator().manual_seed(0)
