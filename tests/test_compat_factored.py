@@ -1,4 +1,4 @@
-"""The compat layer's factored Linear steps (meta_kernels.compat._common.FactoredWeight): a MAML
+"""The compat layer's factored Linear steps (meta_kernels.meta.factored.FactoredWeight): a MAML
 learner's wide Linear weights held as base - gᵀ x. Meta-gradients through them equal per-task
 autograd's in float64, whatever reads the weights; the runner takes the path only by measurement."""
 import pytest
@@ -177,7 +177,8 @@ def test_a_weight_past_its_rank_limit_is_formed_and_stays_exact(force_path, monk
     want = reference_meta_grads(model, xs, ys, xq, yq, 3, False)
     learner = l2l.algorithms.MAML(model, lr=LR).clone()
     out = learner(xs)  # the runner finds the factorable weights with the real limit
-    monkeypatch.setattr(_common, "factored_rank_limit", lambda out_features, in_features: 8)
+    from meta_kernels.meta import factored
+    monkeypatch.setattr(factored, "factored_rank_limit", lambda out_features, in_features: 8)
     ranks = []
     for _ in range(3):
         learner.adapt(F.cross_entropy(out, ys))

@@ -20,9 +20,9 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
-from meta_kernels.compat._common import (check_finite, check_loss, checked_rate, entry_grads, formed, sgd_update,
-                                         stepped_entries)
+from meta_kernels.compat._common import check_finite, check_loss, checked_rate, sgd_update, stepped_entries
 from meta_kernels.compat._tasks import checked_task_loss
+from meta_kernels.meta.factored import entry_grads, formed
 
 SUPPORTED_OPTIMIZERS = ("torch.optim.SGD", "torch.optim.Adam")
 

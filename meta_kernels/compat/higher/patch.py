@@ -6,8 +6,9 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from meta_kernels.compat._common import FastModel, checked_tasks, formed, runner_for, task_model_for
+from meta_kernels.compat._common import FastModel, checked_tasks, runner_for, task_model_for
 from meta_kernels.compat._tasks import inputs_tasks_first, task_outputs
+from meta_kernels.meta.factored import formed
 
 
 def monkeypatch(module: nn.Module, device=None, copy_initial_weights: bool = True, track_higher_grads: bool = True,

@@ -27,10 +27,10 @@ import weakref
 import torch
 from torch import Tensor, nn
 
-from meta_kernels.compat._common import (FactoredWeight, FastModel, check_finite, check_loss, checked_rate,
-                                         checked_tasks, clone_tree, engine_factorable, entry_grads, formed, placeholder,
-                                         runner_for, stepped_entries, task_model_for)
+from meta_kernels.compat._common import (FastModel, check_finite, check_loss, checked_rate, checked_tasks, clone_tree,
+                                         engine_factorable, runner_for, stepped_entries, task_model_for)
 from meta_kernels.compat._tasks import checked_task_loss, inputs_tasks_first, task_outputs
+from meta_kernels.meta.factored import FactoredWeight, entry_grads, formed, placeholder
 from meta_kernels.meta.inner_common import check_rates, checked_flag
 
 
