@@ -110,9 +110,9 @@ class _Placeholder(Tensor):
         return _factored_linear(self, x, bias)
 
 
-def placeholder(index: int, factored: FactoredWeight, records: list) -> Tensor:
+def placeholder(index: int, factored: FactoredWeight, records: list | None) -> Tensor:
     """What goes into a factored weight's places for a forward: its formed weight once formed,
-    else a _Placeholder recording the factored forwards into `records`."""
+    else a _Placeholder recording the factored forwards into `records` (None: not recorded)."""
     if factored.dense_ is not None:
         return factored.dense_
     held = factored.base.as_subclass(_Placeholder)
@@ -128,7 +128,7 @@ def _factored_linear(held: _Placeholder, x: Tensor, bias: Tensor | None) -> Tens
         return FactoredWeight(factored.dense_).linear(x, bias)
     lead = x if factored.base.dim() == 3 or x.dim() == 2 else x.reshape(-1, x.shape[-1])
     y = factored.linear(lead, bias)
-    if y.requires_grad:
+    if records is not None and y.requires_grad:
         records.append((index, lead, y))
     return y if lead is x else y.view(*x.shape[:-1], y.shape[-1])
 

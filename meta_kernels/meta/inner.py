@@ -16,6 +16,8 @@ import torch
 from torch import Tensor
 
 import meta_kernels.ops as ops
+from meta_kernels.meta.batching import _TaskLinear
+from meta_kernels.meta.factored import FactoredWeight, entry_grads, factored_rank_limit, placeholder
 from meta_kernels.meta.higher_engine import adapt_with_higher
 from meta_kernels.meta.inner_common import (AdaptResult, CarriedState, InnerLoopSettings, InnerOptimizer, NonFiniteLossError, StepLog, as_task_batch,
                                             check_devices, check_rates, check_same_samples, support_parts, compute_inputs, lead_tensor, lr_table, map_inputs, masked_mean,
@@ -206,6 +208,21 @@ def _with_fixed_weights(result: AdaptResult, fixed: dict[str, Tensor], names: li
     return result
 
 
+def _raise_nonfinite(bad: Tensor, loss_t: Tensor, step: int, base: dict[str, Tensor]) -> None:
+    tasks = bad.nonzero().flatten().tolist()
+    if step == 0:  # before any inner update: the weights or the inputs, not the inner lr
+        largest = max(float(v.detach().abs().max()) for v in base.values())
+        raise NonFiniteLossError(
+            f"non-finite inner loss at inner step 0, before any inner update, for task(s) {tasks} (loss "
+            f"{loss_t.detach()[bad].tolist()}): the model's weights (largest magnitude {largest:.3g}) or the "
+            "support inputs are not fit to use; check the inputs, and the meta-update that made the "
+            "weights (meta_lr), or set skip_nonfinite_tasks=True to skip such tasks")
+    raise NonFiniteLossError(
+        f"non-finite inner loss or gradient at inner step {step} for task(s) {tasks} (loss "
+        f"{loss_t.detach()[bad].tolist()}); lower the inner lr, set inner_clip, or set "
+        "skip_nonfinite_tasks=True to skip such tasks")
+
+
 class _SkipTasks(Exception):
     def __init__(self, bad: Tensor):
         self.bad = bad
@@ -225,6 +242,9 @@ def _run_steps(task_model: TaskModel, base: dict[str, Tensor], x: Tensor, y: Ten
         fast = {k: v.expand(T, *v.shape) for k, v in base.items()}
     optimizer = settings.optimizer
     state = optimizer.init_state(list(fast.values())) if optimizer.has_state else None
+    factored = _factorable(task_model, base, settings, elementwise, state)
+    if factored:
+        fast = {k: FactoredWeight(v) if k in factored else v for k, v in fast.items()}
     offset = 0  # updates the state has seen before this loop
     if start_state is not None:
         shapes = [tuple(v.shape[1:]) for v in fast.values()]
@@ -246,7 +266,7 @@ def _run_steps(task_model: TaskModel, base: dict[str, Tensor], x: Tensor, y: Ten
         if query is None:
             return None, None
         with torch.no_grad():
-            ql, qa = query_pass(task_model, fast, *query, step=step, settings=settings)
+            ql, qa = query_pass(task_model, _held(fast), *query, step=step, settings=settings)
         curve_per_task.append((ql, qa))
         curve_loss.append(masked_mean(ql, task_ok))
         curve_acc.append(masked_mean(qa, task_ok))
@@ -259,6 +279,15 @@ def _run_steps(task_model: TaskModel, base: dict[str, Tensor], x: Tensor, y: Ten
         if recompute:
             starts.append(None if step == 0 else {k: v.detach().clone() for k, v in fast.items()})
             rng_states.append(_rng_state(lead_tensor(x).device))
+        if factored:  # plain SGD with factored Linear weights: its own step, then on to the next
+            fast, loss_t, logs_entry = _factored_step(task_model, fast, xk, yk, settings, step, table[step], task_ok,
+                                                      skipped, base, q_loss, q_acc)
+            logs.append(logs_entry)
+            if msl_weights is not None:
+                q_t, _ = query_pass(task_model, _held(fast), *query, step=step + 1, settings=settings)
+                term = msl_weights[step].to(q_t.dtype) * q_t
+                msl_total = term if msl_total is None else msl_total + term
+            continue
         grads, loss_t, acc_t = _task_gradients(task_model, fast, xk, yk, settings, step,
                                                create_graph=not settings.first_order and not no_graph)
         if settings.proximal:  # iMAML: the proximal term's gradient, lambda * (phi - theta), no graph
@@ -274,18 +303,7 @@ def _run_steps(task_model: TaskModel, base: dict[str, Tensor], x: Tensor, y: Ten
         bad = ~(torch.isfinite(loss_t.detach()) & torch.isfinite(norm.detach())) & task_ok
         if bool(bad.any()):
             if settings.on_nonfinite == "raise":
-                tasks = bad.nonzero().flatten().tolist()
-                if step == 0:  # before any inner update: the weights or the inputs, not the inner lr
-                    largest = max(float(v.detach().abs().max()) for v in base.values())
-                    raise NonFiniteLossError(
-                        f"non-finite inner loss at inner step 0, before any inner update, for task(s) {tasks} (loss "
-                        f"{loss_t.detach()[bad].tolist()}): the model's weights (largest magnitude {largest:.3g}) or the "
-                        "support inputs are not fit to use; check the inputs, and the meta-update that made the "
-                        "weights (meta_lr), or set skip_nonfinite_tasks=True to skip such tasks")
-                raise NonFiniteLossError(
-                    f"non-finite inner loss or gradient at inner step {step} for task(s) {tasks} (loss "
-                    f"{loss_t.detach()[bad].tolist()}); lower the inner lr, set inner_clip, or set "
-                    "skip_nonfinite_tasks=True to skip such tasks")
+                _raise_nonfinite(bad, loss_t, step, base)
             raise _SkipTasks(bad)
         if bool(skipped.any()):
             grads = _zero_skipped(grads, task_ok)
@@ -317,6 +335,7 @@ def _run_steps(task_model: TaskModel, base: dict[str, Tensor], x: Tensor, y: Ten
     query_point(settings.steps)
     if no_graph:
         fast = {k: v.detach() for k, v in fast.items()}
+    fast = _held(fast)  # factored weights as placeholders: the query pass runs them factored, any other use forms them
 
     def backward(adjoint: list[Tensor]) -> None:
         _backward_by_recompute(task_model, base, x, y, table, task_ok, starts, rng_states, adjoint, settings,
@@ -324,6 +343,98 @@ def _run_steps(task_model: TaskModel, base: dict[str, Tensor], x: Tensor, y: Ten
     per_task = [torch.stack(v, 1) for v in zip(*curve_per_task)] if query is not None else [None, None]
     return AdaptResult(fast, logs, curve_loss, curve_acc, task_ok, msl_total, backward if recompute else None,
                        *per_task, optimizer_state=state)
+
+
+# Plain SGD steps hold wide Linear weights in factored form (meta/factored.py); False: every
+# weight as a [T, *shape] tensor (the A/B and the tests' reference).
+FACTORED = True
+
+
+def _factorable(task_model: TaskModel, base: dict[str, Tensor], settings: InnerLoopSettings, elementwise, state) -> set:
+    """Names of the adapted Linear weights to step in factored form: those the task-batching
+    engine runs as one batched product, wide enough (rank limit >= 32, as in the compat layer).
+    None where the loop needs each weight's gradient whole or as a tensor: an inner optimizer with
+    state, Meta-SGD's rates, clipping, iMAML's proximal term, no graph (Reptile, evaluation) or
+    recompute, torch.func or a compiled forward."""
+    if (not FACTORED or state is not None or elementwise is not None or settings.inner_clip is not None
+            or settings.proximal or settings.no_graph or settings.recompute or settings.engine != "custom"
+            or task_model.mode != "batched" or task_model.compiled is not None):
+        return set()
+    batched = {id(original) for view, original in task_model.engine._pairs if isinstance(view, _TaskLinear)}
+    modules = dict(task_model.model.named_modules())
+    names = set()
+    for name, w in base.items():
+        path, _, leaf = name.rpartition(".")
+        module = modules.get(path)
+        if (leaf == "weight" and module is not None and id(module) in batched and w.dim() == 2
+                and w.is_floating_point() and factored_rank_limit(*w.shape) >= 32):
+            names.add(name)
+    return names
+
+
+def _held(fast: dict, records: list | None = None) -> dict[str, Tensor]:
+    """The weights as a forward takes them: factored ones as placeholders, recording their
+    factored forwards into `records` (None: not recorded)."""
+    return {k: placeholder(i, w, records) if isinstance(w, FactoredWeight) else w for i, (k, w) in enumerate(fast.items())}
+
+
+def _factored_step(task_model: TaskModel, fast: dict, x, y, settings: InnerLoopSettings, step: int, lr_step: Tensor,
+                   task_ok: Tensor, skipped: Tensor, base: dict[str, Tensor], q_loss, q_acc):
+    """One plain SGD step with factored Linear weights (FactoredWeight in `fast`): the inner
+    gradient w.r.t. their layers' outputs, each task's gradient norm from the factors
+    (||gᵀ x||² = <g gᵀ, x xᵀ>), the step as new factors. The rest as the dense loop does it.
+    Returns (new fast, per-task loss, the step's log)."""
+    create_graph = not settings.first_order
+    records: list = []
+    out = task_model(_held(fast, records), x, double_backward=create_graph, step=step, bn_mode=settings.bn_mode)
+    loss_t, acc_t = per_task_loss(out, y, settings.loss)
+    entries = list(fast.values())
+    direct, outer = entry_grads(entries, range(len(entries)), records, loss_t.sum(), create_graph)
+    dense, factors, sq = {}, {}, []  # dense gradients, (g, x) per factored weight, squared norms [T] per weight
+    for i, w in enumerate(entries):
+        pairs = outer.get(i)
+        if isinstance(w, FactoredWeight) and w.dense_ is None:
+            if pairs is None:  # not used by this forward: no step
+                sq.append(torch.zeros(w.base.shape[0], dtype=w.base.dtype, device=w.base.device))
+                continue
+            g = torch.cat([g for _, g in pairs], 1)  # [T, r, out]
+            xs = torch.cat([xi for xi, _ in pairs], 1)  # [T, r, in]
+            factors[i] = (g, xs)
+            with torch.no_grad():
+                sq.append((torch.bmm(g, g.transpose(1, 2)) * torch.bmm(xs, xs.transpose(1, 2))).sum((1, 2)))
+            continue
+        # A tensor, or a factored weight that another use formed: its whole gradient.
+        d = direct.get(i)
+        like = w.dense_ if isinstance(w, FactoredWeight) else w
+        d = torch.zeros_like(like) if d is None else d
+        if pairs:
+            d = d + torch.bmm(torch.cat([g for _, g in pairs], 1).transpose(1, 2), torch.cat([xi for xi, _ in pairs], 1))
+        dense[i] = d
+        sq.append(_task_norms(d.detach()).square())
+    sq = torch.stack([v.to(torch.float64 if v.dtype == torch.float64 else torch.float32) for v in sq])  # [n, T]
+    norm = sq.sum(0).sqrt()
+    bad = ~(torch.isfinite(loss_t.detach()) & torch.isfinite(norm)) & task_ok
+    if bool(bad.any()):
+        if settings.on_nonfinite == "raise":
+            _raise_nonfinite(bad, loss_t, step, base)
+        raise _SkipTasks(bad)
+    new = list(entries)
+    if dense:
+        moved = list(dense)
+        grads = [dense[i] for i in moved]
+        if bool(skipped.any()):
+            grads = _zero_skipped(grads, task_ok)
+        values = [entries[i].dense_ if isinstance(entries[i], FactoredWeight) else entries[i] for i in moved]
+        rates = lr_step[torch.tensor(moved, device=lr_step.device)]
+        for i, v in zip(moved, ops.sgd_step(values, grads, rates, None)):
+            new[i] = FactoredWeight(v) if isinstance(entries[i], FactoredWeight) else v
+    for i, (g, xs) in factors.items():
+        g = g * lr_step[i].to(g.dtype)
+        if bool(skipped.any()):
+            g = g * task_ok.to(g.dtype).view(-1, 1, 1)
+        new[i] = entries[i].stepped(g, xs)
+    log = _step_log(step, loss_t, acc_t, norm, None, None, lr_step, task_ok, q_loss, q_acc, squares=sq)
+    return dict(zip(fast, new)), loss_t, log
 
 
 def _inner_batches(T: int, samples: int, batch: int, device):
@@ -439,14 +550,15 @@ def _task_norms(d: Tensor) -> Tensor:
 
 
 def _step_log(step, loss_t, acc_t, norm, factor, directions, lr_step, task_ok, q_loss, q_acc,
-              directions_scaled: bool = False) -> StepLog:
+              directions_scaled: bool = False, squares: Tensor | None = None) -> StepLog:
     """directions: the gradients (SGD), or the optimizer's steps, which hold the clip factor
-    already (directions_scaled)."""
+    already (directions_scaled); or `squares`, their squared norms per task [n, T]."""
     with torch.no_grad():
         lr = lr_step.detach().float()
         # ||update|| per task = sqrt(sum_i (lr_i * factor_t)^2 ||d_i,t||^2)
         # One read of each direction (a weight gradient of a bmm is strided: reshape would copy it).
-        sq = torch.stack([_task_norms(d.detach()).square() for d in directions])  # [n, T]
+        sq = squares.float() if squares is not None else torch.stack([_task_norms(d.detach()).square()
+                                                                      for d in directions])  # [n, T]
         upd = (lr.pow(2).unsqueeze(1) * sq).sum(0).sqrt()
         if factor is not None and not directions_scaled:
             upd = upd * factor.detach().float()
