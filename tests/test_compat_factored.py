@@ -316,3 +316,20 @@ def test_eval_forward_without_grad_and_module_access_after_factored_steps(force_
     torch.testing.assert_close(out, functional_call(model, dict(zip(names, weights)), (xq,)), rtol=1e-12, atol=1e-12)
     learner.eval()  # reaches into the modules: the tree copy holds the formed weights
     torch.testing.assert_close(learner(xq), out, rtol=1e-12, atol=1e-12)
+
+
+def test_a_weight_formed_under_no_grad_keeps_its_graph_for_later_steps(force_path):
+    """An evaluation under torch.no_grad() between steps forms a weight that the model reads
+    itself: that form has no graph and is not kept, so the next step's meta-gradient stays exact."""
+    force_path("factored")
+    torch.manual_seed(0)
+    model = ReadsWeight().double()
+    xs, ys, xq, yq = data((6, 1, 8, 8))
+    want = reference_meta_grads(model, xs, ys, xq, yq, 2, False)
+    learner = l2l.algorithms.MAML(model, lr=LR).clone()
+    learner.adapt(F.cross_entropy(learner(xs), ys))
+    with torch.no_grad():
+        learner(xq)  # reads fc.weight: formed here without a graph
+    learner.adapt(F.cross_entropy(learner(xs), ys))
+    F.cross_entropy(learner(xq), yq).backward()
+    assert_meta_grads(model, want)

@@ -44,16 +44,20 @@ class FactoredWeight:
         return 0 if self.g is None else self.g.shape[-2]
 
     def dense(self) -> Tensor:
-        if self.dense_ is None:
-            # Never `base` itself: the inner gradient w.r.t. the formed weight must count only the
-            # uses of the formed weight, not the factored forwards' uses of base.
-            if self.g is None:
-                self.dense_ = self.base.view_as(self.base)
-            elif self.base.dim() == 2:
-                self.dense_ = torch.addmm(self.base, self.g.t(), self.x, alpha=-1)
-            else:
-                self.dense_ = torch.baddbmm(self.base, self.g.transpose(1, 2), self.x, alpha=-1)
-        return self.dense_
+        if self.dense_ is not None:
+            return self.dense_
+        # Never `base` itself: the inner gradient w.r.t. the formed weight must count only the
+        # uses of the formed weight, not the factored forwards' uses of base.
+        if self.g is None:
+            dense = self.base.view_as(self.base)
+        elif self.base.dim() == 2:
+            dense = torch.addmm(self.base, self.g.t(), self.x, alpha=-1)
+        else:
+            dense = torch.baddbmm(self.base, self.g.transpose(1, 2), self.x, alpha=-1)
+        if self.requires_grad and not torch.is_grad_enabled():
+            return dense  # formed without a graph (an evaluation under no_grad): later uses need their own
+        self.dense_ = dense
+        return dense
 
     def linear(self, x: Tensor, bias: Tensor | None) -> Tensor:
         """x [n, in] -> [n, out]; per task, x [T, n, in] -> [T, n, out] (bias [out] or [T, out])."""

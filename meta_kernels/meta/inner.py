@@ -354,10 +354,9 @@ def _factorable(task_model: TaskModel, base: dict[str, Tensor], settings: InnerL
     """Names of the adapted Linear weights to step in factored form: those the task-batching
     engine runs as one batched product, wide enough (rank limit >= 32, as in the compat layer).
     None where the loop needs each weight's gradient whole or as a tensor: an inner optimizer with
-    state, Meta-SGD's rates, clipping, iMAML's proximal term, no graph (Reptile, evaluation) or
-    recompute, torch.func or a compiled forward."""
-    if (not FACTORED or state is not None or elementwise is not None or settings.inner_clip is not None
-            or settings.proximal or settings.no_graph or settings.recompute or settings.engine != "custom"
+    state, Meta-SGD's rates, iMAML's proximal term, no graph (Reptile, evaluation) or recompute,
+    torch.func or a compiled forward."""
+    if (not FACTORED or state is not None or elementwise is not None or settings.proximal or settings.no_graph or settings.recompute or settings.engine != "custom"
             or task_model.mode != "batched" or task_model.compiled is not None):
         return set()
     batched = {id(original) for view, original in task_model.engine._pairs if isinstance(view, _TaskLinear)}
@@ -382,7 +381,8 @@ def _factored_step(task_model: TaskModel, fast: dict, x, y, settings: InnerLoopS
                    task_ok: Tensor, skipped: Tensor, base: dict[str, Tensor], q_loss, q_acc):
     """One plain SGD step with factored Linear weights (FactoredWeight in `fast`): the inner
     gradient w.r.t. their layers' outputs, each task's gradient norm from the factors
-    (||gᵀ x||² = <g gᵀ, x xᵀ>), the step as new factors. The rest as the dense loop does it.
+    (||gᵀ x||² = <g gᵀ, x xᵀ>; the clip factor from it), the step as new factors. The rest as
+    the dense loop does it.
     Returns (new fast, per-task loss, the step's log)."""
     create_graph = not settings.first_order
     records: list = []
@@ -390,6 +390,9 @@ def _factored_step(task_model: TaskModel, fast: dict, x, y, settings: InnerLoopS
     loss_t, acc_t = per_task_loss(out, y, settings.loss)
     entries = list(fast.values())
     direct, outer = entry_grads(entries, range(len(entries)), records, loss_t.sum(), create_graph)
+    # With clipping the norms are part of the step (differentiable); else only the log's and the check's.
+    clip = settings.inner_clip
+    tracked = contextlib.nullcontext() if clip is not None else torch.no_grad()
     dense, factors, sq = {}, {}, []  # dense gradients, (g, x) per factored weight, squared norms [T] per weight
     for i, w in enumerate(entries):
         pairs = outer.get(i)
@@ -400,7 +403,7 @@ def _factored_step(task_model: TaskModel, fast: dict, x, y, settings: InnerLoopS
             g = torch.cat([g for _, g in pairs], 1)  # [T, r, out]
             xs = torch.cat([xi for xi, _ in pairs], 1)  # [T, r, in]
             factors[i] = (g, xs)
-            with torch.no_grad():
+            with tracked:
                 sq.append((torch.bmm(g, g.transpose(1, 2)) * torch.bmm(xs, xs.transpose(1, 2))).sum((1, 2)))
             continue
         # A tensor, or a factored weight that another use formed: its whole gradient.
@@ -410,10 +413,16 @@ def _factored_step(task_model: TaskModel, fast: dict, x, y, settings: InnerLoopS
         if pairs:
             d = d + torch.bmm(torch.cat([g for _, g in pairs], 1).transpose(1, 2), torch.cat([xi for xi, _ in pairs], 1))
         dense[i] = d
-        sq.append(_task_norms(d.detach()).square())
+        with tracked:
+            sq.append(d.square().sum(tuple(range(1, d.dim()))) if clip is not None else _task_norms(d.detach()).square())
     sq = torch.stack([v.to(torch.float64 if v.dtype == torch.float64 else torch.float32) for v in sq])  # [n, T]
     norm = sq.sum(0).sqrt()
-    bad = ~(torch.isfinite(loss_t.detach()) & torch.isfinite(norm)) & task_ok
+    factor = None
+    if clip is not None:  # as ops.clip_grad_norm: min(1, clip / (norm + eps)), NaN for a non-finite norm
+        factor = torch.clamp(clip / (norm + 1e-6), max=1.0)
+        factor = torch.where(torch.isfinite(norm), factor, torch.full_like(factor, math.nan))
+        _say_clipping_once(factor, norm, clip, step)
+    bad = ~(torch.isfinite(loss_t.detach()) & torch.isfinite(norm.detach())) & task_ok
     if bool(bad.any()):
         if settings.on_nonfinite == "raise":
             _raise_nonfinite(bad, loss_t, step, base)
@@ -426,14 +435,16 @@ def _factored_step(task_model: TaskModel, fast: dict, x, y, settings: InnerLoopS
             grads = _zero_skipped(grads, task_ok)
         values = [entries[i].dense_ if isinstance(entries[i], FactoredWeight) else entries[i] for i in moved]
         rates = lr_step[torch.tensor(moved, device=lr_step.device)]
-        for i, v in zip(moved, ops.sgd_step(values, grads, rates, None)):
+        for i, v in zip(moved, ops.sgd_step(values, grads, rates, factor)):
             new[i] = FactoredWeight(v) if isinstance(entries[i], FactoredWeight) else v
     for i, (g, xs) in factors.items():
         g = g * lr_step[i].to(g.dtype)
+        if factor is not None:
+            g = g * factor.to(g.dtype).view(-1, 1, 1)
         if bool(skipped.any()):
             g = g * task_ok.to(g.dtype).view(-1, 1, 1)
         new[i] = entries[i].stepped(g, xs)
-    log = _step_log(step, loss_t, acc_t, norm, None, None, lr_step, task_ok, q_loss, q_acc, squares=sq)
+    log = _step_log(step, loss_t, acc_t, norm, factor, None, lr_step, task_ok, q_loss, q_acc, squares=sq.detach())
     return dict(zip(fast, new)), loss_t, log
 
 
