@@ -16,7 +16,10 @@ Cases (inner lr 0.4 classification / 0.01 regression, Adam 1e-3, no inner clippi
                 meta-batch 16, 2 inner steps (issue 33)
   bert_lora     a tiny BERT (hidden 32, 2 layers) with LoRA adapters (peft; the base frozen) on random
                 token ids [length 16], 5-way 1-shot 5-query, meta-batch 16, 2 inner steps
-Implementations: ours (MetaLearner, defaults), ours-lowmem (task_chunk / query_chunk, and
+  omniglot_fc / mlp   learn2learn's OmniglotFC (Linear -> BatchNorm1d -> ReLU x4) and a 784-256-128-5
+                MLP, Omniglot 28x28 5-way 1-shot 15-query, meta-batch 32, 1 inner step of lr 0.5 (its
+                maml_omniglot example); also ours-dense (the inner loop without factored Linear steps)
+Implementations: ours (MetaLearner, defaults), ours-dense (factored Linear steps off), ours-lowmem (task_chunk / query_chunk, and
 recompute_inner for MAML), ours-loop (the same MetaLearner with task_batching='loop': batching off),
 plain-loop, higher (where installed; its attention on the math kernel, as plain torch needs for
 second order).
@@ -42,7 +45,8 @@ from torch import nn
 from torch.func import functional_call
 
 import meta_kernels as mk
-from meta_kernels.models import ResNet12, sequential_conv4
+from meta_kernels.meta import inner
+from meta_kernels.models import ResNet12, peers, sequential_conv4
 from meta_kernels.models.plain import BiGRUClassifier, LSTMClassifier, TransformerClassifier, tiny_bert_lora
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from _common import higher_outer_step, interleaved_medians, machine, step_memory
@@ -99,8 +103,12 @@ CASES = {
                     "cross_entropy", {}),
     "bert_lora": (lambda: tiny_bert_lora(5, vocab=100, hidden=32, layers=2, heads=4), lambda: _tokens(16), 0.4,
                   "cross_entropy", {}),
+    "omniglot_fc": (peers.OmniglotFC, lambda: _classification(32, (1, 28, 28)), 0.5, "cross_entropy", {}),
+    "mlp": (peers.mlp, lambda: _classification(32, (1, 28, 28)), 0.5, "cross_entropy", {}),
 }
-STEPS = {"lstm": 2, "bigru": 2, "transformer": 2, "bert_lora": 2}  # inner steps; 5 for the others
+SEQUENCE_CASES = ("lstm", "bigru", "transformer", "bert_lora")
+STEPS = {**{case: 2 for case in SEQUENCE_CASES}, "omniglot_fc": 1, "mlp": 1}  # inner steps; 5 for the others
+FACTORABLE_CASES = ("omniglot_fc", "mlp")  # wide Linear layers: the inner loop's factored steps apply
 
 
 def _model(case):
@@ -115,6 +123,19 @@ def ours(case, algo, lowmem=False, model=None, task_batching="auto"):
                         loss=loss, **settings)
     learner = mk.MetaLearner(model or _model(case), cfg, task_batching=task_batching)
     return lambda batch: learner.step(batch)
+
+
+def ours_dense(case, algo):
+    """ours with the inner loop's factored Linear steps switched off (every weight [T, *shape])."""
+    step = ours(case, algo)
+
+    def dense(batch):
+        inner.FACTORED = False
+        try:
+            return step(batch)
+        finally:
+            inner.FACTORED = True
+    return dense
 
 
 def ours_conv4(case, algo):
@@ -166,7 +187,9 @@ def implementations(case, algo) -> dict:
     impls = {"ours": ours(case, algo)}
     if CASES[case][4]:
         impls["ours-lowmem"] = ours(case, algo, lowmem=True)
-    if case in STEPS:
+    if case in FACTORABLE_CASES:
+        impls["ours-dense"] = ours_dense(case, algo)
+    if case in SEQUENCE_CASES:
         impls["ours-loop"] = ours(case, algo, task_batching="loop")
     if case == "seq_conv4":
         impls["mk.Conv4"] = ours_conv4(case, algo)

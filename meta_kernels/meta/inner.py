@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import warnings
 
 import torch
@@ -345,9 +346,9 @@ def _run_steps(task_model: TaskModel, base: dict[str, Tensor], x: Tensor, y: Ten
                        *per_task, optimizer_state=state)
 
 
-# Plain SGD steps hold wide Linear weights in factored form (meta/factored.py); False: every
-# weight as a [T, *shape] tensor (the A/B and the tests' reference).
-FACTORED = True
+# Plain SGD steps hold wide Linear weights in factored form (meta/factored.py); False (or
+# META_KERNELS_FACTORED=0): every weight as a [T, *shape] tensor (the A/B and the tests' reference).
+FACTORED = os.environ.get("META_KERNELS_FACTORED", "1") != "0"
 
 
 def _factorable(task_model: TaskModel, base: dict[str, Tensor], settings: InnerLoopSettings, elementwise, state) -> set:
