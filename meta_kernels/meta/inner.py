@@ -357,8 +357,9 @@ def _factorable(task_model: TaskModel, base: dict[str, Tensor], settings: InnerL
     None where the loop needs each weight's gradient whole or as a tensor: an inner optimizer with
     state, Meta-SGD's rates, iMAML's proximal term, no graph (Reptile, evaluation) or recompute,
     torch.func or a compiled forward."""
-    if (not FACTORED or state is not None or elementwise is not None or settings.proximal or settings.no_graph or settings.recompute or settings.engine != "custom"
-            or task_model.mode != "batched" or task_model.compiled is not None):
+    if (not FACTORED or state is not None or elementwise is not None or settings.proximal or settings.no_graph
+            or settings.recompute or settings.engine != "custom" or task_model.mode != "batched"
+            or task_model.compiled is not None):
         return set()
     batched = {id(original) for view, original in task_model.engine._pairs if isinstance(view, _TaskLinear)}
     modules = dict(task_model.model.named_modules())
