@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 import meta_kernels.ops as ops
+from meta_kernels.ops import reference
 from meta_kernels.meta.batching import _TaskLinear
 from meta_kernels.meta.factored import FactoredWeight, entry_grads, factored_rank_limit, placeholder
 from meta_kernels.meta.higher_engine import adapt_with_higher
@@ -398,12 +399,12 @@ def _factored_step(task_model: TaskModel, fast: dict, x, y, settings: InnerLoopS
     dense, factors, sq = {}, {}, []  # dense gradients, (g, x) per factored weight, squared norms [T] per weight
     for i, w in enumerate(entries):
         pairs = outer.get(i)
+        if pairs:  # the factored forwards' (input, output gradient): g [T, r, out], x [T, r, in]
+            g, xs = torch.cat([g for _, g in pairs], 1), torch.cat([xi for xi, _ in pairs], 1)
         if isinstance(w, FactoredWeight) and w.dense_ is None:
-            if pairs is None:  # not used by this forward: no step
+            if not pairs:  # not used by this forward: no step
                 sq.append(torch.zeros(w.base.shape[0], dtype=w.base.dtype, device=w.base.device))
                 continue
-            g = torch.cat([g for _, g in pairs], 1)  # [T, r, out]
-            xs = torch.cat([xi for xi, _ in pairs], 1)  # [T, r, in]
             factors[i] = (g, xs)
             with tracked:
                 sq.append((torch.bmm(g, g.transpose(1, 2)) * torch.bmm(xs, xs.transpose(1, 2))).sum((1, 2)))
@@ -413,16 +414,15 @@ def _factored_step(task_model: TaskModel, fast: dict, x, y, settings: InnerLoopS
         like = w.dense_ if isinstance(w, FactoredWeight) else w
         d = torch.zeros_like(like) if d is None else d
         if pairs:
-            d = d + torch.bmm(torch.cat([g for _, g in pairs], 1).transpose(1, 2), torch.cat([xi for xi, _ in pairs], 1))
+            d = d + torch.bmm(g.transpose(1, 2), xs)
         dense[i] = d
         with tracked:
             sq.append(d.square().sum(tuple(range(1, d.dim()))) if clip is not None else _task_norms(d.detach()).square())
     sq = torch.stack([v.to(torch.float64 if v.dtype == torch.float64 else torch.float32) for v in sq])  # [n, T]
     norm = sq.sum(0).sqrt()
     factor = None
-    if clip is not None:  # as ops.clip_grad_norm: min(1, clip / (norm + eps)), NaN for a non-finite norm
-        factor = torch.clamp(clip / (norm + 1e-6), max=1.0)
-        factor = torch.where(torch.isfinite(norm), factor, torch.full_like(factor, math.nan))
+    if clip is not None:  # ops.clip_grad_norm's factor, from these norms
+        factor = reference.clip_factor(norm, clip, 1e-6)
         _say_clipping_once(factor, norm, clip, step)
     bad = ~(torch.isfinite(loss_t.detach()) & torch.isfinite(norm.detach())) & task_ok
     if bool(bad.any()):

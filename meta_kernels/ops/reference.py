@@ -90,10 +90,14 @@ def adam_step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
 def clip_grad_norm(grads: list[Tensor], max_norm: float, eps: float) -> tuple[Tensor, Tensor]:
     sumsq = sum(to_compute(g).reshape(g.shape[0], -1).pow(2).sum(1) for g in grads)
     norm = sumsq.sqrt()
+    return norm, clip_factor(norm, max_norm, eps)
+
+
+def clip_factor(norm: Tensor, max_norm: float, eps: float) -> Tensor:
+    """min(1, max_norm / (norm + eps)) per task; differentiable in norm."""
     factor = torch.clamp(max_norm / (norm + eps), max=1.0)
     # Non-finite norm -> NaN factor: the update is visibly poisoned rather than silently zeroed.
-    factor = torch.where(torch.isfinite(norm), factor, torch.full_like(factor, float("nan")))
-    return norm, factor
+    return torch.where(torch.isfinite(norm), factor, torch.full_like(factor, float("nan")))
 
 
 def bn_stat_shape(x: Tensor) -> tuple[int, ...]:
